@@ -1,0 +1,18 @@
+//! The agent that runs inside a task's sandbox (a local child process or a Kubernetes Job):
+//! an OpenAI-compatible function-calling loop ([`run::AgentRun`]) over tools reached through
+//! one trait ([`tools::ToolDispatch`]), confined to the task workspace.
+//!
+//! It writes the run's results as files in an output directory (the object layout's
+//! `diff.patch`, `transcript.jsonl`, `summary.json`) and reports progress as
+//! [`patchflow_core::AgentEvent`] lines; uploading them is the runner's job.
+
+pub mod diff;
+pub mod run;
+pub mod tools;
+pub mod transcript;
+pub mod truncate;
+pub mod workspace;
+
+pub use run::AgentRun;
+pub use tools::{NativeTools, ShellEnv, ToolDispatch};
+pub use workspace::Workspace;

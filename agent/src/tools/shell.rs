@@ -1,0 +1,154 @@
+//! `run_shell_command`: a command in its own process group, with a timeout, a minimal
+//! environment (no API keys) and bounded output. When it ends, whatever it left running in
+//! its group is killed too, so a stray `server &` cannot outlive its step.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+use super::ToolError;
+use crate::truncate::{CappedBuffer, MAX_BYTES, MAX_LINES, head_tail};
+use crate::workspace::Workspace;
+
+pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
+pub const MAX_TIMEOUT_SECS: u64 = 600;
+/// Bytes of each stream kept in memory (head and tail each) before the model cut.
+const CAPTURE_CAP: usize = 256 * 1024;
+
+#[derive(Debug, Deserialize)]
+pub struct ShellArgs {
+    pub command_string: String,
+    #[serde(default)]
+    pub target_directory: Option<String>,
+    #[serde(default)]
+    pub timeout_seconds: Option<u64>,
+}
+
+/// The environment commands run with: built once, never containing secrets.
+#[derive(Debug, Clone)]
+pub struct ShellEnv {
+    pub shell: PathBuf,
+    pub vars: Vec<(String, String)>,
+}
+
+impl ShellEnv {
+    /// PATH and locale from the agent's own environment, HOME and TMPDIR in `scratch`.
+    pub fn minimal(scratch: &std::path::Path) -> Self {
+        let shell = ["/bin/bash", "/usr/bin/bash", "/bin/sh"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("sh"));
+        let path = std::env::var("PATH")
+            .unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_string());
+        let scratch = scratch.display().to_string();
+        Self {
+            shell,
+            vars: vec![
+                ("PATH".into(), path),
+                ("HOME".into(), scratch.clone()),
+                ("TMPDIR".into(), scratch),
+                ("LANG".into(), "C.UTF-8".into()),
+                ("TERM".into(), "dumb".into()),
+                ("PAGER".into(), "cat".into()),
+                ("GIT_PAGER".into(), "cat".into()),
+                ("PYTHONDONTWRITEBYTECODE".into(), "1".into()),
+                ("CI".into(), "1".into()),
+            ],
+        }
+    }
+}
+
+pub async fn run(ws: &Workspace, env: &ShellEnv, args: ShellArgs, budget: Duration) -> Result<Value, ToolError> {
+    if args.command_string.trim().is_empty() {
+        return Err(ToolError::new("command_string is empty"));
+    }
+    let dir_rel = args.target_directory.as_deref().unwrap_or(".");
+    let dir = ws.resolve(if dir_rel.is_empty() { "." } else { dir_rel })?;
+    if !dir.is_dir() {
+        return Err(ToolError::new(format!("target_directory `{dir_rel}` is not a directory")));
+    }
+    let requested = args.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECS).clamp(1, MAX_TIMEOUT_SECS);
+    let timeout = Duration::from_secs(requested).min(budget.max(Duration::from_secs(1)));
+
+    let mut cmd = Command::new(&env.shell);
+    cmd.arg("-c")
+        .arg(&args.command_string)
+        .current_dir(&dir)
+        .env_clear()
+        .envs(env.vars.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let started = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| ToolError::new(format!("cannot start {}: {e}", env.shell.display())))?;
+    let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let out_task = tokio::spawn(async move { drain(stdout.as_mut()).await });
+    let err_task = tokio::spawn(async move { drain(stderr.as_mut()).await });
+
+    let (status, timed_out) = tokio::select! {
+        s = child.wait() => (s.ok(), false),
+        _ = tokio::time::sleep(timeout) => (None, true),
+    };
+    // Kill the whole group: on timeout the command itself, otherwise anything it left
+    // behind in the background (which would also hold our pipes open).
+    if let Some(pgid) = pgid {
+        let _ = killpg(pgid, Signal::SIGKILL);
+    }
+    let status = match status {
+        Some(s) => Some(s),
+        None => child.wait().await.ok(),
+    };
+    let grace = Duration::from_secs(2);
+    let stdout = tokio::time::timeout(grace, out_task).await.ok().and_then(|r| r.ok()).unwrap_or_default();
+    let stderr = tokio::time::timeout(grace, err_task).await.ok().and_then(|r| r.ok()).unwrap_or_default();
+    let (stdout, cut_out) = head_tail(&stdout, MAX_BYTES, MAX_LINES);
+    let (stderr, cut_err) = head_tail(&stderr, MAX_BYTES, MAX_LINES);
+    let (exit_code, signal) = match status {
+        Some(s) => {
+            use std::os::unix::process::ExitStatusExt;
+            (s.code(), s.signal())
+        }
+        None => (None, None),
+    };
+    let mut v = json!({
+        "exit_code": exit_code,
+        "timed_out": timed_out,
+        "stdout": stdout,
+        "stderr": stderr,
+        "truncated": cut_out || cut_err,
+        "duration_ms": started.elapsed().as_millis() as u64,
+    });
+    if timed_out {
+        v["error"] = json!(format!("command timed out after {} s and was killed", timeout.as_secs()));
+    } else if let Some(sig) = signal {
+        v["signal"] = json!(sig);
+    }
+    Ok(v)
+}
+
+async fn drain<R: tokio::io::AsyncRead + Unpin>(r: Option<&mut R>) -> String {
+    let Some(r) = r else { return String::new() };
+    let mut buf = CappedBuffer::new(CAPTURE_CAP);
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.push(&chunk[..n]),
+        }
+    }
+    buf.into_string()
+}

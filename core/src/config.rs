@@ -1,0 +1,331 @@
+//! The one typed configuration. Layers, weakest first: defaults, a TOML file, environment
+//! variables, command-line flags. Every setting has a key in the file (`http_addr`), an
+//! environment variable (`PATCHFLOW_HTTP_ADDR`) and a flag (`--set http_addr=...`, with the
+//! common ones also as named flags). A few well-known variables are honoured too:
+//! `TEMPORAL_ADDRESS`, `OPENAI_BASE_URL`, `OPENAI_API_KEY`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::CoreError;
+use crate::secret::Secret;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// HTTP API and web page address.
+    pub http_addr: String,
+    /// gRPC API address.
+    pub grpc_addr: String,
+    /// Where the embedded defaults keep their files: task database, object store,
+    /// workspaces, the dev server's database.
+    pub data_dir: PathBuf,
+    /// Task store; default `sqlite://<data_dir>/patchflow.db`.
+    pub database_url: Option<String>,
+    /// Object store; default `file://<data_dir>/objects`.
+    pub object_store_url: Option<String>,
+    /// An external Temporal frontend (`host:port` or URL). Unset: `up` starts the dev server.
+    pub temporal_address: Option<String>,
+    pub temporal_namespace: String,
+    pub task_queue: String,
+    /// Ports of the embedded dev server.
+    pub temporal_port: u16,
+    pub temporal_ui_port: u16,
+    /// The `temporal` CLI used for the embedded dev server.
+    pub temporal_cli: String,
+    /// Where people open the Temporal Web UI; known by itself for the embedded server.
+    pub temporal_ui_url: Option<String>,
+    /// The model the agent asks.
+    pub model: String,
+    pub openai_base_url: Option<String>,
+    pub openai_api_key: Option<Secret>,
+    /// How often the agent retries a failed model request before giving up.
+    pub llm_max_retries: u32,
+    /// First backoff between model retries, in milliseconds (doubles each time).
+    pub llm_retry_backoff_ms: u64,
+    /// Accept `file://` URLs and local paths as git sources (tests, the demo).
+    pub allow_local_sources: bool,
+    /// Largest upload (ZIP) accepted by the gateway, in bytes.
+    pub max_upload_bytes: u64,
+    /// Largest unpacked size of a ZIP or repository, in bytes.
+    pub max_unpacked_bytes: u64,
+    /// Most entries a ZIP may hold.
+    pub max_archive_entries: u64,
+    /// How many attempts each activity gets before the task fails.
+    pub activity_max_attempts: u32,
+    /// Which agent runner the worker uses: `local` (a sandboxed child process).
+    pub runner: String,
+    /// `text` or `json`.
+    pub log_format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http_addr: "127.0.0.1:8787".into(),
+            grpc_addr: "127.0.0.1:8788".into(),
+            data_dir: PathBuf::from(".patchflow"),
+            database_url: None,
+            object_store_url: None,
+            temporal_address: None,
+            temporal_namespace: "default".into(),
+            task_queue: "patchflow".into(),
+            temporal_port: 7233,
+            temporal_ui_port: 8233,
+            temporal_cli: "temporal".into(),
+            temporal_ui_url: None,
+            model: "gpt-4.1-mini".into(),
+            openai_base_url: None,
+            openai_api_key: None,
+            llm_max_retries: 4,
+            llm_retry_backoff_ms: 500,
+            allow_local_sources: false,
+            max_upload_bytes: 100 * 1024 * 1024,
+            max_unpacked_bytes: 1024 * 1024 * 1024,
+            max_archive_entries: 100_000,
+            activity_max_attempts: 3,
+            runner: "local".into(),
+            log_format: "text".into(),
+        }
+    }
+}
+
+/// Environment variables read besides `PATCHFLOW_<KEY>`, as `(variable, key)`.
+pub const ENV_ALIASES: [(&str, &str); 3] = [
+    ("TEMPORAL_ADDRESS", "temporal_address"),
+    ("OPENAI_BASE_URL", "openai_base_url"),
+    ("OPENAI_API_KEY", "openai_api_key"),
+];
+
+impl Config {
+    /// Every key, in the order `patchflow config` prints them.
+    pub const KEYS: [&'static str; 24] = [
+        "http_addr",
+        "grpc_addr",
+        "data_dir",
+        "database_url",
+        "object_store_url",
+        "temporal_address",
+        "temporal_namespace",
+        "task_queue",
+        "temporal_port",
+        "temporal_ui_port",
+        "temporal_cli",
+        "temporal_ui_url",
+        "model",
+        "openai_base_url",
+        "openai_api_key",
+        "llm_max_retries",
+        "llm_retry_backoff_ms",
+        "allow_local_sources",
+        "max_upload_bytes",
+        "max_unpacked_bytes",
+        "max_archive_entries",
+        "activity_max_attempts",
+        "runner",
+        "log_format",
+    ];
+
+    /// Parses a TOML config file's text. Unknown keys are an error, so a typo is caught.
+    pub fn from_toml(text: &str) -> Result<Self, CoreError> {
+        toml::from_str(text).map_err(|e| CoreError::ConfigFile(e.to_string()))
+    }
+
+    /// The environment variable for a key.
+    pub fn env_name(key: &str) -> String {
+        format!("PATCHFLOW_{}", key.to_ascii_uppercase())
+    }
+
+    /// Applies environment variables; `lookup` is `std::env::var` outside tests. The
+    /// well-known aliases apply first so the `PATCHFLOW_` form wins when both are set.
+    pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<(), CoreError> {
+        for (var, key) in ENV_ALIASES {
+            if let Some(v) = lookup(var) {
+                self.set(key, &v)?;
+            }
+        }
+        for key in Self::KEYS {
+            if let Some(v) = lookup(&Self::env_name(key)) {
+                self.set(key, &v)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets one key from its text form. An empty value clears an optional key.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), CoreError> {
+        fn opt(v: &str) -> Option<String> {
+            (!v.is_empty()).then(|| v.to_string())
+        }
+        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, CoreError> {
+            v.trim().parse().map_err(|_| {
+                CoreError::Invalid(crate::ValidationError::new(key, format!("`{v}` is not a number")))
+            })
+        }
+        fn flag(key: &str, v: &str) -> Result<bool, CoreError> {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" | "" => Ok(false),
+                _ => Err(CoreError::Invalid(crate::ValidationError::new(
+                    key,
+                    format!("`{v}` is not true or false"),
+                ))),
+            }
+        }
+        match key {
+            "http_addr" => self.http_addr = value.into(),
+            "grpc_addr" => self.grpc_addr = value.into(),
+            "data_dir" => self.data_dir = PathBuf::from(value),
+            "database_url" => self.database_url = opt(value),
+            "object_store_url" => self.object_store_url = opt(value),
+            "temporal_address" => self.temporal_address = opt(value),
+            "temporal_namespace" => self.temporal_namespace = value.into(),
+            "task_queue" => self.task_queue = value.into(),
+            "temporal_port" => self.temporal_port = num(key, value)?,
+            "temporal_ui_port" => self.temporal_ui_port = num(key, value)?,
+            "temporal_cli" => self.temporal_cli = value.into(),
+            "temporal_ui_url" => self.temporal_ui_url = opt(value),
+            "model" => self.model = value.into(),
+            "openai_base_url" => self.openai_base_url = opt(value),
+            "openai_api_key" => self.openai_api_key = opt(value).map(Secret::new),
+            "llm_max_retries" => self.llm_max_retries = num(key, value)?,
+            "llm_retry_backoff_ms" => self.llm_retry_backoff_ms = num(key, value)?,
+            "allow_local_sources" => self.allow_local_sources = flag(key, value)?,
+            "max_upload_bytes" => self.max_upload_bytes = num(key, value)?,
+            "max_unpacked_bytes" => self.max_unpacked_bytes = num(key, value)?,
+            "max_archive_entries" => self.max_archive_entries = num(key, value)?,
+            "activity_max_attempts" => self.activity_max_attempts = num(key, value)?,
+            "runner" => self.runner = value.into(),
+            "log_format" => self.log_format = value.into(),
+            other => return Err(CoreError::UnknownSetting(other.to_string())),
+        }
+        Ok(())
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), CoreError> {
+        let bad = |k: &str, r: &str| Err(CoreError::Invalid(crate::ValidationError::new(k, r)));
+        if self.runner != "local" {
+            return bad("runner", "only `local` is available in this build");
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return bad("log_format", "must be `text` or `json`");
+        }
+        if self.task_queue.is_empty() {
+            return bad("task_queue", "must not be empty");
+        }
+        if self.activity_max_attempts == 0 {
+            return bad("activity_max_attempts", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", self.data_dir.join("patchflow.db").display())
+        })
+    }
+
+    pub fn object_store_url(&self) -> String {
+        self.object_store_url
+            .clone()
+            .unwrap_or_else(|| format!("file://{}", self.data_dir.join("objects").display()))
+    }
+
+    /// Whether `up` should start the Temporal dev server itself.
+    pub fn embedded_temporal(&self) -> bool {
+        self.temporal_address.is_none()
+    }
+
+    /// The Temporal frontend as a URL the client accepts.
+    pub fn temporal_url(&self) -> String {
+        let addr = self
+            .temporal_address
+            .clone()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", self.temporal_port));
+        if addr.contains("://") {
+            addr
+        } else {
+            format!("http://{addr}")
+        }
+    }
+
+    /// The Temporal Web UI's base URL, if known.
+    pub fn temporal_ui(&self) -> Option<String> {
+        self.temporal_ui_url.clone().or_else(|| {
+            self.embedded_temporal()
+                .then(|| format!("http://127.0.0.1:{}", self.temporal_ui_port))
+        })
+    }
+
+    /// The link to one task's workflow in the Temporal Web UI.
+    pub fn workflow_ui_link(&self, task_id: &str) -> Option<String> {
+        self.temporal_ui().map(|ui| {
+            format!(
+                "{}/namespaces/{}/workflows/{task_id}",
+                ui.trim_end_matches('/'),
+                self.temporal_namespace
+            )
+        })
+    }
+
+    /// The effective configuration as TOML, secrets shown as `***`.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn layers_apply_in_order_and_secrets_stay_hidden() {
+        let mut c = Config::from_toml("http_addr = \"0.0.0.0:1\"\nmodel = \"m-file\"\n").unwrap();
+        assert_eq!(c.http_addr, "0.0.0.0:1");
+        let env: HashMap<&str, &str> = [
+            ("PATCHFLOW_MODEL", "m-env"),
+            ("OPENAI_API_KEY", "sk-secret"),
+            ("TEMPORAL_ADDRESS", "temporal:7233"),
+            ("PATCHFLOW_ALLOW_LOCAL_SOURCES", "true"),
+        ]
+        .into();
+        c.apply_env(|k| env.get(k).map(|v| v.to_string())).unwrap();
+        assert_eq!(c.model, "m-env");
+        assert!(c.allow_local_sources);
+        assert_eq!(c.temporal_url(), "http://temporal:7233");
+        assert!(!c.embedded_temporal());
+        c.set("model", "m-flag").unwrap();
+        assert_eq!(c.model, "m-flag");
+        let shown = c.to_redacted_toml();
+        assert!(shown.contains("openai_api_key = \"***\""), "{shown}");
+        assert!(!shown.contains("sk-secret"));
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let e = Config::from_toml("htp_addr = \"x\"").unwrap_err().to_string();
+        assert!(e.contains("htp_addr"), "{e}");
+        let mut c = Config::default();
+        let e = c.set("temporal_port", "abc").unwrap_err().to_string();
+        assert!(e.contains("temporal_port") && e.contains("abc"), "{e}");
+        assert!(matches!(c.set("nope", "1"), Err(CoreError::UnknownSetting(_))));
+    }
+
+    #[test]
+    fn every_key_is_settable() {
+        let mut c = Config::default();
+        for key in Config::KEYS {
+            let v = match key {
+                "temporal_port" | "temporal_ui_port" | "llm_max_retries" | "llm_retry_backoff_ms"
+                | "max_upload_bytes" | "max_unpacked_bytes" | "max_archive_entries"
+                | "activity_max_attempts" => "7",
+                "allow_local_sources" => "true",
+                _ => "x",
+            };
+            c.set(key, v).unwrap();
+        }
+    }
+}

@@ -1,0 +1,523 @@
+//! A task: what the user asked for (`TaskSpec`), the states it moves through (`TaskStatus`),
+//! and what the store keeps of it (`TaskRecord`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::ValidationError;
+use crate::summary::AgentSummary;
+
+/// A task's id; it is also its Temporal workflow id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskId(String);
+
+impl TaskId {
+    const PREFIX: &'static str = "tsk_";
+
+    /// A fresh id, time-ordered (UUIDv7) so ids sort roughly by submission.
+    pub fn generate() -> Self {
+        Self(format!("{}{}", Self::PREFIX, uuid::Uuid::now_v7().simple()))
+    }
+
+    /// The id a submission with this idempotency key always gets: the same key from the same
+    /// tenant maps to the same task, whichever gateway or Kafka consumer sees it first.
+    pub fn from_idempotency_key(tenant: &str, key: &str) -> Self {
+        let mut h = Sha256::new();
+        h.update(tenant.as_bytes());
+        h.update([0]);
+        h.update(key.as_bytes());
+        let digest = hex::encode(h.finalize());
+        Self(format!("{}{}", Self::PREFIX, &digest[..32]))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for TaskId {
+    type Err = ValidationError;
+
+    /// Parses an id from a URL or CLI argument. Only the characters ids are made of are
+    /// accepted, so an id is always safe inside an object key or a file name.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok = !s.is_empty()
+            && s.len() <= 128
+            && s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok {
+            Ok(Self(s.to_string()))
+        } else {
+            Err(ValidationError::new(
+                "task_id",
+                format!("`{s}` is not a task id (letters, digits, `_` and `-`, at most 128)"),
+            ))
+        }
+    }
+}
+
+/// The blueprint's states. A task moves forward through them and ends in one of the last three.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TaskStatus {
+    Pending,
+    Queued,
+    DownloadingCode,
+    StagingCode,
+    RunningAgent,
+    UploadingResults,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 9] = [
+        Self::Pending,
+        Self::Queued,
+        Self::DownloadingCode,
+        Self::StagingCode,
+        Self::RunningAgent,
+        Self::UploadingResults,
+        Self::Completed,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Queued => "QUEUED",
+            Self::DownloadingCode => "DOWNLOADING_CODE",
+            Self::StagingCode => "STAGING_CODE",
+            Self::RunningAgent => "RUNNING_AGENT",
+            Self::UploadingResults => "UPLOADING_RESULTS",
+            Self::Completed => "COMPLETED",
+            Self::Failed => "FAILED",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+
+    /// Position in the forward order; terminal states share the last rank.
+    fn rank(self) -> u8 {
+        match self {
+            Self::Pending => 0,
+            Self::Queued => 1,
+            Self::DownloadingCode => 2,
+            Self::StagingCode => 3,
+            Self::RunningAgent => 4,
+            Self::UploadingResults => 5,
+            Self::Completed | Self::Failed | Self::Cancelled => 6,
+        }
+    }
+
+    /// Whether a record in `self` may move to `next`. Forward moves only, and any
+    /// non-terminal state may end. The one way back is a new attempt: a terminal task
+    /// starting over (a retry or a reset in the Temporal UI) re-enters the pipeline.
+    pub fn can_move_to(self, next: TaskStatus) -> bool {
+        if self.is_terminal() {
+            return matches!(next, Self::Queued | Self::DownloadingCode);
+        }
+        next.is_terminal() || next.rank() > self.rank()
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskStatus {
+    type Err = ValidationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                ValidationError::new(
+                    "status",
+                    format!(
+                        "unknown status `{s}` (one of {})",
+                        Self::ALL.map(|s| s.as_str()).join(", ")
+                    ),
+                )
+            })
+    }
+}
+
+/// Where the code comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TaskSource {
+    /// A git repository; `git_ref` is a branch, tag or commit (default: the remote's HEAD).
+    Git {
+        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        git_ref: Option<String>,
+    },
+    /// A ZIP archive already uploaded to the object store under `key`.
+    Archive { key: String },
+}
+
+impl TaskSource {
+    /// A short human name of the source, for lists and logs.
+    pub fn display_name(&self) -> String {
+        match self {
+            Self::Git { url, git_ref } => match git_ref {
+                Some(r) => format!("{url}@{r}"),
+                None => url.clone(),
+            },
+            Self::Archive { .. } => "uploaded zip".to_string(),
+        }
+    }
+}
+
+/// Budgets for one agent run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    pub max_steps: u32,
+    pub max_tokens: u64,
+    pub wall_seconds: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_steps: 30,
+            max_tokens: 200_000,
+            wall_seconds: 1800,
+        }
+    }
+}
+
+impl Limits {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if !(1..=1000).contains(&self.max_steps) {
+            return Err(ValidationError::new(
+                "limits.max_steps",
+                "must be between 1 and 1000",
+            ));
+        }
+        if !(1_000..=100_000_000).contains(&self.max_tokens) {
+            return Err(ValidationError::new(
+                "limits.max_tokens",
+                "must be between 1000 and 100000000",
+            ));
+        }
+        if !(5..=7 * 24 * 3600).contains(&self.wall_seconds) {
+            return Err(ValidationError::new(
+                "limits.wall_seconds",
+                "must be between 5 and 604800 (a week)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a user asks for. Secrets never live here: a `github_token` sent with a submission
+/// stays at the gateway edge, so a spec can be stored, logged and shown freely.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub source: TaskSource,
+    pub task_description: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub open_pr: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
+}
+
+pub fn default_tenant() -> String {
+    "default".to_string()
+}
+
+/// Longest task description accepted (64 KiB): a prompt, not a document dump.
+pub const MAX_DESCRIPTION_BYTES: usize = 64 * 1024;
+
+impl TaskSpec {
+    /// A spec with defaults around a source and a description.
+    pub fn new(source: TaskSource, task_description: impl Into<String>) -> Self {
+        Self {
+            source,
+            task_description: task_description.into(),
+            target_file: None,
+            model: None,
+            limits: Limits::default(),
+            open_pr: false,
+            branch_name: None,
+            idempotency_key: None,
+            tenant: default_tenant(),
+            batch_id: None,
+        }
+    }
+
+    /// Checks everything that does not need I/O. `allow_local` permits `file://` URLs and
+    /// plain paths as git sources (tests, the demo); production gateways refuse them.
+    pub fn validate(&self, allow_local: bool) -> Result<(), ValidationError> {
+        let desc = self.task_description.trim();
+        if desc.is_empty() {
+            return Err(ValidationError::new(
+                "task_description",
+                "is required and must not be blank",
+            ));
+        }
+        if self.task_description.len() > MAX_DESCRIPTION_BYTES {
+            return Err(ValidationError::new(
+                "task_description",
+                format!("is longer than {MAX_DESCRIPTION_BYTES} bytes"),
+            ));
+        }
+        match &self.source {
+            TaskSource::Git { url, git_ref } => {
+                validate_git_url(url, allow_local)?;
+                if let Some(r) = git_ref {
+                    validate_git_ref(r)?;
+                }
+            }
+            TaskSource::Archive { key } => {
+                if key.is_empty() || key.contains("..") {
+                    return Err(ValidationError::new("source", "invalid archive key"));
+                }
+            }
+        }
+        if let Some(t) = &self.target_file {
+            validate_relative_path("target_file", t)?;
+        }
+        if let Some(m) = &self.model
+            && (m.is_empty() || m.len() > 200)
+        {
+            return Err(ValidationError::new(
+                "model",
+                "must be 1 to 200 characters",
+            ));
+        }
+        if self.open_pr {
+            return Err(ValidationError::new(
+                "open_pr",
+                "opening pull requests is not available in this build of patchflow",
+            ));
+        }
+        if self.tenant.is_empty()
+            || self.tenant.len() > 64
+            || !self
+                .tenant
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        {
+            return Err(ValidationError::new(
+                "tenant",
+                "must be 1 to 64 letters, digits, `.`, `_` or `-`",
+            ));
+        }
+        if let Some(k) = &self.idempotency_key
+            && (k.is_empty() || k.len() > 256)
+        {
+            return Err(ValidationError::new(
+                "idempotency_key",
+                "must be 1 to 256 characters",
+            ));
+        }
+        self.limits.validate()
+    }
+}
+
+/// Schemes a remote git source may use.
+const REMOTE_SCHEMES: [&str; 4] = ["https://", "http://", "ssh://", "git://"];
+
+fn validate_git_url(url: &str, allow_local: bool) -> Result<(), ValidationError> {
+    if url.trim().is_empty() {
+        return Err(ValidationError::new("git_url", "is empty"));
+    }
+    if url.starts_with('-') || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ValidationError::new(
+            "git_url",
+            format!("`{url}` is not a valid repository URL"),
+        ));
+    }
+    if REMOTE_SCHEMES.iter().any(|s| url.starts_with(s)) {
+        return Ok(());
+    }
+    // scp-like `git@host:owner/repo.git`
+    if let Some((user_host, path)) = url.split_once(':')
+        && user_host.contains('@')
+        && !user_host.contains('/')
+        && !path.is_empty()
+    {
+        return Ok(());
+    }
+    let local = url.starts_with("file://") || url.starts_with('/') || url.starts_with('.');
+    if local {
+        if allow_local {
+            return Ok(());
+        }
+        return Err(ValidationError::new(
+            "git_url",
+            format!(
+                "local repositories (`{url}`) are not allowed by this server (allow_local_sources is off)"
+            ),
+        ));
+    }
+    Err(ValidationError::new(
+        "git_url",
+        format!("`{url}` is not a supported repository URL (https, http, ssh, git or user@host:path)"),
+    ))
+}
+
+fn validate_git_ref(r: &str) -> Result<(), ValidationError> {
+    let ok = !r.is_empty()
+        && r.len() <= 256
+        && !r.starts_with('-')
+        && !r.contains("..")
+        && r
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            "git_ref",
+            format!("`{r}` is not a valid branch, tag or commit"),
+        ))
+    }
+}
+
+/// A path that must stay inside the repository: relative, no `..`, no NUL.
+pub fn validate_relative_path(field: &str, p: &str) -> Result<(), ValidationError> {
+    let bad = p.is_empty()
+        || p.starts_with('/')
+        || p.contains('\0')
+        || p.split(['/', '\\']).any(|c| c == "..");
+    if bad {
+        return Err(ValidationError::new(
+            field,
+            format!("`{p}` must be a relative path inside the repository"),
+        ));
+    }
+    Ok(())
+}
+
+/// What the task store keeps of a task, and what `GET /api/tasks/{task_id}` answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub task_id: TaskId,
+    pub status: TaskStatus,
+    pub message: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub pr_url: Option<String>,
+    pub summary: Option<AgentSummary>,
+    pub tenant: String,
+    pub batch_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub spec: TaskSpec,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(url: &str) -> TaskSpec {
+        TaskSpec::new(
+            TaskSource::Git {
+                url: url.into(),
+                git_ref: None,
+            },
+            "fix it",
+        )
+    }
+
+    #[test]
+    fn status_names_are_the_blueprints() {
+        let names: Vec<_> = TaskStatus::ALL.iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "PENDING",
+                "QUEUED",
+                "DOWNLOADING_CODE",
+                "STAGING_CODE",
+                "RUNNING_AGENT",
+                "UPLOADING_RESULTS",
+                "COMPLETED",
+                "FAILED",
+                "CANCELLED"
+            ]
+        );
+        for s in TaskStatus::ALL {
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
+            assert_eq!(s.as_str().parse::<TaskStatus>().unwrap(), s);
+        }
+        assert!("RUNNING".parse::<TaskStatus>().is_err());
+    }
+
+    #[test]
+    fn transitions_go_forward_or_end() {
+        use TaskStatus::*;
+        assert!(Pending.can_move_to(Queued));
+        assert!(Queued.can_move_to(DownloadingCode));
+        assert!(RunningAgent.can_move_to(Cancelled));
+        assert!(!RunningAgent.can_move_to(Queued));
+        assert!(!Completed.can_move_to(Failed));
+        assert!(Failed.can_move_to(DownloadingCode));
+    }
+
+    #[test]
+    fn idempotency_key_maps_to_one_id_per_tenant() {
+        let a = TaskId::from_idempotency_key("t1", "k");
+        assert_eq!(a, TaskId::from_idempotency_key("t1", "k"));
+        assert_ne!(a, TaskId::from_idempotency_key("t2", "k"));
+        assert!(a.as_str().parse::<TaskId>().is_ok());
+        assert!("../x".parse::<TaskId>().is_err());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        assert!(spec("https://github.com/o/r.git").validate(false).is_ok());
+        assert!(spec("git@github.com:o/r.git").validate(false).is_ok());
+        let e = spec("file:///tmp/r").validate(false).unwrap_err();
+        assert_eq!(e.field, "git_url");
+        assert!(e.reason.contains("not allowed"));
+        assert!(spec("file:///tmp/r").validate(true).is_ok());
+        assert_eq!(spec("ftp://x").validate(true).unwrap_err().field, "git_url");
+        assert_eq!(spec("--upload-pack=x").validate(true).unwrap_err().field, "git_url");
+        let mut s = spec("https://x/y");
+        s.task_description = "  ".into();
+        assert_eq!(s.validate(false).unwrap_err().field, "task_description");
+        let mut s = spec("https://x/y");
+        s.target_file = Some("../etc/passwd".into());
+        assert_eq!(s.validate(false).unwrap_err().field, "target_file");
+        let mut s = spec("https://x/y");
+        s.limits.max_steps = 0;
+        assert_eq!(s.validate(false).unwrap_err().field, "limits.max_steps");
+    }
+}

@@ -1,0 +1,139 @@
+//! The task store: task records and their history of events.
+
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use patchflow_core::{AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus};
+use thiserror::Error;
+
+pub use sqlite::SqliteTaskStore;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("task {0} not found")]
+    NotFound(TaskId),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("stored record of task {task} is corrupt: {reason}")]
+    Corrupt { task: String, reason: String },
+    #[error("unsupported database URL `{0}` (sqlite://PATH)")]
+    UnsupportedUrl(String),
+}
+
+/// Result of inserting a task.
+#[derive(Debug, Clone)]
+pub enum Inserted {
+    /// A new record.
+    Created(TaskRecord),
+    /// A task with this id or idempotency key already existed; nothing was written.
+    Existing(TaskRecord),
+}
+
+impl Inserted {
+    pub fn record(&self) -> &TaskRecord {
+        match self {
+            Self::Created(r) | Self::Existing(r) => r,
+        }
+    }
+}
+
+/// Result of a status update.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatusChange {
+    Applied,
+    /// The move was not allowed from the current status (an out-of-order or repeated write);
+    /// the record is unchanged.
+    Ignored { current: TaskStatus },
+}
+
+/// Which tasks to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<TaskStatus>,
+    pub tenant: Option<String>,
+    pub batch_id: Option<String>,
+    /// Return tasks older than this cursor (from a previous page's `next_cursor`).
+    pub cursor: Option<ListCursor>,
+    pub limit: u32,
+}
+
+/// A position in the newest-first order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListCursor {
+    pub created_at_ms: i64,
+    pub task_id: String,
+}
+
+impl ListCursor {
+    pub fn of(rec: &TaskRecord) -> Self {
+        Self {
+            created_at_ms: rec.created_at.timestamp_millis(),
+            task_id: rec.task_id.to_string(),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.created_at_ms, self.task_id)
+    }
+
+    pub fn decode(s: &str) -> Option<Self> {
+        let (ms, id) = s.split_once('.')?;
+        Some(Self {
+            created_at_ms: ms.parse().ok()?,
+            task_id: id.parse::<TaskId>().ok()?.to_string(),
+        })
+    }
+}
+
+#[async_trait]
+pub trait TaskStore: Send + Sync + 'static {
+    /// Stores a new task in PENDING. If the id, or the tenant's idempotency key, is taken,
+    /// returns the existing record instead.
+    async fn insert(&self, task_id: &TaskId, spec: &TaskSpec) -> Result<Inserted, StoreError>;
+
+    async fn get(&self, task_id: &TaskId) -> Result<Option<TaskRecord>, StoreError>;
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError>;
+
+    /// Moves a task to `status` if the state machine allows it from where it is, and
+    /// appends the change to its history, in one transaction.
+    async fn set_status(
+        &self,
+        task_id: &TaskId,
+        status: TaskStatus,
+        message: &str,
+    ) -> Result<StatusChange, StoreError>;
+
+    async fn set_summary(&self, task_id: &TaskId, summary: &AgentSummary) -> Result<(), StoreError>;
+
+    /// Appends a progress line to the task's history; returns its sequence number.
+    async fn append_event(
+        &self,
+        task_id: &TaskId,
+        kind: TaskEventKind,
+        message: &str,
+    ) -> Result<i64, StoreError>;
+
+    /// History after `after_seq`, oldest first.
+    async fn events(
+        &self,
+        task_id: &TaskId,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<TaskEvent>, StoreError>;
+
+    /// Cheap liveness check for `/healthz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store a URL names and brings its schema up to date.
+pub async fn open(url: &str) -> Result<Arc<dyn TaskStore>, StoreError> {
+    if url.starts_with("sqlite:") {
+        return Ok(Arc::new(SqliteTaskStore::open(url).await?));
+    }
+    Err(StoreError::UnsupportedUrl(url.to_string()))
+}

@@ -1,0 +1,14 @@
+//! Adapters to infrastructure, each a small trait with its implementations beside it.
+//!
+//! - [`db`]: the task store (SQLite here; MySQL and PostgreSQL slot in behind [`db::TaskStore`]).
+//! - [`objectstore`]: code archives and results (a local directory here; S3/COS behind
+//!   [`objectstore::ObjectStore`]).
+//!
+//! Callers pick an implementation from a URL with [`db::open`] and [`objectstore::open`],
+//! so configuration alone selects the back-end.
+
+pub mod db;
+pub mod objectstore;
+
+pub use db::{StatusChange, StoreError, TaskStore};
+pub use objectstore::{ObjectError, ObjectStore};

@@ -1,0 +1,18 @@
+//! The `CodeTask` workflow: deterministic orchestration only. It knows the activities by
+//! their declarations in [`steps`] (names and types, no I/O); the `patchflow-activities`
+//! crate implements them. Everything here must replay identically, so no clocks, no I/O,
+//! no randomness outside the workflow context.
+
+pub mod io;
+pub mod steps;
+mod workflow;
+
+pub use io::{CodeTaskInput, CodeTaskOutput, StatusView, WorkflowSettings};
+pub use workflow::CodeTask;
+
+/// The workflow type name other SDKs, the CLI and the Web UI see.
+pub const WORKFLOW_TYPE: &str = "CodeTask";
+/// The signal that asks a task to stop.
+pub const CANCEL_SIGNAL: &str = "cancel";
+/// The query that answers the task's current status.
+pub const STATUS_QUERY: &str = "status";

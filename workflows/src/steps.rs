@@ -1,0 +1,48 @@
+//! Declarations of the activities the workflow runs: names and types only. The bodies are
+//! never called; `patchflow-activities` binds its implementations to these markers, and a
+//! mismatched type there is a compile error.
+#![allow(unused_variables, clippy::unused_async)]
+
+use temporalio_macros::activity_definitions;
+use temporalio_sdk::activities::ActivityError;
+
+use crate::io::{
+    FetchInput, FetchOutput, PublishInput, PublishOutput, RunAgentInput, StageInput, StageOutput,
+    StatusUpdate,
+};
+use patchflow_core::AgentSummary;
+
+pub struct Steps;
+
+#[activity_definitions]
+impl Steps {
+    /// Writes a status transition to the task store.
+    #[activity(name = "record_status")]
+    pub fn record_status(update: StatusUpdate) -> Result<(), ActivityError> {
+        unimplemented!()
+    }
+
+    /// Clones the repository or unpacks the uploaded ZIP on the worker.
+    #[activity(name = "fetch_code")]
+    pub fn fetch_code(input: FetchInput) -> Result<FetchOutput, ActivityError> {
+        unimplemented!()
+    }
+
+    /// Packs the fetched tree as tar.zst into the object store.
+    #[activity(name = "stage_code")]
+    pub fn stage_code(input: StageInput) -> Result<StageOutput, ActivityError> {
+        unimplemented!()
+    }
+
+    /// Runs the agent on the staged code; its result files land under `results/<task>/`.
+    #[activity(name = "run_agent")]
+    pub fn run_agent(input: RunAgentInput) -> Result<AgentSummary, ActivityError> {
+        unimplemented!()
+    }
+
+    /// Checks the results are stored and records the final status and summary.
+    #[activity(name = "publish_result")]
+    pub fn publish_result(input: PublishInput) -> Result<PublishOutput, ActivityError> {
+        unimplemented!()
+    }
+}

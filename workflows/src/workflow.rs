@@ -1,0 +1,308 @@
+//! The `CodeTask` workflow.
+//!
+//! ```text
+//! QUEUED -> DOWNLOADING_CODE (fetch_code) -> STAGING_CODE (stage_code)
+//!        -> RUNNING_AGENT (run_agent) -> UPLOADING_RESULTS (publish_result)
+//!        -> COMPLETED | FAILED | CANCELLED
+//! ```
+//!
+//! The workflow writes every transition through the `record_status` activity, so the task
+//! store follows the workflow whatever moved it: a normal run, a retry, or a reset done by
+//! hand in the Temporal Web UI. A `cancel` signal (or a Temporal cancellation) stops the
+//! step in flight; `run_agent` waits until its process is gone before the task is CANCELLED.
+
+use std::time::Duration;
+
+use patchflow_core::{AgentSummary, TaskStatus};
+use temporalio_common::data_converters::TemporalDeserializable;
+use temporalio_common::{ActivityDefinition, RetryPolicy};
+use temporalio_macros::{workflow, workflow_methods};
+use temporalio_sdk::{
+    ActivityCancellationType, ActivityExecutionError, ActivityOptions, SyncWorkflowContext,
+    WorkflowCancellationToken, WorkflowContext, WorkflowContextView, WorkflowResult,
+    WorkflowTermination,
+};
+
+use crate::io::{
+    CodeTaskInput, CodeTaskOutput, FetchInput, PublishInput, RunAgentInput, StageInput,
+    StatusUpdate, StatusView, WorkflowSettings,
+};
+use crate::steps::Steps;
+
+/// Error types the activities raise for bad input; Temporal never retries them.
+pub const NON_RETRYABLE: [&str; 1] = ["BadInput"];
+
+#[workflow]
+#[derive(Default)]
+pub struct CodeTask {
+    status: Option<TaskStatus>,
+    message: String,
+    cancel_reason: Option<String>,
+}
+
+/// How one step ended.
+enum Step<T> {
+    Done(T),
+    Failed(String),
+    Cancelled(String),
+}
+
+#[workflow_methods]
+impl CodeTask {
+    #[run(name = "CodeTask")]
+    pub async fn run(
+        ctx: &mut WorkflowContext<Self>,
+        input: CodeTaskInput,
+    ) -> WorkflowResult<CodeTaskOutput> {
+        let task_id = input.task_id.clone();
+        let settings = input.settings.clone();
+        let spec = input.spec.clone();
+
+        Self::record(ctx, &task_id, TaskStatus::DownloadingCode, &format!(
+            "fetching {}",
+            spec.source.display_name()
+        ))
+        .await?;
+        let fetch = FetchInput {
+            task_id: task_id.clone(),
+            source: spec.source.clone(),
+        };
+        let fetched = match Self::step(ctx, Steps::fetch_code, fetch, io_options(&settings, 600)).await {
+            Step::Done(v) => v,
+            other => return Self::end_early(ctx, &task_id, other.map_none()).await,
+        };
+
+        Self::record(ctx, &task_id, TaskStatus::StagingCode, &format!(
+            "staging {} files ({} bytes){}",
+            fetched.files,
+            fetched.bytes,
+            fetched
+                .commit
+                .as_deref()
+                .map(|c| format!(" at commit {c}"))
+                .unwrap_or_default()
+        ))
+        .await?;
+        let stage = StageInput {
+            task_id: task_id.clone(),
+            source: spec.source.clone(),
+            tree_dir: fetched.tree_dir.clone(),
+        };
+        let staged = match Self::step(ctx, Steps::stage_code, stage, io_options(&settings, 600)).await {
+            Step::Done(v) => v,
+            other => return Self::end_early(ctx, &task_id, other.map_none()).await,
+        };
+
+        Self::record(ctx, &task_id, TaskStatus::RunningAgent, &format!(
+            "running the agent on {} ({} bytes staged)",
+            staged.key, staged.archive_bytes
+        ))
+        .await?;
+        let run = RunAgentInput {
+            task_id: task_id.clone(),
+            spec: spec.clone(),
+        };
+        let agent_opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(
+            spec.limits.wall_seconds + 120,
+        ))
+        .heartbeat_timeout(Duration::from_secs(settings.heartbeat_timeout_secs.max(1)))
+        .cancellation_type(ActivityCancellationType::WaitCancellationCompleted)
+        .retry_policy(retry_policy(&settings))
+        .build();
+        let summary: AgentSummary = match Self::step(ctx, Steps::run_agent, run, agent_opts).await {
+            Step::Done(v) => v,
+            other => return Self::end_early(ctx, &task_id, other.map_none()).await,
+        };
+
+        Self::record(ctx, &task_id, TaskStatus::UploadingResults, &format!(
+            "publishing results ({} after {} steps)",
+            summary.outcome.describe(),
+            summary.steps
+        ))
+        .await?;
+        let publish = PublishInput {
+            task_id: task_id.clone(),
+            summary: summary.clone(),
+        };
+        let published =
+            match Self::step(ctx, Steps::publish_result, publish, io_options(&settings, 120)).await {
+                Step::Done(v) => v,
+                other => return Self::end_early(ctx, &task_id, other.map_none()).await,
+            };
+        ctx.state_mut(|s| {
+            s.status = Some(published.status);
+            s.message = published.message.clone();
+        });
+        if published.status == TaskStatus::Failed {
+            // The run ended (limits, model errors) and its results are stored; the workflow
+            // fails too so the Temporal UI shows it and offers Reset.
+            return Err(temporalio_sdk::ApplicationFailure::non_retryable(
+                std::io::Error::other(published.message),
+            )
+            .into());
+        }
+        Ok(CodeTaskOutput {
+            status: published.status,
+            message: published.message,
+            summary: Some(summary),
+        })
+    }
+
+    #[signal(name = "cancel")]
+    pub fn cancel(&mut self, _ctx: &mut SyncWorkflowContext<Self>, reason: String) {
+        if self.cancel_reason.is_none() {
+            self.cancel_reason = Some(if reason.trim().is_empty() {
+                "cancelled by request".to_string()
+            } else {
+                reason
+            });
+        }
+    }
+
+    #[query(name = "status")]
+    pub fn status(&self, _ctx: &WorkflowContextView) -> StatusView {
+        StatusView {
+            status: self.status.unwrap_or(TaskStatus::Queued),
+            message: self.message.clone(),
+        }
+    }
+}
+
+impl CodeTask {
+    /// Runs one activity, racing it against a cancel request.
+    async fn step<AD>(
+        ctx: &WorkflowContext<Self>,
+        activity: AD,
+        input: AD::Input,
+        options: ActivityOptions,
+    ) -> Step<AD::Output>
+    where
+        AD: ActivityDefinition,
+        AD::Output: TemporalDeserializable,
+    {
+        if let Some(reason) = ctx.state(|s| s.cancel_reason.clone()) {
+            return Step::Cancelled(reason);
+        }
+        let activity = std::pin::pin!(ctx.execute_activity(activity, input, options));
+        let cancel = std::pin::pin!(ctx.wait_condition(|s: &Self| s.cancel_reason.is_some()));
+        let mut activity = activity;
+        let mut cancel = cancel;
+        let outcome = temporalio_sdk::workflows::select! {
+            r = activity.as_mut() => Some(r),
+            _ = cancel.as_mut() => None,
+        };
+        match outcome {
+            Some(Ok(v)) => Step::Done(v),
+            Some(Err(ActivityExecutionError::Cancelled(_))) => Step::Cancelled(cancel_reason(ctx)),
+            Some(Err(e)) => Step::Failed(root_cause(&e)),
+            None => {
+                // Ask the activity to stop and wait for its answer (run_agent confirms its
+                // process is gone); whatever it says now, the task is cancelled.
+                use temporalio_sdk::CancellableFuture;
+                activity.cancel();
+                let _ = activity.as_mut().await;
+                Step::Cancelled(cancel_reason(ctx))
+            }
+        }
+    }
+
+    /// Records a status, keeping the query's answer in step with the store.
+    async fn record(
+        ctx: &WorkflowContext<Self>,
+        task_id: &str,
+        status: TaskStatus,
+        message: &str,
+    ) -> WorkflowResult<()> {
+        ctx.state_mut(|s| {
+            s.status = Some(status);
+            s.message = message.to_string();
+        });
+        let update = StatusUpdate {
+            task_id: task_id.to_string(),
+            status,
+            message: message.to_string(),
+        };
+        let opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(30))
+            .retry_policy(
+                RetryPolicy::builder()
+                    .initial_interval(Duration::from_millis(200))
+                    .maximum_interval(Duration::from_secs(10))
+                    .maximum_attempts(20)
+                    .build(),
+            )
+            // Terminal states must be written even when the workflow itself is being
+            // cancelled, so this write does not inherit the workflow's cancellation.
+            .cancellation_token(WorkflowCancellationToken::new())
+            .build();
+        ctx.execute_activity(Steps::record_status, update, opts).await?;
+        Ok(())
+    }
+
+    /// Ends the task after a step failed or was cancelled.
+    async fn end_early(
+        ctx: &WorkflowContext<Self>,
+        task_id: &str,
+        step: Step<()>,
+    ) -> WorkflowResult<CodeTaskOutput> {
+        match step {
+            Step::Cancelled(reason) => {
+                Self::record(ctx, task_id, TaskStatus::Cancelled, &reason).await?;
+                Err(WorkflowTermination::cancelled())
+            }
+            Step::Failed(message) => {
+                Self::record(ctx, task_id, TaskStatus::Failed, &message).await?;
+                Err(temporalio_sdk::ApplicationFailure::non_retryable(std::io::Error::other(message)).into())
+            }
+            Step::Done(()) => Err(temporalio_sdk::ApplicationFailure::non_retryable(
+                std::io::Error::other("internal: end_early called on a finished step"),
+            )
+            .into()),
+        }
+    }
+}
+
+impl<T> Step<T> {
+    fn map_none(self) -> Step<()> {
+        match self {
+            Step::Done(_) => Step::Done(()),
+            Step::Failed(m) => Step::Failed(m),
+            Step::Cancelled(r) => Step::Cancelled(r),
+        }
+    }
+}
+
+fn cancel_reason(ctx: &WorkflowContext<CodeTask>) -> String {
+    ctx.state(|s| s.cancel_reason.clone())
+        .or_else(|| ctx.cancellation_token().reason())
+        .unwrap_or_else(|| "cancelled by request".to_string())
+}
+
+fn retry_policy(settings: &WorkflowSettings) -> RetryPolicy {
+    RetryPolicy::builder()
+        .initial_interval(Duration::from_millis(settings.retry_initial_interval_ms.max(1)))
+        .maximum_interval(Duration::from_secs(60))
+        .maximum_attempts(settings.activity_max_attempts.max(1))
+        .non_retryable_error_types(NON_RETRYABLE)
+        .build()
+}
+
+fn io_options(settings: &WorkflowSettings, timeout_secs: u64) -> ActivityOptions {
+    ActivityOptions::with_start_to_close_timeout(Duration::from_secs(timeout_secs))
+        .retry_policy(retry_policy(settings))
+        .build()
+}
+
+/// The innermost message of an activity failure: the activity's own words, not the
+/// "Activity task failed" wrapper around them.
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let m = s.to_string();
+        if !m.trim().is_empty() {
+            msg = m;
+        }
+        source = s.source();
+    }
+    msg
+}
