@@ -1,1 +1,138 @@
-fn main() {}
+//! `patchflow`: the one binary. This file is the command line only; each command's work
+//! lives in the modules beside it (wiring) and in the workspace's crates (logic).
+
+mod agent_cmd;
+mod bench;
+mod client;
+mod devserver;
+mod settings;
+mod stack;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "patchflow", version, about = "Run coding agents on durable workflows", long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    global: settings::GlobalOpts,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Gateway and worker in one process; starts the Temporal dev server unless TEMPORAL_ADDRESS is set.
+    Up,
+    /// Only the worker: runs workflows and activities.
+    Worker,
+    /// Only the gateway: the HTTP API.
+    Gateway,
+    /// Submit a task: a git URL, a local directory or a .zip file.
+    Submit(client::SubmitArgs),
+    /// Show a task's record.
+    Status(client::StatusArgs),
+    /// Print a task's result: the diff (default), transcript, log or summary.
+    Result(client::ResultArgs),
+    /// Ask a running task to stop.
+    Cancel(client::CancelArgs),
+    /// List tasks, newest first.
+    List(client::ListArgs),
+    /// Run the agent on a workspace (what the runner executes).
+    Agent(agent_cmd::AgentArgs),
+    /// Print the effective configuration, secrets redacted.
+    Config,
+    /// Serve a scripted OpenAI-compatible model (tests and the key-less demo).
+    ScriptedModel(ScriptedModelArgs),
+    /// Measure the pipeline or the agent and print numbers.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Debug, Args)]
+struct ScriptedModelArgs {
+    /// The script (JSON): turns of tool calls and answers.
+    #[arg(long)]
+    script: PathBuf,
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    addr: std::net::SocketAddr,
+    /// Write the chosen port to this file once listening.
+    #[arg(long)]
+    port_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match settings::load(&cli.global) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("patchflow: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let quiet = matches!(
+        cli.command,
+        Command::Submit(_) | Command::Status(_) | Command::Result(_) | Command::Cancel(_) | Command::List(_) | Command::Config
+    );
+    settings::init_logging(&config, quiet);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("patchflow: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up => stack::up(config).await,
+            Command::Worker => stack::worker(config).await,
+            Command::Gateway => stack::gateway(config).await,
+            Command::Submit(a) => client::submit(&config, a).await,
+            Command::Status(a) => client::status(&config, a).await,
+            Command::Result(a) => client::result(&config, a).await,
+            Command::Cancel(a) => client::cancel(&config, a).await,
+            Command::List(a) => client::list(&config, a).await,
+            Command::Agent(a) => agent_cmd::run(&config, a).await,
+            Command::Config => {
+                print!("{}", settings::describe(&config));
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::ScriptedModel(a) => scripted_model(a).await,
+            Command::Bench(b) => bench::run(config, b).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("patchflow: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn scripted_model(a: ScriptedModelArgs) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(&a.script).with_context(|| format!("cannot read {}", a.script.display()))?;
+    let script = patchflow_scripted_model::Script::from_json(&text)
+        .with_context(|| format!("{} is not a valid script", a.script.display()))?;
+    let server = patchflow_scripted_model::ScriptedModel::start(script, a.addr).await?;
+    if let Some(f) = &a.port_file {
+        std::fs::write(f, server.addr.port().to_string())?;
+    }
+    println!("scripted model listening on {}", server.base_url());
+    stack::shutdown_signal().await;
+    let seen = server.observed();
+    eprintln!(
+        "scripted model: {} requests, {} answered, {} violations",
+        seen.requests,
+        seen.answered,
+        seen.violations.len()
+    );
+    for v in &seen.violations {
+        eprintln!("  violation: {v}");
+    }
+    Ok(if seen.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

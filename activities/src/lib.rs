@@ -1,1 +1,206 @@
-//! patchflow-activities
+//! The activities of the `CodeTask` workflow: the steps that do I/O. Each is bound to its
+//! declaration in `patchflow_workflows::steps`, so a changed signature fails to compile.
+//!
+//! - [`fetch`]: `fetch_code`, a shallow git fetch or a safe ZIP unpack.
+//! - [`stage`]: `stage_code`, the tree as tar.zst into the object store.
+//! - [`runner`]: `run_agent`, the agent in a fresh workspace (local child process here).
+//! - `publish_result` and `record_status`, which write the task store.
+//!
+//! Errors caused by the input (a repository that does not exist, a ZIP that tries to
+//! escape) are non-retryable so the task fails once with the reason; everything else is
+//! retried by Temporal's policy.
+
+pub mod fetch;
+pub mod runner;
+pub mod stage;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use patchflow_core::{AgentEvent, AgentSummary, TaskEventKind, TaskId, TaskStatus, layout};
+use patchflow_platform::{ObjectStore, StatusChange, TaskStore};
+use patchflow_workflows::io::{
+    FetchInput, FetchOutput, PublishInput, PublishOutput, RunAgentInput, StageInput, StageOutput,
+    StatusUpdate,
+};
+use patchflow_workflows::steps::markers as steps;
+use temporalio_macros::activities;
+use temporalio_sdk::ApplicationFailure;
+use temporalio_sdk::activities::{ActivityContext, ActivityError};
+use tokio_util::sync::CancellationToken;
+
+pub use runner::{AgentRunner, LocalRunner, LocalRunnerConfig, RunnerError};
+
+/// What the activities need besides the stores.
+#[derive(Debug, Clone)]
+pub struct ActivityConfig {
+    /// Fetched trees and agent workspaces live under `<data_dir>/work/`.
+    pub data_dir: PathBuf,
+    pub allow_local_sources: bool,
+    pub max_unpacked_bytes: u64,
+    pub max_archive_entries: u64,
+}
+
+impl ActivityConfig {
+    pub fn work_dir(&self, task: &TaskId) -> PathBuf {
+        self.data_dir.join("work").join(task.as_str())
+    }
+}
+
+/// The activity implementations with their shared state.
+pub struct Activities {
+    pub store: Arc<dyn TaskStore>,
+    pub objects: Arc<dyn ObjectStore>,
+    pub config: ActivityConfig,
+    pub runner: Arc<dyn AgentRunner>,
+}
+
+/// A failure that retrying cannot fix.
+pub(crate) fn bad_input(msg: impl std::fmt::Display) -> ActivityError {
+    ApplicationFailure::non_retryable(std::io::Error::other(msg.to_string())).into()
+}
+
+/// A failure worth retrying (infrastructure, a crashed process).
+pub(crate) fn transient(msg: impl std::fmt::Display) -> ActivityError {
+    ActivityError::from(anyhow::anyhow!(msg.to_string()))
+}
+
+fn task_id(s: &str) -> Result<TaskId, ActivityError> {
+    s.parse::<TaskId>().map_err(bad_input)
+}
+
+#[activities]
+impl Activities {
+    #[activity(definition = steps::RecordStatus)]
+    pub async fn record_status(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        update: StatusUpdate,
+    ) -> Result<(), ActivityError> {
+        let id = task_id(&update.task_id)?;
+        match self.store.set_status(&id, update.status, &update.message).await {
+            Ok(StatusChange::Applied) => {
+                tracing::info!(task_id = %id, status = %update.status, message = %update.message, "status");
+                Ok(())
+            }
+            Ok(StatusChange::Ignored { current }) => {
+                tracing::debug!(task_id = %id, status = %update.status, %current, "status write ignored (out of order)");
+                Ok(())
+            }
+            Err(patchflow_platform::StoreError::NotFound(_)) => Err(bad_input(format!(
+                "task {id} is not in the task store"
+            ))),
+            Err(e) => Err(transient(e)),
+        }
+    }
+
+    #[activity(definition = steps::FetchCode)]
+    pub async fn fetch_code(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        input: FetchInput,
+    ) -> Result<FetchOutput, ActivityError> {
+        let id = task_id(&input.task_id)?;
+        fetch::fetch(&self.config, self.objects.as_ref(), &id, &input.source).await
+    }
+
+    #[activity(definition = steps::StageCode)]
+    pub async fn stage_code(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        input: StageInput,
+    ) -> Result<StageOutput, ActivityError> {
+        let id = task_id(&input.task_id)?;
+        stage::stage(&self.config, self.objects.as_ref(), &id, &input).await
+    }
+
+    #[activity(definition = steps::RunAgent)]
+    pub async fn run_agent(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: RunAgentInput,
+    ) -> Result<AgentSummary, ActivityError> {
+        let id = task_id(&input.task_id)?;
+        let attempt = ctx.info().attempt;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<AgentEvent>();
+        let cancel = CancellationToken::new();
+        let work = self.config.work_dir(&id).join(format!("run-{attempt}"));
+        let run = self
+            .runner
+            .run(&id, &input.spec, self.objects.as_ref(), &work, tx, cancel.clone());
+        tokio::pin!(run);
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut last_step = 0u32;
+        let result = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                Some(event) = rx.recv() => {
+                    if let AgentEvent::ModelRequest { step } = &event {
+                        last_step = *step;
+                    }
+                    if let Err(e) = self.store.append_event(&id, TaskEventKind::Agent, &event.describe()).await {
+                        tracing::warn!(task_id = %id, error = %e, "cannot record agent event");
+                    }
+                    let _ = ctx.record_heartbeat(last_step).await;
+                }
+                _ = tick.tick() => { let _ = ctx.record_heartbeat(last_step).await; }
+                _ = ctx.cancelled(), if !cancel.is_cancelled() => {
+                    tracing::info!(task_id = %id, "run_agent cancelled; stopping the agent");
+                    cancel.cancel();
+                }
+            }
+        };
+        // Events still queued when the run ended.
+        while let Ok(event) = rx.try_recv() {
+            let _ = self.store.append_event(&id, TaskEventKind::Agent, &event.describe()).await;
+        }
+        match result {
+            Ok(summary) => Ok(summary),
+            Err(RunnerError::Cancelled) => Err(ActivityError::cancelled()),
+            Err(RunnerError::BadInput(m)) => Err(bad_input(m)),
+            Err(e) => Err(transient(e)),
+        }
+    }
+
+    #[activity(definition = steps::PublishResult)]
+    pub async fn publish_result(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        input: PublishInput,
+    ) -> Result<PublishOutput, ActivityError> {
+        let id = task_id(&input.task_id)?;
+        let stored = self
+            .objects
+            .list(&layout::results_prefix(&id))
+            .await
+            .map_err(transient)?;
+        for file in [layout::DIFF, layout::SUMMARY] {
+            let key = layout::result_key(&id, file);
+            if !stored.iter().any(|o| o.key == key) {
+                return Err(transient(format!("result file {key} is missing from the object store")));
+            }
+        }
+        self.store.set_summary(&id, &input.summary).await.map_err(transient)?;
+        let s = &input.summary;
+        let (status, message) = if s.outcome.is_success() {
+            let changed = match s.files_changed.len() {
+                0 => "no files changed".to_string(),
+                1 => "1 file changed".to_string(),
+                n => format!("{n} files changed"),
+            };
+            (TaskStatus::Completed, format!("{}; {changed}", s.outcome.describe()))
+        } else {
+            let why = s.error.clone().unwrap_or_else(|| s.outcome.describe().to_string());
+            (TaskStatus::Failed, why)
+        };
+        match self.store.set_status(&id, status, &message).await.map_err(transient)? {
+            StatusChange::Applied => {}
+            StatusChange::Ignored { current } => {
+                tracing::warn!(task_id = %id, %current, %status, "final status not applied");
+            }
+        }
+        tracing::info!(task_id = %id, %status, %message, "published");
+        Ok(PublishOutput { status, message })
+    }
+}

@@ -54,6 +54,11 @@ pub struct Config {
     pub max_archive_entries: u64,
     /// How many attempts each activity gets before the task fails.
     pub activity_max_attempts: u32,
+    /// How long a running agent may go without a heartbeat before Temporal retries it on
+    /// another worker (seconds).
+    pub heartbeat_timeout_secs: u64,
+    /// First retry interval of a failed activity (milliseconds; doubles each time).
+    pub retry_initial_interval_ms: u64,
     /// Which agent runner the worker uses: `local` (a sandboxed child process).
     pub runner: String,
     /// `text` or `json`.
@@ -85,6 +90,8 @@ impl Default for Config {
             max_unpacked_bytes: 1024 * 1024 * 1024,
             max_archive_entries: 100_000,
             activity_max_attempts: 3,
+            heartbeat_timeout_secs: 30,
+            retry_initial_interval_ms: 1000,
             runner: "local".into(),
             log_format: "text".into(),
         }
@@ -100,7 +107,7 @@ pub const ENV_ALIASES: [(&str, &str); 3] = [
 
 impl Config {
     /// Every key, in the order `patchflow config` prints them.
-    pub const KEYS: [&'static str; 24] = [
+    pub const KEYS: [&'static str; 26] = [
         "http_addr",
         "grpc_addr",
         "data_dir",
@@ -123,6 +130,8 @@ impl Config {
         "max_unpacked_bytes",
         "max_archive_entries",
         "activity_max_attempts",
+        "heartbeat_timeout_secs",
+        "retry_initial_interval_ms",
         "runner",
         "log_format",
     ];
@@ -196,6 +205,8 @@ impl Config {
             "max_unpacked_bytes" => self.max_unpacked_bytes = num(key, value)?,
             "max_archive_entries" => self.max_archive_entries = num(key, value)?,
             "activity_max_attempts" => self.activity_max_attempts = num(key, value)?,
+            "heartbeat_timeout_secs" => self.heartbeat_timeout_secs = num(key, value)?,
+            "retry_initial_interval_ms" => self.retry_initial_interval_ms = num(key, value)?,
             "runner" => self.runner = value.into(),
             "log_format" => self.log_format = value.into(),
             other => return Err(CoreError::UnknownSetting(other.to_string())),
@@ -321,7 +332,7 @@ mod tests {
             let v = match key {
                 "temporal_port" | "temporal_ui_port" | "llm_max_retries" | "llm_retry_backoff_ms"
                 | "max_upload_bytes" | "max_unpacked_bytes" | "max_archive_entries"
-                | "activity_max_attempts" => "7",
+                | "activity_max_attempts" | "heartbeat_timeout_secs" | "retry_initial_interval_ms" => "7",
                 "allow_local_sources" => "true",
                 _ => "x",
             };

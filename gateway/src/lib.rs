@@ -1,1 +1,11 @@
-//! patchflow-gateway
+//! patchflow's front doors. [`service::TaskService`] is the one implementation of every
+//! operation (submit, get, list, cancel, events, result files); [`http`] maps it onto the
+//! HTTP API of DESIGN.md. Later doors (gRPC, the web page, the Kafka trigger) call the same
+//! service, so they answer alike.
+
+pub mod error;
+pub mod http;
+pub mod service;
+
+pub use error::ServiceError;
+pub use service::{ServiceConfig, SubmitOutcome, TaskService, Upload};

@@ -9,6 +9,7 @@
 
 pub mod db;
 pub mod objectstore;
+pub mod process;
 
 pub use db::{StatusChange, StoreError, TaskStore};
 pub use objectstore::{ObjectError, ObjectStore};

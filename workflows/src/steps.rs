@@ -46,3 +46,9 @@ impl Steps {
         unimplemented!()
     }
 }
+
+/// The activities' marker types, for `#[activity(definition = markers::FetchCode)]` in the
+/// crate that implements them.
+pub mod markers {
+    pub use super::steps::{FetchCode, PublishResult, RecordStatus, RunAgent, StageCode};
+}

@@ -1,0 +1,191 @@
+//! The local runner: `patchflow agent` as a child process in a fresh workspace restored
+//! from the staged archive, with a scrubbed environment, a wall-clock limit, its own
+//! process group (killed whole on cancel or timeout) and death with the worker.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use patchflow_core::{AgentEvent, AgentSummary, Secret, TaskId, TaskSpec, layout};
+use patchflow_platform::ObjectStore;
+use patchflow_platform::process::{die_with_parent, stop_group};
+use tokio::io::AsyncBufReadExt;
+use tokio::process::Command;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+use super::{AgentRunner, RunnerError};
+use crate::stage;
+
+/// Extra time past the task's wall budget before the runner kills an agent that did not
+/// stop itself.
+const WALL_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct LocalRunnerConfig {
+    /// The `patchflow` executable (its `agent` subcommand is run).
+    pub program: PathBuf,
+    pub model: String,
+    pub openai_base_url: Option<String>,
+    pub openai_api_key: Option<Secret>,
+    pub llm_max_retries: u32,
+    pub llm_retry_backoff_ms: u64,
+}
+
+pub struct LocalRunner {
+    pub config: LocalRunnerConfig,
+}
+
+impl LocalRunner {
+    pub fn new(config: LocalRunnerConfig) -> Self {
+        Self { config }
+    }
+
+    /// The only variables the agent sees: no worker secrets besides the model key, no
+    /// database or store credentials.
+    fn environment(&self, scratch: &Path) -> Vec<(String, String)> {
+        let c = &self.config;
+        let mut env = vec![
+            ("PATH".to_string(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())),
+            ("LANG".to_string(), "C.UTF-8".to_string()),
+            ("HOME".to_string(), scratch.display().to_string()),
+            ("TMPDIR".to_string(), scratch.display().to_string()),
+            ("PATCHFLOW_MODEL".to_string(), c.model.clone()),
+            ("PATCHFLOW_LLM_MAX_RETRIES".to_string(), c.llm_max_retries.to_string()),
+            ("PATCHFLOW_LLM_RETRY_BACKOFF_MS".to_string(), c.llm_retry_backoff_ms.to_string()),
+        ];
+        if let Some(u) = &c.openai_base_url {
+            env.push(("OPENAI_BASE_URL".into(), u.clone()));
+        }
+        if let Some(k) = &c.openai_api_key {
+            env.push(("OPENAI_API_KEY".into(), k.expose().to_string()));
+        }
+        if let Ok(filter) = std::env::var("RUST_LOG") {
+            env.push(("RUST_LOG".into(), filter));
+        }
+        env
+    }
+}
+
+async fn upload_results(objects: &dyn ObjectStore, task: &TaskId, out: &Path) -> Result<(), RunnerError> {
+    for file in layout::RESULT_FILES {
+        let path = out.join(file);
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            objects.put_file(&layout::result_key(task, file), &path).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The last lines of the agent's log, for an error message.
+async fn log_tail(path: &Path) -> String {
+    let text = tokio::fs::read_to_string(path).await.unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+#[async_trait]
+impl AgentRunner for LocalRunner {
+    async fn run(
+        &self,
+        task: &TaskId,
+        spec: &TaskSpec,
+        objects: &dyn ObjectStore,
+        work: &Path,
+        events: UnboundedSender<AgentEvent>,
+        cancel: CancellationToken,
+    ) -> Result<AgentSummary, RunnerError> {
+        if work.exists() {
+            tokio::fs::remove_dir_all(work).await?;
+        }
+        let (workspace, out, scratch) = (work.join("workspace"), work.join("out"), work.join("tmp"));
+        for d in [&workspace, &out, &scratch] {
+            tokio::fs::create_dir_all(d).await?;
+        }
+        let baseline = work.join("code.tar.zst");
+        objects.get_to_file(&layout::staged_key(task), &baseline).await?;
+        {
+            let (b, w) = (baseline.clone(), workspace.clone());
+            tokio::task::spawn_blocking(move || stage::unpack(&b, &w))
+                .await
+                .map_err(|e| RunnerError::Failed(e.to_string()))??;
+        }
+        let spec_path = work.join("task.json");
+        let spec_json = serde_json::to_vec(spec).map_err(|e| RunnerError::BadInput(e.to_string()))?;
+        tokio::fs::write(&spec_path, spec_json).await?;
+        let log_path = out.join(layout::AGENT_LOG);
+        let log = std::fs::File::create(&log_path)?;
+
+        let mut cmd = Command::new(&self.config.program);
+        cmd.arg("agent")
+            .arg("--task").arg(&spec_path)
+            .arg("--workspace").arg(&workspace)
+            .arg("--baseline").arg(&baseline)
+            .arg("--out").arg(&out)
+            .arg("--scratch").arg(&scratch)
+            .arg("--task-id").arg(task.as_str())
+            .current_dir(&workspace)
+            .env_clear()
+            .envs(self.environment(&scratch))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .process_group(0)
+            .kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| RunnerError::Failed(format!("cannot start the agent ({}): {e}", self.config.program.display())))?;
+        tracing::info!(task_id = %task, pid = child.id(), workspace = %workspace.display(), "agent started");
+        let stdout = child.stdout.take();
+        let relay = tokio::spawn(async move {
+            let Some(stdout) = stdout else { return };
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                match serde_json::from_str::<AgentEvent>(&line) {
+                    Ok(ev) => {
+                        let _ = events.send(ev);
+                    }
+                    Err(_) => tracing::debug!(%line, "agent printed a non-event line"),
+                }
+            }
+        });
+        let limit = Duration::from_secs(spec.limits.wall_seconds) + WALL_GRACE;
+        let status = tokio::select! {
+            s = child.wait() => Some(s?),
+            _ = cancel.cancelled() => {
+                stop_group(&mut child, Duration::from_secs(2)).await;
+                let _ = relay.await;
+                tracing::info!(task_id = %task, "agent stopped on cancel");
+                // Keep what the agent wrote so far for whoever looks at a cancelled task.
+                let _ = upload_results(objects, task, &out).await;
+                return Err(RunnerError::Cancelled);
+            }
+            _ = tokio::time::sleep(limit) => {
+                stop_group(&mut child, Duration::from_secs(2)).await;
+                None
+            }
+        };
+        let _ = relay.await;
+        upload_results(objects, task, &out).await?;
+        let summary_path = out.join(layout::SUMMARY);
+        let summary = match tokio::fs::read(&summary_path).await {
+            Ok(bytes) => serde_json::from_slice::<AgentSummary>(&bytes)
+                .map_err(|e| RunnerError::Failed(format!("the agent wrote an unreadable summary: {e}")))?,
+            Err(_) => {
+                let how = match status {
+                    Some(s) => format!("exited with {s}"),
+                    None => format!("ran past its wall time ({} s) and was killed", spec.limits.wall_seconds),
+                };
+                return Err(RunnerError::Failed(format!(
+                    "the agent {how} without a summary; last log lines: {}",
+                    log_tail(&log_path).await
+                )));
+            }
+        };
+        // The workspace has served its purpose: the diff and transcript are stored.
+        let _ = tokio::fs::remove_dir_all(work).await;
+        Ok(summary)
+    }
+}

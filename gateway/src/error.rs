@@ -1,0 +1,65 @@
+//! Errors every door reports the same way: a stable `code`, an HTTP status, a message.
+
+use patchflow_core::{TaskId, TaskStatus, ValidationError};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    Invalid(#[from] ValidationError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("task {0} not found")]
+    NotFound(TaskId),
+    #[error("{0}")]
+    NotReady(String),
+    #[error("task {task} is already {status}")]
+    Finished { task: TaskId, status: TaskStatus },
+    #[error("upload is larger than {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// A short machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) | Self::BadRequest(_) => "invalid_request",
+            Self::NotFound(_) => "not_found",
+            Self::NotReady(_) => "not_ready",
+            Self::Finished { .. } => "conflict",
+            Self::TooLarge { .. } => "payload_too_large",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::Invalid(_) | Self::BadRequest(_) => 400,
+            Self::NotFound(_) | Self::NotReady(_) => 404,
+            Self::Finished { .. } => 409,
+            Self::TooLarge { .. } => 413,
+            Self::Unavailable(_) => 503,
+            Self::Internal(_) => 500,
+        }
+    }
+}
+
+impl From<patchflow_platform::StoreError> for ServiceError {
+    fn from(e: patchflow_platform::StoreError) -> Self {
+        match e {
+            patchflow_platform::StoreError::NotFound(id) => Self::NotFound(id),
+            other => Self::Unavailable(format!("task store: {other}")),
+        }
+    }
+}
+
+impl From<patchflow_platform::ObjectError> for ServiceError {
+    fn from(e: patchflow_platform::ObjectError) -> Self {
+        Self::Unavailable(format!("object store: {e}"))
+    }
+}

@@ -1,0 +1,125 @@
+//! Configuration layers for the binary: defaults, the TOML file (`--config` or
+//! `PATCHFLOW_CONFIG`), `PATCHFLOW_*` variables, then flags.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use patchflow_core::Config;
+
+#[derive(Debug, Args)]
+pub struct GlobalOpts {
+    /// TOML config file (also PATCHFLOW_CONFIG).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Set any config key: --set key=value (repeatable).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// HTTP API address [PATCHFLOW_HTTP_ADDR].
+    #[arg(long, global = true)]
+    pub http_addr: Option<String>,
+    /// Data directory of the embedded defaults [PATCHFLOW_DATA_DIR].
+    #[arg(long, global = true)]
+    pub data_dir: Option<String>,
+    /// External Temporal frontend [TEMPORAL_ADDRESS].
+    #[arg(long, global = true)]
+    pub temporal_address: Option<String>,
+    /// Dev server frontend port [PATCHFLOW_TEMPORAL_PORT].
+    #[arg(long, global = true)]
+    pub temporal_port: Option<String>,
+    /// Dev server Web UI port [PATCHFLOW_TEMPORAL_UI_PORT].
+    #[arg(long, global = true)]
+    pub temporal_ui_port: Option<String>,
+    /// Temporal task queue [PATCHFLOW_TASK_QUEUE].
+    #[arg(long, global = true)]
+    pub task_queue: Option<String>,
+    /// Task store URL [PATCHFLOW_DATABASE_URL].
+    #[arg(long, global = true)]
+    pub database_url: Option<String>,
+    /// Object store URL [PATCHFLOW_OBJECT_STORE_URL].
+    #[arg(long, global = true)]
+    pub object_store_url: Option<String>,
+    /// Model name [PATCHFLOW_MODEL].
+    #[arg(long, global = true)]
+    pub model: Option<String>,
+    /// `text` or `json` [PATCHFLOW_LOG_FORMAT].
+    #[arg(long, global = true)]
+    pub log_format: Option<String>,
+}
+
+pub fn load(opts: &GlobalOpts) -> anyhow::Result<Config> {
+    let file = opts
+        .config
+        .clone()
+        .or_else(|| std::env::var_os("PATCHFLOW_CONFIG").map(PathBuf::from));
+    let mut config = match &file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            Config::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => Config::default(),
+    };
+    config.apply_env(|k| std::env::var(k).ok())?;
+    let named = [
+        ("http_addr", &opts.http_addr),
+        ("data_dir", &opts.data_dir),
+        ("temporal_address", &opts.temporal_address),
+        ("temporal_port", &opts.temporal_port),
+        ("temporal_ui_port", &opts.temporal_ui_port),
+        ("task_queue", &opts.task_queue),
+        ("database_url", &opts.database_url),
+        ("object_store_url", &opts.object_store_url),
+        ("model", &opts.model),
+        ("log_format", &opts.log_format),
+    ];
+    for (key, value) in named {
+        if let Some(v) = value {
+            config.set(key, v)?;
+        }
+    }
+    for kv in &opts.set {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--set `{kv}`: expected KEY=VALUE"))?;
+        config.set(k.trim(), v)?;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+pub fn init_logging(config: &Config, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if quiet { "warn" } else { "info,temporalio_sdk_core=warn,temporalio_sdk=warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if config.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// `patchflow config`: the effective settings, secrets as `***`, and what they select.
+pub fn describe(config: &Config) -> String {
+    let mut out = String::from("# effective patchflow configuration (secrets redacted)\n");
+    out.push_str(&config.to_redacted_toml());
+    out.push_str("\n# selected back-ends\n");
+    out.push_str(&format!("# task store:    {}\n", config.database_url()));
+    out.push_str(&format!("# object store:  {}\n", config.object_store_url()));
+    out.push_str(&format!(
+        "# temporal:      {}\n",
+        if config.embedded_temporal() {
+            format!("embedded dev server on {} (UI {})", config.temporal_url(), config.temporal_ui().unwrap_or_default())
+        } else {
+            config.temporal_url()
+        }
+    ));
+    out.push_str(&format!("# runner:        {}\n", config.runner));
+    out.push_str(&format!(
+        "# model:         {} at {}\n",
+        config.model,
+        config.openai_base_url.as_deref().unwrap_or(patchflow_agent::run::DEFAULT_BASE_URL)
+    ));
+    out
+}

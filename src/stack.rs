@@ -1,0 +1,203 @@
+//! Wiring: stores, Temporal, the worker and the gateway, alone or together (`up`).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use patchflow_activities::{Activities, ActivityConfig, LocalRunner, LocalRunnerConfig};
+use patchflow_core::Config;
+use patchflow_gateway::{ServiceConfig, TaskService};
+use patchflow_platform::{ObjectStore, TaskStore};
+use patchflow_workflows::{CodeTask, WorkflowSettings};
+use temporalio_client::Client;
+use temporalio_sdk::{Runtime, Worker, WorkerOptions};
+
+use crate::devserver::{self, DevServer};
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+pub(crate) struct Stores {
+    pub tasks: Arc<dyn TaskStore>,
+    pub objects: Arc<dyn ObjectStore>,
+}
+
+pub(crate) async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
+    let tasks = patchflow_platform::db::open(&config.database_url())
+        .await
+        .with_context(|| format!("cannot open the task store {}", config.database_url()))?;
+    let objects = patchflow_platform::objectstore::open(&config.object_store_url())
+        .await
+        .with_context(|| format!("cannot open the object store {}", config.object_store_url()))?;
+    Ok(Stores { tasks, objects })
+}
+
+pub(crate) fn service(config: &Config, stores: &Stores, client: Client) -> TaskService {
+    let settings = WorkflowSettings {
+        activity_max_attempts: config.activity_max_attempts,
+        heartbeat_timeout_secs: config.heartbeat_timeout_secs,
+        retry_initial_interval_ms: config.retry_initial_interval_ms,
+    };
+    TaskService::new(
+        stores.tasks.clone(),
+        stores.objects.clone(),
+        client,
+        ServiceConfig {
+            task_queue: config.task_queue.clone(),
+            allow_local_sources: config.allow_local_sources,
+            max_upload_bytes: config.max_upload_bytes,
+            settings,
+            workflow_ui_base: config.temporal_ui().map(|ui| {
+                format!("{}/namespaces/{}/workflows", ui.trim_end_matches('/'), config.temporal_namespace)
+            }),
+        },
+    )
+}
+
+fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activities> {
+    let program = std::env::current_exe().context("cannot find the patchflow executable")?;
+    Ok(Activities {
+        store: stores.tasks.clone(),
+        objects: stores.objects.clone(),
+        config: ActivityConfig {
+            data_dir: config.data_dir.clone(),
+            allow_local_sources: config.allow_local_sources,
+            max_unpacked_bytes: config.max_unpacked_bytes,
+            max_archive_entries: config.max_archive_entries,
+        },
+        runner: Arc::new(LocalRunner::new(LocalRunnerConfig {
+            program,
+            model: config.model.clone(),
+            openai_base_url: config.openai_base_url.clone(),
+            openai_api_key: config.openai_api_key.clone(),
+            llm_max_retries: config.llm_max_retries,
+            llm_retry_backoff_ms: config.llm_retry_backoff_ms,
+        })),
+    })
+}
+
+/// Serves the HTTP API until `stop` resolves.
+pub(crate) async fn serve_http(
+    config: &Config,
+    service: TaskService,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(tokio::task::JoinHandle<anyhow::Result<()>>, std::net::SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(&config.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (PATCHFLOW_HTTP_ADDR)", config.http_addr))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "HTTP API listening");
+    let app = patchflow_gateway::http::router(service);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(stop).await.context("HTTP server failed")
+    });
+    Ok((task, addr))
+}
+
+/// Runs a worker until the process is told to stop; a worker error ends the process
+/// (non-zero) so a supervisor restarts it, never a live process without a poller.
+pub(crate) async fn run_worker(config: &Config, stores: &Stores, client: Client, stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    let runtime = Runtime::from_current_tokio(Default::default()).context("cannot start the Temporal runtime")?;
+    let options = WorkerOptions::new(config.task_queue.clone())
+        .register_activities(activities(config, stores)?)
+        .register_workflow::<CodeTask>()?
+        .build();
+    let mut worker = Worker::new(&runtime, client, options).context("cannot create the Temporal worker")?;
+    let shutdown = worker.shutdown_handle();
+    tracing::info!(task_queue = %config.task_queue, "worker polling");
+    let run = worker.run();
+    tokio::pin!(run);
+    let mut stop = stop;
+    tokio::select! {
+        r = &mut run => return r.context("the worker stopped"),
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    tracing::info!("worker shutting down (running activities are cancelled)");
+    shutdown();
+    match tokio::time::timeout(Duration::from_secs(30), &mut run).await {
+        Ok(r) => r.context("the worker stopped with an error"),
+        Err(_) => {
+            tracing::warn!("worker did not stop within 30 s");
+            Ok(())
+        }
+    }
+}
+
+fn stop_channel() -> (tokio::sync::watch::Sender<bool>, tokio::sync::watch::Receiver<bool>) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let tx2 = tx.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx2.send(true);
+    });
+    (tx, rx)
+}
+
+pub(crate) fn stopped(rx: &tokio::sync::watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut rx = rx.clone();
+    async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+pub async fn worker(config: Config) -> anyhow::Result<ExitCode> {
+    let stores = open_stores(&config).await?;
+    let client = devserver::connect(&config).await?;
+    let (_tx, rx) = stop_channel();
+    run_worker(&config, &stores, client, rx).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn gateway(config: Config) -> anyhow::Result<ExitCode> {
+    let stores = open_stores(&config).await?;
+    let client = devserver::connect(&config).await?;
+    let (_tx, rx) = stop_channel();
+    let (http, _) = serve_http(&config, service(&config, &stores, client), stopped(&rx)).await?;
+    http.await.context("HTTP task panicked")??;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn up(config: Config) -> anyhow::Result<ExitCode> {
+    let dev = if config.embedded_temporal() {
+        tracing::info!(port = config.temporal_port, ui_port = config.temporal_ui_port, "starting the Temporal dev server");
+        Some(DevServer::start(&config).await?)
+    } else {
+        None
+    };
+    let result = async {
+        let stores = open_stores(&config).await?;
+        let client = devserver::connect(&config).await?;
+        let (tx, rx) = stop_channel();
+        let (http, _) = serve_http(&config, service(&config, &stores, client.clone()), stopped(&rx)).await?;
+        eprintln!(
+            "patchflow is up: API http://{}  Temporal {}{}",
+            config.http_addr,
+            config.temporal_url(),
+            config.temporal_ui().map(|u| format!("  Web UI {u}")).unwrap_or_default()
+        );
+        let worker = run_worker(&config, &stores, client, rx).await;
+        // Whatever ended the worker ends the gateway too.
+        let _ = tx.send(true);
+        let http = http.await.context("HTTP task panicked")?;
+        worker.and(http)
+    }
+    .await;
+    if let Some(dev) = dev {
+        dev.stop().await;
+    }
+    result.map(|()| ExitCode::SUCCESS)
+}
