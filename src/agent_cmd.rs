@@ -35,9 +35,12 @@ pub struct AgentArgs {
 }
 
 pub async fn run(config: &Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
-    let spec_text = std::fs::read(&a.task).with_context(|| format!("cannot read {}", a.task.display()))?;
-    let spec: TaskSpec = serde_json::from_slice(&spec_text).with_context(|| format!("{} is not a task spec", a.task.display()))?;
-    let ws = Workspace::new(&a.workspace).with_context(|| format!("workspace {} does not exist", a.workspace.display()))?;
+    let spec_text =
+        std::fs::read(&a.task).with_context(|| format!("cannot read {}", a.task.display()))?;
+    let spec: TaskSpec = serde_json::from_slice(&spec_text)
+        .with_context(|| format!("{} is not a task spec", a.task.display()))?;
+    let ws = Workspace::new(&a.workspace)
+        .with_context(|| format!("workspace {} does not exist", a.workspace.display()))?;
     let scratch = match &a.scratch {
         Some(s) => s.clone(),
         None => std::env::temp_dir(),

@@ -43,7 +43,10 @@ pub enum BenchCommand {
 pub async fn run(config: Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Agent { runs, steps } => agent(runs, steps).await,
-        BenchCommand::Pipeline { sequential, concurrent } => pipeline(config, sequential, concurrent).await,
+        BenchCommand::Pipeline {
+            sequential,
+            concurrent,
+        } => pipeline(config, sequential, concurrent).await,
     }
 }
 
@@ -57,7 +60,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
-    (percentile(&v, 0.5), percentile(&v, 0.95), percentile(&v, 0.99))
+    (
+        percentile(&v, 0.5),
+        percentile(&v, 0.95),
+        percentile(&v, 0.99),
+    )
 }
 
 const DEMO_CALC: &str = include_str!("../examples/demo-repo/calc.py");
@@ -77,15 +84,24 @@ fn script_of(calls: Vec<(&str, Value)>) -> Script {
     let mut turns: Vec<Turn> = calls
         .into_iter()
         .map(|(name, arguments)| Turn {
-            tool_calls: vec![ScriptedCall { name: name.into(), arguments }],
+            tool_calls: vec![ScriptedCall {
+                name: name.into(),
+                arguments,
+            }],
             ..Turn::default()
         })
         .collect();
     turns.push(Turn {
-        tool_calls: vec![ScriptedCall { name: "finish".into(), arguments: json!({"summary": "done"}) }],
+        tool_calls: vec![ScriptedCall {
+            name: "finish".into(),
+            arguments: json!({"summary": "done"}),
+        }],
         ..Turn::default()
     });
-    Script { turns, ..Script::default() }
+    Script {
+        turns,
+        ..Script::default()
+    }
 }
 
 struct AgentSample {
@@ -95,17 +111,23 @@ struct AgentSample {
 }
 
 /// Runs `patchflow agent` once against `script`; returns its timings.
-async fn run_agent_once(work: &Path, baseline: &Path, script: Script) -> anyhow::Result<AgentSample> {
+async fn run_agent_once(
+    work: &Path,
+    baseline: &Path,
+    script: Script,
+) -> anyhow::Result<AgentSample> {
     let model = ScriptedModel::start(script, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let ws = work.join("ws");
     if ws.exists() {
         std::fs::remove_dir_all(&ws)?;
     }
-    patchflow_activities::stage::unpack(baseline, &ws)?;
+    patchflow_platform::archive::unpack_tar_zst(baseline, &ws)?;
     let out = work.join("out");
     let task = work.join("task.json");
     let spec = patchflow_core::TaskSpec::new(
-        patchflow_core::TaskSource::Archive { key: "bench".into() },
+        patchflow_core::TaskSource::Archive {
+            key: "bench".into(),
+        },
         "benchmark",
     );
     std::fs::write(&task, serde_json::to_vec(&spec)?)?;
@@ -113,11 +135,16 @@ async fn run_agent_once(work: &Path, baseline: &Path, script: Script) -> anyhow:
     let started = Instant::now();
     let status = tokio::process::Command::new(exe)
         .arg("agent")
-        .arg("--task").arg(&task)
-        .arg("--workspace").arg(&ws)
-        .arg("--baseline").arg(baseline)
-        .arg("--out").arg(&out)
-        .arg("--scratch").arg(work.join("tmp"))
+        .arg("--task")
+        .arg(&task)
+        .arg("--workspace")
+        .arg(&ws)
+        .arg("--baseline")
+        .arg(baseline)
+        .arg("--out")
+        .arg(&out)
+        .arg("--scratch")
+        .arg(work.join("tmp"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("OPENAI_BASE_URL", model.base_url())
@@ -134,7 +161,10 @@ async fn run_agent_once(work: &Path, baseline: &Path, script: Script) -> anyhow:
     if !seen.violations.is_empty() {
         bail!("scripted model violations: {:?}", seen.violations);
     }
-    let first = *seen.arrivals.first().context("the agent made no model request")?;
+    let first = *seen
+        .arrivals
+        .first()
+        .context("the agent made no model request")?;
     let gaps = seen.arrivals.windows(2).map(|w| w[1] - w[0]).collect();
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
     Ok(AgentSample {
@@ -153,7 +183,7 @@ async fn agent(runs: usize, steps: usize) -> anyhow::Result<ExitCode> {
     let repo = dir.path().join("repo");
     bench_repo(&repo)?;
     let baseline = dir.path().join("code.tar.zst");
-    patchflow_activities::stage::pack(&repo, &baseline)?;
+    patchflow_platform::archive::pack_tar_zst(&repo, &baseline, 3)?;
     std::fs::create_dir_all(dir.path().join("tmp"))?;
 
     let mut first = Vec::new();
@@ -166,32 +196,70 @@ async fn agent(runs: usize, steps: usize) -> anyhow::Result<ExitCode> {
     let read = vec![("read_file_content", json!({"file_path": "ten_kib.txt"})); steps];
     let s = run_agent_once(dir.path(), &baseline, script_of(read)).await?;
     // The last gap includes the finish turn; drop it with the first (process warm-up).
-    let read_gaps: Vec<f64> = s.step_gaps.iter().skip(1).take(steps.saturating_sub(1)).map(|d| ms(*d)).collect();
+    let read_gaps: Vec<f64> = s
+        .step_gaps
+        .iter()
+        .skip(1)
+        .take(steps.saturating_sub(1))
+        .map(|d| ms(*d))
+        .collect();
     rss = rss.max(s.max_rss_kib);
     let shell = vec![("run_shell_command", json!({"command_string": "true"})); steps];
     let s = run_agent_once(dir.path(), &baseline, script_of(shell)).await?;
-    let shell_gaps: Vec<f64> = s.step_gaps.iter().skip(1).take(steps.saturating_sub(1)).map(|d| ms(*d)).collect();
+    let shell_gaps: Vec<f64> = s
+        .step_gaps
+        .iter()
+        .skip(1)
+        .take(steps.saturating_sub(1))
+        .map(|d| ms(*d))
+        .collect();
     rss = rss.max(s.max_rss_kib);
 
     let (f50, f95, _) = stats(first);
     let (r50, r95, _) = stats(read_gaps);
     let (s50, s95, _) = stats(shell_gaps);
-    println!("patchflow agent benchmark (instant scripted model, {runs} runs, {steps} steps per step measurement)");
-    println!("{:<44} {:>9} {:>9} {:>9}", "measure", "p50", "p95", "target");
-    println!("{:<44} {:>7.2}ms {:>7.2}ms {:>9}", "process start -> first model request", f50, f95, "<= 35 ms");
-    println!("{:<44} {:>7.2}ms {:>7.2}ms {:>9}", "file-tool step (read 10 KiB), per step", r50, r95, "<= 2 ms");
-    println!("{:<44} {:>7.2}ms {:>7.2}ms {:>9}", "shell step (`true`), per step", s50, s95, "<= 10 ms");
-    println!("{:<44} {:>7.1}MB {:>9} {:>9}", "peak RSS (largest run)", rss as f64 / 1024.0, "", "<= 30 MB");
+    println!(
+        "patchflow agent benchmark (instant scripted model, {runs} runs, {steps} steps per step measurement)"
+    );
+    println!(
+        "{:<44} {:>9} {:>9} {:>9}",
+        "measure", "p50", "p95", "target"
+    );
+    println!(
+        "{:<44} {:>7.2}ms {:>7.2}ms {:>9}",
+        "process start -> first model request", f50, f95, "<= 35 ms"
+    );
+    println!(
+        "{:<44} {:>7.2}ms {:>7.2}ms {:>9}",
+        "file-tool step (read 10 KiB), per step", r50, r95, "<= 2 ms"
+    );
+    println!(
+        "{:<44} {:>7.2}ms {:>7.2}ms {:>9}",
+        "shell step (`true`), per step", s50, s95, "<= 10 ms"
+    );
+    println!(
+        "{:<44} {:>7.1}MB {:>9} {:>9}",
+        "peak RSS (largest run)",
+        rss as f64 / 1024.0,
+        "",
+        "<= 30 MB"
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
-    let st = std::process::Command::new("git").arg("-C").arg(dir).args(args).output()?;
+    let st = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()?;
     if !st.status.success() {
         bail!("git {args:?}: {}", String::from_utf8_lossy(&st.stderr));
     }
@@ -204,8 +272,20 @@ async fn pipeline(base: Config, sequential: usize, concurrent: usize) -> anyhow:
     bench_repo(&repo)?;
     git(&repo, &["init", "-q"])?;
     git(&repo, &["add", "."])?;
-    git(&repo, &["-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "init"])?;
-    let model = ScriptedModel::start(script_of(vec![]), SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    git(
+        &repo,
+        &[
+            "-c",
+            "user.name=bench",
+            "-c",
+            "user.email=bench@localhost",
+            "commit",
+            "-qm",
+            "init",
+        ],
+    )?;
+    let model =
+        ScriptedModel::start(script_of(vec![]), SocketAddr::from(([127, 0, 0, 1], 0))).await?;
 
     let mut config = Config {
         data_dir: dir.path().join("data"),
@@ -245,7 +325,10 @@ async fn pipeline(base: Config, sequential: usize, concurrent: usize) -> anyhow:
             let _ = stop_tx.send(true);
             r
         };
-        let (worker, report) = tokio::join!(crate::stack::run_worker(&config, &stores, client, stop_rx.clone()), driver);
+        let (worker, report) = tokio::join!(
+            crate::stack::run_worker(&config, &stores, client, stop_rx.clone()),
+            driver
+        );
         let _ = http.await;
         worker?;
         report
@@ -258,7 +341,11 @@ async fn pipeline(base: Config, sequential: usize, concurrent: usize) -> anyhow:
     Ok(ExitCode::SUCCESS)
 }
 
-async fn submit_and_wait(http: &reqwest::Client, url: &str, repo_url: &str) -> anyhow::Result<(String, Duration)> {
+async fn submit_and_wait(
+    http: &reqwest::Client,
+    url: &str,
+    repo_url: &str,
+) -> anyhow::Result<(String, Duration)> {
     let t0 = Instant::now();
     let resp: Value = http
         .post(format!("{url}/api/tasks"))
@@ -270,7 +357,12 @@ async fn submit_and_wait(http: &reqwest::Client, url: &str, repo_url: &str) -> a
         .await?;
     let id = resp["task_id"].as_str().context("no task_id")?.to_string();
     loop {
-        let r: Value = http.get(format!("{url}/api/tasks/{id}")).send().await?.json().await?;
+        let r: Value = http
+            .get(format!("{url}/api/tasks/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
         let status: TaskStatus = serde_json::from_value(r["status"].clone())?;
         if status.is_terminal() {
             if status != TaskStatus::Completed {
@@ -283,8 +375,17 @@ async fn submit_and_wait(http: &reqwest::Client, url: &str, repo_url: &str) -> a
 }
 
 /// Per-stage durations of one task from its recorded history.
-async fn stage_times(http: &reqwest::Client, url: &str, id: &str) -> anyhow::Result<Vec<(&'static str, f64)>> {
-    let page: Value = http.get(format!("{url}/api/tasks/{id}/events")).send().await?.json().await?;
+async fn stage_times(
+    http: &reqwest::Client,
+    url: &str,
+    id: &str,
+) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    let page: Value = http
+        .get(format!("{url}/api/tasks/{id}/events"))
+        .send()
+        .await?
+        .json()
+        .await?;
     let events: Vec<TaskEvent> = serde_json::from_value(page["events"].clone())?;
     let at = |pred: &dyn Fn(&TaskEvent) -> bool| events.iter().find(|e| pred(e)).map(|e| e.at);
     let st = |s: TaskStatus| move |e: &TaskEvent| e.status == Some(s);
@@ -293,12 +394,15 @@ async fn stage_times(http: &reqwest::Client, url: &str, id: &str) -> anyhow::Res
     let dl = at(&st(TaskStatus::DownloadingCode));
     let stg = at(&st(TaskStatus::StagingCode));
     let run = at(&st(TaskStatus::RunningAgent));
-    let agent_started = at(&|e: &TaskEvent| e.status.is_none() && e.message.starts_with("agent started"));
+    let agent_started =
+        at(&|e: &TaskEvent| e.status.is_none() && e.message.starts_with("agent started"));
     let up = at(&st(TaskStatus::UploadingResults));
     let done = at(&st(TaskStatus::Completed));
-    let d = |a: Option<chrono::DateTime<chrono::Utc>>, b: Option<chrono::DateTime<chrono::Utc>>| match (a, b) {
-        (Some(a), Some(b)) => (b - a).num_microseconds().unwrap_or(0) as f64 / 1000.0,
-        _ => f64::NAN,
+    let d = |a: Option<chrono::DateTime<chrono::Utc>>, b: Option<chrono::DateTime<chrono::Utc>>| {
+        match (a, b) {
+            (Some(a), Some(b)) => (b - a).num_microseconds().unwrap_or(0) as f64 / 1000.0,
+            _ => f64::NAN,
+        }
     };
     Ok(vec![
         ("submit (stored -> workflow started)", d(pending, queued)),
@@ -311,7 +415,12 @@ async fn stage_times(http: &reqwest::Client, url: &str, id: &str) -> anyhow::Res
     ])
 }
 
-async fn drive(url: &str, repo_url: &str, sequential: usize, concurrent: usize) -> anyhow::Result<()> {
+async fn drive(
+    url: &str,
+    repo_url: &str,
+    sequential: usize,
+    concurrent: usize,
+) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     // Warm-up: first workflow, first agent spawn.
     submit_and_wait(&http, url, repo_url).await?;
@@ -323,7 +432,9 @@ async fn drive(url: &str, repo_url: &str, sequential: usize, concurrent: usize) 
         ids.push(id);
     }
     let t0 = Instant::now();
-    let all = futures::future::join_all((0..concurrent).map(|_| submit_and_wait(&http, url, repo_url))).await;
+    let all =
+        futures::future::join_all((0..concurrent).map(|_| submit_and_wait(&http, url, repo_url)))
+            .await;
     let wall = t0.elapsed();
     let mut conc_lat = Vec::new();
     for r in all {
@@ -331,8 +442,12 @@ async fn drive(url: &str, repo_url: &str, sequential: usize, concurrent: usize) 
     }
     let (p50, p95, _) = stats(latencies);
     let (cp50, cp95, _) = stats(conc_lat);
-    println!("patchflow pipeline benchmark (embedded stack, instant scripted model, one-step task)");
-    println!("sequential ({sequential} tasks): submit -> COMPLETED p50 {p50:.0} ms, p95 {p95:.0} ms");
+    println!(
+        "patchflow pipeline benchmark (embedded stack, instant scripted model, one-step task)"
+    );
+    println!(
+        "sequential ({sequential} tasks): submit -> COMPLETED p50 {p50:.0} ms, p95 {p95:.0} ms"
+    );
     println!(
         "concurrent ({concurrent} tasks at once): {:.2} tasks/s, submit -> COMPLETED p50 {cp50:.0} ms, p95 {cp95:.0} ms",
         concurrent as f64 / wall.as_secs_f64()
@@ -353,4 +468,3 @@ async fn drive(url: &str, repo_url: &str, sequential: usize, concurrent: usize) 
     }
     Ok(())
 }
-

@@ -137,7 +137,9 @@ async fn check(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
 async fn send(req: reqwest::RequestBuilder, base: &str) -> anyhow::Result<reqwest::Response> {
     let resp = req.send().await.map_err(|e| {
         if e.is_connect() {
-            anyhow::anyhow!("cannot reach the patchflow gateway at {base}: is `patchflow up` running?")
+            anyhow::anyhow!(
+                "cannot reach the patchflow gateway at {base}: is `patchflow up` running?"
+            )
         } else {
             anyhow::anyhow!("request to {base} failed: {e}")
         }
@@ -149,7 +151,8 @@ async fn send(req: reqwest::RequestBuilder, base: &str) -> anyhow::Result<reqwes
 fn zip_directory(dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
     let tmp = tempfile::Builder::new().suffix(".zip").tempfile()?;
     let mut zip = zip::ZipWriter::new(tmp.reopen()?);
-    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
     for entry in ignore::WalkBuilder::new(dir)
         .hidden(false)
         .require_git(false)
@@ -161,10 +164,17 @@ fn zip_directory(dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
         if !entry.file_type().is_some_and(|t| t.is_file()) {
             continue;
         }
-        let rel = entry.path().strip_prefix(dir)?.to_string_lossy().replace('\\', "/");
+        let rel = entry
+            .path()
+            .strip_prefix(dir)?
+            .to_string_lossy()
+            .replace('\\', "/");
         let mode = {
             use std::os::unix::fs::PermissionsExt;
-            entry.metadata().map(|m| m.permissions().mode()).unwrap_or(0o644)
+            entry
+                .metadata()
+                .map(|m| m.permissions().mode())
+                .unwrap_or(0o644)
         };
         zip.start_file(rel, options.unix_permissions(mode))?;
         std::io::copy(&mut std::fs::File::open(entry.path())?, &mut zip)?;
@@ -205,7 +215,8 @@ pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> 
     let _zip_guard;
     let req = if local.exists() {
         let zip_path = if local.is_dir() {
-            let z = zip_directory(&local).with_context(|| format!("cannot zip {}", local.display()))?;
+            let z =
+                zip_directory(&local).with_context(|| format!("cannot zip {}", local.display()))?;
             let p = z.path().to_path_buf();
             _zip_guard = Some(z);
             p
@@ -249,19 +260,31 @@ pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> 
 }
 
 async fn get_record(client: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<Value> {
-    Ok(send(client.get(format!("{base}/api/tasks/{id}")), base).await?.json().await?)
+    Ok(send(client.get(format!("{base}/api/tasks/{id}")), base)
+        .await?
+        .json()
+        .await?)
 }
 
 /// Prints each event as it happens until the task ends; exits 0 only if it COMPLETED.
-async fn follow(client: &reqwest::Client, base: &str, id: &str, json_out: bool) -> anyhow::Result<ExitCode> {
+async fn follow(
+    client: &reqwest::Client,
+    base: &str,
+    id: &str,
+    json_out: bool,
+) -> anyhow::Result<ExitCode> {
     let mut after = 0i64;
     let mut stderr = std::io::stderr();
     loop {
-        let page: Value = send(client.get(format!("{base}/api/tasks/{id}/events?after={after}")), base)
-            .await?
-            .json()
-            .await?;
-        let events: Vec<TaskEvent> = serde_json::from_value(page["events"].clone()).unwrap_or_default();
+        let page: Value = send(
+            client.get(format!("{base}/api/tasks/{id}/events?after={after}")),
+            base,
+        )
+        .await?
+        .json()
+        .await?;
+        let events: Vec<TaskEvent> =
+            serde_json::from_value(page["events"].clone()).unwrap_or_default();
         let mut ended = false;
         for ev in events {
             after = ev.seq;
@@ -286,7 +309,11 @@ async fn follow(client: &reqwest::Client, base: &str, id: &str, json_out: bool) 
         println!("{}", serde_json::to_string_pretty(&record)?);
     }
     let status: TaskStatus = serde_json::from_value(record["status"].clone())?;
-    Ok(if status == TaskStatus::Completed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if status == TaskStatus::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 pub async fn status(config: &Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
@@ -299,14 +326,33 @@ pub async fn status(config: &Config, a: StatusArgs) -> anyhow::Result<ExitCode> 
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        println!("{}  {}  {}", r["task_id"].as_str().unwrap_or_default(), r["status"].as_str().unwrap_or_default(), r["message"].as_str().unwrap_or_default());
+        println!(
+            "{}  {}  {}",
+            r["task_id"].as_str().unwrap_or_default(),
+            r["status"].as_str().unwrap_or_default(),
+            r["message"].as_str().unwrap_or_default()
+        );
         println!("source:  {}", r["source"].as_str().unwrap_or_default());
-        println!("created: {}  updated: {}", r["created_at"].as_str().unwrap_or_default(), r["updated_at"].as_str().unwrap_or_default());
+        println!(
+            "created: {}  updated: {}",
+            r["created_at"].as_str().unwrap_or_default(),
+            r["updated_at"].as_str().unwrap_or_default()
+        );
         if let Some(s) = r["summary"].as_object() {
             println!(
                 "agent:   {} steps, {} tool calls, {} tokens, {} ms, files changed: {}",
-                s["steps"], s["tool_calls"], s["total_tokens"], s["wall_ms"],
-                s["files_changed"].as_array().map(|f| f.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default()
+                s["steps"],
+                s["tool_calls"],
+                s["total_tokens"],
+                s["wall_ms"],
+                s["files_changed"]
+                    .as_array()
+                    .map(|f| f
+                        .iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default()
             );
         }
         if let Some(w) = r["links"]["workflow"].as_str() {
@@ -322,7 +368,10 @@ pub async fn result(config: &Config, a: ResultArgs) -> anyhow::Result<ExitCode> 
     let id = &a.task_id;
     if a.json {
         let record = get_record(&client, &base, id).await?;
-        let diff = send(client.get(format!("{base}/api/tasks/{id}/diff")), &base).await?.text().await?;
+        let diff = send(client.get(format!("{base}/api/tasks/{id}/diff")), &base)
+            .await?
+            .text()
+            .await?;
         let out = json!({"task_id": id, "status": record["status"], "message": record["message"], "summary": record["summary"], "diff": diff});
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
@@ -332,8 +381,17 @@ pub async fn result(config: &Config, a: ResultArgs) -> anyhow::Result<ExitCode> 
         println!("{}", serde_json::to_string_pretty(&record["summary"])?);
         return Ok(ExitCode::SUCCESS);
     }
-    let what = if a.transcript { "transcript" } else if a.log { "log" } else { "diff" };
-    let body = send(client.get(format!("{base}/api/tasks/{id}/{what}")), &base).await?.bytes().await?;
+    let what = if a.transcript {
+        "transcript"
+    } else if a.log {
+        "log"
+    } else {
+        "diff"
+    };
+    let body = send(client.get(format!("{base}/api/tasks/{id}/{what}")), &base)
+        .await?
+        .bytes()
+        .await?;
     std::io::stdout().write_all(&body)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -341,7 +399,13 @@ pub async fn result(config: &Config, a: ResultArgs) -> anyhow::Result<ExitCode> 
 pub async fn cancel(config: &Config, a: CancelArgs) -> anyhow::Result<ExitCode> {
     let base = a.server.base(config);
     let client = http()?;
-    send(client.post(format!("{base}/api/tasks/{}/cancel", a.task_id)).json(&json!({"reason": a.reason})), &base).await?;
+    send(
+        client
+            .post(format!("{base}/api/tasks/{}/cancel", a.task_id))
+            .json(&json!({"reason": a.reason})),
+        &base,
+    )
+    .await?;
     println!("cancel requested for {}", a.task_id);
     Ok(ExitCode::SUCCESS)
 }

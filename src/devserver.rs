@@ -33,7 +33,12 @@ impl DevServer {
             .arg(dir.join("temporal.db"))
             .args(["--namespace", &config.temporal_namespace])
             .args(["--log-level", "warn", "--ui-disable-news-fetch"])
-            .args(["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"])
+            .args([
+                "--sqlite-pragma",
+                "journal_mode=wal",
+                "--sqlite-pragma",
+                "synchronous=normal",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
@@ -94,7 +99,10 @@ pub async fn connect(config: &Config) -> anyhow::Result<Client> {
         .with_context(|| format!("invalid Temporal address `{}`", config.temporal_url()))?;
     let identity = format!(
         "patchflow@{}:{}",
-        nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "host".into()),
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "host".into()),
         std::process::id()
     );
     let options = ConnectionOptions::new(url)
@@ -104,16 +112,25 @@ pub async fn connect(config: &Config) -> anyhow::Result<Client> {
     let connection = Connection::connect(options)
         .await
         .with_context(|| format!("cannot reach Temporal at {}", config.temporal_url()))?;
-    let client = Client::new(connection, ClientOptions::new(config.temporal_namespace.clone()).build())
-        .context("cannot create the Temporal client")?;
+    let client = Client::new(
+        connection,
+        ClientOptions::new(config.temporal_namespace.clone()).build(),
+    )
+    .context("cannot create the Temporal client")?;
     // Listing needs the namespace, so this also proves it exists.
     use futures::StreamExt;
     let mut list = client.list_workflows(
         "",
-        temporalio_client::WorkflowListOptions::builder().limit(1).build(),
+        temporalio_client::WorkflowListOptions::builder()
+            .limit(1)
+            .build(),
     );
     if let Some(Err(e)) = list.next().await {
-        bail!("Temporal at {} does not answer for namespace `{}`: {e}", config.temporal_url(), config.temporal_namespace);
+        bail!(
+            "Temporal at {} does not answer for namespace `{}`: {e}",
+            config.temporal_url(),
+            config.temporal_namespace
+        );
     }
     Ok(client)
 }

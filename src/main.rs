@@ -75,10 +75,18 @@ fn main() -> ExitCode {
     };
     let quiet = matches!(
         cli.command,
-        Command::Submit(_) | Command::Status(_) | Command::Result(_) | Command::Cancel(_) | Command::List(_) | Command::Config
+        Command::Submit(_)
+            | Command::Status(_)
+            | Command::Result(_)
+            | Command::Cancel(_)
+            | Command::List(_)
+            | Command::Config
     );
     settings::init_logging(&config, quiet);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("patchflow: cannot start the async runtime: {e}");
@@ -115,7 +123,8 @@ fn main() -> ExitCode {
 
 async fn scripted_model(a: ScriptedModelArgs) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
-    let text = std::fs::read_to_string(&a.script).with_context(|| format!("cannot read {}", a.script.display()))?;
+    let text = std::fs::read_to_string(&a.script)
+        .with_context(|| format!("cannot read {}", a.script.display()))?;
     let script = patchflow_scripted_model::Script::from_json(&text)
         .with_context(|| format!("{} is not a valid script", a.script.display()))?;
     let server = patchflow_scripted_model::ScriptedModel::start(script, a.addr).await?;
@@ -134,5 +143,9 @@ async fn scripted_model(a: ScriptedModelArgs) -> anyhow::Result<ExitCode> {
     for v in &seen.violations {
         eprintln!("  violation: {v}");
     }
-    Ok(if seen.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if seen.violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -90,9 +90,15 @@ pub fn load(opts: &GlobalOpts) -> anyhow::Result<Config> {
 
 pub fn init_logging(config: &Config, quiet: bool) {
     use tracing_subscriber::EnvFilter;
-    let default = if quiet { "warn" } else { "info,temporalio_sdk_core=warn,temporalio_sdk=warn" };
+    let default = if quiet {
+        "warn"
+    } else {
+        "info,temporalio_sdk_core=warn,temporalio_sdk=warn"
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if config.log_format == "json" {
         builder.json().init();
     } else {
@@ -110,7 +116,11 @@ pub fn describe(config: &Config) -> String {
     out.push_str(&format!(
         "# temporal:      {}\n",
         if config.embedded_temporal() {
-            format!("embedded dev server on {} (UI {})", config.temporal_url(), config.temporal_ui().unwrap_or_default())
+            format!(
+                "embedded dev server on {} (UI {})",
+                config.temporal_url(),
+                config.temporal_ui().unwrap_or_default()
+            )
         } else {
             config.temporal_url()
         }
@@ -119,7 +129,10 @@ pub fn describe(config: &Config) -> String {
     out.push_str(&format!(
         "# model:         {} at {}\n",
         config.model,
-        config.openai_base_url.as_deref().unwrap_or(patchflow_agent::run::DEFAULT_BASE_URL)
+        config
+            .openai_base_url
+            .as_deref()
+            .unwrap_or(patchflow_agent::run::DEFAULT_BASE_URL)
     ));
     out
 }

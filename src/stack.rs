@@ -60,9 +60,15 @@ pub(crate) fn service(config: &Config, stores: &Stores, client: Client) -> TaskS
             task_queue: config.task_queue.clone(),
             allow_local_sources: config.allow_local_sources,
             max_upload_bytes: config.max_upload_bytes,
+            max_archive_entries: config.max_archive_entries,
+            max_unpacked_bytes: config.max_unpacked_bytes,
             settings,
             workflow_ui_base: config.temporal_ui().map(|ui| {
-                format!("{}/namespaces/{}/workflows", ui.trim_end_matches('/'), config.temporal_namespace)
+                format!(
+                    "{}/namespaces/{}/workflows",
+                    ui.trim_end_matches('/'),
+                    config.temporal_namespace
+                )
             }),
         },
     )
@@ -95,28 +101,46 @@ pub(crate) async fn serve_http(
     config: &Config,
     service: TaskService,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<(tokio::task::JoinHandle<anyhow::Result<()>>, std::net::SocketAddr)> {
+) -> anyhow::Result<(
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    std::net::SocketAddr,
+)> {
     let listener = tokio::net::TcpListener::bind(&config.http_addr)
         .await
-        .with_context(|| format!("cannot listen on {} (PATCHFLOW_HTTP_ADDR)", config.http_addr))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (PATCHFLOW_HTTP_ADDR)",
+                config.http_addr
+            )
+        })?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "HTTP API listening");
     let app = patchflow_gateway::http::router(service);
     let task = tokio::spawn(async move {
-        axum::serve(listener, app).with_graceful_shutdown(stop).await.context("HTTP server failed")
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+            .context("HTTP server failed")
     });
     Ok((task, addr))
 }
 
 /// Runs a worker until the process is told to stop; a worker error ends the process
 /// (non-zero) so a supervisor restarts it, never a live process without a poller.
-pub(crate) async fn run_worker(config: &Config, stores: &Stores, client: Client, stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
-    let runtime = Runtime::from_current_tokio(Default::default()).context("cannot start the Temporal runtime")?;
+pub(crate) async fn run_worker(
+    config: &Config,
+    stores: &Stores,
+    client: Client,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let runtime = Runtime::from_current_tokio(Default::default())
+        .context("cannot start the Temporal runtime")?;
     let options = WorkerOptions::new(config.task_queue.clone())
         .register_activities(activities(config, stores)?)
         .register_workflow::<CodeTask>()?
         .build();
-    let mut worker = Worker::new(&runtime, client, options).context("cannot create the Temporal worker")?;
+    let mut worker =
+        Worker::new(&runtime, client, options).context("cannot create the Temporal worker")?;
     let shutdown = worker.shutdown_handle();
     tracing::info!(task_queue = %config.task_queue, "worker polling");
     let run = worker.run();
@@ -137,7 +161,10 @@ pub(crate) async fn run_worker(config: &Config, stores: &Stores, client: Client,
     }
 }
 
-fn stop_channel() -> (tokio::sync::watch::Sender<bool>, tokio::sync::watch::Receiver<bool>) {
+fn stop_channel() -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::sync::watch::Receiver<bool>,
+) {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let tx2 = tx.clone();
     tokio::spawn(async move {
@@ -147,7 +174,9 @@ fn stop_channel() -> (tokio::sync::watch::Sender<bool>, tokio::sync::watch::Rece
     (tx, rx)
 }
 
-pub(crate) fn stopped(rx: &tokio::sync::watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
+pub(crate) fn stopped(
+    rx: &tokio::sync::watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let mut rx = rx.clone();
     async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -173,7 +202,11 @@ pub async fn gateway(config: Config) -> anyhow::Result<ExitCode> {
 
 pub async fn up(config: Config) -> anyhow::Result<ExitCode> {
     let dev = if config.embedded_temporal() {
-        tracing::info!(port = config.temporal_port, ui_port = config.temporal_ui_port, "starting the Temporal dev server");
+        tracing::info!(
+            port = config.temporal_port,
+            ui_port = config.temporal_ui_port,
+            "starting the Temporal dev server"
+        );
         Some(DevServer::start(&config).await?)
     } else {
         None
@@ -182,12 +215,20 @@ pub async fn up(config: Config) -> anyhow::Result<ExitCode> {
         let stores = open_stores(&config).await?;
         let client = devserver::connect(&config).await?;
         let (tx, rx) = stop_channel();
-        let (http, _) = serve_http(&config, service(&config, &stores, client.clone()), stopped(&rx)).await?;
+        let (http, _) = serve_http(
+            &config,
+            service(&config, &stores, client.clone()),
+            stopped(&rx),
+        )
+        .await?;
         eprintln!(
             "patchflow is up: API http://{}  Temporal {}{}",
             config.http_addr,
             config.temporal_url(),
-            config.temporal_ui().map(|u| format!("  Web UI {u}")).unwrap_or_default()
+            config
+                .temporal_ui()
+                .map(|u| format!("  Web UI {u}"))
+                .unwrap_or_default()
         );
         let worker = run_worker(&config, &stores, client, rx).await;
         // Whatever ended the worker ends the gateway too.

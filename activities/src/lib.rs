@@ -79,7 +79,11 @@ impl Activities {
         update: StatusUpdate,
     ) -> Result<(), ActivityError> {
         let id = task_id(&update.task_id)?;
-        match self.store.set_status(&id, update.status, &update.message).await {
+        match self
+            .store
+            .set_status(&id, update.status, &update.message)
+            .await
+        {
             Ok(StatusChange::Applied) => {
                 tracing::info!(task_id = %id, status = %update.status, message = %update.message, "status");
                 Ok(())
@@ -88,9 +92,9 @@ impl Activities {
                 tracing::debug!(task_id = %id, status = %update.status, %current, "status write ignored (out of order)");
                 Ok(())
             }
-            Err(patchflow_platform::StoreError::NotFound(_)) => Err(bad_input(format!(
-                "task {id} is not in the task store"
-            ))),
+            Err(patchflow_platform::StoreError::NotFound(_)) => {
+                Err(bad_input(format!("task {id} is not in the task store")))
+            }
             Err(e) => Err(transient(e)),
         }
     }
@@ -126,9 +130,14 @@ impl Activities {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<AgentEvent>();
         let cancel = CancellationToken::new();
         let work = self.config.work_dir(&id).join(format!("run-{attempt}"));
-        let run = self
-            .runner
-            .run(&id, &input.spec, self.objects.as_ref(), &work, tx, cancel.clone());
+        let run = self.runner.run(
+            &id,
+            &input.spec,
+            self.objects.as_ref(),
+            &work,
+            tx,
+            cancel.clone(),
+        );
         tokio::pin!(run);
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         let mut last_step = 0u32;
@@ -153,7 +162,10 @@ impl Activities {
         };
         // Events still queued when the run ended.
         while let Ok(event) = rx.try_recv() {
-            let _ = self.store.append_event(&id, TaskEventKind::Agent, &event.describe()).await;
+            let _ = self
+                .store
+                .append_event(&id, TaskEventKind::Agent, &event.describe())
+                .await;
         }
         match result {
             Ok(summary) => Ok(summary),
@@ -178,10 +190,15 @@ impl Activities {
         for file in [layout::DIFF, layout::SUMMARY] {
             let key = layout::result_key(&id, file);
             if !stored.iter().any(|o| o.key == key) {
-                return Err(transient(format!("result file {key} is missing from the object store")));
+                return Err(transient(format!(
+                    "result file {key} is missing from the object store"
+                )));
             }
         }
-        self.store.set_summary(&id, &input.summary).await.map_err(transient)?;
+        self.store
+            .set_summary(&id, &input.summary)
+            .await
+            .map_err(transient)?;
         let s = &input.summary;
         let (status, message) = if s.outcome.is_success() {
             let changed = match s.files_changed.len() {
@@ -189,12 +206,23 @@ impl Activities {
                 1 => "1 file changed".to_string(),
                 n => format!("{n} files changed"),
             };
-            (TaskStatus::Completed, format!("{}; {changed}", s.outcome.describe()))
+            (
+                TaskStatus::Completed,
+                format!("{}; {changed}", s.outcome.describe()),
+            )
         } else {
-            let why = s.error.clone().unwrap_or_else(|| s.outcome.describe().to_string());
+            let why = s
+                .error
+                .clone()
+                .unwrap_or_else(|| s.outcome.describe().to_string());
             (TaskStatus::Failed, why)
         };
-        match self.store.set_status(&id, status, &message).await.map_err(transient)? {
+        match self
+            .store
+            .set_status(&id, status, &message)
+            .await
+            .map_err(transient)?
+        {
             StatusChange::Applied => {}
             StatusChange::Ignored { current } => {
                 tracing::warn!(task_id = %id, %current, %status, "final status not applied");

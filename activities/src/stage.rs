@@ -1,10 +1,7 @@
-//! `stage_code`: the fetched tree as `staged/<task>/code.tar.zst`, and the inverse the
-//! runner uses to restore it into a fresh workspace.
-
-use std::path::Path;
+//! `stage_code`: the fetched tree as `staged/<task>/code.tar.zst`.
 
 use patchflow_core::{TaskId, layout};
-use patchflow_platform::ObjectStore;
+use patchflow_platform::{ObjectStore, archive};
 use patchflow_workflows::io::{StageInput, StageOutput};
 use temporalio_sdk::activities::ActivityError;
 
@@ -28,7 +25,7 @@ pub async fn stage(
     }
     let archive = config.work_dir(task).join("code.tar.zst");
     let (t, a) = (tree.clone(), archive.clone());
-    let files = tokio::task::spawn_blocking(move || pack(&t, &a))
+    let files = tokio::task::spawn_blocking(move || archive::pack_tar_zst(&t, &a, ZSTD_LEVEL))
         .await
         .map_err(transient)?
         .map_err(|e| transient(format!("cannot pack the code: {e}")))?;
@@ -42,57 +39,4 @@ pub async fn stage(
         archive_bytes,
         files,
     })
-}
-
-/// Writes `dir` as a tar.zst at `out`; returns the number of files. Symlinks are stored as
-/// links, never followed.
-pub fn pack(dir: &Path, out: &Path) -> std::io::Result<u64> {
-    let file = std::fs::File::create(out)?;
-    let encoder = zstd::stream::write::Encoder::new(file, ZSTD_LEVEL)?;
-    let mut builder = tar::Builder::new(encoder);
-    builder.follow_symlinks(false);
-    let mut files = 0u64;
-    for entry in walkdir::WalkDir::new(dir).min_depth(1).sort_by_file_name() {
-        let entry = entry.map_err(std::io::Error::other)?;
-        let rel = entry.path().strip_prefix(dir).map_err(std::io::Error::other)?;
-        builder.append_path_with_name(entry.path(), rel)?;
-        if entry.file_type().is_file() {
-            files += 1;
-        }
-    }
-    builder.into_inner()?.finish()?;
-    Ok(files)
-}
-
-/// Restores a tar.zst into `dest`. The tar crate refuses entries that would land outside
-/// `dest`.
-pub fn unpack(archive: &Path, dest: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dest)?;
-    let file = std::fs::File::open(archive)?;
-    let decoder = zstd::stream::read::Decoder::new(file)?;
-    let mut tar = tar::Archive::new(decoder);
-    tar.set_preserve_permissions(true);
-    tar.set_overwrite(true);
-    tar.unpack(dest)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pack_and_unpack_round_trip() {
-        let src = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(src.path().join("a/b")).unwrap();
-        std::fs::write(src.path().join("a/b/c.txt"), "deep").unwrap();
-        std::fs::write(src.path().join("top.py"), "top").unwrap();
-        std::os::unix::fs::symlink("top.py", src.path().join("link")).unwrap();
-        let out = tempfile::tempdir().unwrap();
-        let arc = out.path().join("x.tar.zst");
-        assert_eq!(pack(src.path(), &arc).unwrap(), 2);
-        let dest = out.path().join("restored");
-        unpack(&arc, &dest).unwrap();
-        assert_eq!(std::fs::read_to_string(dest.join("a/b/c.txt")).unwrap(), "deep");
-        assert_eq!(std::fs::read_link(dest.join("link")).unwrap(), Path::new("top.py"));
-    }
 }

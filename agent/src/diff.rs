@@ -39,7 +39,11 @@ pub fn diff_against_archive(baseline: &Path, workspace: &Path) -> std::io::Resul
         if !entry.header().entry_type().is_file() {
             continue;
         }
-        let rel = entry.path()?.to_string_lossy().trim_start_matches("./").to_string();
+        let rel = entry
+            .path()?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_string();
         if rel.starts_with(".git/") {
             continue;
         }
@@ -102,8 +106,16 @@ fn file_diff(path: &str, old: Option<&[u8]>, new: Option<&[u8]>) -> String {
         (Some(_), None) => s.push_str("deleted file mode 100644\n"),
         _ => {}
     }
-    let old_name = if old.is_some() { format!("a/{path}") } else { "/dev/null".into() };
-    let new_name = if new.is_some() { format!("b/{path}") } else { "/dev/null".into() };
+    let old_name = if old.is_some() {
+        format!("a/{path}")
+    } else {
+        "/dev/null".into()
+    };
+    let new_name = if new.is_some() {
+        format!("b/{path}")
+    } else {
+        "/dev/null".into()
+    };
     let (o, n) = (old.unwrap_or_default(), new.unwrap_or_default());
     if is_binary(o) || is_binary(n) {
         let _ = writeln!(s, "Binary files {old_name} and {new_name} differ");
@@ -126,7 +138,9 @@ mod tests {
 
     fn archive_of(dir: &Path, out: &Path) {
         let f = std::fs::File::create(out).unwrap();
-        let enc = zstd::stream::write::Encoder::new(f, 3).unwrap().auto_finish();
+        let enc = zstd::stream::write::Encoder::new(f, 3)
+            .unwrap()
+            .auto_finish();
         let mut b = tar::Builder::new(enc);
         b.append_dir_all(".", dir).unwrap();
         b.finish().unwrap();
@@ -148,7 +162,13 @@ mod tests {
         let d = diff_against_archive(arc.path(), base.path()).unwrap();
         assert_eq!(d.files_changed, ["gone.txt", "mod.py", "new.txt"]);
         assert!(d.patch.contains("diff --git a/mod.py b/mod.py\n--- a/mod.py\n+++ b/mod.py\n@@ -1,3 +1,3 @@\n a\n-b\n+B\n c\n"), "{}", d.patch);
-        assert!(d.patch.contains("deleted file mode 100644\n--- a/gone.txt\n+++ /dev/null\n@@ -1 +0,0 @@\n-bye\n"), "{}", d.patch);
+        assert!(
+            d.patch.contains(
+                "deleted file mode 100644\n--- a/gone.txt\n+++ /dev/null\n@@ -1 +0,0 @@\n-bye\n"
+            ),
+            "{}",
+            d.patch
+        );
         assert!(d.patch.contains("new file mode 100644\n--- /dev/null\n+++ b/new.txt\n@@ -0,0 +1 @@\n+hi\n\\ No newline at end of file\n"), "{}", d.patch);
     }
 }

@@ -95,10 +95,17 @@ impl AgentRun {
         let deadline = started + Duration::from_secs(self.spec.limits.wall_seconds);
         std::fs::create_dir_all(&self.out_dir)?;
         let mut transcript = Transcript::create(&self.out_dir.join(layout::TRANSCRIPT))?;
-        let model = self.spec.model.clone().unwrap_or_else(|| self.model.clone());
+        let model = self
+            .spec
+            .model
+            .clone()
+            .unwrap_or_else(|| self.model.clone());
         let limits = self.spec.limits;
 
-        let base = self.base_url.clone().unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
+        let base = self
+            .base_url
+            .clone()
+            .unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
         let mut config = OpenAIConfig::new().with_api_base(base.trim_end_matches('/'));
         if let Some(key) = &self.api_key {
             config = config.with_api_key(key.expose());
@@ -225,19 +232,22 @@ impl AgentRun {
             messages.push(ChatCompletionRequestMessage::Assistant(
                 #[allow(deprecated)]
                 ChatCompletionRequestAssistantMessage {
-                    content: (!content.is_empty())
-                        .then(|| ChatCompletionRequestAssistantMessageContent::Text(content.clone())),
+                    content: (!content.is_empty()).then(|| {
+                        ChatCompletionRequestAssistantMessageContent::Text(content.clone())
+                    }),
                     tool_calls: Some(
                         calls
                             .iter()
                             .map(|c| {
-                                ChatCompletionMessageToolCalls::Function(ChatCompletionMessageToolCall {
-                                    id: c.id.clone(),
-                                    function: FunctionCall {
-                                        name: c.function.name.clone(),
-                                        arguments: c.function.arguments.clone(),
+                                ChatCompletionMessageToolCalls::Function(
+                                    ChatCompletionMessageToolCall {
+                                        id: c.id.clone(),
+                                        function: FunctionCall {
+                                            name: c.function.name.clone(),
+                                            arguments: c.function.arguments.clone(),
+                                        },
                                     },
-                                })
+                                )
                             })
                             .collect(),
                     ),
@@ -276,14 +286,20 @@ impl AgentRun {
                     ok: output.ok,
                     duration_ms,
                 });
-                messages.push(ChatCompletionRequestMessage::Tool(ChatCompletionRequestToolMessage {
-                    content: ChatCompletionRequestToolMessageContent::Text(text),
-                    tool_call_id: call.id.clone(),
-                }));
+                messages.push(ChatCompletionRequestMessage::Tool(
+                    ChatCompletionRequestToolMessage {
+                        content: ChatCompletionRequestToolMessageContent::Text(text),
+                        tool_call_id: call.id.clone(),
+                    },
+                ));
                 if name == tools::FINISH && output.ok {
                     let s = serde_json::from_str::<serde_json::Value>(args)
                         .ok()
-                        .and_then(|v| v.get("summary").and_then(|s| s.as_str()).map(str::to_string))
+                        .and_then(|v| {
+                            v.get("summary")
+                                .and_then(|s| s.as_str())
+                                .map(str::to_string)
+                        })
                         .unwrap_or_default();
                     finished = Some(s);
                 }
@@ -305,7 +321,10 @@ impl AgentRun {
         summary.files_changed = diff.files_changed;
         summary.wall_ms = started.elapsed().as_millis() as u64;
         if summary.outcome == AgentOutcome::MaxSteps && summary.error.is_none() {
-            summary.error = Some(format!("stopped after max_steps ({}) without finishing", limits.max_steps));
+            summary.error = Some(format!(
+                "stopped after max_steps ({}) without finishing",
+                limits.max_steps
+            ));
         }
         transcript.write("end", serde_json::to_value(&summary).unwrap_or_default());
         on_event(&AgentEvent::Finished {
@@ -342,13 +361,17 @@ impl AgentRun {
                 Err(_) => "wall time ran out while waiting for the model".to_string(),
             };
             tracing::warn!(step, attempt, error = %err, "model request failed");
-            transcript.write("model_error", json!({"step": step, "attempt": attempt, "error": err}));
+            transcript.write(
+                "model_error",
+                json!({"step": step, "attempt": attempt, "error": err}),
+            );
             if attempt > self.max_retries {
                 return Err(format!(
                     "model endpoint failed after {attempt} attempts: {err}"
                 ));
             }
-            tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
+            tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())))
+                .await;
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }

@@ -41,7 +41,10 @@ pub fn head_tail(text: &str, max_bytes: usize, max_lines: usize) -> (String, boo
             v.into_iter().rev().collect()
         };
         let cut = text.len() - start.len() - end.len();
-        return (format!("{start}\n[... {cut} bytes truncated ...]\n{end}"), true);
+        return (
+            format!("{start}\n[... {cut} bytes truncated ...]\n{end}"),
+            true,
+        );
     }
     tail_parts.reverse();
     let tail: String = tail_parts.concat();
@@ -96,7 +99,10 @@ impl CappedBuffer {
         let kept = self.head.len() + self.tail.len();
         let mut out = String::from_utf8_lossy(&self.head).into_owned();
         if self.total > kept {
-            out.push_str(&format!("\n[... {} bytes truncated ...]\n", self.total - kept));
+            out.push_str(&format!(
+                "\n[... {} bytes truncated ...]\n",
+                self.total - kept
+            ));
         }
         let tail: Vec<u8> = self.tail.into_iter().collect();
         out.push_str(&String::from_utf8_lossy(&tail));

@@ -90,7 +90,7 @@ impl Default for Config {
             max_unpacked_bytes: 1024 * 1024 * 1024,
             max_archive_entries: 100_000,
             activity_max_attempts: 3,
-            heartbeat_timeout_secs: 30,
+            heartbeat_timeout_secs: 10,
             retry_initial_interval_ms: 1000,
             runner: "local".into(),
             log_format: "text".into(),
@@ -169,7 +169,10 @@ impl Config {
         }
         fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, CoreError> {
             v.trim().parse().map_err(|_| {
-                CoreError::Invalid(crate::ValidationError::new(key, format!("`{v}` is not a number")))
+                CoreError::Invalid(crate::ValidationError::new(
+                    key,
+                    format!("`{v}` is not a number"),
+                ))
             })
         }
         fn flag(key: &str, v: &str) -> Result<bool, CoreError> {
@@ -233,9 +236,9 @@ impl Config {
     }
 
     pub fn database_url(&self) -> String {
-        self.database_url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", self.data_dir.join("patchflow.db").display())
-        })
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("patchflow.db").display()))
     }
 
     pub fn object_store_url(&self) -> String {
@@ -317,12 +320,17 @@ mod tests {
 
     #[test]
     fn bad_settings_are_named() {
-        let e = Config::from_toml("htp_addr = \"x\"").unwrap_err().to_string();
+        let e = Config::from_toml("htp_addr = \"x\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("htp_addr"), "{e}");
         let mut c = Config::default();
         let e = c.set("temporal_port", "abc").unwrap_err().to_string();
         assert!(e.contains("temporal_port") && e.contains("abc"), "{e}");
-        assert!(matches!(c.set("nope", "1"), Err(CoreError::UnknownSetting(_))));
+        assert!(matches!(
+            c.set("nope", "1"),
+            Err(CoreError::UnknownSetting(_))
+        ));
     }
 
     #[test]
@@ -330,9 +338,16 @@ mod tests {
         let mut c = Config::default();
         for key in Config::KEYS {
             let v = match key {
-                "temporal_port" | "temporal_ui_port" | "llm_max_retries" | "llm_retry_backoff_ms"
-                | "max_upload_bytes" | "max_unpacked_bytes" | "max_archive_entries"
-                | "activity_max_attempts" | "heartbeat_timeout_secs" | "retry_initial_interval_ms" => "7",
+                "temporal_port"
+                | "temporal_ui_port"
+                | "llm_max_retries"
+                | "llm_retry_backoff_ms"
+                | "max_upload_bytes"
+                | "max_unpacked_bytes"
+                | "max_archive_entries"
+                | "activity_max_attempts"
+                | "heartbeat_timeout_secs"
+                | "retry_initial_interval_ms" => "7",
                 "allow_local_sources" => "true",
                 _ => "x",
             };

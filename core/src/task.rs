@@ -54,8 +54,7 @@ impl FromStr for TaskId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let ok = !s.is_empty()
             && s.len() <= 128
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if ok {
             Ok(Self(s.to_string()))
@@ -316,10 +315,7 @@ impl TaskSpec {
         if let Some(m) = &self.model
             && (m.is_empty() || m.len() > 200)
         {
-            return Err(ValidationError::new(
-                "model",
-                "must be 1 to 200 characters",
-            ));
+            return Err(ValidationError::new("model", "must be 1 to 200 characters"));
         }
         if self.open_pr {
             return Err(ValidationError::new(
@@ -389,7 +385,9 @@ fn validate_git_url(url: &str, allow_local: bool) -> Result<(), ValidationError>
     }
     Err(ValidationError::new(
         "git_url",
-        format!("`{url}` is not a supported repository URL (https, http, ssh, git or user@host:path)"),
+        format!(
+            "`{url}` is not a supported repository URL (https, http, ssh, git or user@host:path)"
+        ),
     ))
 }
 
@@ -398,8 +396,7 @@ fn validate_git_ref(r: &str) -> Result<(), ValidationError> {
         && r.len() <= 256
         && !r.starts_with('-')
         && !r.contains("..")
-        && r
-            .bytes()
+        && r.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"/._-+".contains(&b));
     if ok {
         Ok(())
@@ -509,7 +506,10 @@ mod tests {
         assert!(e.reason.contains("not allowed"));
         assert!(spec("file:///tmp/r").validate(true).is_ok());
         assert_eq!(spec("ftp://x").validate(true).unwrap_err().field, "git_url");
-        assert_eq!(spec("--upload-pack=x").validate(true).unwrap_err().field, "git_url");
+        assert_eq!(
+            spec("--upload-pack=x").validate(true).unwrap_err().field,
+            "git_url"
+        );
         let mut s = spec("https://x/y");
         s.task_description = "  ".into();
         assert_eq!(s.validate(false).unwrap_err().field, "task_description");

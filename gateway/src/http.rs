@@ -51,7 +51,8 @@ fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
             tracing::warn!(error = %self.0, "request failed");
         }
@@ -141,7 +142,9 @@ impl SubmitBody {
         let empty = |o: &Option<String>| o.as_deref().is_none_or(|s| s.trim().is_empty());
         let source = match (&self.git_url, has_upload) {
             (Some(u), true) if !u.trim().is_empty() => {
-                return Err(ServiceError::BadRequest("give either git_url or a zip_file upload, not both".into()));
+                return Err(ServiceError::BadRequest(
+                    "give either git_url or a zip_file upload, not both".into(),
+                ));
             }
             (_, true) => TaskSource::Archive { key: String::new() },
             (url, false) if !empty(url) => TaskSource::Git {
@@ -150,7 +153,8 @@ impl SubmitBody {
             },
             _ => {
                 return Err(ServiceError::BadRequest(
-                    "a source is required: git_url, or a zip_file part in a multipart upload".into(),
+                    "a source is required: git_url, or a zip_file part in a multipart upload"
+                        .into(),
                 ));
             }
         };
@@ -173,7 +177,12 @@ impl SubmitBody {
 pub fn router(service: TaskService) -> Router {
     let upload_limit = service.config().max_upload_bytes as usize + MAX_JSON_BYTES;
     Router::new()
-        .route("/api/tasks", post(submit).get(list).layer(DefaultBodyLimit::max(upload_limit)))
+        .route(
+            "/api/tasks",
+            post(submit)
+                .get(list)
+                .layer(DefaultBodyLimit::max(upload_limit)),
+        )
         .route("/api/tasks/{task_id}", get(get_task))
         .route("/api/tasks/{task_id}/diff", get(diff))
         .route("/api/tasks/{task_id}/transcript", get(transcript))
@@ -186,10 +195,15 @@ pub fn router(service: TaskService) -> Router {
 }
 
 fn parse_id(s: &str) -> Result<TaskId, ApiError> {
-    s.parse::<TaskId>().map_err(|e| ApiError(ServiceError::Invalid(e)))
+    s.parse::<TaskId>()
+        .map_err(|e| ApiError(ServiceError::Invalid(e)))
 }
 
-async fn submit(State(service): State<TaskService>, headers: HeaderMap, req: Request) -> Result<Response, ApiError> {
+async fn submit(
+    State(service): State<TaskService>,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Response, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -203,7 +217,11 @@ async fn submit(State(service): State<TaskService>, headers: HeaderMap, req: Req
     } else if content_type.starts_with("application/json") || content_type.is_empty() {
         let bytes = axum::body::to_bytes(req.into_body(), MAX_JSON_BYTES)
             .await
-            .map_err(|_| ApiError(ServiceError::TooLarge { limit: MAX_JSON_BYTES as u64 }))?;
+            .map_err(|_| {
+                ApiError(ServiceError::TooLarge {
+                    limit: MAX_JSON_BYTES as u64,
+                })
+            })?;
         let body: SubmitBody = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError(ServiceError::BadRequest(format!("invalid JSON body: {e}"))))?;
         (body, None)
@@ -228,13 +246,24 @@ async fn submit(State(service): State<TaskService>, headers: HeaderMap, req: Req
         }
     };
     let outcome = service.submit(spec, upload).await?;
-    let status = if outcome.created { StatusCode::ACCEPTED } else { StatusCode::OK };
+    let status = if outcome.created {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
     let r = &outcome.record;
-    Ok((status, Json(json!({"task_id": r.task_id, "status": r.status, "message": r.message}))).into_response())
+    Ok((
+        status,
+        Json(json!({"task_id": r.task_id, "status": r.status, "message": r.message})),
+    )
+        .into_response())
 }
 
 /// Reads multipart fields; the `zip_file` part streams to a temporary file, bounded.
-async fn read_multipart(service: &TaskService, mut mp: Multipart) -> Result<(SubmitBody, Option<Upload>), ApiError> {
+async fn read_multipart(
+    service: &TaskService,
+    mut mp: Multipart,
+) -> Result<(SubmitBody, Option<Upload>), ApiError> {
     let limit = service.config().max_upload_bytes;
     let mut fields = serde_json::Map::new();
     let mut upload: Option<Upload> = None;
@@ -251,9 +280,11 @@ async fn read_multipart(service: &TaskService, mut mp: Multipart) -> Result<(Sub
         let name = field.name().unwrap_or_default().to_string();
         if name == "zip_file" {
             let path = std::env::temp_dir().join(format!("patchflow-upload-{}.zip", uuid_suffix()));
-            let mut file = tokio::fs::File::create(&path)
-                .await
-                .map_err(|e| ApiError(ServiceError::Internal(format!("cannot buffer the upload: {e}"))))?;
+            let mut file = tokio::fs::File::create(&path).await.map_err(|e| {
+                ApiError(ServiceError::Internal(format!(
+                    "cannot buffer the upload: {e}"
+                )))
+            })?;
             let mut bytes = 0u64;
             let mut field = field;
             loop {
@@ -265,9 +296,11 @@ async fn read_multipart(service: &TaskService, mut mp: Multipart) -> Result<(Sub
                             let _ = tokio::fs::remove_file(&path).await;
                             return Err(ApiError(ServiceError::TooLarge { limit }));
                         }
-                        file.write_all(&chunk)
-                            .await
-                            .map_err(|e| ApiError(ServiceError::Internal(format!("cannot buffer the upload: {e}"))))?;
+                        file.write_all(&chunk).await.map_err(|e| {
+                            ApiError(ServiceError::Internal(format!(
+                                "cannot buffer the upload: {e}"
+                            )))
+                        })?;
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -279,7 +312,9 @@ async fn read_multipart(service: &TaskService, mut mp: Multipart) -> Result<(Sub
                     }
                 }
             }
-            file.flush().await.map_err(|e| ApiError(ServiceError::Internal(e.to_string())))?;
+            file.flush()
+                .await
+                .map_err(|e| ApiError(ServiceError::Internal(e.to_string())))?;
             upload = Some(Upload { path, bytes });
             continue;
         }
@@ -288,10 +323,14 @@ async fn read_multipart(service: &TaskService, mut mp: Multipart) -> Result<(Sub
             .await
             .map_err(|e| bad(format!("field `{name}`: {}", e.body_text())))?;
         let value = match name.as_str() {
-            "limits" => serde_json::from_str(&text).map_err(|e| bad(format!("field `limits` is not JSON: {e}")))?,
+            "limits" => serde_json::from_str(&text)
+                .map_err(|e| bad(format!("field `limits` is not JSON: {e}")))?,
             "open_pr" => json!(matches!(text.trim(), "true" | "on" | "1" | "yes")),
             "max_steps" | "max_tokens" | "wall_seconds" => {
-                let n: u64 = text.trim().parse().map_err(|_| bad(format!("field `{name}` is not a number")))?;
+                let n: u64 = text
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(format!("field `{name}` is not a number")))?;
                 let limits = fields.entry("limits").or_insert_with(|| json!({}));
                 limits[name.as_str()] = json!(n);
                 continue;
@@ -300,14 +339,16 @@ async fn read_multipart(service: &TaskService, mut mp: Multipart) -> Result<(Sub
         };
         fields.insert(name, value);
     }
-    let body: SubmitBody = serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| {
-        bad(format!("invalid form fields: {e}"))
-    })?;
+    let body: SubmitBody = serde_json::from_value(serde_json::Value::Object(fields))
+        .map_err(|e| bad(format!("invalid form fields: {e}")))?;
     Ok((body, upload))
 }
 
 fn uuid_suffix() -> String {
-    TaskId::generate().as_str().trim_start_matches("tsk_").to_string()
+    TaskId::generate()
+        .as_str()
+        .trim_start_matches("tsk_")
+        .to_string()
 }
 
 #[derive(Debug, Deserialize)]
@@ -319,7 +360,10 @@ struct ListQuery {
     batch_id: Option<String>,
 }
 
-async fn list(State(service): State<TaskService>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
+async fn list(
+    State(service): State<TaskService>,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
     let status = q
         .status
         .as_deref()
@@ -327,12 +371,13 @@ async fn list(State(service): State<TaskService>, Query(q): Query<ListQuery>) ->
         .map(str::parse::<TaskStatus>)
         .transpose()
         .map_err(|e| ApiError(ServiceError::Invalid(e)))?;
-    let cursor = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
-        Some(c) => Some(
-            ListCursor::decode(c).ok_or_else(|| ApiError(ServiceError::BadRequest(format!("invalid cursor `{c}`"))))?,
-        ),
-        None => None,
-    };
+    let cursor =
+        match q.cursor.as_deref().filter(|c| !c.is_empty()) {
+            Some(c) => Some(ListCursor::decode(c).ok_or_else(|| {
+                ApiError(ServiceError::BadRequest(format!("invalid cursor `{c}`")))
+            })?),
+            None => None,
+        };
     let filter = ListFilter {
         status,
         tenant: q.tenant,
@@ -345,29 +390,59 @@ async fn list(State(service): State<TaskService>, Query(q): Query<ListQuery>) ->
     Ok(Json(json!({"tasks": tasks, "next_cursor": next})).into_response())
 }
 
-async fn get_task(State(service): State<TaskService>, Path(id): Path<String>) -> Result<Json<TaskView>, ApiError> {
+async fn get_task(
+    State(service): State<TaskService>,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
     let id = parse_id(&id)?;
     let r = service.get(&id).await?;
     Ok(Json(view(&service, r)))
 }
 
-async fn result_file(service: &TaskService, id: &str, file: &str, content_type: &str) -> Result<Response, ApiError> {
+async fn result_file(
+    service: &TaskService,
+    id: &str,
+    file: &str,
+    content_type: &str,
+) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
     let (reader, size) = service.open_result(&id, file).await?;
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(reader));
-    Ok(([(header::CONTENT_TYPE, content_type.to_string()), (header::CONTENT_LENGTH, size.to_string())], body).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type.to_string()),
+            (header::CONTENT_LENGTH, size.to_string()),
+        ],
+        body,
+    )
+        .into_response())
 }
 
-async fn diff(State(service): State<TaskService>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn diff(
+    State(service): State<TaskService>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     result_file(&service, &id, layout::DIFF, "text/x-diff; charset=utf-8").await
 }
 
-async fn transcript(State(service): State<TaskService>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn transcript(
+    State(service): State<TaskService>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     result_file(&service, &id, layout::TRANSCRIPT, "application/x-ndjson").await
 }
 
-async fn agent_log(State(service): State<TaskService>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    result_file(&service, &id, layout::AGENT_LOG, "text/plain; charset=utf-8").await
+async fn agent_log(
+    State(service): State<TaskService>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    result_file(
+        &service,
+        &id,
+        layout::AGENT_LOG,
+        "text/plain; charset=utf-8",
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -394,7 +469,9 @@ async fn events(
         .or(q.after)
         .unwrap_or(0);
     if !wants_stream {
-        let events = service.events(&id, last_seen, q.limit.unwrap_or(500)).await?;
+        let events = service
+            .events(&id, last_seen, q.limit.unwrap_or(500))
+            .await?;
         return Ok(Json(json!({"task_id": id, "events": events})).into_response());
     }
     service.get(&id).await?;
@@ -405,13 +482,19 @@ async fn events(
 
 /// Follows a task's history until it ends: every event once, in order, each with its
 /// sequence number as the SSE id so a reconnecting client resumes where it stopped.
-fn event_stream(service: TaskService, id: TaskId, mut after: i64) -> impl Stream<Item = Result<Event, Infallible>> {
+fn event_stream(
+    service: TaskService,
+    id: TaskId,
+    mut after: i64,
+) -> impl Stream<Item = Result<Event, Infallible>> {
     async_stream(move |tx| async move {
         loop {
             let batch = match service.events(&id, after, 500).await {
                 Ok(b) => b,
                 Err(e) => {
-                    let _ = tx.send(Event::default().event("error").data(e.to_string())).await;
+                    let _ = tx
+                        .send(Event::default().event("error").data(e.to_string()))
+                        .await;
                     return;
                 }
             };
@@ -420,7 +503,10 @@ fn event_stream(service: TaskService, id: TaskId, mut after: i64) -> impl Stream
                 after = ev.seq;
                 ended |= ev.status.is_some_and(|s| s.is_terminal());
                 let data = serde_json::to_string(&ev).unwrap_or_default();
-                let event = Event::default().id(ev.seq.to_string()).event(ev.kind.as_str()).data(data);
+                let event = Event::default()
+                    .id(ev.seq.to_string())
+                    .event(ev.kind.as_str())
+                    .data(data);
                 if tx.send(event).await.is_err() {
                     return;
                 }
@@ -450,15 +536,24 @@ struct CancelBody {
     reason: String,
 }
 
-async fn cancel(State(service): State<TaskService>, Path(id): Path<String>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+async fn cancel(
+    State(service): State<TaskService>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let body: CancelBody = if body.is_empty() {
         CancelBody::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError(ServiceError::BadRequest(format!("invalid JSON body: {e}"))))?
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError(ServiceError::BadRequest(format!("invalid JSON body: {e}"))))?
     };
     let r = service.cancel(&id, &body.reason).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({"task_id": r.task_id, "status": r.status, "message": "cancel requested"}))).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"task_id": r.task_id, "status": r.status, "message": "cancel requested"})),
+    )
+        .into_response())
 }
 
 async fn healthz(State(service): State<TaskService>) -> Response {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use patchflow_core::{TaskEvent, TaskId, TaskRecord, TaskSource, TaskSpec, TaskStatus, layout};
 use patchflow_platform::db::{Inserted, ListCursor, ListFilter};
 use patchflow_platform::objectstore::ObjectReader;
-use patchflow_platform::{ObjectStore, TaskStore};
+use patchflow_platform::{ObjectStore, TaskStore, archive};
 use patchflow_workflows::{CodeTask, CodeTaskInput, WorkflowSettings};
 use temporalio_client::errors::{WorkflowInteractionError, WorkflowStartError};
 use temporalio_client::{
@@ -21,6 +21,9 @@ pub struct ServiceConfig {
     pub task_queue: String,
     pub allow_local_sources: bool,
     pub max_upload_bytes: u64,
+    /// Limits a ZIP must meet before it is accepted (checked again when unpacked).
+    pub max_archive_entries: u64,
+    pub max_unpacked_bytes: u64,
     pub settings: WorkflowSettings,
     /// Base of links to a workflow in the Temporal Web UI (`…/namespaces/NS/workflows`).
     pub workflow_ui_base: Option<String>,
@@ -69,7 +72,11 @@ impl TaskService {
 
     /// Validates, stores and starts a task. With an idempotency key, a repeat returns the
     /// first submission's task and starts nothing new.
-    pub async fn submit(&self, mut spec: TaskSpec, upload: Option<Upload>) -> Result<SubmitOutcome, ServiceError> {
+    pub async fn submit(
+        &self,
+        mut spec: TaskSpec,
+        upload: Option<Upload>,
+    ) -> Result<SubmitOutcome, ServiceError> {
         let result = self.submit_inner(&mut spec, upload.as_ref()).await;
         if let Some(u) = upload {
             let _ = tokio::fs::remove_file(&u.path).await;
@@ -77,41 +84,75 @@ impl TaskService {
         result
     }
 
-    async fn submit_inner(&self, spec: &mut TaskSpec, upload: Option<&Upload>) -> Result<SubmitOutcome, ServiceError> {
+    async fn submit_inner(
+        &self,
+        spec: &mut TaskSpec,
+        upload: Option<&Upload>,
+    ) -> Result<SubmitOutcome, ServiceError> {
         let task_id = match &spec.idempotency_key {
             Some(k) => TaskId::from_idempotency_key(&spec.tenant, k),
             None => TaskId::generate(),
         };
         if let Some(u) = upload {
             if u.bytes > self.config.max_upload_bytes {
-                return Err(ServiceError::TooLarge { limit: self.config.max_upload_bytes });
+                return Err(ServiceError::TooLarge {
+                    limit: self.config.max_upload_bytes,
+                });
             }
             spec.source = TaskSource::Archive {
                 key: layout::upload_key(&task_id),
             };
         }
         spec.validate(self.config.allow_local_sources)?;
+        if let Some(u) = upload {
+            // Refuse a hostile or oversized ZIP now, before it is stored or a task exists.
+            let (path, entries, bytes) = (
+                u.path.clone(),
+                self.config.max_archive_entries,
+                self.config.max_unpacked_bytes,
+            );
+            tokio::task::spawn_blocking(move || archive::inspect_zip(&path, entries, bytes))
+                .await
+                .map_err(|e| ServiceError::Internal(e.to_string()))?
+                .map_err(|m| ServiceError::BadRequest(format!("zip_file: {m}")))?;
+        }
 
         if let Some(existing) = self.store.get(&task_id).await? {
             // A repeat. If the first attempt stopped before its workflow started, finish it.
             if existing.status == TaskStatus::Pending {
                 self.start_workflow(&task_id, &existing.spec).await?;
-                return Ok(SubmitOutcome { record: self.get(&task_id).await?, created: false });
+                return Ok(SubmitOutcome {
+                    record: self.get(&task_id).await?,
+                    created: false,
+                });
             }
-            return Ok(SubmitOutcome { record: existing, created: false });
+            return Ok(SubmitOutcome {
+                record: existing,
+                created: false,
+            });
         }
         if let Some(u) = upload {
-            self.objects.put_file(&layout::upload_key(&task_id), &u.path).await?;
+            self.objects
+                .put_file(&layout::upload_key(&task_id), &u.path)
+                .await?;
         }
         let record = match self.store.insert(&task_id, spec).await? {
             Inserted::Created(r) => r,
             // Another gateway won the race for this key: its task is the task.
-            Inserted::Existing(r) => return Ok(SubmitOutcome { record: r, created: false }),
+            Inserted::Existing(r) => {
+                return Ok(SubmitOutcome {
+                    record: r,
+                    created: false,
+                });
+            }
         };
         if let Err(e) = self.start_workflow(&task_id, &record.spec).await {
             if spec.idempotency_key.is_none() {
                 // Nobody can resume this one by resubmitting: say what happened.
-                let _ = self.store.set_status(&task_id, TaskStatus::Failed, &e.to_string()).await;
+                let _ = self
+                    .store
+                    .set_status(&task_id, TaskStatus::Failed, &e.to_string())
+                    .await;
             }
             return Err(e);
         }
@@ -129,11 +170,16 @@ impl TaskService {
         };
         // Same id twice never runs twice: a running duplicate is joined, a finished one is
         // refused (and the stored record already answers for it).
-        let options = WorkflowStartOptions::new(self.config.task_queue.clone(), task_id.to_string())
-            .id_conflict_policy(WorkflowIdConflictPolicy::UseExisting)
-            .id_reuse_policy(WorkflowIdReusePolicy::RejectDuplicate)
-            .build();
-        match self.temporal.start_workflow(CodeTask::run, input, options).await {
+        let options =
+            WorkflowStartOptions::new(self.config.task_queue.clone(), task_id.to_string())
+                .id_conflict_policy(WorkflowIdConflictPolicy::UseExisting)
+                .id_reuse_policy(WorkflowIdReusePolicy::RejectDuplicate)
+                .build();
+        match self
+            .temporal
+            .start_workflow(CodeTask::run, input, options)
+            .await
+        {
             Ok(_) | Err(WorkflowStartError::AlreadyStarted { .. }) => {}
             Err(e) => {
                 return Err(ServiceError::Unavailable(format!(
@@ -155,7 +201,10 @@ impl TaskService {
     }
 
     /// Newest first; returns the page and the cursor of the next one.
-    pub async fn list(&self, mut filter: ListFilter) -> Result<(Vec<TaskRecord>, Option<String>), ServiceError> {
+    pub async fn list(
+        &self,
+        mut filter: ListFilter,
+    ) -> Result<(Vec<TaskRecord>, Option<String>), ServiceError> {
         filter.limit = filter.limit.clamp(1, 200);
         let page = self.store.list(&filter).await?;
         let next = (page.len() == filter.limit as usize)
@@ -174,36 +223,66 @@ impl TaskService {
                 status: record.status,
             });
         }
-        let handle = self.temporal.get_workflow_handle::<CodeTask>(task_id.to_string());
-        let reason = if reason.trim().is_empty() { "cancelled by request" } else { reason };
+        let handle = self
+            .temporal
+            .get_workflow_handle::<CodeTask>(task_id.to_string());
+        let reason = if reason.trim().is_empty() {
+            "cancelled by request"
+        } else {
+            reason
+        };
         handle
-            .signal(CodeTask::cancel, reason.to_string(), WorkflowSignalOptions::default())
+            .signal(
+                CodeTask::cancel,
+                reason.to_string(),
+                WorkflowSignalOptions::default(),
+            )
             .await
             .map_err(|e| match e {
                 WorkflowInteractionError::NotFound(_) => ServiceError::Finished {
                     task: task_id.clone(),
                     status: record.status,
                 },
-                other => ServiceError::Unavailable(format!("cannot signal task {task_id}: {other}")),
+                other => {
+                    ServiceError::Unavailable(format!("cannot signal task {task_id}: {other}"))
+                }
             })?;
         self.get(task_id).await
     }
 
-    pub async fn events(&self, task_id: &TaskId, after: i64, limit: u32) -> Result<Vec<TaskEvent>, ServiceError> {
+    pub async fn events(
+        &self,
+        task_id: &TaskId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<TaskEvent>, ServiceError> {
         // 404 for unknown tasks rather than an empty list.
         self.get(task_id).await?;
-        Ok(self.store.events(task_id, after, limit.clamp(1, 1000)).await?)
+        Ok(self
+            .store
+            .events(task_id, after, limit.clamp(1, 1000))
+            .await?)
     }
 
     /// A result file of a task, streamed from the object store.
-    pub async fn open_result(&self, task_id: &TaskId, file: &str) -> Result<(ObjectReader, u64), ServiceError> {
+    pub async fn open_result(
+        &self,
+        task_id: &TaskId,
+        file: &str,
+    ) -> Result<(ObjectReader, u64), ServiceError> {
         let record = self.get(task_id).await?;
-        match self.objects.open_read(&layout::result_key(task_id, file)).await {
+        match self
+            .objects
+            .open_read(&layout::result_key(task_id, file))
+            .await
+        {
             Ok(r) => Ok(r),
-            Err(patchflow_platform::ObjectError::NotFound(_)) => Err(ServiceError::NotReady(format!(
-                "{file} of task {task_id} is not available (status {})",
-                record.status
-            ))),
+            Err(patchflow_platform::ObjectError::NotFound(_)) => {
+                Err(ServiceError::NotReady(format!(
+                    "{file} of task {task_id} is not available (status {})",
+                    record.status
+                )))
+            }
             Err(e) => Err(e.into()),
         }
     }

@@ -5,7 +5,9 @@ mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use patchflow_core::{AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus};
+use patchflow_core::{
+    AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus,
+};
 use thiserror::Error;
 
 pub use sqlite::SqliteTaskStore;
@@ -47,7 +49,9 @@ pub enum StatusChange {
     Applied,
     /// The move was not allowed from the current status (an out-of-order or repeated write);
     /// the record is unchanged.
-    Ignored { current: TaskStatus },
+    Ignored {
+        current: TaskStatus,
+    },
 }
 
 /// Which tasks to list, newest first.
@@ -108,7 +112,8 @@ pub trait TaskStore: Send + Sync + 'static {
         message: &str,
     ) -> Result<StatusChange, StoreError>;
 
-    async fn set_summary(&self, task_id: &TaskId, summary: &AgentSummary) -> Result<(), StoreError>;
+    async fn set_summary(&self, task_id: &TaskId, summary: &AgentSummary)
+    -> Result<(), StoreError>;
 
     /// Appends a progress line to the task's history; returns its sequence number.
     async fn append_event(

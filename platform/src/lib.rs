@@ -7,6 +7,7 @@
 //! Callers pick an implementation from a URL with [`db::open`] and [`objectstore::open`],
 //! so configuration alone selects the back-end.
 
+pub mod archive;
 pub mod db;
 pub mod objectstore;
 pub mod process;

@@ -72,7 +72,9 @@ pub fn validate_key(key: &str) -> Result<(), ObjectError> {
     let ok = !key.is_empty()
         && key.len() <= 1024
         && !key.starts_with('/')
-        && key.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+        && key
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
         && key
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b));
@@ -98,7 +100,16 @@ mod tests {
     #[test]
     fn keys_cannot_escape() {
         assert!(validate_key("results/tsk_1/diff.patch").is_ok());
-        for bad in ["", "/etc/passwd", "a/../b", "a//b", "a/./b", "a b", "..", "results/"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a/../b",
+            "a//b",
+            "a/./b",
+            "a b",
+            "..",
+            "results/",
+        ] {
             assert!(validate_key(bad).is_err(), "{bad}");
         }
     }

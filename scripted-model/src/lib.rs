@@ -25,8 +25,14 @@ use serde_json::{Value, json};
 
 /// The tools and parameter names a request must declare (DESIGN.md's contract).
 pub const CONTRACT_TOOLS: [(&str, &[&str]); 7] = [
-    ("run_shell_command", &["command_string", "target_directory", "timeout_seconds"]),
-    ("read_file_content", &["file_path", "start_line", "end_line"]),
+    (
+        "run_shell_command",
+        &["command_string", "target_directory", "timeout_seconds"],
+    ),
+    (
+        "read_file_content",
+        &["file_path", "start_line", "end_line"],
+    ),
     ("edit_file_content", &["file_path", "old_text", "new_text"]),
     ("search_code", &["pattern", "path_glob", "max_results"]),
     ("web_search_doc_and_reference", &["query", "max_results"]),
@@ -60,6 +66,9 @@ pub struct Turn {
     pub tool_calls: Vec<ScriptedCall>,
     #[serde(default)]
     pub content: Option<String>,
+    /// Wait this long before answering this turn (on top of the script's `delay_ms`).
+    #[serde(default)]
+    pub delay_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -212,13 +221,14 @@ async fn chat(State(shared): State<Arc<Mutex<Shared>>>, body: String) -> Respons
         {
             s.failed += 1;
             s.observed.failed_on_purpose += 1;
-            let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let status =
+                StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return error(status, &f.message, "server_error");
         }
         match answer_for(&s.script, &body) {
-            Ok(a) => {
+            Ok((a, turn_delay)) => {
                 s.observed.answered += 1;
-                (a, delay)
+                (a, delay + turn_delay)
             }
             Err(msg) => {
                 let msg = format!("scripted model: {msg}");
@@ -234,8 +244,9 @@ async fn chat(State(shared): State<Arc<Mutex<Shared>>>, body: String) -> Respons
     Json(answer).into_response()
 }
 
-/// Checks a request against the script and builds the answer for its turn.
-pub fn answer_for(script: &Script, body: &Value) -> Result<Value, String> {
+/// Checks a request against the script and builds the answer for its turn, with the
+/// turn's own delay in milliseconds.
+pub fn answer_for(script: &Script, body: &Value) -> Result<(Value, u64), String> {
     let model = body["model"].as_str().unwrap_or_default();
     if let Some(want) = &script.model
         && model != want
@@ -243,7 +254,9 @@ pub fn answer_for(script: &Script, body: &Value) -> Result<Value, String> {
         return Err(format!("expected model `{want}`, got `{model}`"));
     }
     check_tools(&body["tools"])?;
-    let messages = body["messages"].as_array().ok_or("request has no messages")?;
+    let messages = body["messages"]
+        .as_array()
+        .ok_or("request has no messages")?;
     // Every tool call the assistant made must be answered by a tool message.
     let mut pending: Vec<String> = Vec::new();
     let mut last_results = String::new();
@@ -252,7 +265,9 @@ pub fn answer_for(script: &Script, body: &Value) -> Result<Value, String> {
         match m["role"].as_str().unwrap_or_default() {
             "assistant" => {
                 if !pending.is_empty() {
-                    return Err(format!("tool calls {pending:?} have no results before the next assistant turn"));
+                    return Err(format!(
+                        "tool calls {pending:?} have no results before the next assistant turn"
+                    ));
                 }
                 turn += 1;
                 last_results.clear();
@@ -310,7 +325,7 @@ pub fn answer_for(script: &Script, body: &Value) -> Result<Value, String> {
     if !calls.is_empty() {
         message["tool_calls"] = Value::Array(calls);
     }
-    Ok(json!({
+    let answer = json!({
         "id": format!("chatcmpl-scripted-{}", turn + 1),
         "object": "chat.completion",
         "created": 0,
@@ -325,7 +340,8 @@ pub fn answer_for(script: &Script, body: &Value) -> Result<Value, String> {
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         },
-    }))
+    });
+    Ok((answer, t.delay_ms))
 }
 
 fn check_tools(tools: &Value) -> Result<(), String> {
@@ -374,29 +390,58 @@ mod tests {
     fn picks_the_turn_from_the_conversation_and_checks_results() {
         let s = script();
         let first = json!({"model":"m","tools":tools(),"messages":[{"role":"user","content":"x"}]});
-        let a = answer_for(&s, &first).unwrap();
-        assert_eq!(a["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "read_file_content");
+        let a = answer_for(&s, &first).unwrap().0;
+        assert_eq!(
+            a["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+            "read_file_content"
+        );
         let call = a["choices"][0]["message"].clone();
         let second = json!({"model":"m","tools":tools(),"messages":[
             {"role":"user","content":"x"}, call.clone(),
             {"role":"tool","tool_call_id":"call_1_1","content":"hello world"}]});
-        assert_eq!(answer_for(&s, &second).unwrap()["choices"][0]["message"]["content"], "done");
+        assert_eq!(
+            answer_for(&s, &second).unwrap().0["choices"][0]["message"]["content"],
+            "done"
+        );
         let missing = json!({"model":"m","tools":tools(),"messages":[{"role":"user","content":"x"}, call.clone()]});
-        assert!(answer_for(&s, &missing).unwrap_err().contains("have no results"));
+        assert!(
+            answer_for(&s, &missing)
+                .unwrap_err()
+                .contains("have no results")
+        );
         let wrong = json!({"model":"m","tools":tools(),"messages":[
             {"role":"user","content":"x"}, call,
             {"role":"tool","tool_call_id":"call_1_1","content":"bye"}]});
-        assert!(answer_for(&s, &wrong).unwrap_err().contains("expected the tool results to contain"));
+        assert!(
+            answer_for(&s, &wrong)
+                .unwrap_err()
+                .contains("expected the tool results to contain")
+        );
         let bad_model = json!({"model":"other","tools":tools(),"messages":[]});
-        assert!(answer_for(&s, &bad_model).unwrap_err().contains("expected model"));
+        assert!(
+            answer_for(&s, &bad_model)
+                .unwrap_err()
+                .contains("expected model")
+        );
         let no_tools = json!({"model":"m","tools":[],"messages":[]});
         assert!(answer_for(&s, &no_tools).unwrap_err().contains("missing"));
     }
 
     #[test]
     fn a_request_past_the_script_is_a_violation() {
-        let s = Script { turns: vec![Turn { content: Some("x".into()), ..Turn::default() }], ..Script::default() };
-        let body = json!({"model":"m","tools":tools(),"messages":[{"role":"assistant","content":"x"}]});
-        assert!(answer_for(&s, &body).unwrap_err().contains("unexpected request"));
+        let s = Script {
+            turns: vec![Turn {
+                content: Some("x".into()),
+                ..Turn::default()
+            }],
+            ..Script::default()
+        };
+        let body =
+            json!({"model":"m","tools":tools(),"messages":[{"role":"assistant","content":"x"}]});
+        assert!(
+            answer_for(&s, &body)
+                .unwrap_err()
+                .contains("unexpected request")
+        );
     }
 }

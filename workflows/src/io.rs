@@ -20,7 +20,7 @@ impl Default for WorkflowSettings {
     fn default() -> Self {
         Self {
             activity_max_attempts: 3,
-            heartbeat_timeout_secs: 30,
+            heartbeat_timeout_secs: 10,
             retry_initial_interval_ms: 1000,
         }
     }

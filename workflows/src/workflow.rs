@@ -58,45 +58,59 @@ impl CodeTask {
         let settings = input.settings.clone();
         let spec = input.spec.clone();
 
-        Self::record(ctx, &task_id, TaskStatus::DownloadingCode, &format!(
-            "fetching {}",
-            spec.source.display_name()
-        ))
+        Self::record(
+            ctx,
+            &task_id,
+            TaskStatus::DownloadingCode,
+            &format!("fetching {}", spec.source.display_name()),
+        )
         .await?;
         let fetch = FetchInput {
             task_id: task_id.clone(),
             source: spec.source.clone(),
         };
-        let fetched = match Self::step(ctx, Steps::fetch_code, fetch, io_options(&settings, 600)).await {
-            Step::Done(v) => v,
-            other => return Self::end_early(ctx, &task_id, other.map_none()).await,
-        };
+        let fetched =
+            match Self::step(ctx, Steps::fetch_code, fetch, io_options(&settings, 600)).await {
+                Step::Done(v) => v,
+                other => return Self::end_early(ctx, &task_id, other.map_none()).await,
+            };
 
-        Self::record(ctx, &task_id, TaskStatus::StagingCode, &format!(
-            "staging {} files ({} bytes){}",
-            fetched.files,
-            fetched.bytes,
-            fetched
-                .commit
-                .as_deref()
-                .map(|c| format!(" at commit {c}"))
-                .unwrap_or_default()
-        ))
+        Self::record(
+            ctx,
+            &task_id,
+            TaskStatus::StagingCode,
+            &format!(
+                "staging {} files ({} bytes){}",
+                fetched.files,
+                fetched.bytes,
+                fetched
+                    .commit
+                    .as_deref()
+                    .map(|c| format!(" at commit {c}"))
+                    .unwrap_or_default()
+            ),
+        )
         .await?;
         let stage = StageInput {
             task_id: task_id.clone(),
             source: spec.source.clone(),
             tree_dir: fetched.tree_dir.clone(),
         };
-        let staged = match Self::step(ctx, Steps::stage_code, stage, io_options(&settings, 600)).await {
-            Step::Done(v) => v,
-            other => return Self::end_early(ctx, &task_id, other.map_none()).await,
-        };
+        let staged =
+            match Self::step(ctx, Steps::stage_code, stage, io_options(&settings, 600)).await {
+                Step::Done(v) => v,
+                other => return Self::end_early(ctx, &task_id, other.map_none()).await,
+            };
 
-        Self::record(ctx, &task_id, TaskStatus::RunningAgent, &format!(
-            "running the agent on {} ({} bytes staged)",
-            staged.key, staged.archive_bytes
-        ))
+        Self::record(
+            ctx,
+            &task_id,
+            TaskStatus::RunningAgent,
+            &format!(
+                "running the agent on {} ({} bytes staged)",
+                staged.key, staged.archive_bytes
+            ),
+        )
         .await?;
         let run = RunAgentInput {
             task_id: task_id.clone(),
@@ -114,21 +128,32 @@ impl CodeTask {
             other => return Self::end_early(ctx, &task_id, other.map_none()).await,
         };
 
-        Self::record(ctx, &task_id, TaskStatus::UploadingResults, &format!(
-            "publishing results ({} after {} steps)",
-            summary.outcome.describe(),
-            summary.steps
-        ))
+        Self::record(
+            ctx,
+            &task_id,
+            TaskStatus::UploadingResults,
+            &format!(
+                "publishing results ({} after {} steps)",
+                summary.outcome.describe(),
+                summary.steps
+            ),
+        )
         .await?;
         let publish = PublishInput {
             task_id: task_id.clone(),
             summary: summary.clone(),
         };
-        let published =
-            match Self::step(ctx, Steps::publish_result, publish, io_options(&settings, 120)).await {
-                Step::Done(v) => v,
-                other => return Self::end_early(ctx, &task_id, other.map_none()).await,
-            };
+        let published = match Self::step(
+            ctx,
+            Steps::publish_result,
+            publish,
+            io_options(&settings, 120),
+        )
+        .await
+        {
+            Step::Done(v) => v,
+            other => return Self::end_early(ctx, &task_id, other.map_none()).await,
+        };
         ctx.state_mut(|s| {
             s.status = Some(published.status);
             s.message = published.message.clone();
@@ -136,10 +161,12 @@ impl CodeTask {
         if published.status == TaskStatus::Failed {
             // The run ended (limits, model errors) and its results are stored; the workflow
             // fails too so the Temporal UI shows it and offers Reset.
-            return Err(temporalio_sdk::ApplicationFailure::non_retryable(
-                std::io::Error::other(published.message),
-            )
-            .into());
+            return Err(
+                temporalio_sdk::ApplicationFailure::non_retryable(std::io::Error::other(
+                    published.message,
+                ))
+                .into(),
+            );
         }
         Ok(CodeTaskOutput {
             status: published.status,
@@ -234,7 +261,8 @@ impl CodeTask {
             // cancelled, so this write does not inherit the workflow's cancellation.
             .cancellation_token(WorkflowCancellationToken::new())
             .build();
-        ctx.execute_activity(Steps::record_status, update, opts).await?;
+        ctx.execute_activity(Steps::record_status, update, opts)
+            .await?;
         Ok(())
     }
 
@@ -251,7 +279,12 @@ impl CodeTask {
             }
             Step::Failed(message) => {
                 Self::record(ctx, task_id, TaskStatus::Failed, &message).await?;
-                Err(temporalio_sdk::ApplicationFailure::non_retryable(std::io::Error::other(message)).into())
+                Err(
+                    temporalio_sdk::ApplicationFailure::non_retryable(std::io::Error::other(
+                        message,
+                    ))
+                    .into(),
+                )
             }
             Step::Done(()) => Err(temporalio_sdk::ApplicationFailure::non_retryable(
                 std::io::Error::other("internal: end_early called on a finished step"),
@@ -279,7 +312,9 @@ fn cancel_reason(ctx: &WorkflowContext<CodeTask>) -> String {
 
 fn retry_policy(settings: &WorkflowSettings) -> RetryPolicy {
     RetryPolicy::builder()
-        .initial_interval(Duration::from_millis(settings.retry_initial_interval_ms.max(1)))
+        .initial_interval(Duration::from_millis(
+            settings.retry_initial_interval_ms.max(1),
+        ))
         .maximum_interval(Duration::from_secs(60))
         .maximum_attempts(settings.activity_max_attempts.max(1))
         .non_retryable_error_types(NON_RETRYABLE)

@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 use super::{AgentRunner, RunnerError};
-use crate::stage;
+use patchflow_platform::archive;
 
 /// Extra time past the task's wall budget before the runner kills an agent that did not
 /// stop itself.
@@ -47,13 +47,22 @@ impl LocalRunner {
     fn environment(&self, scratch: &Path) -> Vec<(String, String)> {
         let c = &self.config;
         let mut env = vec![
-            ("PATH".to_string(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())),
+            (
+                "PATH".to_string(),
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+            ),
             ("LANG".to_string(), "C.UTF-8".to_string()),
             ("HOME".to_string(), scratch.display().to_string()),
             ("TMPDIR".to_string(), scratch.display().to_string()),
             ("PATCHFLOW_MODEL".to_string(), c.model.clone()),
-            ("PATCHFLOW_LLM_MAX_RETRIES".to_string(), c.llm_max_retries.to_string()),
-            ("PATCHFLOW_LLM_RETRY_BACKOFF_MS".to_string(), c.llm_retry_backoff_ms.to_string()),
+            (
+                "PATCHFLOW_LLM_MAX_RETRIES".to_string(),
+                c.llm_max_retries.to_string(),
+            ),
+            (
+                "PATCHFLOW_LLM_RETRY_BACKOFF_MS".to_string(),
+                c.llm_retry_backoff_ms.to_string(),
+            ),
         ];
         if let Some(u) = &c.openai_base_url {
             env.push(("OPENAI_BASE_URL".into(), u.clone()));
@@ -68,11 +77,17 @@ impl LocalRunner {
     }
 }
 
-async fn upload_results(objects: &dyn ObjectStore, task: &TaskId, out: &Path) -> Result<(), RunnerError> {
+async fn upload_results(
+    objects: &dyn ObjectStore,
+    task: &TaskId,
+    out: &Path,
+) -> Result<(), RunnerError> {
     for file in layout::RESULT_FILES {
         let path = out.join(file);
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-            objects.put_file(&layout::result_key(task, file), &path).await?;
+            objects
+                .put_file(&layout::result_key(task, file), &path)
+                .await?;
         }
     }
     Ok(())
@@ -99,32 +114,42 @@ impl AgentRunner for LocalRunner {
         if work.exists() {
             tokio::fs::remove_dir_all(work).await?;
         }
-        let (workspace, out, scratch) = (work.join("workspace"), work.join("out"), work.join("tmp"));
+        let (workspace, out, scratch) =
+            (work.join("workspace"), work.join("out"), work.join("tmp"));
         for d in [&workspace, &out, &scratch] {
             tokio::fs::create_dir_all(d).await?;
         }
         let baseline = work.join("code.tar.zst");
-        objects.get_to_file(&layout::staged_key(task), &baseline).await?;
+        objects
+            .get_to_file(&layout::staged_key(task), &baseline)
+            .await?;
         {
             let (b, w) = (baseline.clone(), workspace.clone());
-            tokio::task::spawn_blocking(move || stage::unpack(&b, &w))
+            tokio::task::spawn_blocking(move || archive::unpack_tar_zst(&b, &w))
                 .await
                 .map_err(|e| RunnerError::Failed(e.to_string()))??;
         }
         let spec_path = work.join("task.json");
-        let spec_json = serde_json::to_vec(spec).map_err(|e| RunnerError::BadInput(e.to_string()))?;
+        let spec_json =
+            serde_json::to_vec(spec).map_err(|e| RunnerError::BadInput(e.to_string()))?;
         tokio::fs::write(&spec_path, spec_json).await?;
         let log_path = out.join(layout::AGENT_LOG);
         let log = std::fs::File::create(&log_path)?;
 
         let mut cmd = Command::new(&self.config.program);
         cmd.arg("agent")
-            .arg("--task").arg(&spec_path)
-            .arg("--workspace").arg(&workspace)
-            .arg("--baseline").arg(&baseline)
-            .arg("--out").arg(&out)
-            .arg("--scratch").arg(&scratch)
-            .arg("--task-id").arg(task.as_str())
+            .arg("--task")
+            .arg(&spec_path)
+            .arg("--workspace")
+            .arg(&workspace)
+            .arg("--baseline")
+            .arg(&baseline)
+            .arg("--out")
+            .arg(&out)
+            .arg("--scratch")
+            .arg(&scratch)
+            .arg("--task-id")
+            .arg(task.as_str())
             .current_dir(&workspace)
             .env_clear()
             .envs(self.environment(&scratch))
@@ -134,9 +159,12 @@ impl AgentRunner for LocalRunner {
             .process_group(0)
             .kill_on_drop(true);
         die_with_parent(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| RunnerError::Failed(format!("cannot start the agent ({}): {e}", self.config.program.display())))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            RunnerError::Failed(format!(
+                "cannot start the agent ({}): {e}",
+                self.config.program.display()
+            ))
+        })?;
         tracing::info!(task_id = %task, pid = child.id(), workspace = %workspace.display(), "agent started");
         let stdout = child.stdout.take();
         let relay = tokio::spawn(async move {
@@ -171,12 +199,16 @@ impl AgentRunner for LocalRunner {
         upload_results(objects, task, &out).await?;
         let summary_path = out.join(layout::SUMMARY);
         let summary = match tokio::fs::read(&summary_path).await {
-            Ok(bytes) => serde_json::from_slice::<AgentSummary>(&bytes)
-                .map_err(|e| RunnerError::Failed(format!("the agent wrote an unreadable summary: {e}")))?,
+            Ok(bytes) => serde_json::from_slice::<AgentSummary>(&bytes).map_err(|e| {
+                RunnerError::Failed(format!("the agent wrote an unreadable summary: {e}"))
+            })?,
             Err(_) => {
                 let how = match status {
                     Some(s) => format!("exited with {s}"),
-                    None => format!("ran past its wall time ({} s) and was killed", spec.limits.wall_seconds),
+                    None => format!(
+                        "ran past its wall time ({} s) and was killed",
+                        spec.limits.wall_seconds
+                    ),
                 };
                 return Err(RunnerError::Failed(format!(
                     "the agent {how} without a summary; last log lines: {}",

@@ -16,7 +16,6 @@ use serde_json::{Value, json};
 pub use native::NativeTools;
 pub use shell::ShellEnv;
 
-
 /// A tool failure, shown to the model as `{"error": message}`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -180,7 +179,15 @@ pub fn schemas() -> Vec<(&'static str, &'static str, Value)> {
 }
 
 /// Parses a tool's JSON arguments into its parameter struct, with an error the model can read.
-pub fn parse_args<T: serde::de::DeserializeOwned>(tool: &str, arguments: &str) -> Result<T, ToolError> {
-    let text = if arguments.trim().is_empty() { "{}" } else { arguments };
-    serde_json::from_str(text).map_err(|e| ToolError::new(format!("invalid arguments for {tool}: {e}")))
+pub fn parse_args<T: serde::de::DeserializeOwned>(
+    tool: &str,
+    arguments: &str,
+) -> Result<T, ToolError> {
+    let text = if arguments.trim().is_empty() {
+        "{}"
+    } else {
+        arguments
+    };
+    serde_json::from_str(text)
+        .map_err(|e| ToolError::new(format!("invalid arguments for {tool}: {e}")))
 }

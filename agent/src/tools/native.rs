@@ -51,7 +51,9 @@ impl NativeTools {
             )));
         }
         if end < start && total > 0 {
-            return Err(ToolError::new(format!("end_line {end} is before start_line {start}")));
+            return Err(ToolError::new(format!(
+                "end_line {end} is before start_line {start}"
+            )));
         }
         let mut content = String::new();
         let mut last = start.saturating_sub(1);
@@ -84,7 +86,9 @@ impl NativeTools {
         let path = self.ws.resolve(&args.file_path)?;
         if args.old_text.is_empty() {
             if path.exists() {
-                let empty = std::fs::metadata(&path).map(|m| m.len() == 0).unwrap_or(false);
+                let empty = std::fs::metadata(&path)
+                    .map(|m| m.len() == 0)
+                    .unwrap_or(false);
                 if !empty {
                     return Err(ToolError::new(format!(
                         "`{}` already exists; give old_text to change it",
@@ -93,8 +97,12 @@ impl NativeTools {
                 }
             }
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| ToolError::new(format!("cannot create directories for `{}`: {e}", args.file_path)))?;
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    ToolError::new(format!(
+                        "cannot create directories for `{}`: {e}",
+                        args.file_path
+                    ))
+                })?;
             }
             std::fs::write(&path, &args.new_text)
                 .map_err(|e| ToolError::new(format!("cannot write `{}`: {e}", args.file_path)))?;
@@ -114,9 +122,13 @@ impl NativeTools {
             ))),
             1 => {
                 let updated = text.replacen(&args.old_text, &args.new_text, 1);
-                std::fs::write(&path, &updated)
-                    .map_err(|e| ToolError::new(format!("cannot write `{}`: {e}", args.file_path)))?;
-                let at = text.find(&args.old_text).map(|i| text[..i].lines().count() + 1).unwrap_or(1);
+                std::fs::write(&path, &updated).map_err(|e| {
+                    ToolError::new(format!("cannot write `{}`: {e}", args.file_path))
+                })?;
+                let at = text
+                    .find(&args.old_text)
+                    .map(|i| text[..i].lines().count() + 1)
+                    .unwrap_or(1);
                 Ok(json!({
                     "file_path": args.file_path,
                     "created": false,
@@ -148,7 +160,8 @@ fn read_text_file(path: &std::path::Path, shown: &str) -> Result<String, ToolErr
             meta.len()
         )));
     }
-    let bytes = std::fs::read(path).map_err(|e| ToolError::new(format!("cannot read `{shown}`: {e}")))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| ToolError::new(format!("cannot read `{shown}`: {e}")))?;
     if bytes.iter().take(8192).any(|&b| b == 0) {
         return Err(ToolError::new(format!("`{shown}` is a binary file")));
     }
@@ -178,14 +191,22 @@ impl ToolDispatch for NativeTools {
             RUN_SHELL_COMMAND => match parse_args::<ShellArgs>(name, arguments) {
                 Ok(a) => {
                     let budget = self.deadline.saturating_duration_since(Instant::now());
-                    shell::run(&self.ws, &self.shell_env, a, budget.max(Duration::from_secs(1))).await
+                    shell::run(
+                        &self.ws,
+                        &self.shell_env,
+                        a,
+                        budget.max(Duration::from_secs(1)),
+                    )
+                    .await
                 }
                 Err(e) => Err(e),
             },
             READ_FILE_CONTENT => parse_args(name, arguments).and_then(|a| self.read_file(a)),
             EDIT_FILE_CONTENT => parse_args(name, arguments).and_then(|a| self.edit_file(a)),
-            SEARCH_CODE => parse_args::<SearchArgs>(name, arguments).and_then(|a| search::search_code(&self.ws, a)),
-            WEB_SEARCH => parse_args::<DocSearchArgs>(name, arguments).and_then(|a| search::search_docs(&self.ws, a)),
+            SEARCH_CODE => parse_args::<SearchArgs>(name, arguments)
+                .and_then(|a| search::search_code(&self.ws, a)),
+            WEB_SEARCH => parse_args::<DocSearchArgs>(name, arguments)
+                .and_then(|a| search::search_docs(&self.ws, a)),
             CALL_API => Err(ToolError::new(
                 "call_api: no API hosts are allowed by this task's policy",
             )),
@@ -197,7 +218,10 @@ impl ToolDispatch for NativeTools {
         // A shell result carries its own error field when it timed out; it is still a
         // result the model should read, but it did not succeed.
         match result {
-            Ok(v) if v.get("error").is_some() => ToolOutput { ok: false, value: v },
+            Ok(v) if v.get("error").is_some() => ToolOutput {
+                ok: false,
+                value: v,
+            },
             r => r.into(),
         }
     }
@@ -219,43 +243,103 @@ mod tests {
     #[tokio::test]
     async fn edit_refuses_missing_and_ambiguous_matches() {
         let (dir, t) = tools();
-        let out = t.call(EDIT_FILE_CONTENT, r#"{"file_path":"a.py","old_text":"= 1","new_text":"= 2"}"#).await;
+        let out = t
+            .call(
+                EDIT_FILE_CONTENT,
+                r#"{"file_path":"a.py","old_text":"= 1","new_text":"= 2"}"#,
+            )
+            .await;
         assert!(!out.ok);
-        assert!(out.value["error"].as_str().unwrap().contains("matches 2 places"));
-        let out = t.call(EDIT_FILE_CONTENT, r#"{"file_path":"a.py","old_text":"z","new_text":"w"}"#).await;
+        assert!(
+            out.value["error"]
+                .as_str()
+                .unwrap()
+                .contains("matches 2 places")
+        );
+        let out = t
+            .call(
+                EDIT_FILE_CONTENT,
+                r#"{"file_path":"a.py","old_text":"z","new_text":"w"}"#,
+            )
+            .await;
         assert!(out.value["error"].as_str().unwrap().contains("not found"));
-        assert_eq!(std::fs::read_to_string(dir.path().join("a.py")).unwrap(), "x = 1\ny = 1\n");
-        let out = t.call(EDIT_FILE_CONTENT, r#"{"file_path":"a.py","old_text":"y = 1","new_text":"y = 2"}"#).await;
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("a.py")).unwrap(),
+            "x = 1\ny = 1\n"
+        );
+        let out = t
+            .call(
+                EDIT_FILE_CONTENT,
+                r#"{"file_path":"a.py","old_text":"y = 1","new_text":"y = 2"}"#,
+            )
+            .await;
         assert!(out.ok, "{:?}", out);
-        assert_eq!(std::fs::read_to_string(dir.path().join("a.py")).unwrap(), "x = 1\ny = 2\n");
-        let out = t.call(EDIT_FILE_CONTENT, r#"{"file_path":"new/b.py","old_text":"","new_text":"b\n"}"#).await;
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("a.py")).unwrap(),
+            "x = 1\ny = 2\n"
+        );
+        let out = t
+            .call(
+                EDIT_FILE_CONTENT,
+                r#"{"file_path":"new/b.py","old_text":"","new_text":"b\n"}"#,
+            )
+            .await;
         assert_eq!(out.value["created"], true);
-        assert_eq!(std::fs::read_to_string(dir.path().join("new/b.py")).unwrap(), "b\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("new/b.py")).unwrap(),
+            "b\n"
+        );
     }
 
     #[tokio::test]
     async fn read_ranges_and_refusals() {
         let (_dir, t) = tools();
-        let out = t.call(READ_FILE_CONTENT, r#"{"file_path":"a.py","start_line":2}"#).await;
+        let out = t
+            .call(READ_FILE_CONTENT, r#"{"file_path":"a.py","start_line":2}"#)
+            .await;
         assert_eq!(out.value["content"], "y = 1\n");
         assert_eq!(out.value["total_lines"], 2);
-        let out = t.call(READ_FILE_CONTENT, r#"{"file_path":"/etc/passwd"}"#).await;
-        assert!(out.value["error"].as_str().unwrap().contains("absolute path"));
+        let out = t
+            .call(READ_FILE_CONTENT, r#"{"file_path":"/etc/passwd"}"#)
+            .await;
+        assert!(
+            out.value["error"]
+                .as_str()
+                .unwrap()
+                .contains("absolute path")
+        );
         let out = t.call(READ_FILE_CONTENT, r#"{"path":"a.py"}"#).await;
-        assert!(out.value["error"].as_str().unwrap().contains("invalid arguments for read_file_content"));
+        assert!(
+            out.value["error"]
+                .as_str()
+                .unwrap()
+                .contains("invalid arguments for read_file_content")
+        );
     }
 
     #[tokio::test]
     async fn shell_reports_exit_and_hides_secrets() {
         // SAFETY of the test: nothing else in this process reads this variable.
         let (_dir, t) = tools();
-        let out = t.call(RUN_SHELL_COMMAND, r#"{"command_string":"echo hi; echo oops >&2; exit 3"}"#).await;
+        let out = t
+            .call(
+                RUN_SHELL_COMMAND,
+                r#"{"command_string":"echo hi; echo oops >&2; exit 3"}"#,
+            )
+            .await;
         assert_eq!(out.value["exit_code"], 3);
         assert_eq!(out.value["stdout"], "hi\n");
         assert_eq!(out.value["stderr"], "oops\n");
-        let out = t.call(RUN_SHELL_COMMAND, r#"{"command_string":"env"}"#).await;
+        let out = t
+            .call(RUN_SHELL_COMMAND, r#"{"command_string":"env"}"#)
+            .await;
         assert!(!out.value["stdout"].as_str().unwrap().contains("OPENAI"));
-        let out = t.call(RUN_SHELL_COMMAND, r#"{"command_string":"sleep 30","timeout_seconds":1}"#).await;
+        let out = t
+            .call(
+                RUN_SHELL_COMMAND,
+                r#"{"command_string":"sleep 30","timeout_seconds":1}"#,
+            )
+            .await;
         assert!(!out.ok);
         assert_eq!(out.value["timed_out"], true);
     }

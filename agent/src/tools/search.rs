@@ -83,7 +83,10 @@ pub fn search_code(ws: &Workspace, args: SearchArgs) -> Result<Value, ToolError>
         ),
         _ => None,
     };
-    let limit = args.max_results.unwrap_or(DEFAULT_MAX_RESULTS).clamp(1, MAX_RESULTS);
+    let limit = args
+        .max_results
+        .unwrap_or(DEFAULT_MAX_RESULTS)
+        .clamp(1, MAX_RESULTS);
     let mut matches = Vec::new();
     let mut files_searched = 0u64;
     let mut truncated = false;
@@ -93,7 +96,9 @@ pub fn search_code(ws: &Workspace, args: SearchArgs) -> Result<Value, ToolError>
         {
             continue;
         }
-        let Some(text) = read_text(&path) else { continue };
+        let Some(text) = read_text(&path) else {
+            continue;
+        };
         files_searched += 1;
         for (i, line) in text.lines().enumerate() {
             if re.is_match(line) {
@@ -129,14 +134,18 @@ pub fn search_docs(ws: &Workspace, args: DocSearchArgs) -> Result<Value, ToolErr
     let mut hits: Vec<(usize, String, usize, String)> = Vec::new();
     for (rel, path) in text_files(ws) {
         let lower = rel.to_lowercase();
-        let is_doc = [".md", ".rst", ".txt", ".adoc"].iter().any(|e| lower.ends_with(e))
+        let is_doc = [".md", ".rst", ".txt", ".adoc"]
+            .iter()
+            .any(|e| lower.ends_with(e))
             || lower.starts_with("docs/")
             || lower.starts_with("doc/")
             || lower.contains("readme");
         if !is_doc {
             continue;
         }
-        let Some(text) = read_text(&path) else { continue };
+        let Some(text) = read_text(&path) else {
+            continue;
+        };
         for (i, line) in text.lines().enumerate() {
             let l = line.to_lowercase();
             let score = words.iter().filter(|w| l.contains(w.as_str())).count();

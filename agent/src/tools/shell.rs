@@ -46,8 +46,8 @@ impl ShellEnv {
             .map(PathBuf::from)
             .find(|p| p.exists())
             .unwrap_or_else(|| PathBuf::from("sh"));
-        let path = std::env::var("PATH")
-            .unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_string());
+        let path =
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_string());
         let scratch = scratch.display().to_string();
         Self {
             shell,
@@ -66,16 +66,26 @@ impl ShellEnv {
     }
 }
 
-pub async fn run(ws: &Workspace, env: &ShellEnv, args: ShellArgs, budget: Duration) -> Result<Value, ToolError> {
+pub async fn run(
+    ws: &Workspace,
+    env: &ShellEnv,
+    args: ShellArgs,
+    budget: Duration,
+) -> Result<Value, ToolError> {
     if args.command_string.trim().is_empty() {
         return Err(ToolError::new("command_string is empty"));
     }
     let dir_rel = args.target_directory.as_deref().unwrap_or(".");
     let dir = ws.resolve(if dir_rel.is_empty() { "." } else { dir_rel })?;
     if !dir.is_dir() {
-        return Err(ToolError::new(format!("target_directory `{dir_rel}` is not a directory")));
+        return Err(ToolError::new(format!(
+            "target_directory `{dir_rel}` is not a directory"
+        )));
     }
-    let requested = args.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECS).clamp(1, MAX_TIMEOUT_SECS);
+    let requested = args
+        .timeout_seconds
+        .unwrap_or(DEFAULT_TIMEOUT_SECS)
+        .clamp(1, MAX_TIMEOUT_SECS);
     let timeout = Duration::from_secs(requested).min(budget.max(Duration::from_secs(1)));
 
     let mut cmd = Command::new(&env.shell);
@@ -113,8 +123,16 @@ pub async fn run(ws: &Workspace, env: &ShellEnv, args: ShellArgs, budget: Durati
         None => child.wait().await.ok(),
     };
     let grace = Duration::from_secs(2);
-    let stdout = tokio::time::timeout(grace, out_task).await.ok().and_then(|r| r.ok()).unwrap_or_default();
-    let stderr = tokio::time::timeout(grace, err_task).await.ok().and_then(|r| r.ok()).unwrap_or_default();
+    let stdout = tokio::time::timeout(grace, out_task)
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
+    let stderr = tokio::time::timeout(grace, err_task)
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
     let (stdout, cut_out) = head_tail(&stdout, MAX_BYTES, MAX_LINES);
     let (stderr, cut_err) = head_tail(&stderr, MAX_BYTES, MAX_LINES);
     let (exit_code, signal) = match status {
@@ -133,7 +151,10 @@ pub async fn run(ws: &Workspace, env: &ShellEnv, args: ShellArgs, budget: Durati
         "duration_ms": started.elapsed().as_millis() as u64,
     });
     if timed_out {
-        v["error"] = json!(format!("command timed out after {} s and was killed", timeout.as_secs()));
+        v["error"] = json!(format!(
+            "command timed out after {} s and was killed",
+            timeout.as_secs()
+        ));
     } else if let Some(sig) = signal {
         v["signal"] = json!(sig);
     }

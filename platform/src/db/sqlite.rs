@@ -9,7 +9,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use patchflow_core::{
     AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus,
 };
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{AssertSqlSafe, Row, SqlitePool};
 
 use super::{Inserted, ListFilter, StatusChange, StoreError, TaskStore};
@@ -126,8 +128,7 @@ fn record_of(row: &SqliteRow) -> Result<TaskRecord, StoreError> {
 impl TaskStore for SqliteTaskStore {
     async fn insert(&self, task_id: &TaskId, spec: &TaskSpec) -> Result<Inserted, StoreError> {
         let now = now_ms();
-        let spec_json =
-            serde_json::to_string(spec).map_err(|e| corrupt(task_id.as_str(), e))?;
+        let spec_json = serde_json::to_string(spec).map_err(|e| corrupt(task_id.as_str(), e))?;
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "INSERT INTO tasks (task_id, tenant, idempotency_key, batch_id, status, message, spec, created_at, updated_at)
@@ -155,7 +156,10 @@ impl TaskStore for SqliteTaskStore {
             )
             .await?;
             tx.commit().await?;
-            let rec = self.get(task_id).await?.ok_or_else(|| StoreError::NotFound(task_id.clone()))?;
+            let rec = self
+                .get(task_id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(task_id.clone()))?;
             return Ok(Inserted::Created(rec));
         }
         tx.rollback().await?;
@@ -175,10 +179,12 @@ impl TaskStore for SqliteTaskStore {
     }
 
     async fn get(&self, task_id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(format!("SELECT {COLUMNS} FROM tasks WHERE task_id = ?")))
-            .bind(task_id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM tasks WHERE task_id = ?"
+        )))
+        .bind(task_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(record_of).transpose()
     }
 
@@ -209,9 +215,15 @@ impl TaskStore for SqliteTaskStore {
             q = q.bind(b);
         }
         if let Some(c) = &filter.cursor {
-            q = q.bind(c.created_at_ms).bind(c.created_at_ms).bind(&c.task_id);
+            q = q
+                .bind(c.created_at_ms)
+                .bind(c.created_at_ms)
+                .bind(&c.task_id);
         }
-        let rows = q.bind(i64::from(filter.limit.max(1))).fetch_all(&self.pool).await?;
+        let rows = q
+            .bind(i64::from(filter.limit.max(1)))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(record_of).collect()
     }
 
@@ -251,12 +263,24 @@ impl TaskStore for SqliteTaskStore {
                 .status;
             return Ok(StatusChange::Ignored { current });
         }
-        Self::insert_event(&mut tx, task_id, TaskEventKind::Status, Some(status), message, now).await?;
+        Self::insert_event(
+            &mut tx,
+            task_id,
+            TaskEventKind::Status,
+            Some(status),
+            message,
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(StatusChange::Applied)
     }
 
-    async fn set_summary(&self, task_id: &TaskId, summary: &AgentSummary) -> Result<(), StoreError> {
+    async fn set_summary(
+        &self,
+        task_id: &TaskId,
+        summary: &AgentSummary,
+    ) -> Result<(), StoreError> {
         let json = serde_json::to_string(summary).map_err(|e| corrupt(task_id.as_str(), e))?;
         let done = sqlx::query("UPDATE tasks SET summary = ?, updated_at = ? WHERE task_id = ?")
             .bind(json)

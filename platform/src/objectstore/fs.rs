@@ -14,10 +14,12 @@ pub struct FsObjectStore {
 
 impl FsObjectStore {
     pub async fn open(root: &Path) -> Result<Self, ObjectError> {
-        tokio::fs::create_dir_all(root).await.map_err(|source| ObjectError::Io {
-            key: root.display().to_string(),
-            source,
-        })?;
+        tokio::fs::create_dir_all(root)
+            .await
+            .map_err(|source| ObjectError::Io {
+                key: root.display().to_string(),
+                source,
+            })?;
         Ok(Self {
             root: root.to_path_buf(),
         })
@@ -37,7 +39,9 @@ impl FsObjectStore {
 
     async fn prepare_parent(path: &Path, key: &str) -> Result<(), ObjectError> {
         if let Some(parent) = path.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(|source| io(key, source))?;
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|source| io(key, source))?;
         }
         Ok(())
     }
@@ -66,11 +70,15 @@ impl ObjectStore for FsObjectStore {
         let dest = self.path_of(key)?;
         Self::prepare_parent(&dest, key).await?;
         let tmp = Self::temp_of(&dest);
-        let size = tokio::fs::copy(path, &tmp).await.map_err(|e| ObjectError::Io {
-            key: key.to_string(),
-            source: e,
-        })?;
-        tokio::fs::rename(&tmp, &dest).await.map_err(|e| io(key, e))?;
+        let size = tokio::fs::copy(path, &tmp)
+            .await
+            .map_err(|e| ObjectError::Io {
+                key: key.to_string(),
+                source: e,
+            })?;
+        tokio::fs::rename(&tmp, &dest)
+            .await
+            .map_err(|e| io(key, e))?;
         Ok(size)
     }
 
@@ -78,7 +86,9 @@ impl ObjectStore for FsObjectStore {
         let dest = self.path_of(key)?;
         Self::prepare_parent(&dest, key).await?;
         let tmp = Self::temp_of(&dest);
-        tokio::fs::write(&tmp, bytes).await.map_err(|e| io(key, e))?;
+        tokio::fs::write(&tmp, bytes)
+            .await
+            .map_err(|e| io(key, e))?;
         tokio::fs::rename(&tmp, &dest).await.map_err(|e| io(key, e))
     }
 
@@ -168,16 +178,40 @@ mod tests {
     async fn round_trips_lists_and_deletes() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsObjectStore::open(dir.path()).await.unwrap();
-        store.put_bytes("results/t1/diff.patch", b"d").await.unwrap();
-        store.put_bytes("results/t1/summary.json", b"{}").await.unwrap();
-        store.put_bytes("results/t2/diff.patch", b"x").await.unwrap();
-        assert_eq!(store.get_bytes("results/t1/diff.patch").await.unwrap(), b"d");
-        let keys: Vec<_> = store.list("results/t1/").await.unwrap().into_iter().map(|o| o.key).collect();
+        store
+            .put_bytes("results/t1/diff.patch", b"d")
+            .await
+            .unwrap();
+        store
+            .put_bytes("results/t1/summary.json", b"{}")
+            .await
+            .unwrap();
+        store
+            .put_bytes("results/t2/diff.patch", b"x")
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get_bytes("results/t1/diff.patch").await.unwrap(),
+            b"d"
+        );
+        let keys: Vec<_> = store
+            .list("results/t1/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
         assert_eq!(keys, ["results/t1/diff.patch", "results/t1/summary.json"]);
         assert_eq!(store.delete_prefix("results/t1/").await.unwrap(), 2);
         assert!(!store.exists("results/t1/diff.patch").await.unwrap());
         assert!(store.exists("results/t2/diff.patch").await.unwrap());
-        assert!(matches!(store.get_bytes("results/t1/diff.patch").await, Err(ObjectError::NotFound(_))));
-        assert!(matches!(store.put_bytes("../escape", b"x").await, Err(ObjectError::InvalidKey(_))));
+        assert!(matches!(
+            store.get_bytes("results/t1/diff.patch").await,
+            Err(ObjectError::NotFound(_))
+        ));
+        assert!(matches!(
+            store.put_bytes("../escape", b"x").await,
+            Err(ObjectError::InvalidKey(_))
+        ));
     }
 }

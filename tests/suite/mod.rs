@@ -1,0 +1,4 @@
+mod api;
+mod durability;
+mod e2e;
+mod failures;

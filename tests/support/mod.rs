@@ -1,0 +1,491 @@
+//! Test harness: real processes (`patchflow up`, or a Temporal dev server with separate
+//! `gateway` and `worker` processes), a real git repository, and the scripted model running
+//! in the test process so tests can read what it saw.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use patchflow_core::{TaskEvent, TaskStatus};
+use patchflow_scripted_model::{Script, ScriptedModel};
+use serde_json::Value;
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_patchflow"))
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The demo's script, as the demo runs it.
+pub fn demo_script() -> Script {
+    Script::from_json(
+        &std::fs::read_to_string(repo_root().join("examples/demo-script.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+/// A copy of `examples/demo-repo` committed to a fresh git repository; returns its path.
+pub fn demo_git_repo(dir: &Path) -> PathBuf {
+    let repo = dir.join("demo-repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    for f in ["calc.py", "test_calc.py", "README.md"] {
+        std::fs::copy(repo_root().join("examples/demo-repo").join(f), repo.join(f)).unwrap();
+    }
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["add", "."]);
+    git(&[
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@localhost",
+        "commit",
+        "-qm",
+        "demo",
+    ]);
+    repo
+}
+
+/// A child process in its own group, killed with its group when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let out = std::fs::File::create(&log).unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGKILL to the process only (not its group): a crash, as the durability test needs.
+    pub fn kill9(&mut self) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(self.pid()), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Graceful stop: SIGTERM, then SIGKILL to the group after a grace period.
+    pub fn terminate(&mut self) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(self.pid()), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = killpg(Pid::from_raw(self.pid()), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = killpg(Pid::from_raw(self.pid()), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// Which processes make up a stack.
+pub enum Mode {
+    /// `patchflow up`: gateway, worker and the embedded dev server in one process.
+    Up,
+    /// A harness-started dev server, and `patchflow gateway` + `patchflow worker` apart.
+    Split,
+}
+
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub data_dir: PathBuf,
+    pub base: String,
+    pub model: ScriptedModel,
+    pub temporal_port: u16,
+    pub env: Vec<(String, String)>,
+    pub temporal: Option<Proc>,
+    pub up: Option<Proc>,
+    pub gateway: Option<Proc>,
+    pub workers: Vec<Proc>,
+    pub http: reqwest::Client,
+}
+
+impl Stack {
+    pub async fn start(mode: Mode, script: Script, extra_env: &[(&str, &str)]) -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let model = ScriptedModel::start(script, SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+        let http_port = free_port();
+        let temporal_port = free_port();
+        let mut env: Vec<(String, String)> = vec![
+            ("PATCHFLOW_DATA_DIR".into(), data_dir.display().to_string()),
+            (
+                "PATCHFLOW_HTTP_ADDR".into(),
+                format!("127.0.0.1:{http_port}"),
+            ),
+            ("PATCHFLOW_TEMPORAL_PORT".into(), temporal_port.to_string()),
+            ("PATCHFLOW_TEMPORAL_UI_PORT".into(), free_port().to_string()),
+            ("PATCHFLOW_ALLOW_LOCAL_SOURCES".into(), "true".into()),
+            ("OPENAI_BASE_URL".into(), model.base_url()),
+            ("PATCHFLOW_MODEL".into(), "scripted-test".into()),
+            ("PATCHFLOW_LLM_MAX_RETRIES".into(), "1".into()),
+            ("PATCHFLOW_LLM_RETRY_BACKOFF_MS".into(), "50".into()),
+            ("PATCHFLOW_RETRY_INITIAL_INTERVAL_MS".into(), "200".into()),
+            ("RUST_LOG".into(), "info,temporalio_sdk_core=warn".into()),
+        ];
+        if matches!(mode, Mode::Split) {
+            env.push((
+                "TEMPORAL_ADDRESS".into(),
+                format!("127.0.0.1:{temporal_port}"),
+            ));
+        }
+        for (k, v) in extra_env {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+        let mut stack = Stack {
+            base: format!("http://127.0.0.1:{http_port}"),
+            dir,
+            data_dir,
+            model,
+            temporal_port,
+            env,
+            temporal: None,
+            up: None,
+            gateway: None,
+            workers: Vec::new(),
+            http: reqwest::Client::new(),
+        };
+        match mode {
+            Mode::Up => {
+                stack.up = Some(stack.spawn_patchflow("up", &["up"]));
+            }
+            Mode::Split => {
+                stack.temporal = Some(stack.start_temporal());
+                stack.gateway = Some(stack.spawn_patchflow("gateway", &["gateway"]));
+                stack.start_worker();
+            }
+        }
+        stack.wait_healthy().await;
+        stack
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
+            .env_remove("TEMPORAL_ADDRESS")
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("PATCHFLOW_CONFIG")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd
+    }
+
+    fn spawn_patchflow(&self, name: &str, args: &[&str]) -> Proc {
+        let n = std::fs::read_dir(self.dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let log = self.dir.path().join(format!("{name}-{n}.log"));
+        Proc::spawn(name, self.command(args), log)
+    }
+
+    pub fn start_worker(&mut self) -> usize {
+        let p = self.spawn_patchflow("worker", &["worker"]);
+        self.workers.push(p);
+        self.workers.len() - 1
+    }
+
+    fn start_temporal(&self) -> Proc {
+        let mut cmd = Command::new("temporal");
+        cmd.args([
+            "server",
+            "start-dev",
+            "--headless",
+            "--ip",
+            "127.0.0.1",
+            "--log-level",
+            "error",
+        ])
+        .args(["--port", &self.temporal_port.to_string()]);
+        let p = Proc::spawn("temporal", cmd, self.dir.path().join("temporal.log"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let ok = self
+                .temporal_cli(&[
+                    "operator",
+                    "namespace",
+                    "describe",
+                    "--namespace",
+                    "default",
+                ])
+                .status
+                .success();
+            if ok {
+                return p;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("the Temporal dev server did not start: {}", p.log_text());
+    }
+
+    /// Runs the `temporal` CLI against this stack's server.
+    pub fn temporal_cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new("temporal")
+            .args(args)
+            .args(["--address", &format!("127.0.0.1:{}", self.temporal_port)])
+            .output()
+            .unwrap()
+    }
+
+    /// The workflow history of a task, as the `temporal` CLI shows it (JSON).
+    pub fn history(&self, task_id: &str) -> Value {
+        let out = self.temporal_cli(&[
+            "workflow",
+            "show",
+            "--workflow-id",
+            task_id,
+            "--output",
+            "json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The attempts Temporal recorded for each start of an activity type.
+    pub fn activity_attempts(&self, task_id: &str, activity: &str) -> Vec<u64> {
+        let h = self.history(task_id);
+        let events = h["events"].as_array().cloned().unwrap_or_default();
+        let mut scheduled_ids = Vec::new();
+        for e in &events {
+            let attrs = &e["activityTaskScheduledEventAttributes"];
+            if attrs["activityType"]["name"] == activity {
+                scheduled_ids.push(
+                    e["eventId"]
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| e["eventId"].to_string()),
+                );
+            }
+        }
+        events
+            .iter()
+            .filter_map(|e| {
+                let a = &e["activityTaskStartedEventAttributes"];
+                let sid = a["scheduledEventId"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| a["scheduledEventId"].to_string());
+                scheduled_ids
+                    .contains(&sid)
+                    .then(|| a["attempt"].as_u64().unwrap_or(1))
+            })
+            .collect()
+    }
+
+    async fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/healthz", self.base)).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("the stack did not become healthy:\n{}", self.logs());
+            }
+            for p in self.up.iter().chain(self.gateway.iter()) {
+                if has_exited(p) {
+                    panic!("{} exited during start-up:\n{}", p.name, p.log_text());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every process log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for p in self
+            .up
+            .iter()
+            .chain(self.gateway.iter())
+            .chain(self.workers.iter())
+            .chain(self.temporal.iter())
+        {
+            s.push_str(&format!(
+                "----- {} ({}) -----\n{}\n",
+                p.name,
+                p.log.display(),
+                p.log_text()
+            ));
+        }
+        s
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap_or_default())
+    }
+
+    pub async fn record(&self, id: &str) -> Value {
+        let (status, v) = self.get_json(&format!("/api/tasks/{id}")).await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    /// Waits until the task's status satisfies `done`; panics with the logs on timeout.
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(TaskStatus) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.record(id).await;
+            let status: TaskStatus = serde_json::from_value(r["status"].clone()).unwrap();
+            if done(status) {
+                return r;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "task {id} stuck in {status} ({}):\n{}",
+                    r["message"],
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_terminal(&self, id: &str) -> Value {
+        self.wait_for(id, Duration::from_secs(120), |s| s.is_terminal())
+            .await
+    }
+
+    pub async fn events(&self, id: &str) -> Vec<TaskEvent> {
+        let (status, v) = self.get_json(&format!("/api/tasks/{id}/events")).await;
+        assert_eq!(status, 200, "{v}");
+        serde_json::from_value(v["events"].clone()).unwrap()
+    }
+
+    pub async fn statuses(&self, id: &str) -> Vec<TaskStatus> {
+        self.events(id)
+            .await
+            .into_iter()
+            .filter_map(|e| e.status)
+            .collect()
+    }
+
+    /// Runs a `patchflow` client command against this stack.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().unwrap()
+    }
+}
+
+/// Whether a process is gone (or a zombie), without needing `&mut Child`.
+fn has_exited(p: &Proc) -> bool {
+    let alive = nix::sys::signal::kill(Pid::from_raw(p.pid()), None).is_ok();
+    let zombie = std::fs::read_to_string(format!("/proc/{}/stat", p.pid()))
+        .map(|s| s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+        .unwrap_or(true);
+    !alive || zombie
+}
+
+/// Processes whose command line mentions `needle` (e.g. a task id in an agent's arguments).
+pub fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = stat.split(") ").nth(1).is_some_and(|r| r.starts_with('Z'));
+        if !zombie && String::from_utf8_lossy(&cmdline).contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
