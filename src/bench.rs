@@ -165,7 +165,14 @@ async fn run_agent_once(
         .arrivals
         .first()
         .context("the agent made no model request")?;
-    let gaps = seen.arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+    // The agent's own time per step: from the model's answer being ready to the next
+    // request arriving (parse, run the tool, build and send the next request).
+    let gaps = seen
+        .answered_at
+        .iter()
+        .zip(seen.arrivals.iter().skip(1))
+        .map(|(answered, next)| next.saturating_duration_since(*answered))
+        .collect();
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
     Ok(AgentSample {
         to_first_request: first.saturating_duration_since(started),
@@ -195,7 +202,7 @@ async fn agent(runs: usize, steps: usize) -> anyhow::Result<ExitCode> {
     }
     let read = vec![("read_file_content", json!({"file_path": "ten_kib.txt"})); steps];
     let s = run_agent_once(dir.path(), &baseline, script_of(read)).await?;
-    // The last gap includes the finish turn; drop it with the first (process warm-up).
+    // Drop the first gap (first-use warm-up) and the last (the finish turn).
     let read_gaps: Vec<f64> = s
         .step_gaps
         .iter()

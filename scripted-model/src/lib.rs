@@ -108,8 +108,12 @@ pub struct Observed {
     pub violations: Vec<String>,
     /// Every request body, in arrival order.
     pub bodies: Vec<Value>,
+    /// When each request arrived, and when its answer was ready (benchmarks use the gap
+    /// between an answer and the next request: the client's own time per step).
     #[serde(skip)]
     pub arrivals: Vec<Instant>,
+    #[serde(skip)]
+    pub answered_at: Vec<Instant>,
 }
 
 struct Shared {
@@ -241,7 +245,9 @@ async fn chat(State(shared): State<Arc<Mutex<Shared>>>, body: String) -> Respons
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    Json(answer).into_response()
+    let response = Json(answer).into_response();
+    lock(&shared).observed.answered_at.push(Instant::now());
+    response
 }
 
 /// Checks a request against the script and builds the answer for its turn, with the

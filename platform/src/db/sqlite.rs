@@ -345,3 +345,176 @@ impl TaskStore for SqliteTaskStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{ListCursor, ListFilter};
+    use patchflow_core::{TaskEventKind, TaskSource};
+
+    fn spec(key: Option<&str>) -> TaskSpec {
+        let mut s = TaskSpec::new(
+            TaskSource::Git {
+                url: "https://example.com/r.git".into(),
+                git_ref: None,
+            },
+            "fix",
+        );
+        s.idempotency_key = key.map(str::to_string);
+        s
+    }
+
+    async fn store(dir: &tempfile::TempDir) -> SqliteTaskStore {
+        SqliteTaskStore::open(&format!("sqlite://{}", dir.path().join("t.db").display()))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn migrations_are_idempotent_and_safe_to_race() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("race.db").display());
+        let (a, b) = tokio::join!(SqliteTaskStore::open(&url), SqliteTaskStore::open(&url));
+        let (a, _b) = (a.unwrap(), b.unwrap());
+        let id = TaskId::generate();
+        a.insert(&id, &spec(None)).await.unwrap();
+        // Opening again runs the migrator again: nothing to do, nothing lost.
+        let again = SqliteTaskStore::open(&url).await.unwrap();
+        assert!(again.get(&id).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn idempotency_key_returns_the_first_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir).await;
+        let first = TaskId::generate();
+        assert!(matches!(
+            s.insert(&first, &spec(Some("k"))).await.unwrap(),
+            Inserted::Created(_)
+        ));
+        let second = TaskId::generate();
+        match s.insert(&second, &spec(Some("k"))).await.unwrap() {
+            Inserted::Existing(r) => assert_eq!(r.task_id, first),
+            other => panic!("expected the existing task, got {other:?}"),
+        }
+        assert!(s.get(&second).await.unwrap().is_none(), "no second record");
+    }
+
+    #[tokio::test]
+    async fn status_moves_forward_only_and_every_move_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir).await;
+        let id = TaskId::generate();
+        s.insert(&id, &spec(None)).await.unwrap();
+        assert_eq!(
+            s.set_status(&id, TaskStatus::Queued, "q").await.unwrap(),
+            StatusChange::Applied
+        );
+        assert_eq!(
+            s.set_status(&id, TaskStatus::RunningAgent, "r")
+                .await
+                .unwrap(),
+            StatusChange::Applied
+        );
+        // A late QUEUED write (out of order) changes nothing.
+        assert_eq!(
+            s.set_status(&id, TaskStatus::Queued, "late").await.unwrap(),
+            StatusChange::Ignored {
+                current: TaskStatus::RunningAgent
+            }
+        );
+        s.append_event(&id, TaskEventKind::Agent, "step 1")
+            .await
+            .unwrap();
+        assert_eq!(
+            s.set_status(&id, TaskStatus::Completed, "done")
+                .await
+                .unwrap(),
+            StatusChange::Applied
+        );
+        assert!(matches!(
+            s.set_status(&id, TaskStatus::Failed, "x").await.unwrap(),
+            StatusChange::Ignored { .. }
+        ));
+        let rec = s.get(&id).await.unwrap().unwrap();
+        assert_eq!(
+            (rec.status, rec.message.as_str()),
+            (TaskStatus::Completed, "done")
+        );
+        let events = s.events(&id, 0, 100).await.unwrap();
+        let kinds: Vec<String> = events
+            .iter()
+            .map(|e| {
+                e.status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.message.clone())
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["PENDING", "QUEUED", "RUNNING_AGENT", "step 1", "COMPLETED"]
+        );
+        assert!(
+            events
+                .windows(2)
+                .all(|w| w[0].seq < w[1].seq && w[0].at <= w[1].at)
+        );
+        // Resuming after a sequence number returns only what follows.
+        assert_eq!(s.events(&id, events[2].seq, 100).await.unwrap().len(), 2);
+        assert!(matches!(
+            s.set_status(&TaskId::generate(), TaskStatus::Queued, "x")
+                .await,
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn list_pages_newest_first_with_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir).await;
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            let id = TaskId::generate();
+            s.insert(&id, &spec(None)).await.unwrap();
+            ids.push(id);
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        s.set_status(&ids[1], TaskStatus::Failed, "x")
+            .await
+            .unwrap();
+        let page1 = s
+            .list(&ListFilter {
+                limit: 2,
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            page1.iter().map(|r| &r.task_id).collect::<Vec<_>>(),
+            [&ids[4], &ids[3]]
+        );
+        let cursor = ListCursor::decode(&ListCursor::of(&page1[1]).encode()).unwrap();
+        let page2 = s
+            .list(&ListFilter {
+                limit: 10,
+                cursor: Some(cursor),
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            page2.iter().map(|r| &r.task_id).collect::<Vec<_>>(),
+            [&ids[2], &ids[1], &ids[0]]
+        );
+        let failed = s
+            .list(&ListFilter {
+                limit: 10,
+                status: Some(TaskStatus::Failed),
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].task_id, ids[1]);
+    }
+}
