@@ -114,7 +114,7 @@ impl AgentRun {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(std::io::Error::other)?;
-        let client = Client::with_config(config).with_http_client(http);
+        let client = Client::build(http, config);
 
         let system = SYSTEM_PROMPT.to_string();
         let user = user_prompt(&self.spec);
