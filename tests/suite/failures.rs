@@ -180,9 +180,22 @@ async fn cancel_during_run_agent_stops_the_agent_process() {
     let agents = processes_mentioning(&id);
     assert!(!agents.is_empty(), "no agent process for {id}");
     // The workflow's `status` query answers from the workflow itself.
-    let out = stack.temporal_cli(&["workflow", "query", "--workflow-id", &id, "--type", "status", "--output", "json"]);
+    let out = stack.temporal_cli(&[
+        "workflow",
+        "query",
+        "--workflow-id",
+        &id,
+        "--type",
+        "status",
+        "--output",
+        "json",
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("RUNNING_AGENT"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && text.contains("RUNNING_AGENT"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let (c, b) = stack
         .post_json(

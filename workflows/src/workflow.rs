@@ -6,7 +6,7 @@
 //!        -> COMPLETED | FAILED | CANCELLED
 //! ```
 //!
-//! The workflow writes every transition through the `record_status` activity, so the task
+//! The workflow writes every transition through the `record_status` local activity, so the task
 //! store follows the workflow whatever moved it: a normal run, a retry, or a reset done by
 //! hand in the Temporal Web UI. A `cancel` signal (or a Temporal cancellation) stops the
 //! step in flight; `run_agent` waits until its process is gone before the task is CANCELLED.
@@ -18,9 +18,9 @@ use temporalio_common::data_converters::TemporalDeserializable;
 use temporalio_common::{ActivityDefinition, RetryPolicy};
 use temporalio_macros::{workflow, workflow_methods};
 use temporalio_sdk::{
-    ActivityCancellationType, ActivityExecutionError, ActivityOptions, SyncWorkflowContext,
-    WorkflowCancellationToken, WorkflowContext, WorkflowContextView, WorkflowResult,
-    WorkflowTermination,
+    ActivityCancellationType, ActivityExecutionError, ActivityOptions, LocalActivityOptions,
+    SyncWorkflowContext, WorkflowCancellationToken, WorkflowContext, WorkflowContextView,
+    WorkflowResult, WorkflowTermination,
 };
 
 use crate::io::{
@@ -249,7 +249,10 @@ impl CodeTask {
             status,
             message: message.to_string(),
         };
-        let opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(30))
+        // A local activity: the write runs in the worker that holds the workflow task, with
+        // no extra round trip through the server (seven status writes per task).
+        let opts = LocalActivityOptions::builder()
+            .start_to_close_timeout(Duration::from_secs(30))
             .retry_policy(
                 RetryPolicy::builder()
                     .initial_interval(Duration::from_millis(200))
@@ -261,7 +264,7 @@ impl CodeTask {
             // cancelled, so this write does not inherit the workflow's cancellation.
             .cancellation_token(WorkflowCancellationToken::new())
             .build();
-        ctx.execute_activity(Steps::record_status, update, opts)
+        ctx.execute_local_activity(Steps::record_status, update, opts)
             .await?;
         Ok(())
     }

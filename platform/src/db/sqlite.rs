@@ -5,15 +5,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, TimeZone, Utc};
 use patchflow_core::{
     AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus,
 };
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
-use sqlx::{AssertSqlSafe, Row, SqlitePool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, SqlitePool};
 
+use super::rows::{COLUMNS, corrupt, event_of, now_ms, record_of};
 use super::{Inserted, ListFilter, StatusChange, StoreError, TaskStore};
 
 pub struct SqliteTaskStore {
@@ -21,8 +19,6 @@ pub struct SqliteTaskStore {
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
-
-const COLUMNS: &str = "task_id, tenant, idempotency_key, batch_id, status, message, spec, summary, pr_url, created_at, updated_at";
 
 impl SqliteTaskStore {
     /// Opens (creating if needed) the database at `url` (`sqlite://PATH` or `sqlite::memory:`)
@@ -84,44 +80,6 @@ impl SqliteTaskStore {
         .await?;
         Ok(seq)
     }
-}
-
-fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
-fn time_of(ms: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
-}
-
-fn corrupt(task: &str, reason: impl ToString) -> StoreError {
-    StoreError::Corrupt {
-        task: task.to_string(),
-        reason: reason.to_string(),
-    }
-}
-
-fn record_of(row: &SqliteRow) -> Result<TaskRecord, StoreError> {
-    let id: String = row.try_get("task_id")?;
-    let status: String = row.try_get("status")?;
-    let spec: String = row.try_get("spec")?;
-    let summary: Option<String> = row.try_get("summary")?;
-    Ok(TaskRecord {
-        task_id: id.parse().map_err(|e| corrupt(&id, e))?,
-        status: status.parse().map_err(|e| corrupt(&id, e))?,
-        message: row.try_get("message")?,
-        created_at: time_of(row.try_get("created_at")?),
-        updated_at: time_of(row.try_get("updated_at")?),
-        pr_url: row.try_get("pr_url")?,
-        summary: summary
-            .map(|s| serde_json::from_str::<AgentSummary>(&s))
-            .transpose()
-            .map_err(|e| corrupt(&id, e))?,
-        tenant: row.try_get("tenant")?,
-        batch_id: row.try_get("batch_id")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        spec: serde_json::from_str::<TaskSpec>(&spec).map_err(|e| corrupt(&id, e))?,
-    })
 }
 
 #[async_trait]
@@ -319,24 +277,7 @@ impl TaskStore for SqliteTaskStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|row| {
-                let kind: String = row.try_get("kind")?;
-                let status: Option<String> = row.try_get("status")?;
-                Ok(TaskEvent {
-                    seq: row.try_get("seq")?,
-                    kind: if kind == "status" {
-                        TaskEventKind::Status
-                    } else {
-                        TaskEventKind::Agent
-                    },
-                    status: status
-                        .map(|s| s.parse::<TaskStatus>())
-                        .transpose()
-                        .map_err(|e| corrupt(task_id.as_str(), e))?,
-                    message: row.try_get("message")?,
-                    at: time_of(row.try_get("at")?),
-                })
-            })
+            .map(|row| event_of(task_id.as_str(), row))
             .collect()
     }
 
@@ -348,173 +289,42 @@ impl TaskStore for SqliteTaskStore {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::db::{ListCursor, ListFilter};
-    use patchflow_core::{TaskEventKind, TaskSource};
+    //! The shared task-store behaviour suite ([`crate::db::contract_tests`]) on SQLite.
 
-    fn spec(key: Option<&str>) -> TaskSpec {
-        let mut s = TaskSpec::new(
-            TaskSource::Git {
-                url: "https://example.com/r.git".into(),
-                git_ref: None,
-            },
-            "fix",
-        );
-        s.idempotency_key = key.map(str::to_string);
-        s
-    }
+    use crate::db::contract_tests::{self as contract, with_sqlite};
 
-    async fn store(dir: &tempfile::TempDir) -> SqliteTaskStore {
-        SqliteTaskStore::open(&format!("sqlite://{}", dir.path().join("t.db").display()))
-            .await
-            .unwrap()
+    #[tokio::test]
+    async fn sqlite_migrations_are_idempotent_and_safe_to_race() {
+        with_sqlite(contract::migrations_are_idempotent_and_safe_to_race).await;
     }
 
     #[tokio::test]
-    async fn migrations_are_idempotent_and_safe_to_race() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("race.db").display());
-        let (a, b) = tokio::join!(SqliteTaskStore::open(&url), SqliteTaskStore::open(&url));
-        let (a, _b) = (a.unwrap(), b.unwrap());
-        let id = TaskId::generate();
-        a.insert(&id, &spec(None)).await.unwrap();
-        // Opening again runs the migrator again: nothing to do, nothing lost.
-        let again = SqliteTaskStore::open(&url).await.unwrap();
-        assert!(again.get(&id).await.unwrap().is_some());
+    async fn sqlite_idempotency_key_returns_the_first_task() {
+        with_sqlite(contract::idempotency_key_returns_the_first_task).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_concurrent_inserts_with_one_key_create_one_task() {
+        with_sqlite(contract::concurrent_inserts_with_one_key_create_one_task).await;
     }
 
     #[tokio::test]
-    async fn idempotency_key_returns_the_first_task() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = store(&dir).await;
-        let first = TaskId::generate();
-        assert!(matches!(
-            s.insert(&first, &spec(Some("k"))).await.unwrap(),
-            Inserted::Created(_)
-        ));
-        let second = TaskId::generate();
-        match s.insert(&second, &spec(Some("k"))).await.unwrap() {
-            Inserted::Existing(r) => assert_eq!(r.task_id, first),
-            other => panic!("expected the existing task, got {other:?}"),
-        }
-        assert!(s.get(&second).await.unwrap().is_none(), "no second record");
+    async fn sqlite_status_moves_forward_only_and_every_move_is_recorded() {
+        with_sqlite(contract::status_moves_forward_only_and_every_move_is_recorded).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_events_resume_by_seq_without_gaps_under_concurrent_writers() {
+        with_sqlite(contract::events_resume_by_seq_without_gaps_under_concurrent_writers).await;
     }
 
     #[tokio::test]
-    async fn status_moves_forward_only_and_every_move_is_recorded() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = store(&dir).await;
-        let id = TaskId::generate();
-        s.insert(&id, &spec(None)).await.unwrap();
-        assert_eq!(
-            s.set_status(&id, TaskStatus::Queued, "q").await.unwrap(),
-            StatusChange::Applied
-        );
-        assert_eq!(
-            s.set_status(&id, TaskStatus::RunningAgent, "r")
-                .await
-                .unwrap(),
-            StatusChange::Applied
-        );
-        // A late QUEUED write (out of order) changes nothing.
-        assert_eq!(
-            s.set_status(&id, TaskStatus::Queued, "late").await.unwrap(),
-            StatusChange::Ignored {
-                current: TaskStatus::RunningAgent
-            }
-        );
-        s.append_event(&id, TaskEventKind::Agent, "step 1")
-            .await
-            .unwrap();
-        assert_eq!(
-            s.set_status(&id, TaskStatus::Completed, "done")
-                .await
-                .unwrap(),
-            StatusChange::Applied
-        );
-        assert!(matches!(
-            s.set_status(&id, TaskStatus::Failed, "x").await.unwrap(),
-            StatusChange::Ignored { .. }
-        ));
-        let rec = s.get(&id).await.unwrap().unwrap();
-        assert_eq!(
-            (rec.status, rec.message.as_str()),
-            (TaskStatus::Completed, "done")
-        );
-        let events = s.events(&id, 0, 100).await.unwrap();
-        let kinds: Vec<String> = events
-            .iter()
-            .map(|e| {
-                e.status
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| e.message.clone())
-            })
-            .collect();
-        assert_eq!(
-            kinds,
-            ["PENDING", "QUEUED", "RUNNING_AGENT", "step 1", "COMPLETED"]
-        );
-        assert!(
-            events
-                .windows(2)
-                .all(|w| w[0].seq < w[1].seq && w[0].at <= w[1].at)
-        );
-        // Resuming after a sequence number returns only what follows.
-        assert_eq!(s.events(&id, events[2].seq, 100).await.unwrap().len(), 2);
-        assert!(matches!(
-            s.set_status(&TaskId::generate(), TaskStatus::Queued, "x")
-                .await,
-            Err(StoreError::NotFound(_))
-        ));
+    async fn sqlite_list_pages_newest_first_with_filters() {
+        with_sqlite(contract::list_pages_newest_first_with_filters).await;
     }
 
     #[tokio::test]
-    async fn list_pages_newest_first_with_filters() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = store(&dir).await;
-        let mut ids = Vec::new();
-        for _ in 0..5 {
-            let id = TaskId::generate();
-            s.insert(&id, &spec(None)).await.unwrap();
-            ids.push(id);
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-        s.set_status(&ids[1], TaskStatus::Failed, "x")
-            .await
-            .unwrap();
-        let page1 = s
-            .list(&ListFilter {
-                limit: 2,
-                ..ListFilter::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(
-            page1.iter().map(|r| &r.task_id).collect::<Vec<_>>(),
-            [&ids[4], &ids[3]]
-        );
-        let cursor = ListCursor::decode(&ListCursor::of(&page1[1]).encode()).unwrap();
-        let page2 = s
-            .list(&ListFilter {
-                limit: 10,
-                cursor: Some(cursor),
-                ..ListFilter::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(
-            page2.iter().map(|r| &r.task_id).collect::<Vec<_>>(),
-            [&ids[2], &ids[1], &ids[0]]
-        );
-        let failed = s
-            .list(&ListFilter {
-                limit: 10,
-                status: Some(TaskStatus::Failed),
-                ..ListFilter::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(failed.len(), 1);
-        assert_eq!(failed[0].task_id, ids[1]);
+    async fn sqlite_record_keeps_what_was_stored_and_unknown_tasks_are_refused() {
+        with_sqlite(contract::record_keeps_what_was_stored_and_unknown_tasks_are_refused).await;
     }
 }

@@ -1,0 +1,667 @@
+//! One behaviour suite for every task-store back-end, so SQLite, PostgreSQL and MariaDB are
+//! held to the same contract: each case takes the URL of an empty database and opens it
+//! through [`crate::db::open`], as the binary does.
+//!
+//! The PostgreSQL and MariaDB cases run against real servers (`PATCHFLOW_TEST_POSTGRES_URL`,
+//! default `postgres://postgres@127.0.0.1:5432/test`, and `PATCHFLOW_TEST_MARIADB_URL`,
+//! default `mariadb://root@127.0.0.1:3306/test`; the user must be allowed to create
+//! databases). Tests run in parallel, one process each, so every case gets a database of its
+//! own, created before and dropped after. A server that cannot be reached fails the test
+//! with a message saying so; nothing is skipped.
+
+use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
+use std::panic::AssertUnwindSafe;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
+
+use futures::FutureExt;
+use patchflow_core::{
+    AgentOutcome, AgentSummary, Limits, TaskEventKind, TaskId, TaskSource, TaskSpec, TaskStatus,
+};
+use sqlx::mysql::MySqlConnectOptions;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{AssertSqlSafe, Connection, MySqlConnection, PgConnection};
+
+use super::{Inserted, ListCursor, ListFilter, StatusChange, StoreError, TaskStore};
+
+const POSTGRES_URL_VAR: &str = "PATCHFLOW_TEST_POSTGRES_URL";
+const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const MARIADB_URL_VAR: &str = "PATCHFLOW_TEST_MARIADB_URL";
+const DEFAULT_MARIADB_URL: &str = "mariadb://root@127.0.0.1:3306/test";
+
+/// How long the admin connection may take before the server counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+// ---------------------------------------------------------------------------------------
+// Fresh databases
+// ---------------------------------------------------------------------------------------
+
+/// Runs `case` on a new SQLite file in a temporary directory.
+pub(crate) async fn with_sqlite<F, Fut>(case: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    case(format!(
+        "sqlite://{}",
+        dir.path().join("tasks.db").display()
+    ))
+    .await;
+}
+
+/// Runs `case` on a new database on the PostgreSQL test server, dropped afterwards even if
+/// the case panics.
+pub(crate) async fn with_postgres<F, Fut>(case: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let admin_url = server_url(POSTGRES_URL_VAR, DEFAULT_POSTGRES_URL);
+    let opts = PgConnectOptions::from_str(&admin_url)
+        .unwrap_or_else(|e| panic!("{POSTGRES_URL_VAR}=`{admin_url}` is not a URL: {e}"));
+    let server = format!(
+        "{}@{}:{}",
+        opts.get_username(),
+        opts.get_host(),
+        opts.get_port()
+    );
+    let mut admin = reach(
+        "PostgreSQL",
+        &server,
+        POSTGRES_URL_VAR,
+        PgConnection::connect_with(&opts),
+    )
+    .await;
+    let name = fresh_database_name();
+    sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .unwrap_or_else(|e| panic!("creating test database {name} on PostgreSQL {server}: {e}"));
+    let outcome = AssertUnwindSafe(case(with_database(&admin_url, &name)))
+        .catch_unwind()
+        .await;
+    // FORCE ends the sessions the case's pools may still hold (they close lazily).
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap_or_else(|e| panic!("dropping test database {name} on PostgreSQL {server}: {e}"));
+    admin.close().await.unwrap();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Runs `case` on a new database on the MariaDB test server (URL scheme `mariadb://`, so
+/// the mapping to sqlx's `mysql://` is exercised too), dropped afterwards even if the case
+/// panics.
+pub(crate) async fn with_mariadb<F, Fut>(case: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let admin_url = server_url(MARIADB_URL_VAR, DEFAULT_MARIADB_URL);
+    let opts = MySqlConnectOptions::from_str(&as_mysql_url(&admin_url))
+        .unwrap_or_else(|e| panic!("{MARIADB_URL_VAR}=`{admin_url}` is not a URL: {e}"));
+    let server = format!(
+        "{}@{}:{}",
+        opts.get_username(),
+        opts.get_host(),
+        opts.get_port()
+    );
+    let mut admin = reach(
+        "MariaDB",
+        &server,
+        MARIADB_URL_VAR,
+        MySqlConnection::connect_with(&opts),
+    )
+    .await;
+    let name = fresh_database_name();
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE DATABASE {name} CHARACTER SET utf8mb4"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap_or_else(|e| panic!("creating test database {name} on MariaDB {server}: {e}"));
+    let store_url = with_database(&admin_url, &name);
+    let store_url = match store_url.strip_prefix("mysql://") {
+        Some(rest) => format!("mariadb://{rest}"),
+        None => store_url,
+    };
+    let outcome = AssertUnwindSafe(case(store_url)).catch_unwind().await;
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}")))
+        .execute(&mut admin)
+        .await
+        .unwrap_or_else(|e| panic!("dropping test database {name} on MariaDB {server}: {e}"));
+    admin.close().await.unwrap();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// sqlx knows MariaDB as `mysql://`.
+pub(crate) fn as_mysql_url(url: &str) -> String {
+    match url.strip_prefix("mariadb://") {
+        Some(rest) => format!("mysql://{rest}"),
+        None => url.to_string(),
+    }
+}
+
+fn server_url(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_string())
+}
+
+/// The admin connection, or a failed test that says which server is missing.
+async fn reach<C>(
+    kind: &str,
+    server: &str,
+    var: &str,
+    connect: impl Future<Output = Result<C, sqlx::Error>>,
+) -> C {
+    let unreachable = |why: String| -> ! {
+        panic!(
+            "the {kind} server for the task-store tests is not reachable as {server}: {why}. \
+             Start it, or set {var} to a server where this user may CREATE DATABASE."
+        )
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => unreachable(e.to_string()),
+        Err(_) => unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")),
+    }
+}
+
+/// `pf_` and 24 random hex digits: unique across the parallel test processes.
+fn fresh_database_name() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let random = RandomState::new().hash_one((
+        std::process::id(),
+        SystemTime::now(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+    ));
+    format!("pf_{random:016x}{:08x}", std::process::id())
+}
+
+/// `url` with its path (the database name) replaced by `name`, query string kept.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let (scheme, rest) = base.split_once("://").unwrap();
+    let authority = rest
+        .split_once('/')
+        .map_or(rest, |(authority, _)| authority);
+    match query {
+        Some(query) => format!("{scheme}://{authority}/{name}?{query}"),
+        None => format!("{scheme}://{authority}/{name}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The cases
+// ---------------------------------------------------------------------------------------
+
+fn spec(key: Option<&str>) -> TaskSpec {
+    let mut s = TaskSpec::new(
+        TaskSource::Git {
+            url: "https://example.com/r.git".into(),
+            git_ref: None,
+        },
+        "fix",
+    );
+    s.idempotency_key = key.map(str::to_string);
+    s
+}
+
+async fn open_store(url: &str) -> Arc<dyn TaskStore> {
+    crate::db::open(url)
+        .await
+        .unwrap_or_else(|e| panic!("opening the task store at {url}: {e}"))
+}
+
+/// Two or more processes opening one new database at once all succeed, and opening it
+/// again later migrates nothing and loses nothing.
+pub(crate) async fn migrations_are_idempotent_and_safe_to_race(url: String) {
+    let (a, b, c) = tokio::join!(
+        crate::db::open(&url),
+        crate::db::open(&url),
+        crate::db::open(&url)
+    );
+    let (a, _b, _c) = (a.unwrap(), b.unwrap(), c.unwrap());
+    let id = TaskId::generate();
+    a.insert(&id, &spec(None)).await.unwrap();
+    // Opening again runs the migrator again: nothing to do, nothing lost.
+    let again = open_store(&url).await;
+    assert!(again.get(&id).await.unwrap().is_some());
+    again.ping().await.unwrap();
+}
+
+pub(crate) async fn idempotency_key_returns_the_first_task(url: String) {
+    let s = open_store(&url).await;
+    let first = TaskId::generate();
+    assert!(matches!(
+        s.insert(&first, &spec(Some("k"))).await.unwrap(),
+        Inserted::Created(_)
+    ));
+    let second = TaskId::generate();
+    match s.insert(&second, &spec(Some("k"))).await.unwrap() {
+        Inserted::Existing(r) => assert_eq!(r.task_id, first),
+        other => panic!("expected the existing task, got {other:?}"),
+    }
+    assert!(s.get(&second).await.unwrap().is_none(), "no second record");
+    // The same id again (a retried submission) is the existing task as well.
+    match s.insert(&first, &spec(None)).await.unwrap() {
+        Inserted::Existing(r) => assert_eq!(r.task_id, first),
+        other => panic!("expected the existing task, got {other:?}"),
+    }
+    // The key is per tenant, and tasks without a key never collide.
+    let mut other_tenant = spec(Some("k"));
+    other_tenant.tenant = "other".into();
+    assert!(matches!(
+        s.insert(&TaskId::generate(), &other_tenant).await.unwrap(),
+        Inserted::Created(_)
+    ));
+    for _ in 0..2 {
+        assert!(matches!(
+            s.insert(&TaskId::generate(), &spec(None)).await.unwrap(),
+            Inserted::Created(_)
+        ));
+    }
+    // Keys compare exactly, as on SQLite: a different case is a different key.
+    assert!(matches!(
+        s.insert(&TaskId::generate(), &spec(Some("K")))
+            .await
+            .unwrap(),
+        Inserted::Created(_)
+    ));
+}
+
+/// Gateways racing to submit one idempotency key create exactly one task.
+pub(crate) async fn concurrent_inserts_with_one_key_create_one_task(url: String) {
+    let s = open_store(&url).await;
+    let racers: Vec<_> = (0..6)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.insert(&TaskId::generate(), &spec(Some("same-key")))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for racer in racers {
+        results.push(racer.await.unwrap());
+    }
+    let created: Vec<_> = results
+        .iter()
+        .filter(|r| matches!(r, Inserted::Created(_)))
+        .collect();
+    assert_eq!(created.len(), 1, "{results:?}");
+    let winner = &created[0].record().task_id;
+    assert!(results.iter().all(|r| &r.record().task_id == winner));
+    let all = s
+        .list(&ListFilter {
+            limit: 100,
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(s.events(winner, 0, 100).await.unwrap().len(), 1);
+}
+
+pub(crate) async fn status_moves_forward_only_and_every_move_is_recorded(url: String) {
+    let s = open_store(&url).await;
+    let id = TaskId::generate();
+    s.insert(&id, &spec(None)).await.unwrap();
+    assert_eq!(
+        s.set_status(&id, TaskStatus::Queued, "q").await.unwrap(),
+        StatusChange::Applied
+    );
+    assert_eq!(
+        s.set_status(&id, TaskStatus::RunningAgent, "r")
+            .await
+            .unwrap(),
+        StatusChange::Applied
+    );
+    // A late QUEUED write (out of order) changes nothing.
+    assert_eq!(
+        s.set_status(&id, TaskStatus::Queued, "late").await.unwrap(),
+        StatusChange::Ignored {
+            current: TaskStatus::RunningAgent
+        }
+    );
+    s.append_event(&id, TaskEventKind::Agent, "step 1")
+        .await
+        .unwrap();
+    assert_eq!(
+        s.set_status(&id, TaskStatus::Completed, "done")
+            .await
+            .unwrap(),
+        StatusChange::Applied
+    );
+    assert!(matches!(
+        s.set_status(&id, TaskStatus::Failed, "x").await.unwrap(),
+        StatusChange::Ignored { .. }
+    ));
+    let rec = s.get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.status, rec.message.as_str()),
+        (TaskStatus::Completed, "done")
+    );
+    let events = s.events(&id, 0, 100).await.unwrap();
+    let kinds: Vec<String> = events
+        .iter()
+        .map(|e| {
+            e.status
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| e.message.clone())
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["PENDING", "QUEUED", "RUNNING_AGENT", "step 1", "COMPLETED"]
+    );
+    assert_eq!(
+        events.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [
+            TaskEventKind::Status,
+            TaskEventKind::Status,
+            TaskEventKind::Status,
+            TaskEventKind::Agent,
+            TaskEventKind::Status
+        ]
+    );
+    assert!(
+        events
+            .windows(2)
+            .all(|w| w[0].seq < w[1].seq && w[0].at <= w[1].at)
+    );
+    // Resuming after a sequence number returns only what follows, in pages.
+    assert_eq!(s.events(&id, events[2].seq, 100).await.unwrap().len(), 2);
+    let page = s.events(&id, events[0].seq, 2).await.unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [events[1].seq, events[2].seq]
+    );
+    assert!(matches!(
+        s.set_status(&TaskId::generate(), TaskStatus::Queued, "x")
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+/// A reader following one task's history (`events?after=SEQ`, Server-Sent Events) while
+/// several writers add to it never skips an event: whatever it has seen, everything with a
+/// lower number is already visible.
+pub(crate) async fn events_resume_by_seq_without_gaps_under_concurrent_writers(url: String) {
+    const WRITERS: usize = 4;
+    const EVENTS_PER_WRITER: usize = 25;
+    let s = open_store(&url).await;
+    let id = TaskId::generate();
+    s.insert(&id, &spec(None)).await.unwrap();
+    let mut writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (s, id) = (s.clone(), id.clone());
+            tokio::spawn(async move {
+                for i in 0..EVENTS_PER_WRITER {
+                    s.append_event(&id, TaskEventKind::Agent, &format!("writer {w} event {i}"))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let moves = [
+        TaskStatus::Queued,
+        TaskStatus::DownloadingCode,
+        TaskStatus::StagingCode,
+        TaskStatus::RunningAgent,
+        TaskStatus::UploadingResults,
+    ];
+    writers.push({
+        let (s, id) = (s.clone(), id.clone());
+        tokio::spawn(async move {
+            for status in moves {
+                assert_eq!(
+                    s.set_status(&id, status, "moving").await.unwrap(),
+                    StatusChange::Applied
+                );
+            }
+        })
+    });
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let finished = writers.iter().all(|w| w.is_finished());
+        for e in s.events(&id, after, 1000).await.unwrap() {
+            after = e.seq;
+            seen.push(e.seq);
+        }
+        if finished {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let all: Vec<i64> = s
+        .events(&id, 0, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(all.len(), 1 + WRITERS * EVENTS_PER_WRITER + moves.len());
+    assert_eq!(
+        seen, all,
+        "a reader resuming by seq missed events committed out of order"
+    );
+}
+
+pub(crate) async fn list_pages_newest_first_with_filters(url: String) {
+    let s = open_store(&url).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let id = TaskId::generate();
+        s.insert(&id, &spec(None)).await.unwrap();
+        ids.push(id);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    s.set_status(&ids[1], TaskStatus::Failed, "x")
+        .await
+        .unwrap();
+    let page1 = s
+        .list(&ListFilter {
+            limit: 2,
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        page1.iter().map(|r| &r.task_id).collect::<Vec<_>>(),
+        [&ids[4], &ids[3]]
+    );
+    let cursor = ListCursor::decode(&ListCursor::of(&page1[1]).encode()).unwrap();
+    let page2 = s
+        .list(&ListFilter {
+            limit: 10,
+            cursor: Some(cursor.clone()),
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        page2.iter().map(|r| &r.task_id).collect::<Vec<_>>(),
+        [&ids[2], &ids[1], &ids[0]]
+    );
+    let failed = s
+        .list(&ListFilter {
+            limit: 10,
+            status: Some(TaskStatus::Failed),
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].task_id, ids[1]);
+    // A status filter and a cursor together.
+    let pending_after = s
+        .list(&ListFilter {
+            limit: 10,
+            status: Some(TaskStatus::Pending),
+            cursor: Some(cursor),
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        pending_after.iter().map(|r| &r.task_id).collect::<Vec<_>>(),
+        [&ids[2], &ids[0]]
+    );
+    // Tasks created in the same millisecond are ordered by id, and the cursor splits them.
+    let same_ms = ListCursor {
+        created_at_ms: page1[0].created_at.timestamp_millis(),
+        task_id: format!("{}~", ids[4]),
+    };
+    let from_tie = s
+        .list(&ListFilter {
+            limit: 1,
+            cursor: Some(same_ms),
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(from_tie[0].task_id, ids[4]);
+}
+
+/// Everything a record holds comes back as it was stored (JSON spec and summary, text with
+/// any characters), filters combine, and writes about unknown tasks fail without leaving
+/// anything behind.
+pub(crate) async fn record_keeps_what_was_stored_and_unknown_tasks_are_refused(url: String) {
+    let s = open_store(&url).await;
+    let mut full = spec(Some("key-1"));
+    full.task_description =
+        "Fix «ünïcödé» 🚀, 'single' and \"double\" quotes, a \\ backslash; DROP TABLE tasks; --"
+            .into();
+    full.tenant = "acme".into();
+    full.batch_id = Some("batch-7".into());
+    full.target_file = Some("src/x.py".into());
+    full.model = Some("some-model".into());
+    full.limits = Limits {
+        max_steps: 3,
+        max_tokens: 1_000,
+        wall_seconds: 60,
+    };
+    let id = TaskId::generate();
+    let created = match s.insert(&id, &full).await.unwrap() {
+        Inserted::Created(r) => r,
+        other => panic!("expected a new task, got {other:?}"),
+    };
+    let rec = s.get(&id).await.unwrap().unwrap();
+    assert_eq!(rec.spec, full);
+    assert_eq!(
+        (
+            rec.status,
+            rec.message.as_str(),
+            rec.tenant.as_str(),
+            rec.batch_id.as_deref(),
+            rec.idempotency_key.as_deref(),
+        ),
+        (
+            TaskStatus::Pending,
+            "submitted",
+            "acme",
+            Some("batch-7"),
+            Some("key-1")
+        )
+    );
+    assert_eq!(rec.created_at, created.created_at);
+    assert_eq!(rec.created_at, rec.updated_at);
+    assert_eq!((rec.summary.clone(), rec.pr_url.clone()), (None, None));
+
+    let summary = AgentSummary {
+        outcome: AgentOutcome::Finished,
+        summary: "Changed «x» 🚀".into(),
+        model: "some-model".into(),
+        steps: 4,
+        tool_calls: 7,
+        prompt_tokens: 1_234,
+        completion_tokens: 56,
+        total_tokens: 1_290,
+        wall_ms: 9_876,
+        files_changed: vec!["src/x.py".into(), "README.md".into()],
+        error: Some("none really".into()),
+    };
+    // Writing the same summary twice (a retried activity) succeeds both times.
+    s.set_summary(&id, &summary).await.unwrap();
+    s.set_summary(&id, &summary).await.unwrap();
+    let rec = s.get(&id).await.unwrap().unwrap();
+    assert_eq!(rec.summary, Some(summary.clone()));
+    assert!(rec.updated_at >= rec.created_at);
+
+    let only_it = s
+        .list(&ListFilter {
+            limit: 10,
+            status: Some(TaskStatus::Pending),
+            tenant: Some("acme".into()),
+            batch_id: Some("batch-7".into()),
+            cursor: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(only_it.len(), 1);
+    assert_eq!(only_it[0].task_id, id);
+    for (tenant, batch) in [("acme", "other"), ("other", "batch-7")] {
+        let none = s
+            .list(&ListFilter {
+                limit: 10,
+                tenant: Some(tenant.into()),
+                batch_id: Some(batch.into()),
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        assert!(none.is_empty(), "{tenant}/{batch}: {none:?}");
+    }
+
+    let unknown = TaskId::generate();
+    assert!(matches!(
+        s.set_summary(&unknown, &summary).await,
+        Err(StoreError::NotFound(ref t)) if *t == unknown
+    ));
+    match s
+        .append_event(&unknown, TaskEventKind::Agent, "orphan")
+        .await
+    {
+        Err(StoreError::Database(sqlx::Error::Database(e))) => {
+            assert!(e.is_foreign_key_violation(), "{e}");
+        }
+        other => panic!("expected a foreign-key error, got {other:?}"),
+    }
+    assert!(s.events(&unknown, 0, 10).await.unwrap().is_empty());
+    assert!(s.get(&unknown).await.unwrap().is_none());
+    assert_eq!(s.events(&id, 0, 10).await.unwrap().len(), 1);
+    s.ping().await.unwrap();
+}
+
+#[test]
+fn with_database_replaces_only_the_database_name() {
+    assert_eq!(
+        with_database("postgres://u@h:5432/test?sslmode=disable", "pf_1"),
+        "postgres://u@h:5432/pf_1?sslmode=disable"
+    );
+    assert_eq!(
+        with_database("mysql://root@h", "pf_2"),
+        "mysql://root@h/pf_2"
+    );
+    assert_ne!(fresh_database_name(), fresh_database_name());
+}

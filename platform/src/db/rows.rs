@@ -1,0 +1,86 @@
+//! Turning stored rows into domain records, shared by every back-end so SQLite, PostgreSQL
+//! and MySQL/MariaDB read the same columns the same way: times as Unix milliseconds, the
+//! spec and summary as JSON text, statuses by name, and anything unreadable as
+//! [`StoreError::Corrupt`].
+
+use chrono::{DateTime, TimeZone, Utc};
+use patchflow_core::{AgentSummary, TaskEvent, TaskEventKind, TaskRecord, TaskSpec, TaskStatus};
+use sqlx::{ColumnIndex, Database, Decode, Row, Type};
+
+use super::StoreError;
+
+/// The columns of `tasks` that [`record_of`] reads, in the order the back-ends select them.
+pub(super) const COLUMNS: &str = "task_id, tenant, idempotency_key, batch_id, status, message, spec, summary, pr_url, created_at, updated_at";
+
+pub(super) fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+pub(super) fn time_of(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+pub(super) fn corrupt(task: &str, reason: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        task: task.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// A `tasks` row selected with [`COLUMNS`].
+pub(super) fn record_of<R, DB>(row: &R) -> Result<TaskRecord, StoreError>
+where
+    R: Row<Database = DB>,
+    DB: Database,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, DB> + Type<DB>,
+    for<'r> i64: Decode<'r, DB> + Type<DB>,
+{
+    let id: String = row.try_get("task_id")?;
+    let status: String = row.try_get("status")?;
+    let spec: String = row.try_get("spec")?;
+    let summary: Option<String> = row.try_get("summary")?;
+    Ok(TaskRecord {
+        task_id: id.parse().map_err(|e| corrupt(&id, e))?,
+        status: status.parse().map_err(|e| corrupt(&id, e))?,
+        message: row.try_get("message")?,
+        created_at: time_of(row.try_get("created_at")?),
+        updated_at: time_of(row.try_get("updated_at")?),
+        pr_url: row.try_get("pr_url")?,
+        summary: summary
+            .map(|s| serde_json::from_str::<AgentSummary>(&s))
+            .transpose()
+            .map_err(|e| corrupt(&id, e))?,
+        tenant: row.try_get("tenant")?,
+        batch_id: row.try_get("batch_id")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        spec: serde_json::from_str::<TaskSpec>(&spec).map_err(|e| corrupt(&id, e))?,
+    })
+}
+
+/// A `task_events` row selected as `seq, kind, status, message, at`.
+pub(super) fn event_of<R, DB>(task: &str, row: &R) -> Result<TaskEvent, StoreError>
+where
+    R: Row<Database = DB>,
+    DB: Database,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, DB> + Type<DB>,
+    for<'r> i64: Decode<'r, DB> + Type<DB>,
+{
+    let kind: String = row.try_get("kind")?;
+    let status: Option<String> = row.try_get("status")?;
+    Ok(TaskEvent {
+        seq: row.try_get("seq")?,
+        kind: if kind == "status" {
+            TaskEventKind::Status
+        } else {
+            TaskEventKind::Agent
+        },
+        status: status
+            .map(|s| s.parse::<TaskStatus>())
+            .transpose()
+            .map_err(|e| corrupt(task, e))?,
+        message: row.try_get("message")?,
+        at: time_of(row.try_get("at")?),
+    })
+}
