@@ -50,3 +50,26 @@ ensure_databases() {
     wait_port 3306 30 || { echo "patchflow: MariaDB/MySQL is not reachable on 127.0.0.1:3306 (or set PATCHFLOW_TEST_MARIADB_URL)" >&2; exit 1; }
   fi
 }
+
+# Redis (status cache, idempotency keys, rate limits, live events) and an S3-compatible
+# server for the store tests: moto_server from PyPI (in memory; each test starts its own).
+# No MinIO binary is reachable from these machines, and moto is a complete S3 API in one
+# pip install; s3s-fs would need a build of its own.
+ensure_services() {
+  if [ -z "${PATCHFLOW_TEST_REDIS_URL:-}" ] && ! port_open 6379; then
+    say "starting Redis"
+    command -v redis-server >/dev/null 2>&1 && redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null || true
+    wait_port 6379 30 || { echo "patchflow: Redis is not reachable on 127.0.0.1:6379" >&2; exit 1; }
+  fi
+  if ! command -v moto_server >/dev/null 2>&1; then
+    say "installing moto_server (pip install 'moto[server]')"
+    python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
+    command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+    scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+    export PATH="$scripts:$PATH"
+  fi
+  need moto_server "python3 -m pip install 'moto[server]'"
+  need redis-server "apt-get install redis-server (the outage test runs a private one)"
+  need psql "apt-get install postgresql-client"
+  need mysql "apt-get install mariadb-client"
+}

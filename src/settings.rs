@@ -121,6 +121,18 @@ pub fn describe(config: &Config) -> String {
         redact_url(&config.object_store_url())
     ));
     out.push_str(&format!(
+        "# cache:         {}\n",
+        config
+            .redis_url
+            .as_deref()
+            .map(|u| format!(
+                "Redis {} (keys under `{}:`)",
+                redact_url(u),
+                config.redis_prefix
+            ))
+            .unwrap_or_else(|| "in-process (one machine)".into())
+    ));
+    out.push_str(&format!(
         "# temporal:      {}\n",
         if config.embedded_temporal() {
             format!(

@@ -9,6 +9,7 @@ use patchflow_activities::{Activities, ActivityConfig, LocalRunner, LocalRunnerC
 use patchflow_core::Config;
 use patchflow_core::config::redact_url;
 use patchflow_gateway::{ServiceConfig, TaskService};
+use patchflow_platform::cache::{Hot, HotOptions, RateLimit};
 use patchflow_platform::{ObjectStore, TaskStore};
 use patchflow_workflows::{CodeTask, WorkflowSettings};
 use temporalio_client::Client;
@@ -35,6 +36,7 @@ pub async fn shutdown_signal() {
 pub(crate) struct Stores {
     pub tasks: Arc<dyn TaskStore>,
     pub objects: Arc<dyn ObjectStore>,
+    pub hot: Hot,
 }
 
 pub(crate) async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
@@ -54,7 +56,36 @@ pub(crate) async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                 redact_url(&config.object_store_url())
             )
         })?;
-    Ok(Stores { tasks, objects })
+    let options = HotOptions {
+        rate_limit: RateLimit {
+            capacity: config.submit_rate_capacity.max(1),
+            refill_per_sec: config.submit_rate_per_sec,
+        },
+        ..HotOptions::default()
+    };
+    let hot = Hot::open_with(config.redis_url.as_deref(), &config.redis_prefix, options)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot set up the cache {}",
+                config
+                    .redis_url
+                    .as_deref()
+                    .map(redact_url)
+                    .unwrap_or_default()
+            )
+        })?;
+    tracing::info!(
+        task_store = %redact_url(&config.database_url()),
+        object_store = %objects.describe(),
+        cache = %hot.describe(),
+        "stores open"
+    );
+    Ok(Stores {
+        tasks,
+        objects,
+        hot,
+    })
 }
 
 pub(crate) fn service(config: &Config, stores: &Stores, client: Client) -> TaskService {
@@ -66,6 +97,7 @@ pub(crate) fn service(config: &Config, stores: &Stores, client: Client) -> TaskS
     TaskService::new(
         stores.tasks.clone(),
         stores.objects.clone(),
+        stores.hot.clone(),
         client,
         ServiceConfig {
             task_queue: config.task_queue.clone(),
@@ -74,6 +106,14 @@ pub(crate) fn service(config: &Config, stores: &Stores, client: Client) -> TaskS
             max_archive_entries: config.max_archive_entries,
             max_unpacked_bytes: config.max_unpacked_bytes,
             settings,
+            // An in-process cache would not see the workers' writes: cache only in Redis.
+            status_cache_ttl: config
+                .redis_url
+                .is_some()
+                .then(|| Duration::from_secs(config.status_cache_ttl_secs)),
+            idempotency_ttl: Duration::from_secs(config.idempotency_ttl_secs),
+            rate_limited: config.submit_rate_capacity > 0,
+            presign_expiry: Duration::from_secs(config.presign_expiry_secs),
             workflow_ui_base: config.temporal_ui().map(|ui| {
                 format!(
                     "{}/namespaces/{}/workflows",
@@ -90,6 +130,7 @@ fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activities> {
     Ok(Activities {
         store: stores.tasks.clone(),
         objects: stores.objects.clone(),
+        hot: stores.hot.clone(),
         config: ActivityConfig {
             data_dir: config.data_dir.clone(),
             allow_local_sources: config.allow_local_sources,

@@ -18,7 +18,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use patchflow_core::{AgentEvent, AgentSummary, TaskEventKind, TaskId, TaskStatus, layout};
+use patchflow_core::{
+    AgentEvent, AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskStatus, layout,
+};
+use patchflow_platform::cache::Hot;
 use patchflow_platform::{ObjectStore, StatusChange, TaskStore};
 use patchflow_workflows::io::{
     FetchInput, FetchOutput, PublishInput, PublishOutput, RunAgentInput, StageInput, StageOutput,
@@ -52,8 +55,57 @@ impl ActivityConfig {
 pub struct Activities {
     pub store: Arc<dyn TaskStore>,
     pub objects: Arc<dyn ObjectStore>,
+    /// Live events and the status cache (Redis, or in-process on one machine).
+    pub hot: Hot,
     pub config: ActivityConfig,
     pub runner: Arc<dyn AgentRunner>,
+}
+
+impl Activities {
+    /// Tells live readers about a change the task store just recorded: the event goes to
+    /// the task's stream and the cached status is dropped. The store is the source of
+    /// truth, so a cache outage is logged and otherwise ignored.
+    async fn announce(&self, task: &TaskId, event: TaskEvent) {
+        if let Err(e) = self.hot.events.publish(task, &event).await {
+            tracing::warn!(task_id = %task, error = %e, "cannot publish a live event (readers fall back to the database)");
+        }
+        if event.status.is_some()
+            && let Err(e) = self.hot.status.invalidate(task).await
+        {
+            tracing::warn!(task_id = %task, error = %e, "cannot invalidate the cached status");
+        }
+    }
+
+    async fn record_agent_event(&self, task: &TaskId, event: &AgentEvent) {
+        let message = event.describe();
+        match self
+            .store
+            .append_event(task, TaskEventKind::Agent, &message)
+            .await
+        {
+            Ok(seq) => {
+                let ev = TaskEvent {
+                    seq,
+                    kind: TaskEventKind::Agent,
+                    status: None,
+                    message,
+                    at: chrono::Utc::now(),
+                };
+                self.announce(task, ev).await;
+            }
+            Err(e) => tracing::warn!(task_id = %task, error = %e, "cannot record agent event"),
+        }
+    }
+}
+
+fn status_event(seq: i64, status: TaskStatus, message: &str) -> TaskEvent {
+    TaskEvent {
+        seq,
+        kind: TaskEventKind::Status,
+        status: Some(status),
+        message: message.to_string(),
+        at: chrono::Utc::now(),
+    }
 }
 
 /// A failure that retrying cannot fix.
@@ -84,8 +136,10 @@ impl Activities {
             .set_status(&id, update.status, &update.message)
             .await
         {
-            Ok(StatusChange::Applied) => {
+            Ok(StatusChange::Applied { seq }) => {
                 tracing::info!(task_id = %id, status = %update.status, message = %update.message, "status");
+                self.announce(&id, status_event(seq, update.status, &update.message))
+                    .await;
                 Ok(())
             }
             Ok(StatusChange::Ignored { current }) => {
@@ -148,9 +202,7 @@ impl Activities {
                     if let AgentEvent::ModelRequest { step } = &event {
                         last_step = *step;
                     }
-                    if let Err(e) = self.store.append_event(&id, TaskEventKind::Agent, &event.describe()).await {
-                        tracing::warn!(task_id = %id, error = %e, "cannot record agent event");
-                    }
+                    self.record_agent_event(&id, &event).await;
                     let _ = ctx.record_heartbeat(last_step).await;
                 }
                 _ = tick.tick() => { let _ = ctx.record_heartbeat(last_step).await; }
@@ -223,7 +275,10 @@ impl Activities {
             .await
             .map_err(transient)?
         {
-            StatusChange::Applied => {}
+            StatusChange::Applied { seq } => {
+                self.announce(&id, status_event(seq, status, &message))
+                    .await
+            }
             StatusChange::Ignored { current } => {
                 tracing::warn!(task_id = %id, %current, %status, "final status not applied");
             }

@@ -23,8 +23,24 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Task store; default `sqlite://<data_dir>/patchflow.db`.
     pub database_url: Option<String>,
-    /// Object store; default `file://<data_dir>/objects`.
+    /// Object store; default `file://<data_dir>/objects`, or
+    /// `s3://BUCKET[/PREFIX]?endpoint=URL&region=R&path_style=true` (S3, COS, MinIO).
     pub object_store_url: Option<String>,
+    /// Redis for the status cache, idempotency keys, rate limits and live events
+    /// (`redis://HOST:PORT/DB`); unset: in-process, one machine.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key, so several stacks can share one Redis.
+    pub redis_prefix: String,
+    /// How long a status read may be served from the cache (seconds).
+    pub status_cache_ttl_secs: u64,
+    /// How long an idempotency key is remembered in the cache (the database keeps it for good).
+    pub idempotency_ttl_secs: u64,
+    /// Submissions a tenant may burst (token bucket capacity); 0 turns the limit off.
+    pub submit_rate_capacity: u32,
+    /// Submissions per second a tenant's bucket refills.
+    pub submit_rate_per_sec: f64,
+    /// Lifetime of presigned URLs to result files (seconds).
+    pub presign_expiry_secs: u64,
     /// An external Temporal frontend (`host:port` or URL). Unset: `up` starts the dev server.
     pub temporal_address: Option<String>,
     pub temporal_namespace: String,
@@ -73,6 +89,13 @@ impl Default for Config {
             data_dir: PathBuf::from(".patchflow"),
             database_url: None,
             object_store_url: None,
+            redis_url: None,
+            redis_prefix: "patchflow".into(),
+            status_cache_ttl_secs: 10,
+            idempotency_ttl_secs: 24 * 3600,
+            submit_rate_capacity: 60,
+            submit_rate_per_sec: 5.0,
+            presign_expiry_secs: 3600,
             temporal_address: None,
             temporal_namespace: "default".into(),
             task_queue: "patchflow".into(),
@@ -107,12 +130,19 @@ pub const ENV_ALIASES: [(&str, &str); 3] = [
 
 impl Config {
     /// Every key, in the order `patchflow config` prints them.
-    pub const KEYS: [&'static str; 26] = [
+    pub const KEYS: [&'static str; 33] = [
         "http_addr",
         "grpc_addr",
         "data_dir",
         "database_url",
         "object_store_url",
+        "redis_url",
+        "redis_prefix",
+        "status_cache_ttl_secs",
+        "idempotency_ttl_secs",
+        "submit_rate_capacity",
+        "submit_rate_per_sec",
+        "presign_expiry_secs",
         "temporal_address",
         "temporal_namespace",
         "task_queue",
@@ -191,6 +221,13 @@ impl Config {
             "data_dir" => self.data_dir = PathBuf::from(value),
             "database_url" => self.database_url = opt(value),
             "object_store_url" => self.object_store_url = opt(value),
+            "redis_url" => self.redis_url = opt(value),
+            "redis_prefix" => self.redis_prefix = value.into(),
+            "status_cache_ttl_secs" => self.status_cache_ttl_secs = num(key, value)?,
+            "idempotency_ttl_secs" => self.idempotency_ttl_secs = num(key, value)?,
+            "submit_rate_capacity" => self.submit_rate_capacity = num(key, value)?,
+            "submit_rate_per_sec" => self.submit_rate_per_sec = num(key, value)?,
+            "presign_expiry_secs" => self.presign_expiry_secs = num(key, value)?,
             "temporal_address" => self.temporal_address = opt(value),
             "temporal_namespace" => self.temporal_namespace = value.into(),
             "task_queue" => self.task_queue = value.into(),
@@ -228,6 +265,9 @@ impl Config {
         }
         if self.task_queue.is_empty() {
             return bad("task_queue", "must not be empty");
+        }
+        if !(self.submit_rate_per_sec.is_finite() && self.submit_rate_per_sec > 0.0) {
+            return bad("submit_rate_per_sec", "must be a positive number");
         }
         if self.activity_max_attempts == 0 {
             return bad("activity_max_attempts", "must be at least 1");
@@ -290,6 +330,7 @@ impl Config {
         let mut shown = self.clone();
         shown.database_url = shown.database_url.as_deref().map(redact_url);
         shown.object_store_url = shown.object_store_url.as_deref().map(redact_url);
+        shown.redis_url = shown.redis_url.as_deref().map(redact_url);
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
@@ -386,7 +427,12 @@ mod tests {
                 | "max_archive_entries"
                 | "activity_max_attempts"
                 | "heartbeat_timeout_secs"
-                | "retry_initial_interval_ms" => "7",
+                | "retry_initial_interval_ms"
+                | "status_cache_ttl_secs"
+                | "idempotency_ttl_secs"
+                | "submit_rate_capacity"
+                | "submit_rate_per_sec"
+                | "presign_expiry_secs" => "7",
                 "allow_local_sources" => "true",
                 _ => "x",
             };

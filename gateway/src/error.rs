@@ -17,6 +17,11 @@ pub enum ServiceError {
     Finished { task: TaskId, status: TaskStatus },
     #[error("upload is larger than {limit} bytes")]
     TooLarge { limit: u64 },
+    #[error("too many submissions for tenant {tenant}; retry in {retry_after_secs} s")]
+    RateLimited {
+        tenant: String,
+        retry_after_secs: u64,
+    },
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -32,6 +37,7 @@ impl ServiceError {
             Self::NotReady(_) => "not_ready",
             Self::Finished { .. } => "conflict",
             Self::TooLarge { .. } => "payload_too_large",
+            Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
         }
@@ -43,6 +49,7 @@ impl ServiceError {
             Self::NotFound(_) | Self::NotReady(_) => 404,
             Self::Finished { .. } => 409,
             Self::TooLarge { .. } => 413,
+            Self::RateLimited { .. } => 429,
             Self::Unavailable(_) => 503,
             Self::Internal(_) => 500,
         }

@@ -11,7 +11,6 @@
 //! | `GET /healthz` | liveness of the stores |
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
@@ -21,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use futures::Stream;
+use futures::StreamExt;
 use patchflow_core::{
     AgentSummary, Limits, Secret, TaskId, TaskRecord, TaskSource, TaskSpec, TaskStatus, layout,
 };
@@ -31,7 +30,7 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 use crate::error::ServiceError;
-use crate::service::{TaskService, Upload};
+use crate::service::{ResultFile, TaskService, Upload};
 
 /// Largest JSON body accepted (a task description is at most 64 KiB).
 const MAX_JSON_BYTES: usize = 1024 * 1024;
@@ -56,7 +55,15 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(error = %self.0, "request failed");
         }
-        error_response(status, self.0.code(), &self.0.to_string())
+        let mut response = error_response(status, self.0.code(), &self.0.to_string());
+        if let ServiceError::RateLimited {
+            retry_after_secs, ..
+        } = &self.0
+            && let Ok(v) = axum::http::HeaderValue::from_str(&retry_after_secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        response
     }
 }
 
@@ -406,16 +413,22 @@ async fn result_file(
     content_type: &str,
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
-    let (reader, size) = service.open_result(&id, file).await?;
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(reader));
-    Ok((
-        [
-            (header::CONTENT_TYPE, content_type.to_string()),
-            (header::CONTENT_LENGTH, size.to_string()),
-        ],
-        body,
-    )
-        .into_response())
+    match service.open_result(&id, file).await? {
+        ResultFile::Redirect(url) => {
+            Ok((StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, url)]).into_response())
+        }
+        ResultFile::Stream(reader, size) => {
+            let body = Body::from_stream(tokio_util::io::ReaderStream::new(reader));
+            Ok((
+                [
+                    (header::CONTENT_TYPE, content_type.to_string()),
+                    (header::CONTENT_LENGTH, size.to_string()),
+                ],
+                body,
+            )
+                .into_response())
+        }
+    }
 }
 
 async fn diff(
@@ -475,59 +488,18 @@ async fn events(
         return Ok(Json(json!({"task_id": id, "events": events})).into_response());
     }
     service.get(&id).await?;
-    Ok(Sse::new(event_stream(service, id, last_seen))
+    let stream = service.follow(id, last_seen).map(|item| {
+        Ok::<_, Infallible>(match item {
+            Ok(ev) => Event::default()
+                .id(ev.seq.to_string())
+                .event(ev.kind.as_str())
+                .data(serde_json::to_string(&ev).unwrap_or_default()),
+            Err(e) => Event::default().event("error").data(e.to_string()),
+        })
+    });
+    Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
-}
-
-/// Follows a task's history until it ends: every event once, in order, each with its
-/// sequence number as the SSE id so a reconnecting client resumes where it stopped.
-fn event_stream(
-    service: TaskService,
-    id: TaskId,
-    mut after: i64,
-) -> impl Stream<Item = Result<Event, Infallible>> {
-    async_stream(move |tx| async move {
-        loop {
-            let batch = match service.events(&id, after, 500).await {
-                Ok(b) => b,
-                Err(e) => {
-                    let _ = tx
-                        .send(Event::default().event("error").data(e.to_string()))
-                        .await;
-                    return;
-                }
-            };
-            let mut ended = false;
-            for ev in batch {
-                after = ev.seq;
-                ended |= ev.status.is_some_and(|s| s.is_terminal());
-                let data = serde_json::to_string(&ev).unwrap_or_default();
-                let event = Event::default()
-                    .id(ev.seq.to_string())
-                    .event(ev.kind.as_str())
-                    .data(data);
-                if tx.send(event).await.is_err() {
-                    return;
-                }
-            }
-            if ended {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    })
-}
-
-/// A stream fed by a task writing into a channel.
-fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(f(tx));
-    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -558,7 +530,8 @@ async fn cancel(
 
 async fn healthz(State(service): State<TaskService>) -> Response {
     match service.health().await {
-        Ok(()) => Json(json!({"status": "ok"})).into_response(),
+        Ok(None) => Json(json!({"status": "ok"})).into_response(),
+        Ok(Some(cache)) => Json(json!({"status": "degraded", "cache": cache})).into_response(),
         Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e.code(), &e.to_string()),
     }
 }

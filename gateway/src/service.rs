@@ -2,8 +2,16 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
-use patchflow_core::{TaskEvent, TaskId, TaskRecord, TaskSource, TaskSpec, TaskStatus, layout};
+use futures::{Stream, StreamExt};
+
+use patchflow_core::{
+    TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSource, TaskSpec, TaskStatus, layout,
+};
+use patchflow_platform::StatusChange;
+use patchflow_platform::cache::{Claim, Hot};
 use patchflow_platform::db::{Inserted, ListCursor, ListFilter};
 use patchflow_platform::objectstore::ObjectReader;
 use patchflow_platform::{ObjectStore, TaskStore, archive};
@@ -27,6 +35,23 @@ pub struct ServiceConfig {
     pub settings: WorkflowSettings,
     /// Base of links to a workflow in the Temporal Web UI (`…/namespaces/NS/workflows`).
     pub workflow_ui_base: Option<String>,
+    /// Serve status reads from the cache for this long (only with a shared cache: an
+    /// in-process one would not see the workers' writes).
+    pub status_cache_ttl: Option<Duration>,
+    /// How long the cache remembers an idempotency key.
+    pub idempotency_ttl: Duration,
+    /// Whether submissions are rate limited per tenant.
+    pub rate_limited: bool,
+    /// Lifetime of presigned result URLs.
+    pub presign_expiry: Duration,
+}
+
+/// Where a result file is read from.
+pub enum ResultFile {
+    /// A presigned URL of the object store (S3, COS): the client fetches it there.
+    Redirect(String),
+    /// The bytes, streamed by the gateway (local directory store).
+    Stream(ObjectReader, u64),
 }
 
 /// An uploaded ZIP, already on local disk.
@@ -47,22 +72,46 @@ pub struct SubmitOutcome {
 pub struct TaskService {
     store: Arc<dyn TaskStore>,
     objects: Arc<dyn ObjectStore>,
+    hot: Hot,
     temporal: Client,
     config: Arc<ServiceConfig>,
+    /// When the last cache warning was logged (ms), so an outage logs once in a while,
+    /// not once per request.
+    last_cache_warning: Arc<AtomicI64>,
 }
+
+/// Pause between database polls when following a task without a live stream.
+const POLL_EVERY: Duration = Duration::from_millis(250);
 
 impl TaskService {
     pub fn new(
         store: Arc<dyn TaskStore>,
         objects: Arc<dyn ObjectStore>,
+        hot: Hot,
         temporal: Client,
         config: ServiceConfig,
     ) -> Self {
         Self {
             store,
             objects,
+            hot,
             temporal,
             config: Arc::new(config),
+            last_cache_warning: Arc::new(AtomicI64::new(0)),
+        }
+    }
+
+    /// Logs a cache problem at most every 10 s: the request itself goes on from the database.
+    fn cache_trouble(&self, what: &str, e: &dyn std::fmt::Display) {
+        let now = chrono::Utc::now().timestamp_millis();
+        let last = self.last_cache_warning.load(Ordering::Relaxed);
+        if now - last > 10_000
+            && self
+                .last_cache_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(error = %e, "cache unavailable ({what}); serving from the database");
         }
     }
 
@@ -89,10 +138,44 @@ impl TaskService {
         spec: &mut TaskSpec,
         upload: Option<&Upload>,
     ) -> Result<SubmitOutcome, ServiceError> {
+        if self.config.rate_limited {
+            match self.hot.rate_limiter.try_acquire(&spec.tenant).await {
+                Ok(Ok(())) => {}
+                Ok(Err(wait)) => {
+                    return Err(ServiceError::RateLimited {
+                        tenant: spec.tenant.clone(),
+                        retry_after_secs: wait.header_secs(),
+                    });
+                }
+                Err(e) => self.cache_trouble("rate limit", &e),
+            }
+        }
         let task_id = match &spec.idempotency_key {
             Some(k) => TaskId::from_idempotency_key(&spec.tenant, k),
             None => TaskId::generate(),
         };
+        if let Some(key) = &spec.idempotency_key {
+            // Fast path for repeats; the database's unique key decides in the end.
+            match self
+                .hot
+                .idempotency
+                .claim(&spec.tenant, key, &task_id, self.config.idempotency_ttl)
+                .await
+            {
+                Ok(Claim::Existing(first)) => {
+                    if let Some(r) = self.store.get(&first).await?
+                        && r.status != TaskStatus::Pending
+                    {
+                        return Ok(SubmitOutcome {
+                            record: r,
+                            created: false,
+                        });
+                    }
+                }
+                Ok(Claim::New) => {}
+                Err(e) => self.cache_trouble("idempotency keys", &e),
+            }
+        }
         if let Some(u) = upload {
             if u.bytes > self.config.max_upload_bytes {
                 return Err(ServiceError::TooLarge {
@@ -187,13 +270,58 @@ impl TaskService {
                 )));
             }
         }
-        self.store
-            .set_status(task_id, TaskStatus::Queued, "waiting for a worker")
-            .await?;
+        let message = "waiting for a worker";
+        if let StatusChange::Applied { seq } = self
+            .store
+            .set_status(task_id, TaskStatus::Queued, message)
+            .await?
+        {
+            let event = TaskEvent {
+                seq,
+                kind: TaskEventKind::Status,
+                status: Some(TaskStatus::Queued),
+                message: message.to_string(),
+                at: chrono::Utc::now(),
+            };
+            if let Err(e) = self.hot.events.publish(task_id, &event).await {
+                self.cache_trouble("live events", &e);
+            }
+            if let Err(e) = self.hot.status.invalidate(task_id).await {
+                self.cache_trouble("status cache", &e);
+            }
+        }
         Ok(())
     }
 
+    /// The task record: from the status cache when there is a shared one, else (and on any
+    /// cache trouble) from the database, which stays the source of truth.
     pub async fn get(&self, task_id: &TaskId) -> Result<TaskRecord, ServiceError> {
+        let Some(ttl) = self.config.status_cache_ttl else {
+            return self.get_from_store(task_id).await;
+        };
+        match self.hot.status.get(task_id).await {
+            Ok(Some(r)) => return Ok(r),
+            Ok(None) => {}
+            Err(e) => {
+                self.cache_trouble("status cache", &e);
+                return self.get_from_store(task_id).await;
+            }
+        }
+        let record = self.get_from_store(task_id).await?;
+        // A record still moving is cached briefly: a write racing this read can leave it
+        // stale for at most a second. A finished one does not change.
+        let ttl = if record.status.is_terminal() {
+            ttl
+        } else {
+            ttl.min(Duration::from_secs(1))
+        };
+        if let Err(e) = self.hot.status.put(&record, ttl).await {
+            self.cache_trouble("status cache", &e);
+        }
+        Ok(record)
+    }
+
+    async fn get_from_store(&self, task_id: &TaskId) -> Result<TaskRecord, ServiceError> {
         self.store
             .get(task_id)
             .await?
@@ -216,7 +344,7 @@ impl TaskService {
     /// Asks a running task to stop. The workflow records CANCELLED once the step in flight
     /// has stopped.
     pub async fn cancel(&self, task_id: &TaskId, reason: &str) -> Result<TaskRecord, ServiceError> {
-        let record = self.get(task_id).await?;
+        let record = self.get_from_store(task_id).await?;
         if record.status.is_terminal() {
             return Err(ServiceError::Finished {
                 task: task_id.clone(),
@@ -247,7 +375,7 @@ impl TaskService {
                     ServiceError::Unavailable(format!("cannot signal task {task_id}: {other}"))
                 }
             })?;
-        self.get(task_id).await
+        self.get_from_store(task_id).await
     }
 
     pub async fn events(
@@ -257,32 +385,98 @@ impl TaskService {
         limit: u32,
     ) -> Result<Vec<TaskEvent>, ServiceError> {
         // 404 for unknown tasks rather than an empty list.
-        self.get(task_id).await?;
+        self.get_from_store(task_id).await?;
         Ok(self
             .store
             .events(task_id, after, limit.clamp(1, 1000))
             .await?)
     }
 
-    /// A result file of a task, streamed from the object store.
+    /// Follows a task's history after `after`: what the database holds, then live events
+    /// as they happen, until the task ends; each event once, in order. The live stream only
+    /// wakes the reader early (an event is published after it is stored); the database is
+    /// read for the events themselves, and polled when there is no stream or it fails.
+    pub fn follow(
+        &self,
+        task_id: TaskId,
+        after: i64,
+    ) -> impl Stream<Item = Result<TaskEvent, ServiceError>> + Send + 'static {
+        let service = self.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<TaskEvent, ServiceError>>(64);
+        tokio::spawn(async move {
+            let mut last = after;
+            let mut live = None;
+            loop {
+                let batch = match service.store.events(&task_id, last, 500).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                let mut ended = false;
+                for ev in batch {
+                    last = ev.seq;
+                    ended |= ev.status.is_some_and(|s| s.is_terminal());
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                }
+                if ended {
+                    return;
+                }
+                if live.is_none() {
+                    match service.hot.events.subscribe(&task_id, last).await {
+                        Ok(s) => live = Some(s),
+                        Err(e) => service.cache_trouble("live events", &e),
+                    }
+                }
+                match live.as_mut() {
+                    Some(stream) => {
+                        match tokio::time::timeout(Duration::from_secs(1), stream.next()).await {
+                            Ok(Some(Ok(_))) | Err(_) => {}
+                            Ok(Some(Err(e))) => {
+                                service.cache_trouble("live events", &e);
+                                live = None;
+                            }
+                            Ok(None) => live = None,
+                        }
+                    }
+                    None => tokio::time::sleep(POLL_EVERY).await,
+                }
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+
+    /// Where to read a result file of a task: a presigned URL when the object store has
+    /// them (S3, COS), else a stream through the gateway (local directory).
     pub async fn open_result(
         &self,
         task_id: &TaskId,
         file: &str,
-    ) -> Result<(ObjectReader, u64), ServiceError> {
+    ) -> Result<ResultFile, ServiceError> {
         let record = self.get(task_id).await?;
-        match self
+        let key = layout::result_key(task_id, file);
+        let not_ready = || {
+            ServiceError::NotReady(format!(
+                "{file} of task {task_id} is not available (status {})",
+                record.status
+            ))
+        };
+        if !self.objects.exists(&key).await? {
+            return Err(not_ready());
+        }
+        if let Some(url) = self
             .objects
-            .open_read(&layout::result_key(task_id, file))
-            .await
+            .presigned_get(&key, self.config.presign_expiry)
+            .await?
         {
-            Ok(r) => Ok(r),
-            Err(patchflow_platform::ObjectError::NotFound(_)) => {
-                Err(ServiceError::NotReady(format!(
-                    "{file} of task {task_id} is not available (status {})",
-                    record.status
-                )))
-            }
+            return Ok(ResultFile::Redirect(url));
+        }
+        match self.objects.open_read(&key).await {
+            Ok((r, size)) => Ok(ResultFile::Stream(r, size)),
+            Err(patchflow_platform::ObjectError::NotFound(_)) => Err(not_ready()),
             Err(e) => Err(e.into()),
         }
     }
@@ -294,10 +488,11 @@ impl TaskService {
             .map(|b| format!("{}/{task_id}", b.trim_end_matches('/')))
     }
 
-    /// Checks the task store and the object store answer.
-    pub async fn health(&self) -> Result<(), ServiceError> {
+    /// Checks the task store and the object store answer (they must); reports the cache,
+    /// whose outage only degrades the service.
+    pub async fn health(&self) -> Result<Option<String>, ServiceError> {
         self.store.ping().await?;
         self.objects.exists("healthz/probe").await?;
-        Ok(())
+        Ok(self.hot.ping().await.err().map(|e| e.to_string()))
     }
 }

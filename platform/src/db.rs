@@ -59,12 +59,11 @@ impl Inserted {
 /// Result of a status update.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StatusChange {
-    Applied,
+    /// The record moved; `seq` is the history entry written for the move.
+    Applied { seq: i64 },
     /// The move was not allowed from the current status (an out-of-order or repeated write);
     /// the record is unchanged.
-    Ignored {
-        current: TaskStatus,
-    },
+    Ignored { current: TaskStatus },
 }
 
 /// Which tasks to list, newest first.

@@ -2,13 +2,16 @@
 //!
 //! - [`db`]: the task store behind [`db::TaskStore`]: SQLite (embedded), PostgreSQL and
 //!   MySQL/MariaDB.
-//! - [`objectstore`]: code archives and results (a local directory here; S3/COS behind
-//!   [`objectstore::ObjectStore`]).
+//! - [`objectstore`]: code archives and results behind [`objectstore::ObjectStore`]: a
+//!   local directory (embedded) or an S3-compatible service (S3, Tencent COS, MinIO).
+//! - [`cache`]: hot-path services beside the task store (status cache, idempotency keys,
+//!   rate limits, live events), in-process or on Redis, bundled in [`cache::Hot`].
 //!
 //! Callers pick an implementation from a URL with [`db::open`] and [`objectstore::open`],
 //! so configuration alone selects the back-end.
 
 pub mod archive;
+pub mod cache;
 pub mod db;
 pub mod objectstore;
 pub mod process;

@@ -1,17 +1,24 @@
 //! Object storage for staged code and results, keyed as DESIGN.md lays out
 //! (`uploads/…`, `staged/…`, `results/…`).
+//!
+//! Two back-ends sit behind [`ObjectStore`], chosen by URL in [`open`]: a local directory
+//! ([`FsObjectStore`], the embedded default) and any S3-compatible service
+//! ([`S3ObjectStore`]: AWS S3, Tencent COS, MinIO), which several machines can share.
 
 mod fs;
+mod s3;
 
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use thiserror::Error;
 use tokio::io::AsyncRead;
 
 pub use fs::FsObjectStore;
+pub use s3::S3ObjectStore;
 
 #[derive(Debug, Error)]
 pub enum ObjectError {
@@ -25,7 +32,24 @@ pub enum ObjectError {
         #[source]
         source: std::io::Error,
     },
-    #[error("unsupported object store URL `{0}` (file:///PATH)")]
+    /// The back-end refused or failed an operation; `op` names it (`put`, `get`, …).
+    #[error("object store {op} of `{key}` failed: {message}")]
+    Backend {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error(
+        "object store bucket `{0}` does not exist (create it, or add `create_bucket=true` \
+         to the URL for tests and development)"
+    )]
+    BucketMissing(String),
+    #[error("invalid object store URL `{url}`: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error(
+        "unsupported object store URL `{0}` (file:///PATH or \
+         s3://BUCKET[/PREFIX]?endpoint=URL&region=REGION&path_style=true|false&create_bucket=true|false)"
+    )]
     UnsupportedUrl(String),
 }
 
@@ -63,6 +87,31 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Deletes every object under a prefix; returns how many.
     async fn delete_prefix(&self, prefix: &str) -> Result<u64, ObjectError>;
 
+    /// A URL that lets its holder download the object without credentials until `expires`
+    /// passes (for a Kubernetes Job, say). `None` where the store has no URLs (a directory).
+    async fn presigned_get(
+        &self,
+        key: &str,
+        expires: Duration,
+    ) -> Result<Option<String>, ObjectError> {
+        validate_key(key)?;
+        let _ = expires;
+        Ok(None)
+    }
+
+    /// A URL that lets its holder upload the object (HTTP `PUT`, body = the bytes, sent
+    /// with `Content-Type: application/octet-stream`) until `expires` passes. `None` where
+    /// the store has no URLs.
+    async fn presigned_put(
+        &self,
+        key: &str,
+        expires: Duration,
+    ) -> Result<Option<String>, ObjectError> {
+        validate_key(key)?;
+        let _ = expires;
+        Ok(None)
+    }
+
     /// Where the store lives, for `patchflow config` and logs (no credentials).
     fn describe(&self) -> String;
 }
@@ -90,6 +139,9 @@ pub async fn open(url: &str) -> Result<Arc<dyn ObjectStore>, ObjectError> {
     if let Some(path) = url.strip_prefix("file://") {
         return Ok(Arc::new(FsObjectStore::open(Path::new(path)).await?));
     }
+    if url.starts_with("s3://") {
+        return Ok(Arc::new(S3ObjectStore::open(url).await?));
+    }
     Err(ObjectError::UnsupportedUrl(url.to_string()))
 }
 
@@ -112,5 +164,32 @@ mod tests {
         ] {
             assert!(validate_key(bad).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_directory_has_no_presigned_urls() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&format!("file://{}", dir.path().display()))
+            .await
+            .unwrap();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            store
+                .presigned_get("results/t/diff.patch", hour)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            store
+                .presigned_put("results/t/diff.patch", hour)
+                .await
+                .unwrap(),
+            None
+        );
+        assert!(matches!(
+            store.presigned_get("../x", hour).await,
+            Err(ObjectError::InvalidKey(_))
+        ));
     }
 }

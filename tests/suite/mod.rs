@@ -1,4 +1,5 @@
 mod api;
+mod backends;
 mod durability;
 mod e2e;
 mod failures;

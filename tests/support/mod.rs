@@ -40,7 +40,13 @@ pub fn demo_script() -> Script {
 
 /// A copy of `examples/demo-repo` committed to a fresh git repository; returns its path.
 pub fn demo_git_repo(dir: &Path) -> PathBuf {
-    let repo = dir.join("demo-repo");
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let repo = dir.join(if n == 0 {
+        "demo-repo".to_string()
+    } else {
+        format!("demo-repo-{n}")
+    });
     std::fs::create_dir_all(&repo).unwrap();
     for f in ["calc.py", "test_calc.py", "README.md"] {
         std::fs::copy(repo_root().join("examples/demo-repo").join(f), repo.join(f)).unwrap();
@@ -151,6 +157,7 @@ pub struct Stack {
     pub temporal: Option<Proc>,
     pub up: Option<Proc>,
     pub gateway: Option<Proc>,
+    pub extra_gateways: Vec<Proc>,
     pub workers: Vec<Proc>,
     pub http: reqwest::Client,
 }
@@ -200,6 +207,7 @@ impl Stack {
             temporal: None,
             up: None,
             gateway: None,
+            extra_gateways: Vec::new(),
             workers: Vec::new(),
             http: reqwest::Client::new(),
         };
@@ -228,11 +236,40 @@ impl Stack {
     }
 
     fn spawn_patchflow(&self, name: &str, args: &[&str]) -> Proc {
+        self.spawn_patchflow_with(name, args, &[])
+    }
+
+    fn spawn_patchflow_with(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let n = std::fs::read_dir(self.dir.path())
             .map(|d| d.count())
             .unwrap_or(0);
         let log = self.dir.path().join(format!("{name}-{n}.log"));
-        Proc::spawn(name, self.command(args), log)
+        let mut cmd = self.command(args);
+        cmd.envs(env.iter().copied());
+        Proc::spawn(name, cmd, log)
+    }
+
+    /// Another gateway process on its own port, sharing everything else; returns its base URL.
+    pub async fn start_extra_gateway(&mut self) -> String {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let p =
+            self.spawn_patchflow_with("gateway", &["gateway"], &[("PATCHFLOW_HTTP_ADDR", &addr)]);
+        self.extra_gateways.push(p);
+        let base = format!("http://{addr}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = self.http.get(format!("{base}/healthz")).send().await
+                && r.status().is_success()
+            {
+                return base;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the extra gateway did not start:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub fn start_worker(&mut self) -> usize {
@@ -488,4 +525,131 @@ pub fn processes_mentioning(needle: &str) -> Vec<i32> {
         }
     }
     pids
+}
+
+/// The distributed back-ends a stack can run on, each a real server on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Database {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+/// A database created for one test and dropped with it.
+pub struct TestDatabase {
+    pub kind: Database,
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub fn create(kind: Database, dir: &Path) -> TestDatabase {
+        let name = format!(
+            "pf_e2e_{}",
+            &patchflow_core::TaskId::generate().as_str()[4..20]
+        );
+        let url = match kind {
+            Database::Sqlite => format!("sqlite://{}", dir.join("patchflow.db").display()),
+            Database::Postgres => {
+                let out = Command::new("psql")
+                    .args([
+                        "-h",
+                        "127.0.0.1",
+                        "-U",
+                        "postgres",
+                        "-d",
+                        "test",
+                        "-c",
+                        &format!("CREATE DATABASE {name}"),
+                    ])
+                    .output()
+                    .expect("psql is needed for the PostgreSQL tests");
+                assert!(
+                    out.status.success(),
+                    "cannot create {name}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                format!("postgres://postgres@127.0.0.1:5432/{name}")
+            }
+            Database::MySql => {
+                let out = Command::new("mysql")
+                    .args([
+                        "-h",
+                        "127.0.0.1",
+                        "-u",
+                        "root",
+                        "-e",
+                        &format!("CREATE DATABASE {name}"),
+                    ])
+                    .output()
+                    .expect("the mysql client is needed for the MariaDB tests");
+                assert!(
+                    out.status.success(),
+                    "cannot create {name}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                format!("mysql://root@127.0.0.1:3306/{name}")
+            }
+        };
+        TestDatabase { kind, name, url }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {}", self.name);
+        let _ = match self.kind {
+            Database::Sqlite => return,
+            Database::Postgres => Command::new("psql")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "test",
+                    "-c",
+                    &sql,
+                ])
+                .output(),
+            Database::MySql => Command::new("mysql")
+                .args(["-h", "127.0.0.1", "-u", "root", "-e", &sql])
+                .output(),
+        };
+    }
+}
+
+/// An S3-compatible server (moto) for one test.
+pub struct S3Server {
+    pub proc: Proc,
+    pub endpoint: String,
+}
+
+impl S3Server {
+    pub fn start(dir: &Path) -> S3Server {
+        let port = free_port();
+        let mut cmd = Command::new("moto_server");
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        let proc = Proc::spawn("moto_server", cmd, dir.join("moto.log"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not start: {}",
+                proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        S3Server {
+            proc,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn url(&self, bucket: &str) -> String {
+        format!(
+            "s3://{bucket}?endpoint={}&region=us-east-1&path_style=true&create_bucket=true",
+            self.endpoint
+        )
+    }
 }

@@ -302,7 +302,7 @@ impl TaskStore for MySqlTaskStore {
                 .status;
             return Ok(StatusChange::Ignored { current });
         }
-        Self::insert_event(
+        let seq = Self::insert_event(
             &mut tx,
             task_id,
             TaskEventKind::Status,
@@ -312,7 +312,7 @@ impl TaskStore for MySqlTaskStore {
         )
         .await?;
         tx.commit().await?;
-        Ok(StatusChange::Applied)
+        Ok(StatusChange::Applied { seq })
     }
 
     async fn set_summary(

@@ -251,7 +251,7 @@ impl TaskStore for PostgresTaskStore {
                 .status;
             return Ok(StatusChange::Ignored { current });
         }
-        Self::insert_event(
+        let seq = Self::insert_event(
             &mut tx,
             task_id,
             TaskEventKind::Status,
@@ -261,7 +261,7 @@ impl TaskStore for PostgresTaskStore {
         )
         .await?;
         tx.commit().await?;
-        Ok(StatusChange::Applied)
+        Ok(StatusChange::Applied { seq })
     }
 
     async fn set_summary(
@@ -408,13 +408,13 @@ mod tests {
             let id = TaskId::generate();
             let spec = TaskSpec::new(TaskSource::Archive { key: "k".into() }, "fix\0it");
             store.insert(&id, &spec).await.unwrap();
-            assert_eq!(
+            assert!(matches!(
                 store
                     .set_status(&id, TaskStatus::Failed, "git: bad\0byte")
                     .await
                     .unwrap(),
-                StatusChange::Applied
-            );
+                StatusChange::Applied { .. }
+            ));
             store
                 .append_event(&id, TaskEventKind::Agent, "out\0put")
                 .await

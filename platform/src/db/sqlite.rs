@@ -35,12 +35,30 @@ impl SqliteTaskStore {
         {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
         }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(opts)
-            .await?;
-        Self::migrate(&pool).await?;
-        Ok(Self { pool })
+        // Switching a new file to WAL needs an exclusive lock that SQLite does not wait for
+        // (the busy timeout does not apply), so processes opening one new database at once
+        // can see "database is locked": retry the whole open a few times.
+        let mut attempt = 0u64;
+        loop {
+            let opened = async {
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(8)
+                    .connect_with(opts.clone())
+                    .await?;
+                Self::migrate(&pool).await?;
+                Ok::<_, StoreError>(pool)
+            }
+            .await;
+            match opened {
+                Ok(pool) => return Ok(Self { pool }),
+                Err(e) if attempt < 10 && is_locked(&e) => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "SQLite busy while opening; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Applies migrations. Two processes starting at once may race on the first run; the
@@ -80,6 +98,12 @@ impl SqliteTaskStore {
         .await?;
         Ok(seq)
     }
+}
+
+/// Whether an error is SQLite's "database is locked" / "busy".
+fn is_locked(e: &StoreError) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    text.contains("database is locked") || text.contains("busy")
 }
 
 #[async_trait]
@@ -221,7 +245,7 @@ impl TaskStore for SqliteTaskStore {
                 .status;
             return Ok(StatusChange::Ignored { current });
         }
-        Self::insert_event(
+        let seq = Self::insert_event(
             &mut tx,
             task_id,
             TaskEventKind::Status,
@@ -231,7 +255,7 @@ impl TaskStore for SqliteTaskStore {
         )
         .await?;
         tx.commit().await?;
-        Ok(StatusChange::Applied)
+        Ok(StatusChange::Applied { seq })
     }
 
     async fn set_summary(

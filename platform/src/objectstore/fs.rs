@@ -30,8 +30,9 @@ impl FsObjectStore {
         Ok(self.root.join(key))
     }
 
-    /// A temporary sibling of `path`, unique to this write.
-    fn temp_of(path: &Path) -> PathBuf {
+    /// A temporary sibling of `path`, unique to this write (the S3 store downloads into one
+    /// too, then renames it into place).
+    pub(super) fn temp_of(path: &Path) -> PathBuf {
         let mut name = path.file_name().unwrap_or_default().to_os_string();
         name.push(format!(".tmp-{}-{}", std::process::id(), uuid_like()));
         path.with_file_name(name)
