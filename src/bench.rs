@@ -29,6 +29,26 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 40)]
         steps: usize,
     },
+    /// Status reads (`GET /api/tasks/{id}`) by many concurrent readers, without and with
+    /// the Redis status cache. The task store is `database_url` (SQLite by default).
+    Status {
+        #[arg(long, default_value_t = 200)]
+        readers: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// The Redis of the cached run.
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+    },
+    /// Upload and download of a large staged archive: the local directory vs S3.
+    Store {
+        /// Size of the archive in MiB.
+        #[arg(long, default_value_t = 100)]
+        mib: u64,
+        /// The S3 store to measure (`s3://…`); default: a `moto_server` started here.
+        #[arg(long)]
+        s3_url: Option<String>,
+    },
     /// Whole tasks through an embedded stack.
     Pipeline {
         /// Tasks submitted one after another (latency).
@@ -46,7 +66,36 @@ pub async fn run(config: Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> 
         BenchCommand::Pipeline {
             sequential,
             concurrent,
-        } => pipeline(config, sequential, concurrent).await,
+        } => {
+            let mode = Drive::Pipeline {
+                sequential,
+                concurrent,
+            };
+            with_stack(&config, None, mode).await
+        }
+        BenchCommand::Status {
+            readers,
+            seconds,
+            redis_url,
+        } => {
+            let mode = Drive::Status { readers, seconds };
+            let store = config
+                .database_url
+                .as_deref()
+                .map(patchflow_core::config::redact_url)
+                .unwrap_or_else(|| "SQLite (a fresh file)".into());
+            println!(
+                "status reads: {readers} concurrent readers for {seconds} s; task store {store}"
+            );
+            println!("without the cache:");
+            with_stack(&config, None, mode).await?;
+            println!(
+                "with the Redis status cache ({}):",
+                patchflow_core::config::redact_url(&redis_url)
+            );
+            with_stack(&config, Some(redis_url), mode).await
+        }
+        BenchCommand::Store { mib, s3_url } => crate::bench_store::run(mib, s3_url).await,
     }
 }
 
@@ -273,7 +322,26 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pipeline(base: Config, sequential: usize, concurrent: usize) -> anyhow::Result<ExitCode> {
+/// What to do with a running bench stack.
+#[derive(Debug, Clone, Copy)]
+enum Drive {
+    Pipeline {
+        sequential: usize,
+        concurrent: usize,
+    },
+    Status {
+        readers: usize,
+        seconds: u64,
+    },
+}
+
+/// Runs `drive` against an embedded stack (dev server, worker, gateway, instant model),
+/// on `base`'s task store if it names one, with Redis when `redis_url` is given.
+async fn with_stack(
+    base: &Config,
+    redis_url: Option<String>,
+    drive_mode: Drive,
+) -> anyhow::Result<ExitCode> {
     let dir = tempfile::tempdir()?;
     let repo = dir.path().join("repo");
     bench_repo(&repo)?;
@@ -306,6 +374,12 @@ async fn pipeline(base: Config, sequential: usize, concurrent: usize) -> anyhow:
     config.openai_base_url = Some(model.base_url());
     config.model = "bench".into();
     config.task_queue = "bench".into();
+    config.submit_rate_capacity = 0;
+    config.database_url = base.database_url.clone();
+    if let Some(r) = redis_url {
+        config.redis_url = Some(r);
+        config.redis_prefix = format!("pf-bench-{}", std::process::id());
+    }
     if let Some(addr) = &base.temporal_address {
         config.temporal_address = Some(addr.clone());
         config.task_queue = format!("bench-{}", std::process::id());
@@ -328,7 +402,15 @@ async fn pipeline(base: Config, sequential: usize, concurrent: usize) -> anyhow:
         let url = format!("http://{addr}");
         let repo_url = format!("file://{}", repo.display());
         let driver = async {
-            let r = drive(&url, &repo_url, sequential, concurrent).await;
+            let r = match drive_mode {
+                Drive::Pipeline {
+                    sequential,
+                    concurrent,
+                } => drive(&url, &repo_url, sequential, concurrent).await,
+                Drive::Status { readers, seconds } => {
+                    read_status(&url, &repo_url, readers, seconds).await
+                }
+            };
             let _ = stop_tx.send(true);
             r
         };
@@ -473,5 +555,49 @@ async fn drive(
         let (p50, p95, _) = stats(v);
         println!("  {name:<38} p50 {p50:>7.1}  p95 {p95:>7.1}");
     }
+    Ok(())
+}
+
+/// Many readers polling one task's record; prints latency percentiles and reads/s.
+async fn read_status(
+    url: &str,
+    repo_url: &str,
+    readers: usize,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(readers)
+        .build()?;
+    let (id, _) = submit_and_wait(&http, url, repo_url).await?;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let target = format!("{url}/api/tasks/{id}");
+    let workers: Vec<_> = (0..readers)
+        .map(|_| {
+            let (http, target) = (http.clone(), target.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    let r = http.get(&target).send().await?;
+                    if !r.status().is_success() {
+                        bail!("status read answered {}", r.status());
+                    }
+                    r.bytes().await?;
+                    lat.push(ms(t0.elapsed()));
+                }
+                anyhow::Ok(lat)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await??);
+    }
+    let n = all.len();
+    let (p50, p95, p99) = stats(all);
+    println!(
+        "  {n} reads, {:.0} reads/s, latency p50 {p50:.2} ms, p95 {p95:.2} ms, p99 {p99:.2} ms",
+        n as f64 / seconds as f64
+    );
     Ok(())
 }

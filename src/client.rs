@@ -266,43 +266,60 @@ async fn get_record(client: &reqwest::Client, base: &str, id: &str) -> anyhow::R
         .await?)
 }
 
-/// Prints each event as it happens until the task ends; exits 0 only if it COMPLETED.
+/// Prints each event as it happens until the task ends, following the live event stream
+/// (Server-Sent Events) and reconnecting after the last event seen if the connection drops;
+/// exits 0 only if the task COMPLETED.
 async fn follow(
     client: &reqwest::Client,
     base: &str,
     id: &str,
     json_out: bool,
 ) -> anyhow::Result<ExitCode> {
+    use eventsource_stream::Eventsource;
+    use futures::StreamExt;
     let mut after = 0i64;
     let mut stderr = std::io::stderr();
-    loop {
-        let page: Value = send(
-            client.get(format!("{base}/api/tasks/{id}/events?after={after}")),
-            base,
-        )
-        .await?
-        .json()
-        .await?;
-        let events: Vec<TaskEvent> =
-            serde_json::from_value(page["events"].clone()).unwrap_or_default();
-        let mut ended = false;
-        for ev in events {
+    let mut failures = 0u32;
+    'reconnect: loop {
+        let req = client
+            .get(format!("{base}/api/tasks/{id}/events?after={after}"))
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        let resp = send(req, base).await?;
+        let mut events = resp.bytes_stream().eventsource();
+        while let Some(item) = events.next().await {
+            let item = match item {
+                Ok(i) => i,
+                Err(e) => {
+                    failures += 1;
+                    if failures > 5 {
+                        bail!("the event stream of {id} keeps failing: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue 'reconnect;
+                }
+            };
+            if item.event == "error" {
+                bail!("the gateway could not follow {id}: {}", item.data);
+            }
+            let Ok(ev) = serde_json::from_str::<TaskEvent>(&item.data) else {
+                continue;
+            };
             after = ev.seq;
             let time = ev.at.format("%H:%M:%S%.3f");
             match ev.status {
                 Some(s) => {
                     let _ = writeln!(stderr, "{time}  {:<18} {}", s.as_str(), ev.message);
-                    ended |= s.is_terminal();
+                    if s.is_terminal() {
+                        break 'reconnect;
+                    }
                 }
                 None => {
                     let _ = writeln!(stderr, "{time}    {}", ev.message);
                 }
             }
         }
-        if ended {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The server closed the stream before the task ended: resume after the last event.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let record = get_record(client, base, id).await?;
     if json_out {

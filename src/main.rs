@@ -3,6 +3,7 @@
 
 mod agent_cmd;
 mod bench;
+mod bench_store;
 mod client;
 mod devserver;
 mod settings;
@@ -44,6 +45,8 @@ enum Command {
     Agent(agent_cmd::AgentArgs),
     /// Print the effective configuration, secrets redacted.
     Config,
+    /// Bring the task store's schema up to date (also done at start-up); safe to run twice.
+    Migrate,
     /// Serve a scripted OpenAI-compatible model (tests and the key-less demo).
     ScriptedModel(ScriptedModelArgs),
     /// Measure the pipeline or the agent and print numbers.
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
             Command::Cancel(a) => client::cancel(&config, a).await,
             Command::List(a) => client::list(&config, a).await,
             Command::Agent(a) => agent_cmd::run(&config, a).await,
+            Command::Migrate => stack::migrate(config).await,
             Command::Config => {
                 print!("{}", settings::describe(&config));
                 Ok(ExitCode::SUCCESS)

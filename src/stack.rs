@@ -235,6 +235,15 @@ pub(crate) fn stopped(
     }
 }
 
+pub async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
+    let url = config.database_url();
+    patchflow_platform::db::open(&url)
+        .await
+        .with_context(|| format!("cannot migrate the task store {}", redact_url(&url)))?;
+    println!("task store {} is up to date", redact_url(&url));
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn worker(config: Config) -> anyhow::Result<ExitCode> {
     let stores = open_stores(&config).await?;
     let client = devserver::connect(&config).await?;

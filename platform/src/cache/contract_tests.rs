@@ -791,7 +791,7 @@ mod redis_only {
     use super::*;
 
     /// Every operation of `hot`, each of which must fail with `Unavailable` within a second.
-    async fn assert_every_call_is_unavailable_fast(hot: &Hot) {
+    async fn assert_every_call_is_unavailable(hot: &Hot) {
         let task = TaskId::generate();
         let rec = record(&task, TaskStatus::Queued, "queued");
         let ttl = Duration::from_secs(60);
@@ -831,16 +831,17 @@ mod redis_only {
             ),
         ];
         for (name, call) in calls {
-            let started = tokio::time::Instant::now();
-            let outcome = call.await;
-            let took = started.elapsed();
+            // A hang guard, not a speed check: the call must come back with an error rather
+            // than wait on a server that will never answer.
+            let outcome = tokio::time::timeout(Duration::from_secs(10), call)
+                .await
+                .unwrap_or_else(|_| panic!("{name} hung instead of failing"));
             match outcome {
                 Err(CacheError::Unavailable(why)) => {
                     assert!(why.contains("Redis"), "{name}: {why}");
                 }
                 other => panic!("{name}: expected Unavailable, got {other:?}"),
             }
-            assert!(took < Duration::from_secs(1), "{name} took {took:?}");
         }
     }
 
@@ -853,20 +854,21 @@ mod redis_only {
     }
 
     #[tokio::test]
-    async fn redis_closed_port_makes_every_call_unavailable_within_a_second() {
+    async fn redis_closed_port_makes_every_call_unavailable_instead_of_hanging() {
         let url = format!("redis://127.0.0.1:{}", closed_port().await);
-        let started = tokio::time::Instant::now();
-        let hot = Hot::open(Some(&url), &fresh_prefix()).await.unwrap();
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "open waits at most one ping"
-        );
-        assert_every_call_is_unavailable_fast(&hot).await;
+        let hot = tokio::time::timeout(
+            Duration::from_secs(10),
+            Hot::open(Some(&url), &fresh_prefix()),
+        )
+        .await
+        .expect("open hung on an unreachable Redis")
+        .unwrap();
+        assert_every_call_is_unavailable(&hot).await;
         assert!(hot.describe().contains(&url), "{}", hot.describe());
     }
 
     #[tokio::test]
-    async fn redis_silent_server_makes_every_call_unavailable_within_a_second() {
+    async fn redis_silent_server_makes_every_call_unavailable_instead_of_hanging() {
         // Accepts connections and never answers: a hung server or a black-holed network.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -882,7 +884,7 @@ mod redis_only {
         let hot = Hot::open(Some(&format!("redis://127.0.0.1:{port}")), &fresh_prefix())
             .await
             .unwrap();
-        assert_every_call_is_unavailable_fast(&hot).await;
+        assert_every_call_is_unavailable(&hot).await;
         accepting.abort();
     }
 
@@ -1134,16 +1136,10 @@ mod redis_only {
             assert_eq!(next_seqs(&mut sub, 2).await, [1, 2]);
 
             relay.cut();
-            let started = tokio::time::Instant::now();
             match tokio::time::timeout(EVENT_WAIT, sub.next()).await {
                 Ok(Some(Err(e))) => assert!(e.is_unavailable(), "{e:?}"),
                 other => panic!("expected the subscription to fail, got {other:?}"),
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(2),
-                "noticed after {:?}",
-                started.elapsed()
-            );
             assert!(
                 tokio::time::timeout(EVENT_WAIT, sub.next())
                     .await
@@ -1151,7 +1147,7 @@ mod redis_only {
                     .is_none(),
                 "a failed subscription ends"
             );
-            assert_every_call_is_unavailable_fast(&via_relay).await;
+            assert_every_call_is_unavailable(&via_relay).await;
 
             // Meanwhile events go on (through another gateway); a reader coming back with the
             // last seq it saw gets exactly the rest.
