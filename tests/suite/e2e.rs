@@ -153,15 +153,7 @@ async fn demo_task_completes_over_http_with_the_exact_diff() {
     assert!(seen.bodies.iter().all(|b| b["model"] == "scripted-test"));
 
     // Temporal has the workflow, completed, under the task id; the record links to it.
-    let out = stack.temporal_cli(&[
-        "workflow",
-        "describe",
-        "--workflow-id",
-        &id,
-        "--output",
-        "json",
-    ]);
-    let desc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let desc = stack.closed_workflow(&id).await;
     assert_eq!(
         desc["workflowExecutionInfo"]["status"], "WORKFLOW_EXECUTION_STATUS_COMPLETED",
         "{desc}"

@@ -213,15 +213,7 @@ async fn cancel_during_run_agent_stops_the_agent_process() {
         processes_mentioning(&id).is_empty(),
         "agent still running after CANCELLED"
     );
-    let out = stack.temporal_cli(&[
-        "workflow",
-        "describe",
-        "--workflow-id",
-        &id,
-        "--output",
-        "json",
-    ]);
-    let desc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let desc = stack.closed_workflow(&id).await;
     assert_eq!(
         desc["workflowExecutionInfo"]["status"],
         "WORKFLOW_EXECUTION_STATUS_CANCELED"

@@ -338,6 +338,35 @@ impl Stack {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// The workflow's description once it has closed. The task record reaches its final
+    /// status a moment before the workflow itself completes, so this waits for that.
+    pub async fn closed_workflow(&self, task_id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.temporal_cli(&[
+                "workflow",
+                "describe",
+                "--workflow-id",
+                task_id,
+                "--output",
+                "json",
+            ]);
+            let desc: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            let status = desc["workflowExecutionInfo"]["status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if !status.is_empty() && status != "WORKFLOW_EXECUTION_STATUS_RUNNING" {
+                return desc;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "workflow {task_id} did not close: {desc}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The attempts Temporal recorded for each start of an activity type.
     pub fn activity_attempts(&self, task_id: &str, activity: &str) -> Vec<u64> {
         let h = self.history(task_id);
