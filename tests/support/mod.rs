@@ -186,6 +186,8 @@ impl Stack {
             ("PATCHFLOW_LLM_RETRY_BACKOFF_MS".into(), "50".into()),
             ("PATCHFLOW_RETRY_INITIAL_INTERVAL_MS".into(), "200".into()),
             ("RUST_LOG".into(), "info,temporalio_sdk_core=warn".into()),
+            // Tests talk to loopback only: never ask a cloud metadata endpoint for credentials.
+            ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
         ];
         if matches!(mode, Mode::Split) {
             env.push((
