@@ -265,3 +265,36 @@ async fn cli_submits_a_directory_waits_and_prints_the_result() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_stops_cleanly_on_ctrl_c_and_leaves_no_server_behind() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let mut stack = Stack::start(Mode::Up, demo_script(), &[]).await;
+    let data_dir = stack.data_dir.display().to_string();
+    // The embedded dev server runs with its database under the data directory.
+    assert!(!crate::support::processes_mentioning(&data_dir).is_empty());
+    let up = stack.up.as_mut().unwrap();
+    kill(Pid::from_raw(up.pid()), Signal::SIGINT).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = up.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "`patchflow up` did not stop on Ctrl-C"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}: {}", up.log_text());
+    assert!(
+        up.log_text().contains("Temporal dev server stopped"),
+        "{}",
+        up.log_text()
+    );
+    assert!(
+        crate::support::processes_mentioning(&data_dir).is_empty(),
+        "the dev server outlived `up`"
+    );
+}
