@@ -73,3 +73,12 @@ ensure_services() {
   need psql "apt-get install postgresql-client"
   need mysql "apt-get install mariadb-client"
 }
+
+# kubectl renders deploy/k8s offline (`kubectl kustomize`) for the manifest tests.
+ensure_kubectl() {
+  if ! command -v kubectl >/dev/null 2>&1; then
+    say "installing kubectl (Debian package)"
+    (apt-get update -qq && apt-get install -y -qq kubectl) >/dev/null 2>&1 || true
+  fi
+  need kubectl "apt-get install kubectl"
+}

@@ -2,6 +2,7 @@
 //! the result files stored under `results/<task>/`. The local runner is a child process on
 //! the worker; a Kubernetes Job runner implements the same trait.
 
+mod kube;
 mod local;
 
 use std::path::Path;
@@ -13,6 +14,7 @@ use thiserror::Error;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
+pub use kube::{KubeRunner, KubeRunnerConfig};
 pub use local::{LocalRunner, LocalRunnerConfig};
 
 #[derive(Debug, Error)]
