@@ -66,22 +66,6 @@ fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
-async fn submit_demo(stack: &Stack, base: &str) -> String {
-    let repo = demo_git_repo(stack.dir.path());
-    let r = stack
-        .http
-        .post(format!("{base}/api/tasks"))
-        .json(&json!({"git_url": format!("file://{}", repo.display()), "task_description": "fix"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
-    r.json::<Value>().await.unwrap()["task_id"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 fn sql(db: &TestDatabase, query: &str) -> String {
     let out = match db.kind {
         Database::Postgres => Command::new("psql")
@@ -136,7 +120,7 @@ async fn demo_on(kind: Database) {
         ("PATCHFLOW_REDIS_PREFIX".into(), redis.0.clone()),
     ]);
     let stack = Stack::start(Mode::Up, demo_script(), &as_refs(&env)).await;
-    let id = submit_demo(&stack, &stack.base).await;
+    let id = stack.submit_demo().await;
 
     // Follow the live event stream (SSE) from the start while the task runs.
     let sse = stack
@@ -280,7 +264,7 @@ async fn redis_outage_mid_run_degrades_to_the_database_and_loses_nothing() {
     script.turns[1].delay_ms = 3_000;
     let url = format!("redis://127.0.0.1:{port}");
     let stack = Stack::start(Mode::Up, script, &[("PATCHFLOW_REDIS_URL", &url)]).await;
-    let id = submit_demo(&stack, &stack.base).await;
+    let id = stack.submit_demo().await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while stack.model.observed().requests < 2 {
         assert!(
@@ -321,7 +305,7 @@ async fn redis_outage_mid_run_degrades_to_the_database_and_loses_nothing() {
         stack.logs()
     );
     // New submissions still work without Redis.
-    let id2 = submit_demo(&stack, &stack.base).await;
+    let id2 = stack.submit_demo().await;
     assert_eq!(stack.wait_terminal(&id2).await["status"], "COMPLETED");
 }
 
@@ -337,7 +321,7 @@ async fn s3_unreachable_during_stage_code_is_retried_then_fails_with_the_cause()
     let stack = Stack::start(Mode::Up, demo_script(), &as_refs(&env)).await;
     // The store answered at start-up; now it is gone. A git source needs no store to submit.
     s3.proc.kill9();
-    let id = submit_demo(&stack, &stack.base).await;
+    let id = stack.submit_demo().await;
     let r = stack.wait_terminal(&id).await;
     assert_eq!(r["status"], "FAILED", "{r}");
     let msg = r["message"].as_str().unwrap();

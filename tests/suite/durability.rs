@@ -6,9 +6,8 @@
 use std::time::{Duration, Instant};
 
 use patchflow_core::TaskStatus;
-use serde_json::json;
 
-use crate::support::{Mode, Stack, demo_git_repo, demo_script, processes_mentioning};
+use crate::support::{Mode, Stack, demo_script, processes_mentioning};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_during_run_agent_completes_exactly_once() {
@@ -21,15 +20,7 @@ async fn worker_killed_during_run_agent_completes_exactly_once() {
         &[("PATCHFLOW_HEARTBEAT_TIMEOUT_SECS", "3")],
     )
     .await;
-    let repo = demo_git_repo(stack.dir.path());
-    let (c, v) = stack
-        .post_json(
-            "/api/tasks",
-            &json!({"git_url": format!("file://{}", repo.display()), "task_description": "fix"}),
-        )
-        .await;
-    assert_eq!(c, 202, "{v}");
-    let id = v["task_id"].as_str().unwrap().to_string();
+    let id = stack.submit_demo().await;
 
     let deadline = Instant::now() + Duration::from_secs(60);
     while stack.model.observed().requests < 2 {

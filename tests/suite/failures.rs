@@ -73,14 +73,7 @@ async fn ambiguous_edit_is_returned_to_the_model_and_the_run_goes_on() {
         ..Script::default()
     };
     let stack = Stack::start(Mode::Up, script, &[]).await;
-    let repo = demo_git_repo(stack.dir.path());
-    let (_, v) = stack
-        .post_json(
-            "/api/tasks",
-            &json!({"git_url": format!("file://{}", repo.display()), "task_description": "fix"}),
-        )
-        .await;
-    let id = v["task_id"].as_str().unwrap();
+    let id = &stack.submit_demo().await;
     let r = stack.wait_terminal(id).await;
     assert_eq!(r["status"], "COMPLETED", "{r}\n{}", stack.logs());
     assert_eq!(r["summary"]["outcome"], "answered");
@@ -112,14 +105,7 @@ async fn model_endpoint_500_is_retried_then_fails_with_the_cause() {
         message: "upstream exploded".into(),
     });
     let stack = Stack::start(Mode::Up, script, &[]).await;
-    let repo = demo_git_repo(stack.dir.path());
-    let (_, v) = stack
-        .post_json(
-            "/api/tasks",
-            &json!({"git_url": format!("file://{}", repo.display()), "task_description": "fix"}),
-        )
-        .await;
-    let id = v["task_id"].as_str().unwrap();
+    let id = &stack.submit_demo().await;
     let r = stack.wait_terminal(id).await;
     assert_eq!(r["status"], "FAILED");
     let msg = r["message"].as_str().unwrap();
@@ -154,14 +140,7 @@ async fn cancel_during_run_agent_stops_the_agent_process() {
     let mut script = demo_script();
     script.turns[0].delay_ms = 120_000;
     let stack = Stack::start(Mode::Up, script, &[]).await;
-    let repo = demo_git_repo(stack.dir.path());
-    let (_, v) = stack
-        .post_json(
-            "/api/tasks",
-            &json!({"git_url": format!("file://{}", repo.display()), "task_description": "fix"}),
-        )
-        .await;
-    let id = v["task_id"].as_str().unwrap().to_string();
+    let id = stack.submit_demo().await;
     stack
         .wait_for(&id, Duration::from_secs(60), |s| {
             s == TaskStatus::RunningAgent

@@ -474,6 +474,30 @@ impl Stack {
         (status, r.text().await.unwrap_or_default())
     }
 
+    /// Submits the demo repository (as a fresh git repository) to the gateway at `base`;
+    /// asserts 202 and returns the task id.
+    pub async fn submit_demo_to(&self, base: &str) -> String {
+        let repo = demo_git_repo(self.dir.path());
+        let body = serde_json::json!({"git_url": format!("file://{}", repo.display()), "task_description": "fix"});
+        let r = self
+            .http
+            .post(format!("{base}/api/tasks"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        r.json::<Value>().await.unwrap()["task_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// [`Stack::submit_demo_to`] this stack's gateway.
+    pub async fn submit_demo(&self) -> String {
+        self.submit_demo_to(&self.base).await
+    }
+
     pub async fn record(&self, id: &str) -> Value {
         let (status, v) = self.get_json(&format!("/api/tasks/{id}")).await;
         assert_eq!(status, 200, "{v}");
