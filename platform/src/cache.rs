@@ -20,6 +20,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod slots;
 
 #[cfg(test)]
 mod contract_tests;
@@ -31,6 +32,8 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use patchflow_core::{TaskEvent, TaskId, TaskRecord};
 use thiserror::Error;
+
+pub use slots::BatchSlots;
 
 /// Why a cache call did not answer. Callers degrade on any variant: the database answers
 /// instead.
@@ -257,13 +260,15 @@ impl HotOptions {
     }
 }
 
-/// The four hot-path services of one deployment, all on the same back-end.
+/// The hot-path services of one deployment, all on the same back-end.
 #[derive(Clone)]
 pub struct Hot {
     pub status: Arc<dyn StatusCache>,
     pub idempotency: Arc<dyn IdempotencyKeys>,
     pub rate_limiter: Arc<dyn RateLimiter>,
     pub events: Arc<dyn EventStream>,
+    /// Leases on batch slots (how many tasks of a batch run at once, across workers).
+    pub slots: Arc<dyn BatchSlots>,
     backend: Backend,
 }
 
@@ -301,6 +306,7 @@ impl Hot {
                         options.rate_limit,
                     )),
                     events: Arc::new(self::redis::RedisEventStream::new(conn.clone(), &options)),
+                    slots: Arc::new(slots::RedisBatchSlots::new(conn.clone())),
                     backend: Backend::Redis(conn),
                 };
                 if let Err(e) = hot.ping().await {
@@ -328,6 +334,7 @@ impl Hot {
                 options.event_retention,
                 options.event_ttl,
             )),
+            slots: Arc::new(slots::MemoryBatchSlots::new()),
             backend: Backend::InProcess,
         }
     }

@@ -4,6 +4,7 @@
 //!   MySQL/MariaDB.
 //! - [`objectstore`]: code archives and results behind [`objectstore::ObjectStore`]: a
 //!   local directory (embedded) or an S3-compatible service (S3, Tencent COS, MinIO).
+//! - [`bus`]: Kafka (rdkafka): the task trigger topic, the results topic and the DLQ.
 //! - [`cache`]: hot-path services beside the task store (status cache, idempotency keys,
 //!   rate limits, live events), in-process or on Redis, bundled in [`cache::Hot`].
 //!
@@ -11,6 +12,7 @@
 //! so configuration alone selects the back-end.
 
 pub mod archive;
+pub mod bus;
 pub mod cache;
 pub mod db;
 pub mod objectstore;

@@ -13,6 +13,7 @@
 //! | `P:status:<task_id>` | string | the `TaskRecord` as JSON | the TTL given to `put` |
 //! | `P:idem:<tenant>:<key>` | string | the task id that claimed the key (`%` and `:` in the tenant escaped as `%25`, `%3A`) | the TTL given to `claim` |
 //! | `P:rate:<tenant>` | hash | `tokens` (float), `ts` (server time of the last refill, µs) | time to refill completely + 1 s |
+//! | `P:slots:<batch>` | sorted set | batch slot leases (see [`super::slots`]) | twice the lease time after the last acquire or renew |
 //! | `P:events:<task_id>` | stream | entry id `<seq>-0`, field `event`: the `TaskEvent` as JSON; `MAXLEN ~ event_retention` | `event_ttl` after the last publish |
 //!
 //! Everything that must be atomic is one Lua script run with `EVALSHA` (loaded on first use):
@@ -166,12 +167,12 @@ impl RedisConn {
         })
     }
 
-    fn key(&self, kind: &str, rest: &str) -> String {
+    pub(super) fn key(&self, kind: &str, rest: &str) -> String {
         format!("{}:{kind}:{rest}", self.prefix)
     }
 
     /// Runs one call on the shared connection, bounded by the operation timeout.
-    async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, CacheError>
+    pub(super) async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, CacheError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
