@@ -34,6 +34,11 @@ pub enum AgentEvent {
         outcome: AgentOutcome,
         steps: u32,
     },
+    /// Where the agent's pod is, as the Kubernetes runner sees it (`Pending: Unschedulable`,
+    /// `Running`, …); sent when it changes. The agent itself never prints this.
+    Pod {
+        phase: String,
+    },
 }
 
 impl AgentEvent {
@@ -61,6 +66,7 @@ impl AgentEvent {
             Self::Finished { outcome, steps } => {
                 format!("{} after {steps} steps", outcome.describe())
             }
+            Self::Pod { phase } => format!("agent pod: {phase}"),
         }
     }
 }

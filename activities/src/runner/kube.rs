@@ -3,15 +3,16 @@
 //! The Job is named from the task id and the attempt (`patchflow-<task>-<attempt>`), so a
 //! retried activity (a worker that died, a lost heartbeat) finds the Job it already made
 //! (`409 AlreadyExists` → `GET` → follow it) instead of starting a second agent. The runner
-//! follows the Job and its pods with watches (never polling), maps what it sees to the
-//! attempt's outcome, deletes the Job (foreground) on cancel and waits until its pod is gone.
+//! follows the Job and its pods with watches (never polling), relays the agent container's
+//! progress lines (its log, one JSON [`AgentEvent`] per line) into the task's event stream,
+//! maps what it sees to the attempt's outcome, deletes the Job (foreground) on cancel and
+//! waits until its pod is gone.
 //!
 //! # The pod contract
 //!
 //! The worker never shares a file system with the pod: everything moves through the object
 //! store by presigned URLs, so the store needs them (S3, COS, MinIO; not a directory). Both
-//! containers run `patchflow agent-pod <step>` with everything else in the environment (the
-//! `agent-pod` subcommand is a later change):
+//! containers run `patchflow agent-pod <step>` with everything else in the environment:
 //!
 //! - init container, `patchflow agent-pod fetch`: downloads `PATCHFLOW_STAGED_URL` (HTTP `GET`
 //!   of `staged/<task>/code.tar.zst`) to `PATCHFLOW_BASELINE` and unpacks it into
@@ -37,7 +38,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
-use futures::StreamExt;
+use futures::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, LocalObjectReference, Pod,
@@ -46,12 +47,13 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use patchflow_core::{AgentEvent, AgentSummary, TaskId, TaskSpec, layout};
 use patchflow_platform::ObjectStore;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -63,6 +65,10 @@ const DEADLINE_GRACE_SECS: u64 = 60;
 const CANCEL_WAIT: Duration = Duration::from_secs(120);
 /// How often pending conditions (image pulls, scheduling) are checked against their limits.
 const TICK: Duration = Duration::from_millis(250);
+/// How long the last progress lines may take to arrive once the Job has finished.
+const LOG_DRAIN: Duration = Duration::from_secs(2);
+/// The container whose log carries the agent's progress events.
+const AGENT_CONTAINER: &str = "agent";
 const USER: i64 = 65532;
 const WORKSPACE: &str = "/workspace";
 const SCRATCH: &str = "/scratch";
@@ -136,6 +142,13 @@ impl KubeRunnerConfig {
     }
 }
 
+impl KubeRunnerConfig {
+    /// Parses tolerations written as a JSON array of Kubernetes tolerations.
+    pub fn tolerations_from_json(text: &str) -> Result<Vec<Toleration>, String> {
+        serde_json::from_str(text).map_err(|e| format!("not a JSON array of tolerations: {e}"))
+    }
+}
+
 pub struct KubeRunner {
     client: kube::Client,
     pub config: KubeRunnerConfig,
@@ -156,9 +169,13 @@ impl KubeRunner {
         Self { client, config }
     }
 
-    /// A runner on the cluster the worker runs in, or the one `KUBECONFIG` names.
-    pub async fn infer(config: KubeRunnerConfig) -> Result<Self, kube::Error> {
+    /// A runner on the cluster the worker runs in, or the one `KUBECONFIG` names. An empty
+    /// namespace in `config` means the client's default one (the worker's own in a cluster).
+    pub async fn infer(mut config: KubeRunnerConfig) -> Result<Self, kube::Error> {
         let client = kube::Client::try_default().await?;
+        if config.namespace.is_empty() {
+            config.namespace = client.default_namespace().to_string();
+        }
         Ok(Self::new(client, config))
     }
 
@@ -434,8 +451,44 @@ impl KubeRunner {
         task: &TaskId,
         spec: &TaskSpec,
         objects: &dyn ObjectStore,
+        events: &UnboundedSender<AgentEvent>,
         cancel: &CancellationToken,
     ) -> Result<AgentSummary, RunnerError> {
+        let mut relays = JoinSet::new();
+        let outcome = self
+            .watch_until_done(name, spec, events, cancel, &mut relays)
+            .await;
+        if outcome.is_ok() {
+            // Let the last progress lines in, then stop following the log.
+            let _ = tokio::time::timeout(LOG_DRAIN, async {
+                while relays.join_next().await.is_some() {}
+            })
+            .await;
+        }
+        relays.abort_all();
+        match outcome {
+            Ok(()) => read_summary(objects, task).await,
+            Err(RunnerError::Cancelled) => Err(RunnerError::Cancelled),
+            Err(e) => {
+                // A failure the runner decided (scheduling, image) leaves a Job behind.
+                if let Err(d) = self.delete_job(name).await {
+                    tracing::warn!(job = %name, error = %d, "cannot delete the failed Job");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Follows the Job until it finishes (`Ok`), fails or is cancelled, starting a relay of
+    /// the agent's progress lines once its container runs.
+    async fn watch_until_done(
+        &self,
+        name: &str,
+        spec: &TaskSpec,
+        events: &UnboundedSender<AgentEvent>,
+        cancel: &CancellationToken,
+        relays: &mut JoinSet<()>,
+    ) -> Result<(), RunnerError> {
         let jobs = watcher::watcher(
             self.jobs(),
             watcher::Config::default().fields(&format!("metadata.name={name}")),
@@ -453,7 +506,7 @@ impl KubeRunner {
         let mut stream = futures::stream::select(jobs, pods);
         let mut state = PodState::default();
         let mut tick = tokio::time::interval(TICK);
-        let outcome = loop {
+        loop {
             tokio::select! {
                 _ = cancel.cancelled() => {
                     tracing::info!(job = %name, "cancel: deleting the Job");
@@ -502,7 +555,16 @@ impl KubeRunner {
                             Event::Init | Event::InitDone => {}
                         }
                     }
-                    Some(Seen::Pod(Ok(ev))) => state.apply(ev),
+                    Some(Seen::Pod(Ok(ev))) => {
+                        state.apply(ev);
+                        if let Some(phase) = state.phase_change() {
+                            tracing::info!(job = %name, %phase, "agent pod");
+                            let _ = events.send(AgentEvent::Pod { phase });
+                        }
+                        for pod in state.agents_to_follow() {
+                            relays.spawn(relay_progress(self.pods(), pod, events.clone()));
+                        }
+                    }
                     Some(Seen::Job(Err(e)) | Seen::Pod(Err(e))) => {
                         // The watcher restarts itself after a backoff.
                         tracing::warn!(job = %name, error = %e, "watch failed; retrying");
@@ -510,15 +572,39 @@ impl KubeRunner {
                     None => break Err(RunnerError::Failed("the Job watch ended".into())),
                 }
             }
-        };
-        match outcome {
-            Ok(()) => read_summary(objects, task).await,
-            Err(e) => {
-                // A failure the runner decided (scheduling, image) leaves a Job behind.
-                if let Err(d) = self.delete_job(name).await {
-                    tracing::warn!(job = %name, error = %d, "cannot delete the failed Job");
+        }
+    }
+}
+
+/// Copies the agent container's log into the task's events: each line the agent prints is
+/// one JSON [`AgentEvent`]; anything else (a crash message) is left to the pod's log.
+async fn relay_progress(pods: Api<Pod>, pod: String, events: UnboundedSender<AgentEvent>) {
+    let params = LogParams {
+        container: Some(AGENT_CONTAINER.into()),
+        follow: true,
+        ..Default::default()
+    };
+    let reader = match pods.log_stream(&pod, &params).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(%pod, error = %e, "cannot follow the agent's log; progress events will be missing");
+            return;
+        }
+    };
+    let mut lines = reader.lines();
+    while let Some(line) = lines.next().await {
+        match line {
+            Ok(line) => match serde_json::from_str::<AgentEvent>(&line) {
+                Ok(ev) => {
+                    if events.send(ev).is_err() {
+                        return;
+                    }
                 }
-                Err(e)
+                Err(_) => tracing::debug!(%pod, %line, "agent log line is not an event"),
+            },
+            Err(e) => {
+                tracing::debug!(%pod, error = %e, "the agent's log stream ended");
+                return;
             }
         }
     }
@@ -542,6 +628,10 @@ struct PodState {
     pull_failing: Option<(Instant, String, String)>,
     /// The last container termination reason seen (`OOMKilled`, `Error`, …).
     terminated: Option<String>,
+    /// Pods whose agent log is already being relayed.
+    followed: std::collections::HashSet<String>,
+    /// The pod phase last reported.
+    phase: Option<String>,
 }
 
 impl PodState {
@@ -572,6 +662,54 @@ impl PodState {
             }
         }
         self.refresh();
+    }
+
+    /// The pod's phase with the reason it waits, if that changed since the last call.
+    fn phase_change(&mut self) -> Option<String> {
+        let pod = self.pods.values().next()?;
+        let status = pod.status.as_ref()?;
+        let mut phase = status.phase.clone().unwrap_or_else(|| "Pending".into());
+        let waiting = statuses(pod).find_map(|c| {
+            let w = c.state.as_ref()?.waiting.as_ref()?;
+            Some(format!(
+                "{} {}",
+                c.name,
+                w.reason.clone().unwrap_or_default()
+            ))
+        });
+        let unscheduled = status.conditions.iter().flatten().find_map(|c| {
+            (c.type_ == "PodScheduled" && c.status == "False")
+                .then(|| c.reason.clone().unwrap_or_default())
+        });
+        if let Some(why) = unscheduled.or(waiting).filter(|w| !w.trim().is_empty()) {
+            phase = format!("{phase}: {}", why.trim());
+        }
+        if self.phase.as_ref() == Some(&phase) {
+            return None;
+        }
+        self.phase = Some(phase.clone());
+        Some(phase)
+    }
+
+    /// Pods whose agent container has started (so its log exists) and whose log nobody
+    /// follows yet; they count as followed from now on.
+    fn agents_to_follow(&mut self) -> Vec<String> {
+        let started: Vec<String> = self
+            .pods
+            .values()
+            .filter(|p| {
+                statuses(p).any(|c| {
+                    c.name == AGENT_CONTAINER
+                        && c.state
+                            .as_ref()
+                            .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+                })
+            })
+            .map(pod_name)
+            .filter(|n| !self.followed.contains(n))
+            .collect();
+        self.followed.extend(started.iter().cloned());
+        started
     }
 
     fn insert(&mut self, p: Pod) {
@@ -830,7 +968,7 @@ impl AgentRunner for KubeRunner {
         spec: &TaskSpec,
         objects: &dyn ObjectStore,
         work: &Path,
-        _events: UnboundedSender<AgentEvent>,
+        events: UnboundedSender<AgentEvent>,
         cancel: CancellationToken,
     ) -> Result<AgentSummary, RunnerError> {
         let name = job_name(task, attempt_of(work));
@@ -860,9 +998,13 @@ impl AgentRunner for KubeRunner {
                 )));
             }
         }
-        self.follow(&name, task, spec, objects, &cancel).await
+        self.follow(&name, task, spec, objects, &events, &cancel)
+            .await
     }
 }
+
+#[cfg(any(test, feature = "bench-support"))]
+pub mod testing;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
@@ -874,9 +1016,7 @@ mod tests {
     use http_body_util::BodyExt;
     use kube::client::Body;
     use patchflow_core::{AgentOutcome, TaskSource};
-    use patchflow_platform::objectstore::{
-        FsObjectStore, ObjectError, ObjectMeta as StoreMeta, ObjectReader,
-    };
+    use patchflow_platform::objectstore::FsObjectStore;
     use serde_json::{Value, json};
     use tokio::task::JoinHandle;
     use tower_test::mock::{Handle, SendResponse};
@@ -887,53 +1027,7 @@ mod tests {
     const TASK: &str = "tsk_ABC_123";
     const JOB: &str = "patchflow-tsk-abc-123-2";
 
-    /// The directory store with fake presigned URLs: the pod is never run here.
-    struct Presigning(FsObjectStore);
-
-    #[async_trait]
-    impl ObjectStore for Presigning {
-        async fn put_file(&self, key: &str, path: &Path) -> Result<u64, ObjectError> {
-            self.0.put_file(key, path).await
-        }
-        async fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<(), ObjectError> {
-            self.0.put_bytes(key, bytes).await
-        }
-        async fn get_to_file(&self, key: &str, path: &Path) -> Result<u64, ObjectError> {
-            self.0.get_to_file(key, path).await
-        }
-        async fn get_bytes(&self, key: &str) -> Result<Vec<u8>, ObjectError> {
-            self.0.get_bytes(key).await
-        }
-        async fn open_read(&self, key: &str) -> Result<(ObjectReader, u64), ObjectError> {
-            self.0.open_read(key).await
-        }
-        async fn exists(&self, key: &str) -> Result<bool, ObjectError> {
-            self.0.exists(key).await
-        }
-        async fn list(&self, prefix: &str) -> Result<Vec<StoreMeta>, ObjectError> {
-            self.0.list(prefix).await
-        }
-        async fn delete_prefix(&self, prefix: &str) -> Result<u64, ObjectError> {
-            self.0.delete_prefix(prefix).await
-        }
-        async fn presigned_get(
-            &self,
-            key: &str,
-            _expires: Duration,
-        ) -> Result<Option<String>, ObjectError> {
-            Ok(Some(format!("https://s3.test/{key}?op=get")))
-        }
-        async fn presigned_put(
-            &self,
-            key: &str,
-            _expires: Duration,
-        ) -> Result<Option<String>, ObjectError> {
-            Ok(Some(format!("https://s3.test/{key}?op=put")))
-        }
-        fn describe(&self) -> String {
-            "test".into()
-        }
-    }
+    use super::testing::Presigning;
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     enum Route {
@@ -944,6 +1038,7 @@ mod tests {
         WatchJobs,
         ListPods,
         WatchPods,
+        PodLog,
     }
 
     impl Route {
@@ -963,6 +1058,7 @@ mod tests {
                         Route::ListJobs
                     }
                 }
+                ("GET", p) if p == format!("{pods}/{JOB}-xyz/log") => Route::PodLog,
                 ("GET", p) if p == pods && query.contains("labelSelector=job-name") => {
                     if watch {
                         Route::WatchPods
@@ -973,8 +1069,9 @@ mod tests {
                 _ => return None,
             })
         }
+        /// Streams that may stay quiet: a request with no reply scripted waits.
         fn is_watch(self) -> bool {
-            matches!(self, Route::WatchJobs | Route::WatchPods)
+            matches!(self, Route::WatchJobs | Route::WatchPods | Route::PodLog)
         }
     }
 
@@ -1175,6 +1272,7 @@ mod tests {
     struct Run {
         result: Result<AgentSummary, RunnerError>,
         seen: Vec<Seen>,
+        events: Vec<AgentEvent>,
     }
 
     async fn run_with(script: Script, cancel_after: Option<Duration>, store_summary: bool) -> Run {
@@ -1207,7 +1305,7 @@ mod tests {
                 c.cancel();
             });
         }
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let work = dir.path().join("run-2");
         let spec = spec();
         let fut = runner.run(&task, &spec, &store, &work, tx, cancel);
@@ -1221,7 +1319,15 @@ mod tests {
         .expect("the runner did not finish in time");
         server.abort();
         let seen = seen.lock().unwrap().clone();
-        Run { result, seen }
+        let mut events = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            events.push(ev);
+        }
+        Run {
+            result,
+            seen,
+            events,
+        }
     }
 
     fn created_job(seen: &[Seen]) -> Value {
@@ -1382,6 +1488,72 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_agents_progress_lines_become_task_events() {
+        let agent_running = pod_json(json!({"phase": "Running", "containerStatuses": [
+            {"name": "agent", "image": "i", "imageID": "", "ready": true, "restartCount": 0,
+             "state": {"running": {"startedAt": "2026-11-29T10:00:00Z"}}}]}));
+        let log = [
+            json!({"event": "started", "model": "gpt-x", "max_steps": 30}).to_string(),
+            "a line that is not an event".to_string(),
+            json!({"event": "model_request", "step": 1}).to_string(),
+            json!({"event": "tool_call", "step": 1, "tool": "read_file_content",
+                "arguments": "{\"file_path\":\"a.rs\"}"})
+            .to_string(),
+        ]
+        .join("\n");
+        let script = Script::default()
+            .on(Route::CreateJob, ok(running_job()))
+            .on(Route::ListJobs, list("JobList", vec![running_job()]))
+            .on(Route::ListPods, list("PodList", vec![]))
+            .on(Route::WatchPods, events(&[("MODIFIED", agent_running)]))
+            .on(
+                Route::PodLog,
+                Reply {
+                    status: 200,
+                    body: log + "\n",
+                },
+            )
+            // The Job completes only once the log has been asked for.
+            .after(
+                Route::PodLog,
+                Route::WatchJobs,
+                events(&[("MODIFIED", job_json(cond("Complete", "", "")))]),
+            );
+        let run = run_with(script, None, true).await;
+        assert_eq!(run.result.unwrap(), summary());
+        let log_req = run
+            .seen
+            .iter()
+            .find(|s| s.uri.contains("/log"))
+            .expect("the agent's log was followed");
+        assert!(
+            log_req.uri.contains("container=agent") && log_req.uri.contains("follow=true"),
+            "{}",
+            log_req.uri
+        );
+        assert_eq!(
+            run.events,
+            vec![
+                AgentEvent::Pod {
+                    phase: "Running".into()
+                },
+                AgentEvent::Started {
+                    model: "gpt-x".into(),
+                    max_steps: 30
+                },
+                AgentEvent::ModelRequest { step: 1 },
+                AgentEvent::ToolCall {
+                    step: 1,
+                    tool: "read_file_content".into(),
+                    arguments: "{\"file_path\":\"a.rs\"}".into()
+                },
+            ]
+        );
+        let logs = run.seen.iter().filter(|s| s.uri.contains("/log")).count();
+        assert_eq!(logs, 1, "one pod, one log stream");
+    }
+
+    #[tokio::test]
     async fn an_existing_job_is_adopted_and_followed() {
         let script = completes()
             .on(Route::CreateJob, status(409, "AlreadyExists"))
@@ -1505,6 +1677,13 @@ mod tests {
         let run = run_with(script, None, true).await;
         let e = run.result.unwrap_err().to_string();
         assert!(e.contains(msg), "{e}");
+        assert_eq!(
+            run.events,
+            vec![AgentEvent::Pod {
+                phase: "Pending: Unschedulable".into()
+            }],
+            "the task's events say why it waits"
+        );
         assert!(
             run.seen.iter().any(|s| s.method == Method::DELETE),
             "the stuck Job is removed"
@@ -1526,6 +1705,12 @@ mod tests {
         let e = run.result.unwrap_err().to_string();
         assert!(e.contains("ghcr.io/p/patchflow:1"), "{e}");
         assert!(e.contains("ImagePullBackOff"), "{e}");
+        assert_eq!(
+            run.events,
+            vec![AgentEvent::Pod {
+                phase: "Pending: fetch ImagePullBackOff".into()
+            }]
+        );
     }
 
     #[tokio::test]

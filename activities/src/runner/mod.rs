@@ -2,7 +2,7 @@
 //! the result files stored under `results/<task>/`. The local runner is a child process on
 //! the worker; a Kubernetes Job runner implements the same trait.
 
-mod kube;
+pub mod kube;
 mod local;
 
 use std::path::Path;
