@@ -917,6 +917,15 @@ fn runtime_default() -> SeccompProfile {
     }
 }
 
+/// Whether `job` was made for `task` (its annotation holds the full task id).
+fn owned_by(job: &Job, task: &TaskId) -> bool {
+    job.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(TASK_LABEL))
+        .is_some_and(|t| t == task.as_str())
+}
+
 /// `patchflow-<task id, DNS-1123>-<attempt>`, at most 63 characters.
 pub fn job_name(task: &TaskId, attempt: u32) -> String {
     let suffix = format!("-{attempt}");
@@ -983,6 +992,12 @@ impl AgentRunner for KubeRunner {
             }
         };
         match created {
+            Ok(job) if !owned_by(&job, task) => {
+                // Names are cut to 63 characters, so two very long task ids could meet.
+                return Err(RunnerError::BadInput(format!(
+                    "the Job {name} already exists for another task; not adopting it"
+                )));
+            }
             Ok(_) => {
                 tracing::info!(task_id = %task, job = %name, namespace = %self.config.namespace, "agent Job running")
             }
@@ -1187,7 +1202,8 @@ mod tests {
         json!({
             "apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": JOB, "namespace": NS, "resourceVersion": "10",
-                "labels": {"patchflow.dev/task-id": TASK}},
+                "labels": {"patchflow.dev/task-id": TASK},
+                "annotations": {"patchflow.dev/task-id": TASK}},
             "spec": {"template": {"spec": {"containers": []}}},
             "status": {"conditions": conditions}
         })
@@ -1566,6 +1582,23 @@ mod tests {
             run.seen
                 .iter()
                 .any(|s| s.method == Method::GET && s.uri.ends_with(JOB))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_of_another_task_with_the_same_name_is_not_adopted() {
+        let mut foreign = running_job();
+        foreign["metadata"]["annotations"]["patchflow.dev/task-id"] = json!("tsk_other");
+        let script = Script::default()
+            .on(Route::CreateJob, status(409, "AlreadyExists"))
+            .on(Route::GetJob, ok(foreign));
+        let run = run_with(script, None, true).await;
+        let e = run.result.unwrap_err();
+        assert!(matches!(e, RunnerError::BadInput(_)), "{e:?}");
+        assert!(e.to_string().contains("already exists for another task"), "{e}");
+        assert!(
+            run.seen.iter().all(|s| s.method != Method::DELETE),
+            "another task's Job is left alone"
         );
     }
 
