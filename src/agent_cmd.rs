@@ -1,5 +1,7 @@
 //! `patchflow agent`: what a runner executes. Reads the task spec, works in the given
 //! workspace, prints progress events as JSON lines on stdout, writes result files to `--out`.
+//! Also the hidden `patchflow sandbox-exec`, which the shell tool starts to put a command
+//! in the OS sandbox.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -9,7 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use patchflow_agent::{AgentRun, NativeTools, ShellEnv, Workspace};
+use patchflow_agent::sandbox::{SandboxMode, ShellSandbox};
+use patchflow_agent::tools::{DocSearch, GuestRunner, HostHandle, HttpDocs, WorkspaceDocs};
+use patchflow_agent::wasm::egress::Egress;
+use patchflow_agent::wasm::{CallLimits, HostOptions, TOOLS_COMPONENT};
+use patchflow_agent::{AgentRun, SandboxedTools, ShellEnv, Workspace};
 use patchflow_core::{Config, TaskSpec};
 
 #[derive(Debug, Args)]
@@ -46,8 +52,9 @@ pub async fn run(config: &Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
         None => std::env::temp_dir(),
     };
     std::fs::create_dir_all(&scratch)?;
+    let scratch = scratch.canonicalize()?;
     let deadline = Instant::now() + Duration::from_secs(spec.limits.wall_seconds);
-    let tools = Arc::new(NativeTools::new(ws, ShellEnv::minimal(&scratch), deadline));
+    let tools = Arc::new(build_tools(config, &spec, ws, &scratch, deadline).await?);
     let run = AgentRun {
         spec,
         workspace: a.workspace.clone(),
@@ -79,4 +86,101 @@ pub async fn run(config: &Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
         "agent finished"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where compiled components may be cached. The cache holds native code that is loaded
+/// without recompiling, so it must be a directory only this user can write and no
+/// sandboxed command can reach: never inside the workspace or the temp dir (Landlock lets
+/// commands write those), and owned by us with no group or world write bit. Default:
+/// `<data_dir>/cache/wasm` when `data_dir` is absolute, else `/var/tmp/patchflow-wasm-<uid>`.
+fn tool_cache_dir(config: &Config, ws: &Workspace, scratch: &std::path::Path) -> Option<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let uid = nix::unistd::Uid::effective().as_raw();
+    let dir = match &config.tool_cache_dir {
+        Some(d) => d.clone(),
+        None if config.data_dir.is_absolute() => config.data_dir.join("cache").join("wasm"),
+        None => PathBuf::from(format!("/var/tmp/patchflow-wasm-{uid}")),
+    };
+    let dir = std::path::absolute(dir).ok()?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .ok()?;
+    let real = dir.canonicalize().ok()?;
+    let meta = std::fs::metadata(&real).ok()?;
+    let safe = meta.uid() == uid && meta.mode() & 0o022 == 0;
+    if !safe || real.starts_with(ws.root()) || real.starts_with(scratch) {
+        tracing::warn!(dir = %real.display(), "not using this tool cache dir (inside the workspace or temp dir, or writable by others); compiling in memory");
+        return None;
+    }
+    Some(real)
+}
+
+/// The sandboxed tools for one run: the WebAssembly host (loading in the background while
+/// the first model request goes out), the task's egress policy and the shell sandbox.
+async fn build_tools(
+    config: &Config,
+    spec: &TaskSpec,
+    ws: Workspace,
+    scratch: &std::path::Path,
+    deadline: Instant,
+) -> anyhow::Result<SandboxedTools> {
+    let options = HostOptions {
+        limits: CallLimits {
+            memory_bytes: usize::try_from(config.tool_memory_mb << 20).unwrap_or(usize::MAX),
+            timeout: Duration::from_millis(config.tool_timeout_ms),
+        },
+        cache_dir: tool_cache_dir(config, &ws, scratch),
+    };
+    let guest = GuestRunner {
+        host: HostHandle::load(TOOLS_COMPONENT, options),
+        root: ws.root().to_path_buf(),
+    };
+    let mode = SandboxMode::parse(&config.sandbox_mode).with_context(|| {
+        format!(
+            "sandbox_mode `{}` is not strict or best-effort",
+            config.sandbox_mode
+        )
+    })?;
+    let mut sandbox = ShellSandbox::current_exe(scratch, mode)?;
+    sandbox.network = spec.policy.network;
+    sandbox.max_processes = config.shell_max_processes;
+    sandbox.max_memory_bytes = config.shell_max_memory_mb << 20;
+    // Strict mode refuses to start without every layer; best-effort logs what is missing.
+    sandbox.probe(ws.root()).await?;
+    let egress = Egress::from_policy(&spec.policy, |name| std::env::var(name).ok())
+        .map_err(anyhow::Error::msg)?;
+    let docs: Arc<dyn DocSearch> =
+        match (config.doc_search_provider.as_str(), &config.doc_search_url) {
+            ("http", Some(url)) => {
+                Arc::new(HttpDocs::new(guest.clone(), url).map_err(anyhow::Error::msg)?)
+            }
+            _ => Arc::new(WorkspaceDocs {
+                guest: guest.clone(),
+                ws: ws.clone(),
+            }),
+        };
+    Ok(SandboxedTools::new(
+        ws,
+        guest,
+        ShellEnv::minimal(scratch),
+        sandbox,
+        egress,
+        docs,
+        deadline,
+    ))
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxExecArgs {
+    /// Set by the shell tool (see patchflow_agent::sandbox::ShellSandbox::exec_args).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<std::ffi::OsString>,
+}
+
+/// `patchflow sandbox-exec`: runs before any thread exists (namespaces need that) and
+/// either becomes the command or exits 126 with the reason on stderr.
+pub fn sandbox_exec(a: SandboxExecArgs) -> ExitCode {
+    ExitCode::from(patchflow_agent::sandbox::main_with_args(a.args))
 }

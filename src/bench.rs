@@ -3,6 +3,8 @@
 //! - `bench agent`: `patchflow agent` against an in-process scripted model that answers at
 //!   once: process start to first model request, the cost of a file-tool step and of a
 //!   trivial shell step (time between consecutive model requests), and peak RSS.
+//! - `bench tools`: the sandboxed tools per call (WASM vs native) and the shell sandbox's
+//!   start-up (see `bench_tools`).
 //! - `bench pipeline`: an embedded stack (dev server, worker, gateway) running N one-step
 //!   tasks: submit-to-COMPLETED p50/p95, tasks/s, and each stage timed from the task's
 //!   recorded history.
@@ -28,6 +30,12 @@ pub enum BenchCommand {
         /// Tool steps per run for the per-step costs.
         #[arg(long, default_value_t = 40)]
         steps: usize,
+    },
+    /// The sandboxed tools per call: WASM vs native, sandboxed vs plain spawn.
+    Tools {
+        /// Calls per file-tool measurement (searches and spawns use a tenth).
+        #[arg(long, default_value_t = 500)]
+        iterations: usize,
     },
     /// Status reads (`GET /api/tasks/{id}`) by many concurrent readers, without and with
     /// the Redis status cache. The task store is `database_url` (SQLite by default).
@@ -63,6 +71,7 @@ pub enum BenchCommand {
 pub async fn run(config: Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Agent { runs, steps } => agent(runs, steps).await,
+        BenchCommand::Tools { iterations } => crate::bench_tools::run(iterations).await,
         BenchCommand::Pipeline {
             sequential,
             concurrent,
@@ -107,7 +116,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+pub fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
     (
         percentile(&v, 0.5),

@@ -4,6 +4,7 @@
 mod agent_cmd;
 mod bench;
 mod bench_store;
+mod bench_tools;
 mod client;
 mod devserver;
 mod settings;
@@ -52,6 +53,9 @@ enum Command {
     /// Measure the pipeline or the agent and print numbers.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Internal: run one shell command inside the agent's OS sandbox.
+    #[command(hide = true, name = "sandbox-exec")]
+    SandboxExec(agent_cmd::SandboxExecArgs),
 }
 
 #[derive(Debug, Args)]
@@ -69,6 +73,11 @@ struct ScriptedModelArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before configuration, logging and the runtime: the sandbox needs a process with a
+    // single thread, and nothing of the agent's own set-up belongs to the command.
+    if let Command::SandboxExec(a) = cli.command {
+        return agent_cmd::sandbox_exec(a);
+    }
     let config = match settings::load(&cli.global) {
         Ok(c) => c,
         Err(e) => {
@@ -114,6 +123,7 @@ fn main() -> ExitCode {
             }
             Command::ScriptedModel(a) => scripted_model(a).await,
             Command::Bench(b) => bench::run(config, b).await,
+            Command::SandboxExec(_) => Ok(ExitCode::FAILURE),
         }
     });
     match result {

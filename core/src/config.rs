@@ -60,6 +60,27 @@ pub struct Config {
     pub llm_max_retries: u32,
     /// First backoff between model retries, in milliseconds (doubles each time).
     pub llm_retry_backoff_ms: u64,
+    /// Shell sandbox: `best-effort` (default; runs with what the kernel offers and warns
+    /// about what is missing, e.g. Landlock) or `strict` (refuses to run a command unless
+    /// every layer is in force).
+    pub sandbox_mode: String,
+    /// Most processes a shell command may have at once (pids cgroup and RLIMIT_NPROC).
+    pub shell_max_processes: u64,
+    /// Address-space limit of a shell command, in MiB.
+    pub shell_max_memory_mb: u64,
+    /// Memory one WebAssembly tool call may grow to, in MiB.
+    pub tool_memory_mb: u64,
+    /// Time one WebAssembly tool call may run before it is interrupted (milliseconds).
+    pub tool_timeout_ms: u64,
+    /// Where compiled tool components are kept; default `<data_dir>/cache/wasm`. Never
+    /// used when it lies inside a task's workspace or temp dir (a command could plant code).
+    pub tool_cache_dir: Option<PathBuf>,
+    /// Provider of `web_search_doc_and_reference`: `workspace` (offline: the repository's
+    /// own documentation) or `http` (the endpoint in `doc_search_url`).
+    pub doc_search_provider: String,
+    /// The HTTP search endpoint (`GET URL?q=QUERY&n=MAX` answering
+    /// `{"results": [{"title", "url", "snippet"}]}`); its host is the only one the provider reaches.
+    pub doc_search_url: Option<String>,
     /// Accept `file://` URLs and local paths as git sources (tests, the demo).
     pub allow_local_sources: bool,
     /// Largest upload (ZIP) accepted by the gateway, in bytes.
@@ -108,6 +129,14 @@ impl Default for Config {
             openai_api_key: None,
             llm_max_retries: 4,
             llm_retry_backoff_ms: 500,
+            sandbox_mode: "best-effort".into(),
+            shell_max_processes: 256,
+            shell_max_memory_mb: 8192,
+            tool_memory_mb: 256,
+            tool_timeout_ms: 10_000,
+            tool_cache_dir: None,
+            doc_search_provider: "workspace".into(),
+            doc_search_url: None,
             allow_local_sources: false,
             max_upload_bytes: 100 * 1024 * 1024,
             max_unpacked_bytes: 1024 * 1024 * 1024,
@@ -130,7 +159,7 @@ pub const ENV_ALIASES: [(&str, &str); 3] = [
 
 impl Config {
     /// Every key, in the order `patchflow config` prints them.
-    pub const KEYS: [&'static str; 33] = [
+    pub const KEYS: [&'static str; 41] = [
         "http_addr",
         "grpc_addr",
         "data_dir",
@@ -155,6 +184,14 @@ impl Config {
         "openai_api_key",
         "llm_max_retries",
         "llm_retry_backoff_ms",
+        "sandbox_mode",
+        "shell_max_processes",
+        "shell_max_memory_mb",
+        "tool_memory_mb",
+        "tool_timeout_ms",
+        "tool_cache_dir",
+        "doc_search_provider",
+        "doc_search_url",
         "allow_local_sources",
         "max_upload_bytes",
         "max_unpacked_bytes",
@@ -240,6 +277,14 @@ impl Config {
             "openai_api_key" => self.openai_api_key = opt(value).map(Secret::new),
             "llm_max_retries" => self.llm_max_retries = num(key, value)?,
             "llm_retry_backoff_ms" => self.llm_retry_backoff_ms = num(key, value)?,
+            "sandbox_mode" => self.sandbox_mode = value.into(),
+            "shell_max_processes" => self.shell_max_processes = num(key, value)?,
+            "shell_max_memory_mb" => self.shell_max_memory_mb = num(key, value)?,
+            "tool_memory_mb" => self.tool_memory_mb = num(key, value)?,
+            "tool_timeout_ms" => self.tool_timeout_ms = num(key, value)?,
+            "tool_cache_dir" => self.tool_cache_dir = opt(value).map(PathBuf::from),
+            "doc_search_provider" => self.doc_search_provider = value.into(),
+            "doc_search_url" => self.doc_search_url = opt(value),
             "allow_local_sources" => self.allow_local_sources = flag(key, value)?,
             "max_upload_bytes" => self.max_upload_bytes = num(key, value)?,
             "max_unpacked_bytes" => self.max_unpacked_bytes = num(key, value)?,
@@ -259,6 +304,15 @@ impl Config {
         let bad = |k: &str, r: &str| Err(CoreError::Invalid(crate::ValidationError::new(k, r)));
         if self.runner != "local" {
             return bad("runner", "only `local` is available in this build");
+        }
+        if !matches!(self.sandbox_mode.as_str(), "strict" | "best-effort") {
+            return bad("sandbox_mode", "must be `strict` or `best-effort`");
+        }
+        match self.doc_search_provider.as_str() {
+            "workspace" => {}
+            "http" if self.doc_search_url.is_some() => {}
+            "http" => return bad("doc_search_url", "the http doc search provider needs a URL"),
+            _ => return bad("doc_search_provider", "must be `workspace` or `http`"),
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad("log_format", "must be `text` or `json`");
@@ -422,6 +476,10 @@ mod tests {
                 | "temporal_ui_port"
                 | "llm_max_retries"
                 | "llm_retry_backoff_ms"
+                | "shell_max_processes"
+                | "shell_max_memory_mb"
+                | "tool_memory_mb"
+                | "tool_timeout_ms"
                 | "max_upload_bytes"
                 | "max_unpacked_bytes"
                 | "max_archive_entries"

@@ -14,7 +14,9 @@ pub use error::{CoreError, ValidationError};
 pub use event::{AgentEvent, TaskEvent, TaskEventKind};
 pub use secret::Secret;
 pub use summary::{AgentOutcome, AgentSummary};
-pub use task::{Limits, TaskId, TaskRecord, TaskSource, TaskSpec, TaskStatus};
+pub use task::{
+    Limits, SecretHeader, TaskId, TaskRecord, TaskSource, TaskSpec, TaskStatus, ToolPolicy,
+};
 
 /// Object keys of the layout in DESIGN.md, in one place so no crate spells them twice.
 pub mod layout {

@@ -189,6 +189,97 @@ impl TaskSource {
     }
 }
 
+/// What a task's tools may reach beyond the workspace. The default reaches nothing: shell
+/// commands run without network, `call_api` is refused for every host.
+///
+/// ```json
+/// {"network": false,
+///  "allow_hosts": ["api.example.com", "127.0.0.1:8080"],
+///  "secrets": [{"host": "api.example.com", "header": "Authorization", "env": "EXAMPLE_TOKEN"}]}
+/// ```
+///
+/// A secret is named, never given: the agent's host reads the environment variable `env`
+/// of its own process and adds the header to requests to `host`, so the value is never in
+/// the spec, the model's context or the transcript.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ToolPolicy {
+    /// Shell commands may open network sockets.
+    pub network: bool,
+    /// Hosts `call_api` may reach: `name` (any port) or `name:port`.
+    pub allow_hosts: Vec<String>,
+    /// Headers the host injects from its own environment.
+    pub secrets: Vec<SecretHeader>,
+}
+
+/// One secret header of a [`ToolPolicy`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretHeader {
+    /// The allowed host whose requests get the header.
+    pub host: String,
+    /// The header's name, e.g. `Authorization`.
+    pub header: String,
+    /// The environment variable holding the value.
+    pub env: String,
+}
+
+impl ToolPolicy {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        for h in &self.allow_hosts {
+            if h.is_empty()
+                || h.len() > 253
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+            {
+                return Err(ValidationError::new(
+                    "policy.allow_hosts",
+                    format!("`{h}` is not a host or host:port"),
+                ));
+            }
+        }
+        for s in &self.secrets {
+            if !self.allow_hosts.contains(&s.host) {
+                return Err(ValidationError::new(
+                    "policy.secrets",
+                    format!("host `{}` is not in allow_hosts", s.host),
+                ));
+            }
+            if s.header.is_empty()
+                || !s
+                    .header
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(ValidationError::new(
+                    "policy.secrets",
+                    format!("`{}` is not a header name", s.header),
+                ));
+            }
+            if s.env.is_empty()
+                || !s
+                    .env
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return Err(ValidationError::new(
+                    "policy.secrets",
+                    format!(
+                        "`{}` is not an environment variable name (A-Z, 0-9, _)",
+                        s.env
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Budgets for one agent run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -254,6 +345,9 @@ pub struct TaskSpec {
     pub tenant: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_id: Option<String>,
+    /// What the tools may reach beyond the workspace (default: nothing).
+    #[serde(default, skip_serializing_if = "ToolPolicy::is_default")]
+    pub policy: ToolPolicy,
 }
 
 pub fn default_tenant() -> String {
@@ -277,6 +371,7 @@ impl TaskSpec {
             idempotency_key: None,
             tenant: default_tenant(),
             batch_id: None,
+            policy: ToolPolicy::default(),
         }
     }
 
@@ -343,6 +438,7 @@ impl TaskSpec {
                 "must be 1 to 256 characters",
             ));
         }
+        self.policy.validate()?;
         self.limits.validate()
     }
 }

@@ -1,19 +1,22 @@
 //! The agent's tools: their OpenAI function schemas (names and parameters fixed by
-//! DESIGN.md) and the [`ToolDispatch`] trait the loop calls them through. The native
-//! implementations live in [`native`]; a sandboxed implementation replaces them behind the
-//! same trait without touching the loop.
+//! DESIGN.md) and the [`ToolDispatch`] trait the loop calls them through. The
+//! implementation is [`SandboxedTools`]: files, search and HTTP in a WebAssembly guest,
+//! shell commands in the OS sandbox.
 //!
 //! Every tool answers JSON. A failure is a result too (`{"error": "..."}`), returned to the
 //! model so it can correct itself; only the loop decides when a run ends.
 
-mod native;
-mod search;
+mod guest;
+mod sandboxed;
+pub mod search;
 mod shell;
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-pub use native::NativeTools;
+pub use guest::{GuestRunner, HostHandle};
+pub use sandboxed::SandboxedTools;
+pub use search::{DocSearch, HttpDocs, WorkspaceDocs};
 pub use shell::ShellEnv;
 
 /// A tool failure, shown to the model as `{"error": message}`.
@@ -109,7 +112,7 @@ pub fn schemas() -> Vec<(&'static str, &'static str, Value)> {
         ),
         (
             EDIT_FILE_CONTENT,
-            "Replace old_text with new_text in a file. old_text must match exactly once. An empty old_text creates a new file with new_text as its content.",
+            "Replace old_text with new_text in a file. old_text must match exactly once. An empty old_text creates a new file with new_text as its content. To change many places of one existing file at once, give an empty old_text and that file's unified diff as new_text.",
             json!({
                 "type": "object",
                 "properties": {

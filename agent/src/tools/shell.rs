@@ -1,9 +1,11 @@
-//! `run_shell_command`: a command in its own process group, with a timeout, a minimal
-//! environment (no API keys) and bounded output. When it ends, whatever it left running in
-//! its group is killed too, so a stray `server &` cannot outlive its step.
+//! `run_shell_command`: a command in the OS sandbox ([`crate::sandbox`]), in its own
+//! process group and pids cgroup, with a timeout, a minimal environment (no API keys) and
+//! bounded output. When it ends, whatever it left running in its group or cgroup is killed
+//! too, so a stray `server &` cannot outlive its step.
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
@@ -14,6 +16,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 use super::ToolError;
+use crate::sandbox::{self, ShellSandbox};
 use crate::truncate::{CappedBuffer, MAX_BYTES, MAX_LINES, head_tail};
 use crate::workspace::Workspace;
 
@@ -66,9 +69,13 @@ impl ShellEnv {
     }
 }
 
+/// Names each command's cgroup uniquely within this agent.
+static COMMANDS: AtomicU64 = AtomicU64::new(0);
+
 pub async fn run(
     ws: &Workspace,
     env: &ShellEnv,
+    sandbox: &ShellSandbox,
     args: ShellArgs,
     budget: Duration,
 ) -> Result<Value, ToolError> {
@@ -88,8 +95,18 @@ pub async fn run(
         .clamp(1, MAX_TIMEOUT_SECS);
     let timeout = Duration::from_secs(requested).min(budget.max(Duration::from_secs(1)));
 
-    let mut cmd = Command::new(&env.shell);
-    cmd.arg("-c")
+    let cgroup = format!(
+        "cmd-{}-{}",
+        std::process::id(),
+        COMMANDS.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut cmd = Command::new(&sandbox.program);
+    // The CPU limit is a backstop behind the timeout: a command cannot burn more CPU
+    // seconds than it has wall seconds.
+    cmd.args(sandbox.exec_args(ws.root(), &cgroup, timeout.as_secs() + 1, false))
+        .arg("--")
+        .arg(&env.shell)
+        .arg("-c")
         .arg(&args.command_string)
         .current_dir(&dir)
         .env_clear()
@@ -100,9 +117,12 @@ pub async fn run(
         .process_group(0)
         .kill_on_drop(true);
     let started = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| ToolError::new(format!("cannot start {}: {e}", env.shell.display())))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        ToolError::new(format!(
+            "cannot start the shell sandbox ({}): {e}",
+            sandbox.program.display()
+        ))
+    })?;
     let pgid = child.id().map(|id| Pid::from_raw(id as i32));
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
@@ -118,6 +138,8 @@ pub async fn run(
     if let Some(pgid) = pgid {
         let _ = killpg(pgid, Signal::SIGKILL);
     }
+    // And everything that left the group (`setsid`) but not the cgroup.
+    let _ = tokio::task::spawn_blocking(move || sandbox::remove_cgroup(&cgroup)).await;
     let status = match status {
         Some(s) => Some(s),
         None => child.wait().await.ok(),

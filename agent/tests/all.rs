@@ -1,0 +1,3 @@
+//! The agent crate's integration tests: one binary, the suites under `suite/`.
+
+mod suite;
