@@ -62,6 +62,24 @@ pub struct Activities {
 }
 
 impl Activities {
+    /// Writes a status for the workflow run that called the activity. The run id places
+    /// the write among the task's attempts: a run the store has not seen (a retry, or a
+    /// reset done by hand in the Temporal UI) begins a new attempt by itself.
+    async fn write_status(
+        &self,
+        ctx: &ActivityContext,
+        id: &TaskId,
+        status: TaskStatus,
+        message: &str,
+    ) -> Result<StatusChange, patchflow_platform::StoreError> {
+        match ctx.info().workflow_run_id.as_deref() {
+            Some(run) if !run.is_empty() => {
+                self.store.set_run_status(id, run, status, message).await
+            }
+            _ => self.store.set_status(id, status, message).await,
+        }
+    }
+
     /// Tells live readers about a change the task store just recorded: the event goes to
     /// the task's stream and the cached status is dropped. The store is the source of
     /// truth, so a cache outage is logged and otherwise ignored.
@@ -127,13 +145,12 @@ impl Activities {
     #[activity(definition = steps::RecordStatus)]
     pub async fn record_status(
         self: Arc<Self>,
-        _ctx: ActivityContext,
+        ctx: ActivityContext,
         update: StatusUpdate,
     ) -> Result<(), ActivityError> {
         let id = task_id(&update.task_id)?;
         match self
-            .store
-            .set_status(&id, update.status, &update.message)
+            .write_status(&ctx, &id, update.status, &update.message)
             .await
         {
             Ok(StatusChange::Applied { seq }) => {
@@ -230,7 +247,7 @@ impl Activities {
     #[activity(definition = steps::PublishResult)]
     pub async fn publish_result(
         self: Arc<Self>,
-        _ctx: ActivityContext,
+        ctx: ActivityContext,
         input: PublishInput,
     ) -> Result<PublishOutput, ActivityError> {
         let id = task_id(&input.task_id)?;
@@ -270,8 +287,7 @@ impl Activities {
             (TaskStatus::Failed, why)
         };
         match self
-            .store
-            .set_status(&id, status, &message)
+            .write_status(&ctx, &id, status, &message)
             .await
             .map_err(transient)?
         {

@@ -15,7 +15,8 @@ pub use event::{AgentEvent, TaskEvent, TaskEventKind};
 pub use secret::Secret;
 pub use summary::{AgentOutcome, AgentSummary};
 pub use task::{
-    Limits, SecretHeader, TaskId, TaskRecord, TaskSource, TaskSpec, TaskStatus, ToolPolicy,
+    Limits, SecretHeader, TaskAttempt, TaskId, TaskRecord, TaskSource, TaskSpec, TaskStatus,
+    ToolPolicy,
 };
 
 /// Object keys of the layout in DESIGN.md, in one place so no crate spells them twice.

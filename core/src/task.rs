@@ -126,14 +126,22 @@ impl TaskStatus {
         }
     }
 
-    /// Whether a record in `self` may move to `next`. Forward moves only, and any
-    /// non-terminal state may end. The one way back is a new attempt: a terminal task
-    /// starting over (a retry or a reset in the Temporal UI) re-enters the pipeline.
+    /// Whether a record in `self` may move to `next` within one attempt: forward moves
+    /// only, any non-terminal state may end, and an ended attempt stays ended. The one way
+    /// back is a new attempt ([`TaskStatus::can_begin_attempt`]), so a late or repeated
+    /// write of an old step can never reopen a finished task.
     pub fn can_move_to(self, next: TaskStatus) -> bool {
         if self.is_terminal() {
-            return matches!(next, Self::Queued | Self::DownloadingCode);
+            return false;
         }
         next.is_terminal() || next.rank() > self.rank()
+    }
+
+    /// Whether a new attempt may begin from `self`. A retry through patchflow (which
+    /// records QUEUED first) starts from an ended task; a reset done by hand in Temporal
+    /// may also replace a run still in flight, which the store then closes.
+    pub fn can_begin_attempt(self, first: TaskStatus) -> bool {
+        self != Self::Pending && first != Self::Pending
     }
 }
 
@@ -533,6 +541,31 @@ pub struct TaskRecord {
     pub batch_id: Option<String>,
     pub idempotency_key: Option<String>,
     pub spec: TaskSpec,
+    /// The current attempt: 1, then one more for each retry or reset.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+    /// Every attempt, oldest first, each with its outcome.
+    #[serde(default)]
+    pub attempts: Vec<TaskAttempt>,
+}
+
+fn first_attempt() -> u32 {
+    1
+}
+
+/// One run of a task's workflow: the first submission, a retry, or a reset done in the
+/// Temporal Web UI or CLI. `status`/`message` are the attempt's latest (its outcome once
+/// `finished_at` is set).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskAttempt {
+    pub attempt: u32,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub status: TaskStatus,
+    pub message: String,
+    /// The Temporal run that carries it, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
 }
 
 #[cfg(test)]
@@ -581,7 +614,12 @@ mod tests {
         assert!(RunningAgent.can_move_to(Cancelled));
         assert!(!RunningAgent.can_move_to(Queued));
         assert!(!Completed.can_move_to(Failed));
-        assert!(Failed.can_move_to(DownloadingCode));
+        // Back only through a new attempt.
+        assert!(!Failed.can_move_to(Queued));
+        assert!(!Failed.can_move_to(DownloadingCode));
+        assert!(Failed.can_begin_attempt(Queued));
+        assert!(Cancelled.can_begin_attempt(RunningAgent));
+        assert!(!Pending.can_begin_attempt(Queued));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! default), PostgreSQL and MySQL/MariaDB (shared by gateways and workers on many machines).
 //! [`open`] picks one from the URL. Every back-end passes the same behaviour suite.
 
+mod attempts;
 #[cfg(test)]
 mod contract_tests;
 mod mysql;
@@ -115,11 +116,23 @@ pub trait TaskStore: Send + Sync + 'static {
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError>;
 
-    /// Moves a task to `status` if the state machine allows it from where it is, and
-    /// appends the change to its history, in one transaction.
+    /// Moves a task's current attempt to `status` if the state machine allows it from
+    /// where it is, and appends the change to its history, in one transaction.
     async fn set_status(
         &self,
         task_id: &TaskId,
+        status: TaskStatus,
+        message: &str,
+    ) -> Result<StatusChange, StoreError>;
+
+    /// A status written by a workflow run (`run_id` is Temporal's run id). The current
+    /// attempt's run moves it as [`TaskStore::set_status`] does; a run not seen before
+    /// begins a new attempt (a retry, or a reset done in Temporal), closing the current one
+    /// if it was still in flight; a run of an earlier attempt is ignored.
+    async fn set_run_status(
+        &self,
+        task_id: &TaskId,
+        run_id: &str,
         status: TaskStatus,
         message: &str,
     ) -> Result<StatusChange, StoreError>;

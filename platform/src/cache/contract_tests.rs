@@ -204,6 +204,8 @@ fn record(task_id: &TaskId, status: TaskStatus, message: &str) -> TaskRecord {
         batch_id: spec.batch_id.clone(),
         idempotency_key: spec.idempotency_key.clone(),
         spec,
+        attempt: 1,
+        attempts: Vec::new(),
     }
 }
 

@@ -665,3 +665,116 @@ fn with_database_replaces_only_the_database_name() {
     );
     assert_ne!(fresh_database_name(), fresh_database_name());
 }
+
+/// Attempts: the first run is learnt from its first write, a new run after the end begins
+/// attempt 2 (a retry or a reset by hand), a late write of the old run changes nothing, and
+/// a reset of a run in flight closes its attempt.
+pub(crate) async fn attempts_are_numbered_kept_and_old_runs_ignored(url: String) {
+    use TaskStatus::*;
+    let s = open_store(&url).await;
+    let id = TaskId::generate();
+    s.insert(&id, &spec(None)).await.unwrap();
+    let rec = s.get(&id).await.unwrap().unwrap();
+    assert_eq!(rec.attempt, 1);
+    assert_eq!(rec.attempts.len(), 1);
+    assert_eq!(rec.attempts[0].status, Pending);
+    s.set_status(&id, Queued, "q").await.unwrap();
+    for (st, m) in [
+        (DownloadingCode, "fetch"),
+        (RunningAgent, "run"),
+        (Failed, "boom"),
+    ] {
+        assert!(matches!(
+            s.set_run_status(&id, "run-1", st, m).await.unwrap(),
+            StatusChange::Applied { .. }
+        ));
+    }
+    // The gateway cannot reopen an ended task; only a new run can.
+    assert_eq!(
+        s.set_status(&id, Queued, "again").await.unwrap(),
+        StatusChange::Ignored { current: Failed }
+    );
+    assert!(matches!(
+        s.set_run_status(&id, "run-2", Queued, "retry requested")
+            .await
+            .unwrap(),
+        StatusChange::Applied { .. }
+    ));
+    // A late write of the first run is ignored.
+    assert_eq!(
+        s.set_run_status(&id, "run-1", Completed, "late")
+            .await
+            .unwrap(),
+        StatusChange::Ignored { current: Queued }
+    );
+    s.set_run_status(&id, "run-2", RunningAgent, "run again")
+        .await
+        .unwrap();
+    // A reset by hand while attempt 2 runs: attempt 3, and attempt 2 is closed.
+    s.set_run_status(&id, "run-3", RunningAgent, "reset run")
+        .await
+        .unwrap();
+    s.set_run_status(&id, "run-3", Completed, "done")
+        .await
+        .unwrap();
+    let rec = s.get(&id).await.unwrap().unwrap();
+    assert_eq!((rec.status, rec.attempt), (Completed, 3));
+    let summary: Vec<(u32, TaskStatus, &str, Option<&str>, bool)> = rec
+        .attempts
+        .iter()
+        .map(|a| {
+            (
+                a.attempt,
+                a.status,
+                a.message.as_str(),
+                a.run_id.as_deref(),
+                a.finished_at.is_some(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (1, Failed, "boom", Some("run-1"), true),
+            (
+                2,
+                Cancelled,
+                "replaced by attempt 3 (the workflow was reset)",
+                Some("run-2"),
+                true
+            ),
+            (3, Completed, "done", Some("run-3"), true),
+        ]
+    );
+    // Lists carry the attempts too.
+    let page = s
+        .list(&ListFilter {
+            limit: 50,
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    let listed = page.iter().find(|r| r.task_id == id).unwrap();
+    assert_eq!(listed.attempts.len(), 3);
+    let statuses: Vec<Option<TaskStatus>> = s
+        .events(&id, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.status)
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            Some(Pending),
+            Some(Queued),
+            Some(DownloadingCode),
+            Some(RunningAgent),
+            Some(Failed),
+            Some(Queued),
+            Some(RunningAgent),
+            Some(RunningAgent),
+            Some(Completed)
+        ]
+    );
+}

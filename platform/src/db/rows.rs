@@ -4,13 +4,15 @@
 //! [`StoreError::Corrupt`].
 
 use chrono::{DateTime, TimeZone, Utc};
-use patchflow_core::{AgentSummary, TaskEvent, TaskEventKind, TaskRecord, TaskSpec, TaskStatus};
+use patchflow_core::{
+    AgentSummary, TaskAttempt, TaskEvent, TaskEventKind, TaskRecord, TaskSpec, TaskStatus,
+};
 use sqlx::{ColumnIndex, Database, Decode, Row, Type};
 
 use super::StoreError;
 
 /// The columns of `tasks` that [`record_of`] reads, in the order the back-ends select them.
-pub(super) const COLUMNS: &str = "task_id, tenant, idempotency_key, batch_id, status, message, spec, summary, pr_url, created_at, updated_at";
+pub(super) const COLUMNS: &str = "task_id, tenant, idempotency_key, batch_id, status, message, spec, summary, pr_url, created_at, updated_at, attempt";
 
 pub(super) fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
@@ -55,7 +57,46 @@ where
         batch_id: row.try_get("batch_id")?,
         idempotency_key: row.try_get("idempotency_key")?,
         spec: serde_json::from_str::<TaskSpec>(&spec).map_err(|e| corrupt(&id, e))?,
+        attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).unwrap_or(1),
+        // Filled in by the back-end from `task_attempts` ([`ATTEMPT_COLUMNS`]).
+        attempts: Vec::new(),
     })
+}
+
+/// The columns of `task_attempts` that [`attempt_of`] reads.
+pub(super) const ATTEMPT_COLUMNS: &str =
+    "task_id, attempt, run_id, status, message, started_at, finished_at";
+
+/// A `task_attempts` row selected with [`ATTEMPT_COLUMNS`], with its task id.
+pub(super) fn attempt_of<R, DB>(row: &R) -> Result<(String, TaskAttempt), StoreError>
+where
+    R: Row<Database = DB>,
+    DB: Database,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, DB> + Type<DB>,
+    for<'r> i64: Decode<'r, DB> + Type<DB>,
+{
+    let id: String = row.try_get("task_id")?;
+    let status: String = row.try_get("status")?;
+    let finished: Option<i64> = row.try_get("finished_at")?;
+    let attempt = TaskAttempt {
+        attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).map_err(|e| corrupt(&id, e))?,
+        started_at: time_of(row.try_get("started_at")?),
+        finished_at: finished.map(time_of),
+        status: status.parse().map_err(|e| corrupt(&id, e))?,
+        message: row.try_get("message")?,
+        run_id: row.try_get("run_id")?,
+    };
+    Ok((id, attempt))
+}
+
+/// Hands attempts (as read by [`attempt_of`], ordered by task and number) to their records.
+pub(super) fn attach_attempts(records: &mut [TaskRecord], attempts: Vec<(String, TaskAttempt)>) {
+    for (id, a) in attempts {
+        if let Some(r) = records.iter_mut().find(|r| r.task_id.as_str() == id) {
+            r.attempts.push(a);
+        }
+    }
 }
 
 /// A `task_events` row selected as `seq, kind, status, message, at`.

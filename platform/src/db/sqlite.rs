@@ -11,7 +11,10 @@ use patchflow_core::{
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, SqlitePool};
 
-use super::rows::{COLUMNS, corrupt, event_of, now_ms, record_of};
+use super::attempts::{self, Current, Plan};
+use super::rows::{
+    ATTEMPT_COLUMNS, COLUMNS, attach_attempts, attempt_of, corrupt, event_of, now_ms, record_of,
+};
 use super::{Inserted, ListFilter, StatusChange, StoreError, TaskStore};
 
 pub struct SqliteTaskStore {
@@ -98,6 +101,145 @@ impl SqliteTaskStore {
         .await?;
         Ok(seq)
     }
+
+    /// Fills in the attempts of records read from `tasks`.
+    async fn with_attempts(&self, records: &mut [TaskRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let placeholders = vec!["?"; records.len()].join(", ");
+        // Fixed fragments and `?` placeholders only.
+        let mut q = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {ATTEMPT_COLUMNS} FROM task_attempts WHERE task_id IN ({placeholders}) ORDER BY task_id, attempt"
+        )));
+        for r in records.iter() {
+            q = q.bind(r.task_id.as_str());
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        let attempts = rows.iter().map(attempt_of).collect::<Result<Vec<_>, _>>()?;
+        attach_attempts(records, attempts);
+        Ok(())
+    }
+
+    /// One status write, placed among the task's attempts (see [`attempts::plan`]). The
+    /// transaction takes SQLite's write lock first (BEGIN IMMEDIATE), so the read that
+    /// decides and the writes that follow see no other writer in between.
+    async fn write_status(
+        &self,
+        task_id: &TaskId,
+        run: Option<&str>,
+        status: TaskStatus,
+        message: &str,
+    ) -> Result<StatusChange, StoreError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT status, attempt FROM tasks WHERE task_id = ?")
+                .bind(task_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((current, attempt)) = row else {
+            return Err(StoreError::NotFound(task_id.clone()));
+        };
+        let current: TaskStatus = current.parse().map_err(|e| corrupt(task_id.as_str(), e))?;
+        let attempt = u32::try_from(attempt).unwrap_or(1);
+        let runs: Vec<(i64, Option<String>)> =
+            sqlx::query_as("SELECT attempt, run_id FROM task_attempts WHERE task_id = ?")
+                .bind(task_id.as_str())
+                .fetch_all(&mut *tx)
+                .await?;
+        let runs: Vec<(u32, Option<String>)> = runs
+            .into_iter()
+            .map(|(n, r)| (u32::try_from(n).unwrap_or(1), r))
+            .collect();
+        let finished = status.is_terminal().then_some(now);
+        match attempts::plan(
+            &Current {
+                status: current,
+                attempt,
+                runs: &runs,
+            },
+            run,
+            status,
+        ) {
+            Plan::Ignore => {
+                tx.rollback().await?;
+                return Ok(StatusChange::Ignored { current });
+            }
+            Plan::Same { adopt_run } => {
+                sqlx::query(
+                    "UPDATE tasks SET status = ?, message = ?, updated_at = ? WHERE task_id = ?",
+                )
+                .bind(status.as_str())
+                .bind(message)
+                .bind(now)
+                .bind(task_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE task_attempts SET status = ?, message = ?, finished_at = ?, run_id = COALESCE(run_id, ?) WHERE task_id = ? AND attempt = ?",
+                )
+                .bind(status.as_str())
+                .bind(message)
+                .bind(finished)
+                .bind(if adopt_run { run } else { None })
+                .bind(task_id.as_str())
+                .bind(i64::from(attempt))
+                .execute(&mut *tx)
+                .await?;
+            }
+            Plan::New {
+                number,
+                close_previous,
+            } => {
+                if close_previous {
+                    sqlx::query(
+                        "UPDATE task_attempts SET status = ?, message = ?, finished_at = ? WHERE task_id = ? AND attempt = ?",
+                    )
+                    .bind(TaskStatus::Cancelled.as_str())
+                    .bind(attempts::replaced_message(number))
+                    .bind(now)
+                    .bind(task_id.as_str())
+                    .bind(i64::from(attempt))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                sqlx::query(
+                    "INSERT INTO task_attempts (task_id, attempt, run_id, status, message, started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(task_id.as_str())
+                .bind(i64::from(number))
+                .bind(run)
+                .bind(status.as_str())
+                .bind(message)
+                .bind(now)
+                .bind(finished)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE tasks SET status = ?, message = ?, updated_at = ?, attempt = ? WHERE task_id = ?",
+                )
+                .bind(status.as_str())
+                .bind(message)
+                .bind(now)
+                .bind(i64::from(number))
+                .bind(task_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let seq = Self::insert_event(
+            &mut tx,
+            task_id,
+            TaskEventKind::Status,
+            Some(status),
+            message,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(StatusChange::Applied { seq })
+    }
 }
 
 /// Whether an error is SQLite's "database is locked" / "busy".
@@ -137,6 +279,15 @@ impl TaskStore for SqliteTaskStore {
                 now,
             )
             .await?;
+            sqlx::query(
+                "INSERT INTO task_attempts (task_id, attempt, status, message, started_at) VALUES (?, 1, ?, ?, ?)",
+            )
+            .bind(task_id.as_str())
+            .bind(TaskStatus::Pending.as_str())
+            .bind("submitted")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
             let rec = self
                 .get(task_id)
@@ -167,7 +318,11 @@ impl TaskStore for SqliteTaskStore {
         .bind(task_id.as_str())
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(record_of).transpose()
+        let Some(row) = row else { return Ok(None) };
+        let mut records = [record_of(&row)?];
+        self.with_attempts(&mut records).await?;
+        let [record] = records;
+        Ok(Some(record))
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError> {
@@ -206,7 +361,9 @@ impl TaskStore for SqliteTaskStore {
             .bind(i64::from(filter.limit.max(1)))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(record_of).collect()
+        let mut records = rows.iter().map(record_of).collect::<Result<Vec<_>, _>>()?;
+        self.with_attempts(&mut records).await?;
+        Ok(records)
     }
 
     async fn set_status(
@@ -215,47 +372,18 @@ impl TaskStore for SqliteTaskStore {
         status: TaskStatus,
         message: &str,
     ) -> Result<StatusChange, StoreError> {
-        let allowed_from: Vec<&str> = TaskStatus::ALL
-            .into_iter()
-            .filter(|s| s.can_move_to(status))
-            .map(|s| s.as_str())
-            .collect();
-        let placeholders = vec!["?"; allowed_from.len()].join(", ");
-        let now = now_ms();
-        let mut tx = self.pool.begin().await?;
-        let sql = format!(
-            "UPDATE tasks SET status = ?, message = ?, updated_at = ? WHERE task_id = ? AND status IN ({placeholders})"
-        );
-        // Fixed fragments and `?` placeholders only.
-        let mut q = sqlx::query(AssertSqlSafe(sql))
-            .bind(status.as_str())
-            .bind(message)
-            .bind(now)
-            .bind(task_id.as_str());
-        for s in &allowed_from {
-            q = q.bind(*s);
-        }
-        let done = q.execute(&mut *tx).await?;
-        if done.rows_affected() == 0 {
-            tx.rollback().await?;
-            let current = self
-                .get(task_id)
-                .await?
-                .ok_or_else(|| StoreError::NotFound(task_id.clone()))?
-                .status;
-            return Ok(StatusChange::Ignored { current });
-        }
-        let seq = Self::insert_event(
-            &mut tx,
-            task_id,
-            TaskEventKind::Status,
-            Some(status),
-            message,
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(StatusChange::Applied { seq })
+        self.write_status(task_id, None, status, message).await
+    }
+
+    async fn set_run_status(
+        &self,
+        task_id: &TaskId,
+        run_id: &str,
+        status: TaskStatus,
+        message: &str,
+    ) -> Result<StatusChange, StoreError> {
+        self.write_status(task_id, Some(run_id), status, message)
+            .await
     }
 
     async fn set_summary(
@@ -350,5 +478,10 @@ mod tests {
     #[tokio::test]
     async fn sqlite_record_keeps_what_was_stored_and_unknown_tasks_are_refused() {
         with_sqlite(contract::record_keeps_what_was_stored_and_unknown_tasks_are_refused).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_attempts_are_numbered_kept_and_old_runs_ignored() {
+        with_sqlite(contract::attempts_are_numbered_kept_and_old_runs_ignored).await;
     }
 }
