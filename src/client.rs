@@ -1,5 +1,6 @@
-//! The client commands (`submit`, `status`, `result`, `cancel`, `list`): thin callers of
-//! the HTTP API, so they work against any gateway.
+//! The client commands (`submit`, `status`, `result`, `cancel`, `retry`, `list`): thin
+//! callers of the HTTP API, so they work against any gateway (`submit --grpc` and `watch`
+//! use the gRPC API, see [`crate::grpc_client`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -55,6 +56,24 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub wait: bool,
     /// Print the task record as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Submit over the gRPC API (a ZIP streams in chunks) instead of HTTP.
+    #[arg(long)]
+    pub grpc: bool,
+    #[command(flatten)]
+    pub server: ServerOpt,
+    #[command(flatten)]
+    pub grpc_server: crate::grpc_client::GrpcServerOpt,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    pub task_id: String,
+    /// `from_failed_step` resumes after the last completed step; `from_start` runs the
+    /// whole task again.
+    #[arg(long, default_value = "from_failed_step", value_parser = ["from_failed_step", "from_start"])]
+    pub mode: String,
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -148,7 +167,7 @@ async fn send(req: reqwest::RequestBuilder, base: &str) -> anyhow::Result<reqwes
 }
 
 /// Zips a local directory (honouring .gitignore, without `.git`) into a temporary file.
-fn zip_directory(dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
+pub(crate) fn zip_directory(dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
     let tmp = tempfile::Builder::new().suffix(".zip").tempfile()?;
     let mut zip = zip::ZipWriter::new(tmp.reopen()?);
     let options = zip::write::SimpleFileOptions::default()
@@ -184,6 +203,9 @@ fn zip_directory(dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
 }
 
 pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> {
+    if a.grpc {
+        return crate::grpc_client::submit(config, a).await;
+    }
     let base = a.server.base(config);
     let client = http()?;
     let mut fields = serde_json::Map::new();
@@ -410,6 +432,33 @@ pub async fn result(config: &Config, a: ResultArgs) -> anyhow::Result<ExitCode> 
         .bytes()
         .await?;
     std::io::stdout().write_all(&body)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks for a new attempt of an ended task (`POST /api/tasks/{task_id}/retry`).
+pub async fn retry(config: &Config, a: RetryArgs) -> anyhow::Result<ExitCode> {
+    let base = a.server.base(config);
+    let client = http()?;
+    let r: Value = send(
+        client
+            .post(format!("{base}/api/tasks/{}/retry", a.task_id))
+            .json(&json!({"mode": a.mode})),
+        &base,
+    )
+    .await?
+    .json()
+    .await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "{}  attempt {}  {}  {}",
+            a.task_id,
+            r["attempt"],
+            r["status"].as_str().unwrap_or_default(),
+            r["message"].as_str().unwrap_or_default()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -7,6 +7,7 @@ mod bench_store;
 mod bench_tools;
 mod client;
 mod devserver;
+mod grpc_client;
 mod settings;
 mod stack;
 
@@ -40,6 +41,10 @@ enum Command {
     Result(client::ResultArgs),
     /// Ask a running task to stop.
     Cancel(client::CancelArgs),
+    /// Start a new attempt of an ended task (from the failed step, or from the start).
+    Retry(client::RetryArgs),
+    /// Follow a task's events over gRPC until it ends; resumes after the last event.
+    Watch(grpc_client::WatchArgs),
     /// List tasks, newest first.
     List(client::ListArgs),
     /// Run the agent on a workspace (what the runner executes).
@@ -91,6 +96,8 @@ fn main() -> ExitCode {
             | Command::Status(_)
             | Command::Result(_)
             | Command::Cancel(_)
+            | Command::Retry(_)
+            | Command::Watch(_)
             | Command::List(_)
             | Command::Config
     );
@@ -114,6 +121,8 @@ fn main() -> ExitCode {
             Command::Status(a) => client::status(&config, a).await,
             Command::Result(a) => client::result(&config, a).await,
             Command::Cancel(a) => client::cancel(&config, a).await,
+            Command::Retry(a) => client::retry(&config, a).await,
+            Command::Watch(a) => grpc_client::watch(&config, a).await,
             Command::List(a) => client::list(&config, a).await,
             Command::Agent(a) => agent_cmd::run(&config, a).await,
             Command::Migrate => stack::migrate(config).await,

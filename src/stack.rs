@@ -177,6 +177,33 @@ pub(crate) async fn serve_http(
     Ok((task, addr))
 }
 
+/// Serves the gRPC API (with health and reflection) until `stop` resolves.
+pub(crate) async fn serve_grpc(
+    config: &Config,
+    service: TaskService,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    std::net::SocketAddr,
+)> {
+    let listener = tokio::net::TcpListener::bind(&config.grpc_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (PATCHFLOW_GRPC_ADDR)",
+                config.grpc_addr
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "gRPC API listening");
+    let task = tokio::spawn(async move {
+        patchflow_gateway::grpc::serve(service, listener, stop)
+            .await
+            .context("gRPC server failed")
+    });
+    Ok((task, addr))
+}
+
 /// Runs a worker until the process is told to stop; a worker error ends the process
 /// (non-zero) so a supervisor restarts it, never a live process without a poller.
 pub(crate) async fn run_worker(
@@ -256,8 +283,11 @@ pub async fn gateway(config: Config) -> anyhow::Result<ExitCode> {
     let stores = open_stores(&config).await?;
     let client = devserver::connect(&config).await?;
     let (_tx, rx) = stop_channel();
-    let (http, _) = serve_http(&config, service(&config, &stores, client), stopped(&rx)).await?;
+    let service = service(&config, &stores, client);
+    let (http, _) = serve_http(&config, service.clone(), stopped(&rx)).await?;
+    let (grpc, _) = serve_grpc(&config, service, stopped(&rx)).await?;
     http.await.context("HTTP task panicked")??;
+    grpc.await.context("gRPC task panicked")??;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -276,15 +306,13 @@ pub async fn up(config: Config) -> anyhow::Result<ExitCode> {
         let stores = open_stores(&config).await?;
         let client = devserver::connect(&config).await?;
         let (tx, rx) = stop_channel();
-        let (http, _) = serve_http(
-            &config,
-            service(&config, &stores, client.clone()),
-            stopped(&rx),
-        )
-        .await?;
+        let service = service(&config, &stores, client.clone());
+        let (http, _) = serve_http(&config, service.clone(), stopped(&rx)).await?;
+        let (grpc, _) = serve_grpc(&config, service, stopped(&rx)).await?;
         eprintln!(
-            "patchflow is up: API http://{}  Temporal {}{}",
+            "patchflow is up: API http://{}  gRPC {}  Temporal {}{}",
             config.http_addr,
+            config.grpc_addr,
             config.temporal_url(),
             config
                 .temporal_ui()
@@ -295,7 +323,8 @@ pub async fn up(config: Config) -> anyhow::Result<ExitCode> {
         // Whatever ended the worker ends the gateway too.
         let _ = tx.send(true);
         let http = http.await.context("HTTP task panicked")?;
-        worker.and(http)
+        let grpc = grpc.await.context("gRPC task panicked")?;
+        worker.and(http).and(grpc)
     }
     .await;
     if let Some(dev) = dev {

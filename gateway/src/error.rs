@@ -15,6 +15,12 @@ pub enum ServiceError {
     NotReady(String),
     #[error("task {task} is already {status}")]
     Finished { task: TaskId, status: TaskStatus },
+    /// A retry of a task that has not ended.
+    #[error("task {task} is still {status}: retry it once it has ended (or cancel it first)")]
+    StillRunning { task: TaskId, status: TaskStatus },
+    /// The request does not fit the task's state.
+    #[error("{0}")]
+    Conflict(String),
     #[error("upload is larger than {limit} bytes")]
     TooLarge { limit: u64 },
     #[error("too many submissions for tenant {tenant}; retry in {retry_after_secs} s")]
@@ -35,7 +41,7 @@ impl ServiceError {
             Self::Invalid(_) | Self::BadRequest(_) => "invalid_request",
             Self::NotFound(_) => "not_found",
             Self::NotReady(_) => "not_ready",
-            Self::Finished { .. } => "conflict",
+            Self::Finished { .. } | Self::StillRunning { .. } | Self::Conflict(_) => "conflict",
             Self::TooLarge { .. } => "payload_too_large",
             Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable(_) => "unavailable",
@@ -47,7 +53,7 @@ impl ServiceError {
         match self {
             Self::Invalid(_) | Self::BadRequest(_) => 400,
             Self::NotFound(_) | Self::NotReady(_) => 404,
-            Self::Finished { .. } => 409,
+            Self::Finished { .. } | Self::StillRunning { .. } | Self::Conflict(_) => 409,
             Self::TooLarge { .. } => 413,
             Self::RateLimited { .. } => 429,
             Self::Unavailable(_) => 503,

@@ -8,6 +8,7 @@
 //! | `GET /api/tasks/{task_id}/diff`, `/transcript`, `/log` | result files |
 //! | `GET /api/tasks/{task_id}/events` | history as JSON, or live as Server-Sent Events |
 //! | `POST /api/tasks/{task_id}/cancel` | ask a running task to stop |
+//! | `POST /api/tasks/{task_id}/retry` | a new attempt of an ended task (`{"mode": "from_start" \| "from_failed_step"}`) |
 //! | `GET /healthz` | liveness of the stores |
 
 use std::convert::Infallible;
@@ -30,7 +31,7 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 use crate::error::ServiceError;
-use crate::service::{ResultFile, TaskService, Upload};
+use crate::service::{ResultFile, RetryMode, TaskService, Upload};
 
 /// Largest JSON body accepted (a task description is at most 64 KiB).
 const MAX_JSON_BYTES: usize = 1024 * 1024;
@@ -84,8 +85,21 @@ pub struct TaskView {
     pub limits: Limits,
     pub tenant: String,
     pub batch_id: Option<String>,
+    /// The current attempt (1 until the task is retried) and every attempt's outcome.
+    pub attempt: u32,
+    pub attempts: Vec<AttemptView>,
     pub links: Links,
 }
+/// One attempt of a task, as the record shows it.
+#[derive(Debug, Serialize)]
+pub struct AttemptView {
+    pub attempt: u32,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub status: TaskStatus,
+    pub message: String,
+}
+
 
 #[derive(Debug, Serialize)]
 pub struct Links {
@@ -120,6 +134,18 @@ fn view(service: &TaskService, r: TaskRecord) -> TaskView {
         summary: r.summary,
         tenant: r.tenant,
         batch_id: r.batch_id,
+        attempt: r.attempt,
+        attempts: r
+            .attempts
+            .into_iter()
+            .map(|a| AttemptView {
+                attempt: a.attempt,
+                started_at: a.started_at,
+                finished_at: a.finished_at,
+                status: a.status,
+                message: a.message,
+            })
+            .collect(),
     }
 }
 
@@ -196,6 +222,7 @@ pub fn router(service: TaskService) -> Router {
         .route("/api/tasks/{task_id}/log", get(agent_log))
         .route("/api/tasks/{task_id}/events", get(events))
         .route("/api/tasks/{task_id}/cancel", post(cancel))
+        .route("/api/tasks/{task_id}/retry", post(retry))
         .route("/healthz", get(healthz))
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(service)
@@ -526,6 +553,30 @@ async fn cancel(
         Json(json!({"task_id": r.task_id, "status": r.status, "message": "cancel requested"})),
     )
         .into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryBody {
+    #[serde(default)]
+    mode: RetryMode,
+}
+
+/// `202` with the task record (its `attempt` is the new one); `409` while the task runs.
+async fn retry(
+    State(service): State<TaskService>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let body: RetryBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RetryBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError(ServiceError::BadRequest(format!("invalid JSON body: {e}"))))?
+    };
+    let r = service.retry(&id, body.mode).await?;
+    Ok((StatusCode::ACCEPTED, Json(view(&service, r))).into_response())
 }
 
 async fn healthz(State(service): State<TaskService>) -> Response {

@@ -4,8 +4,9 @@
 //! service, so they answer alike.
 
 pub mod error;
+pub mod grpc;
 pub mod http;
 pub mod service;
 
 pub use error::ServiceError;
-pub use service::{ServiceConfig, SubmitOutcome, TaskService, Upload};
+pub use service::{RetryMode, ServiceConfig, SubmitOutcome, TaskService, Upload};

@@ -24,6 +24,9 @@ use temporalio_client::{
 
 use crate::error::ServiceError;
 
+mod retry;
+pub use retry::{RetryMode, reset_point};
+
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
     pub task_queue: String,
@@ -414,16 +417,42 @@ impl TaskService {
                         return;
                     }
                 };
-                let mut ended = false;
+                // The latest status seen decides whether the task has ended: a retried task
+                // ends an attempt (FAILED) and then moves on (QUEUED of the next one).
+                let mut ended = None;
+                let batch_was_empty = batch.is_empty();
                 for ev in batch {
                     last = ev.seq;
-                    ended |= ev.status.is_some_and(|s| s.is_terminal());
+                    if let Some(s) = ev.status {
+                        ended = Some(s.is_terminal());
+                    }
                     if tx.send(Ok(ev)).await.is_err() {
                         return;
                     }
                 }
-                if ended {
-                    return;
+                // Whether the task has ended is the record's to say: after an ended attempt
+                // a retry may have begun the next, and a reader that resumes after the last
+                // event of an ended task gets an empty batch and must stop too.
+                if ended == Some(true) || (ended.is_none() && batch_was_empty) {
+                    match service.store.get(&task_id).await {
+                        Ok(Some(r)) if !r.status.is_terminal() => {}
+                        Ok(Some(_)) => {
+                            // What was written up to the end, then stop.
+                            if let Ok(rest) = service.store.events(&task_id, last, 500).await {
+                                for ev in rest {
+                                    if tx.send(Ok(ev)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            return;
+                        }
+                        Ok(None) => return,
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                    }
                 }
                 if live.is_none() {
                     match service.hot.events.subscribe(&task_id, last).await {

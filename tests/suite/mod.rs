@@ -4,3 +4,5 @@ mod deploy;
 mod durability;
 mod e2e;
 mod failures;
+mod grpc;
+mod retry;

@@ -151,6 +151,8 @@ pub struct Stack {
     pub dir: tempfile::TempDir,
     pub data_dir: PathBuf,
     pub base: String,
+    /// The gRPC API's address, as a URL (`http://127.0.0.1:PORT`).
+    pub grpc: String,
     pub model: ScriptedModel,
     pub temporal_port: u16,
     pub env: Vec<(String, String)>,
@@ -170,12 +172,17 @@ impl Stack {
             .await
             .unwrap();
         let http_port = free_port();
+        let grpc_port = free_port();
         let temporal_port = free_port();
         let mut env: Vec<(String, String)> = vec![
             ("PATCHFLOW_DATA_DIR".into(), data_dir.display().to_string()),
             (
                 "PATCHFLOW_HTTP_ADDR".into(),
                 format!("127.0.0.1:{http_port}"),
+            ),
+            (
+                "PATCHFLOW_GRPC_ADDR".into(),
+                format!("127.0.0.1:{grpc_port}"),
             ),
             ("PATCHFLOW_TEMPORAL_PORT".into(), temporal_port.to_string()),
             ("PATCHFLOW_TEMPORAL_UI_PORT".into(), free_port().to_string()),
@@ -201,6 +208,7 @@ impl Stack {
         }
         let mut stack = Stack {
             base: format!("http://127.0.0.1:{http_port}"),
+            grpc: format!("http://127.0.0.1:{grpc_port}"),
             dir,
             data_dir,
             model,
@@ -254,8 +262,15 @@ impl Stack {
     /// Another gateway process on its own port, sharing everything else; returns its base URL.
     pub async fn start_extra_gateway(&mut self) -> String {
         let addr = format!("127.0.0.1:{}", free_port());
-        let p =
-            self.spawn_patchflow_with("gateway", &["gateway"], &[("PATCHFLOW_HTTP_ADDR", &addr)]);
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let p = self.spawn_patchflow_with(
+            "gateway",
+            &["gateway"],
+            &[
+                ("PATCHFLOW_HTTP_ADDR", &addr),
+                ("PATCHFLOW_GRPC_ADDR", &grpc),
+            ],
+        );
         self.extra_gateways.push(p);
         let base = format!("http://{addr}");
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -1,0 +1,505 @@
+//! The gRPC API (`patchflow.v1.Tasks`, `proto/patchflow/v1/tasks.proto`): the HTTP API's
+//! operations over tonic, answered by the same [`TaskService`] with the same messages.
+//! Errors map onto gRPC codes: bad input INVALID_ARGUMENT, unknown task NOT_FOUND, too big
+//! or rate limited RESOURCE_EXHAUSTED, a retry of a running task or a cancel of an ended
+//! one FAILED_PRECONDITION. Health (`grpc.health.v1`) and server reflection are served
+//! beside it, so `grpcurl` works without the proto file.
+
+pub mod proto;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use patchflow_core::{
+    AgentSummary, Limits, TaskAttempt, TaskEvent, TaskId, TaskRecord, TaskStatus, layout,
+};
+use patchflow_platform::db::{ListCursor, ListFilter};
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::ServiceError;
+use crate::http::SubmitBody;
+use crate::service::{RetryMode, SubmitOutcome, TaskService, Upload};
+use proto::tasks_server::{Tasks, TasksServer};
+
+/// Most bytes of a result file sent in one `GetResult` answer; longer files are cut and
+/// flagged (the HTTP API serves them whole).
+const MAX_RESULT_FILE_BYTES: u64 = 8 * 1024 * 1024;
+
+#[derive(Debug, Error)]
+pub enum GrpcError {
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A service error as a gRPC status, with the HTTP API's message and its `code` in the
+/// `x-patchflow-code` metadata.
+pub fn status_of(e: &ServiceError) -> Status {
+    let message = e.to_string();
+    let mut status = match e {
+        ServiceError::Invalid(_) | ServiceError::BadRequest(_) => Status::invalid_argument(message),
+        ServiceError::NotFound(_) | ServiceError::NotReady(_) => Status::not_found(message),
+        ServiceError::Finished { .. }
+        | ServiceError::StillRunning { .. }
+        | ServiceError::Conflict(_) => Status::failed_precondition(message),
+        ServiceError::TooLarge { .. } | ServiceError::RateLimited { .. } => {
+            Status::resource_exhausted(message)
+        }
+        ServiceError::Unavailable(_) => Status::unavailable(message),
+        ServiceError::Internal(_) => Status::internal(message),
+    };
+    if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Internal {
+        tracing::warn!(error = %e, "gRPC request failed");
+    }
+    if let Ok(v) = e.code().parse() {
+        status.metadata_mut().insert("x-patchflow-code", v);
+    }
+    status
+}
+
+fn parse_id(s: &str) -> Result<TaskId, Status> {
+    s.parse::<TaskId>()
+        .map_err(|e| status_of(&ServiceError::Invalid(e)))
+}
+
+fn time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn non_empty(s: Option<String>) -> Option<String> {
+    s.filter(|v| !v.trim().is_empty())
+}
+
+pub fn summary_message(s: &AgentSummary) -> proto::Summary {
+    proto::Summary {
+        outcome: serde_json::to_value(s.outcome)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        summary: s.summary.clone(),
+        model: s.model.clone(),
+        steps: s.steps,
+        tool_calls: s.tool_calls,
+        prompt_tokens: s.prompt_tokens,
+        completion_tokens: s.completion_tokens,
+        total_tokens: s.total_tokens,
+        wall_ms: s.wall_ms,
+        files_changed: s.files_changed.clone(),
+        error: s.error.clone(),
+    }
+}
+
+fn attempt_message(a: &TaskAttempt) -> proto::Attempt {
+    proto::Attempt {
+        attempt: a.attempt,
+        started_at: time(a.started_at),
+        finished_at: a.finished_at.map(time),
+        status: a.status.to_string(),
+        message: a.message.clone(),
+    }
+}
+
+/// The task record as the gRPC API shows it (the fields of `GET /api/tasks/{task_id}`).
+pub fn task_message(service: &TaskService, r: &TaskRecord) -> proto::Task {
+    proto::Task {
+        task_id: r.task_id.to_string(),
+        status: r.status.to_string(),
+        message: r.message.clone(),
+        created_at: time(r.created_at),
+        updated_at: time(r.updated_at),
+        pr_url: r.pr_url.clone(),
+        summary: r.summary.as_ref().map(summary_message),
+        source: r.spec.source.display_name(),
+        task_description: r.spec.task_description.clone(),
+        target_file: r.spec.target_file.clone(),
+        model: r.spec.model.clone(),
+        limits: Some(proto::Limits {
+            max_steps: r.spec.limits.max_steps,
+            max_tokens: r.spec.limits.max_tokens,
+            wall_seconds: r.spec.limits.wall_seconds,
+        }),
+        tenant: r.tenant.clone(),
+        batch_id: r.batch_id.clone(),
+        attempt: r.attempt,
+        attempts: r.attempts.iter().map(attempt_message).collect(),
+        workflow_url: service.workflow_link(&r.task_id),
+    }
+}
+
+pub fn event_message(e: &TaskEvent) -> proto::TaskEvent {
+    proto::TaskEvent {
+        seq: e.seq,
+        kind: e.kind.as_str().to_string(),
+        status: e.status.map(|s| s.to_string()),
+        message: e.message.clone(),
+        at: time(e.at),
+    }
+}
+
+fn submitted(o: SubmitOutcome) -> proto::SubmitTaskResponse {
+    proto::SubmitTaskResponse {
+        task_id: o.record.task_id.to_string(),
+        status: o.record.status.to_string(),
+        message: o.record.message,
+        created: o.created,
+    }
+}
+
+/// The HTTP submit body these options stand for, so both doors validate alike.
+fn submit_body(
+    git_url: Option<String>,
+    git_ref: Option<String>,
+    o: proto::TaskOptions,
+) -> SubmitBody {
+    let limits = o.limits.map(|l| {
+        let d = Limits::default();
+        Limits {
+            max_steps: if l.max_steps == 0 {
+                d.max_steps
+            } else {
+                l.max_steps
+            },
+            max_tokens: if l.max_tokens == 0 {
+                d.max_tokens
+            } else {
+                l.max_tokens
+            },
+            wall_seconds: if l.wall_seconds == 0 {
+                d.wall_seconds
+            } else {
+                l.wall_seconds
+            },
+        }
+    });
+    SubmitBody {
+        git_url,
+        git_ref: non_empty(git_ref),
+        task_description: Some(o.task_description),
+        target_file: non_empty(o.target_file),
+        model: non_empty(o.model),
+        limits,
+        tenant: non_empty(o.tenant),
+        batch_id: non_empty(o.batch_id),
+        idempotency_key: non_empty(o.idempotency_key),
+        branch_name: non_empty(o.branch_name),
+        ..SubmitBody::default()
+    }
+}
+
+/// The `Tasks` service over a [`TaskService`].
+#[derive(Clone)]
+pub struct TasksApi {
+    service: TaskService,
+}
+
+impl TasksApi {
+    pub fn new(service: TaskService) -> Self {
+        Self { service }
+    }
+
+    /// Buffers an upload's chunks to a temporary file, refusing it the moment it crosses
+    /// the upload limit.
+    async fn receive_upload(
+        &self,
+        stream: &mut Streaming<proto::UploadTaskRequest>,
+    ) -> Result<(proto::TaskOptions, Upload), Status> {
+        use proto::upload_task_request::Part;
+        let options = match stream.message().await? {
+            Some(proto::UploadTaskRequest {
+                part: Some(Part::Options(o)),
+            }) => o,
+            _ => {
+                return Err(status_of(&ServiceError::BadRequest(
+                    "the first message of an upload carries the task options; the ZIP's bytes follow"
+                        .into(),
+                )));
+            }
+        };
+        let limit = self.service.config().max_upload_bytes;
+        let path = std::env::temp_dir().join(format!(
+            "patchflow-grpc-upload-{}.zip",
+            TaskId::generate().as_str().trim_start_matches("tsk_")
+        ));
+        let internal = |e: std::io::Error| {
+            status_of(&ServiceError::Internal(format!(
+                "cannot buffer the upload: {e}"
+            )))
+        };
+        let mut file = tokio::fs::File::create(&path).await.map_err(internal)?;
+        let mut bytes = 0u64;
+        let outcome: Result<(), Status> = async {
+            while let Some(msg) = stream.message().await? {
+                match msg.part {
+                    Some(Part::Chunk(chunk)) => {
+                        bytes += chunk.len() as u64;
+                        if bytes > limit {
+                            return Err(status_of(&ServiceError::TooLarge { limit }));
+                        }
+                        file.write_all(&chunk).await.map_err(internal)?;
+                    }
+                    _ => {
+                        return Err(status_of(&ServiceError::BadRequest(
+                            "only the first message of an upload carries task options".into(),
+                        )));
+                    }
+                }
+            }
+            file.flush().await.map_err(internal)
+        }
+        .await;
+        drop(file);
+        if let Err(e) = outcome {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(e);
+        }
+        Ok((options, Upload { path, bytes }))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchTaskResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Tasks for TasksApi {
+    async fn submit_task(
+        &self,
+        request: Request<proto::SubmitTaskRequest>,
+    ) -> Result<Response<proto::SubmitTaskResponse>, Status> {
+        let r = request.into_inner();
+        let body = submit_body(Some(r.git_url), r.git_ref, r.options.unwrap_or_default());
+        let spec = body.into_spec(false).map_err(|e| status_of(&e))?;
+        let outcome = self
+            .service
+            .submit(spec, None)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(submitted(outcome)))
+    }
+
+    async fn upload_task(
+        &self,
+        request: Request<Streaming<proto::UploadTaskRequest>>,
+    ) -> Result<Response<proto::SubmitTaskResponse>, Status> {
+        let mut stream = request.into_inner();
+        let (options, upload) = self.receive_upload(&mut stream).await?;
+        let spec = match submit_body(None, None, options).into_spec(true) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&upload.path).await;
+                return Err(status_of(&e));
+            }
+        };
+        let outcome = self
+            .service
+            .submit(spec, Some(upload))
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(submitted(outcome)))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<proto::GetTaskRequest>,
+    ) -> Result<Response<proto::Task>, Status> {
+        let id = parse_id(&request.into_inner().task_id)?;
+        let r = self.service.get(&id).await.map_err(|e| status_of(&e))?;
+        Ok(Response::new(task_message(&self.service, &r)))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<proto::ListTasksRequest>,
+    ) -> Result<Response<proto::ListTasksResponse>, Status> {
+        let r = request.into_inner();
+        let status = non_empty(Some(r.status))
+            .map(|s| s.parse::<TaskStatus>())
+            .transpose()
+            .map_err(|e| status_of(&ServiceError::Invalid(e)))?;
+        let cursor = match non_empty(Some(r.page_token)) {
+            Some(c) => Some(ListCursor::decode(&c).ok_or_else(|| {
+                status_of(&ServiceError::BadRequest(format!("invalid cursor `{c}`")))
+            })?),
+            None => None,
+        };
+        let filter = ListFilter {
+            status,
+            tenant: non_empty(Some(r.tenant)),
+            batch_id: non_empty(Some(r.batch_id)),
+            cursor,
+            limit: if r.page_size == 0 { 50 } else { r.page_size },
+        };
+        let (page, next) = self.service.list(filter).await.map_err(|e| status_of(&e))?;
+        Ok(Response::new(proto::ListTasksResponse {
+            tasks: page
+                .iter()
+                .map(|t| task_message(&self.service, t))
+                .collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: Request<proto::CancelTaskRequest>,
+    ) -> Result<Response<proto::Task>, Status> {
+        let r = request.into_inner();
+        let id = parse_id(&r.task_id)?;
+        let rec = self
+            .service
+            .cancel(&id, &r.reason)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(task_message(&self.service, &rec)))
+    }
+
+    async fn retry_task(
+        &self,
+        request: Request<proto::RetryTaskRequest>,
+    ) -> Result<Response<proto::Task>, Status> {
+        let r = request.into_inner();
+        let id = parse_id(&r.task_id)?;
+        let mode = match proto::RetryMode::try_from(r.mode) {
+            Ok(proto::RetryMode::FromStart) => RetryMode::FromStart,
+            Ok(proto::RetryMode::FromFailedStep | proto::RetryMode::Unspecified) => {
+                RetryMode::FromFailedStep
+            }
+            Err(_) => {
+                return Err(status_of(&ServiceError::BadRequest(format!(
+                    "unknown retry mode {} (from_start or from_failed_step)",
+                    r.mode
+                ))));
+            }
+        };
+        let rec = self
+            .service
+            .retry(&id, mode)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(task_message(&self.service, &rec)))
+    }
+
+    type WatchTaskStream = WatchStream;
+
+    async fn watch_task(
+        &self,
+        request: Request<proto::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let r = request.into_inner();
+        let id = parse_id(&r.task_id)?;
+        if r.after_seq < 0 {
+            return Err(status_of(&ServiceError::BadRequest(
+                "after_seq must not be negative".into(),
+            )));
+        }
+        // NOT_FOUND now, before the stream starts.
+        self.service.get(&id).await.map_err(|e| status_of(&e))?;
+        let service = self.service.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            use proto::watch_task_response::Item;
+            let follow = service.follow(id.clone(), r.after_seq);
+            tokio::pin!(follow);
+            while let Some(item) = follow.next().await {
+                let msg = match item {
+                    Ok(ev) => Ok(proto::WatchTaskResponse {
+                        item: Some(Item::Event(event_message(&ev))),
+                    }),
+                    Err(e) => Err(status_of(&e)),
+                };
+                let failed = msg.is_err();
+                if tx.send(msg).await.is_err() || failed {
+                    return;
+                }
+            }
+            // The task has ended (or the watcher left, and this send fails quietly).
+            let last = match service.get(&id).await {
+                Ok(rec) => Ok(proto::WatchTaskResponse {
+                    item: Some(Item::Final(task_message(&service, &rec))),
+                }),
+                Err(e) => Err(status_of(&e)),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn get_result(
+        &self,
+        request: Request<proto::GetResultRequest>,
+    ) -> Result<Response<proto::TaskResult>, Status> {
+        let id = parse_id(&request.into_inner().task_id)?;
+        let rec = self.service.get(&id).await.map_err(|e| status_of(&e))?;
+        let not_ready = || {
+            status_of(&ServiceError::NotReady(format!(
+                "the result of task {id} is not available (status {})",
+                rec.status
+            )))
+        };
+        if !rec.status.is_terminal() {
+            return Err(not_ready());
+        }
+        let read = |file: &'static str| {
+            let service = self.service.clone();
+            let id = id.clone();
+            async move {
+                service
+                    .read_result(&id, file, MAX_RESULT_FILE_BYTES)
+                    .await
+                    .map_err(|e| status_of(&e))
+            }
+        };
+        let (diff, transcript) = (read(layout::DIFF).await?, read(layout::TRANSCRIPT).await?);
+        if diff.is_none() && transcript.is_none() {
+            return Err(not_ready());
+        }
+        let text = |f: Option<(Vec<u8>, bool)>| {
+            let (bytes, cut) = f.unwrap_or_default();
+            (String::from_utf8_lossy(&bytes).into_owned(), cut)
+        };
+        let (diff, diff_truncated) = text(diff);
+        let (transcript, transcript_truncated) = text(transcript);
+        Ok(Response::new(proto::TaskResult {
+            task_id: id.to_string(),
+            status: rec.status.to_string(),
+            diff,
+            transcript,
+            summary: rec.summary.as_ref().map(summary_message),
+            diff_truncated,
+            transcript_truncated,
+        }))
+    }
+}
+
+/// Serves `patchflow.v1.Tasks`, health and reflection on `listener` until `shutdown`.
+pub async fn serve(
+    service: TaskService,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GrpcError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<TasksServer<TasksApi>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    // grpcurl and older tools still ask the v1alpha service.
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(TasksServer::new(TasksApi::new(service)))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! The gRPC side of the CLI: `submit --grpc` (a ZIP streams in chunks) and `watch`, which
+//! follows a task over `WatchTask` and, when the connection drops, resumes after the last
+//! event it printed, so nothing is missed or printed twice.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use patchflow_core::Config;
+use patchflow_gateway::grpc::proto;
+use proto::tasks_client::TasksClient;
+use tonic::transport::Channel;
+
+use crate::client::SubmitArgs;
+
+/// Size of one upload chunk (well under gRPC's 4 MiB message limit).
+const CHUNK_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Args)]
+pub struct GrpcServerOpt {
+    /// The gateway's gRPC URL (default: http://<grpc_addr>) [PATCHFLOW_GRPC_SERVER].
+    #[arg(long = "grpc-server", env = "PATCHFLOW_GRPC_SERVER")]
+    pub grpc_server: Option<String>,
+}
+
+impl GrpcServerOpt {
+    pub fn url(&self, config: &Config) -> String {
+        self.grpc_server
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", config.grpc_addr))
+            .trim_end_matches('/')
+            .to_string()
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    pub task_id: String,
+    /// Resume after this event (the `seq` of the last one seen).
+    #[arg(long, default_value_t = 0)]
+    pub after: i64,
+    /// Print each event and the final record as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: GrpcServerOpt,
+}
+
+pub async fn connect(url: &str) -> anyhow::Result<TasksClient<Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("`{url}` is not a gRPC URL"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| {
+            format!("cannot reach the patchflow gRPC API at {url}: is `patchflow up` running?")
+        })?;
+    Ok(TasksClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// A gRPC error as the CLI shows it: the server's message and the code.
+fn failed(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+fn options(a: &SubmitArgs) -> proto::TaskOptions {
+    let limits = (a.max_steps.is_some() || a.max_tokens.is_some() || a.wall_seconds.is_some())
+        .then(|| proto::Limits {
+            max_steps: a.max_steps.unwrap_or(0),
+            max_tokens: a.max_tokens.unwrap_or(0),
+            wall_seconds: a.wall_seconds.unwrap_or(0),
+        });
+    proto::TaskOptions {
+        task_description: a.task_description.clone(),
+        target_file: a.target_file.clone(),
+        model: a.task_model.clone(),
+        limits,
+        idempotency_key: a.idempotency_key.clone(),
+        ..proto::TaskOptions::default()
+    }
+}
+
+/// `patchflow submit --grpc`: a git URL through `SubmitTask`, a directory or ZIP through
+/// the chunked `UploadTask`.
+pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let url = a.grpc_server.url(config);
+    let mut client = connect(&url).await?;
+    let local = PathBuf::from(&a.source);
+    let response = if local.exists() {
+        let _guard;
+        let zip_path = if local.is_dir() {
+            let z = crate::client::zip_directory(&local)
+                .with_context(|| format!("cannot zip {}", local.display()))?;
+            let p = z.path().to_path_buf();
+            _guard = Some(z);
+            p
+        } else {
+            _guard = None;
+            local.clone()
+        };
+        let bytes = tokio::fs::read(&zip_path)
+            .await
+            .with_context(|| format!("cannot read {}", zip_path.display()))?;
+        let mut messages = vec![proto::UploadTaskRequest {
+            part: Some(proto::upload_task_request::Part::Options(options(&a))),
+        }];
+        messages.extend(bytes.chunks(CHUNK_BYTES).map(|c| proto::UploadTaskRequest {
+            part: Some(proto::upload_task_request::Part::Chunk(c.to_vec())),
+        }));
+        client
+            .upload_task(futures::stream::iter(messages))
+            .await
+            .map_err(failed)?
+    } else {
+        client
+            .submit_task(proto::SubmitTaskRequest {
+                git_url: a.source.clone(),
+                git_ref: a.git_ref.clone(),
+                options: Some(options(&a)),
+            })
+            .await
+            .map_err(failed)?
+    }
+    .into_inner();
+    println!("{}", response.task_id);
+    if !a.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    watch_task(&url, &response.task_id, 0, a.json).await
+}
+
+pub async fn watch(config: &Config, a: WatchArgs) -> anyhow::Result<ExitCode> {
+    watch_task(&a.server.url(config), &a.task_id, a.after, a.json).await
+}
+
+/// Prints a task's events until the final record; exits 0 only if it COMPLETED.
+async fn watch_task(url: &str, id: &str, after: i64, json: bool) -> anyhow::Result<ExitCode> {
+    use proto::watch_task_response::Item;
+    let mut after = after;
+    let mut failures = 0u32;
+    let mut stderr = std::io::stderr();
+    loop {
+        let stream = async {
+            let mut client = connect(url).await?;
+            client
+                .watch_task(proto::WatchTaskRequest {
+                    task_id: id.to_string(),
+                    after_seq: after,
+                })
+                .await
+                .map_err(failed)
+        }
+        .await;
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            // An answer from the server (unknown task, bad id) is final.
+            Err(e)
+                if e.to_string().contains("(NotFound)")
+                    || e.to_string().contains("(InvalidArgument)") =>
+            {
+                return Err(e);
+            }
+            Err(e) => {
+                failures += 1;
+                if failures > 5 {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(msg)) => match msg.item {
+                    Some(Item::Event(ev)) => {
+                        after = ev.seq;
+                        failures = 0;
+                        if json {
+                            println!("{}", event_json(&ev));
+                        } else {
+                            let status = ev.status.as_deref().unwrap_or("");
+                            let _ = writeln!(stderr, "{}  {:<18} {}", ev.at, status, ev.message);
+                        }
+                    }
+                    Some(Item::Final(task)) => {
+                        if json {
+                            println!(
+                                "{}",
+                                serde_json::json!({"final": {"task_id": task.task_id, "status": task.status, "message": task.message, "attempt": task.attempt}})
+                            );
+                        } else {
+                            println!("{}  {}  {}", task.task_id, task.status, task.message);
+                        }
+                        return Ok(if task.status == "COMPLETED" {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::FAILURE
+                        });
+                    }
+                    None => {}
+                },
+                // The stream ended without the final record: resume after the last event.
+                Ok(None) => break,
+                Err(s)
+                    if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown =>
+                {
+                    failures += 1;
+                    if failures > 5 {
+                        bail!("the watch of {id} keeps failing: {}", s.message());
+                    }
+                    break;
+                }
+                Err(s) => return Err(failed(s)),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn event_json(ev: &proto::TaskEvent) -> serde_json::Value {
+    serde_json::json!({"seq": ev.seq, "kind": ev.kind, "status": ev.status, "message": ev.message, "at": ev.at})
+}
