@@ -82,3 +82,13 @@ ensure_kubectl() {
   fi
   need kubectl "apt-get install kubectl"
 }
+
+# Headless Chromium and its WebDriver for the web page's browser test (Debian packages).
+ensure_chromium() {
+  if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    say "installing chromium and chromium-driver (Debian packages)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || true
+  fi
+  need chromium "apt-get install chromium"
+  need chromedriver "apt-get install chromium-driver"
+}

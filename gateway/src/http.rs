@@ -224,6 +224,7 @@ pub fn router(service: TaskService) -> Router {
         .route("/api/tasks/{task_id}/cancel", post(cancel))
         .route("/api/tasks/{task_id}/retry", post(retry))
         .route("/healthz", get(healthz))
+        .merge(crate::web::routes())
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(service)
 }
@@ -294,7 +295,9 @@ async fn submit(
 }
 
 /// Reads multipart fields; the `zip_file` part streams to a temporary file, bounded.
-async fn read_multipart(
+/// A browser form sends every field: an empty file part (no file chosen) and empty number
+/// fields mean "not given".
+pub(crate) async fn read_multipart(
     service: &TaskService,
     mut mp: Multipart,
 ) -> Result<(SubmitBody, Option<Upload>), ApiError> {
@@ -313,6 +316,7 @@ async fn read_multipart(
         };
         let name = field.name().unwrap_or_default().to_string();
         if name == "zip_file" {
+            let no_file_chosen = field.file_name().is_none_or(str::is_empty);
             let path = std::env::temp_dir().join(format!("patchflow-upload-{}.zip", uuid_suffix()));
             let mut file = tokio::fs::File::create(&path).await.map_err(|e| {
                 ApiError(ServiceError::Internal(format!(
@@ -349,6 +353,11 @@ async fn read_multipart(
             file.flush()
                 .await
                 .map_err(|e| ApiError(ServiceError::Internal(e.to_string())))?;
+            if no_file_chosen && bytes == 0 {
+                drop(file);
+                let _ = tokio::fs::remove_file(&path).await;
+                continue;
+            }
             upload = Some(Upload { path, bytes });
             continue;
         }
@@ -360,6 +369,7 @@ async fn read_multipart(
             "limits" => serde_json::from_str(&text)
                 .map_err(|e| bad(format!("field `limits` is not JSON: {e}")))?,
             "open_pr" => json!(matches!(text.trim(), "true" | "on" | "1" | "yes")),
+            "max_steps" | "max_tokens" | "wall_seconds" if text.trim().is_empty() => continue,
             "max_steps" | "max_tokens" | "wall_seconds" => {
                 let n: u64 = text
                     .trim()

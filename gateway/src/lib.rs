@@ -7,6 +7,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod service;
+pub mod web;
 
 pub use error::ServiceError;
 pub use service::{RetryMode, ServiceConfig, SubmitOutcome, TaskService, Upload};

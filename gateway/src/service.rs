@@ -510,6 +510,32 @@ impl TaskService {
         }
     }
 
+    /// Up to `limit` bytes of a result file, read through the object store whatever its
+    /// kind (the web page renders diffs and transcripts on the server, even where clients
+    /// get presigned URLs); `None` while the task has not written it. The flag says the
+    /// file is longer than what was read.
+    pub async fn read_result(
+        &self,
+        task_id: &TaskId,
+        file: &str,
+        limit: u64,
+    ) -> Result<Option<(Vec<u8>, bool)>, ServiceError> {
+        use tokio::io::AsyncReadExt;
+        let key = layout::result_key(task_id, file);
+        let (reader, size) = match self.objects.open_read(&key).await {
+            Ok(r) => r,
+            Err(patchflow_platform::ObjectError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut bytes = Vec::with_capacity(size.min(limit) as usize);
+        reader
+            .take(limit)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("object store: {e}")))?;
+        Ok(Some((bytes, size > limit)))
+    }
+
     pub fn workflow_link(&self, task_id: &TaskId) -> Option<String> {
         self.config
             .workflow_ui_base

@@ -1,5 +1,6 @@
 mod api;
 mod backends;
+mod browser;
 mod deploy;
 mod durability;
 mod e2e;
