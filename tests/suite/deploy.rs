@@ -231,3 +231,54 @@ fn manifests_render_parse_and_are_locked_down() {
         assert_eq!(d["spec"]["replicas"], 3);
     }
 }
+
+#[test]
+fn the_configmap_holds_valid_settings_and_runs_agents_on_the_deployed_image() {
+    for overlay in ["base", "overlays/dev", "overlays/prod"] {
+        let objects = render(overlay);
+        let maps: Vec<ConfigMap> = of_kind(&objects, "ConfigMap")
+            .map(|m| serde_json::from_value(m.clone()).unwrap())
+            .collect();
+        assert_eq!(maps.len(), 1, "{overlay}");
+        let data = maps[0].data.clone().unwrap();
+        // Every entry is a setting patchflow knows, with a value it accepts: a typo would
+        // otherwise be silently ignored by the pods.
+        let mut config = patchflow_core::Config::default();
+        let env = |name: &str| data.get(name).cloned();
+        config.apply_env(env).unwrap();
+        for name in data.keys() {
+            let known = patchflow_core::config::ENV_ALIASES
+                .iter()
+                .any(|(alias, _)| alias == name)
+                || name.strip_prefix("PATCHFLOW_").is_some_and(|k| {
+                    patchflow_core::Config::KEYS.contains(&k.to_ascii_lowercase().as_str())
+                });
+            assert!(known, "{overlay}: {name} is not a patchflow setting");
+        }
+        config.validate().unwrap();
+        assert_eq!(config.runner, "kube");
+        // The agent Jobs run the image the Deployments run.
+        let deployed: Vec<String> = of_kind(&objects, "Deployment")
+            .map(|d| {
+                d["spec"]["template"]["spec"]["containers"][0]["image"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert!(
+            deployed.iter().all(|i| *i == config.kube_image),
+            "{overlay}: agents run {} but the Deployments run {deployed:?}",
+            config.kube_image
+        );
+        // The agent service account exists and mounts no token.
+        let sa: Vec<ServiceAccount> = of_kind(&objects, "ServiceAccount")
+            .map(|s| serde_json::from_value(s.clone()).unwrap())
+            .filter(|s: &ServiceAccount| {
+                s.metadata.name.as_deref() == config.kube_service_account.as_deref()
+            })
+            .collect();
+        assert_eq!(sa.len(), 1, "{overlay}: the agents' service account");
+        assert_eq!(sa[0].automount_service_account_token, Some(false));
+    }
+}

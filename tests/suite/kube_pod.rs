@@ -1,0 +1,258 @@
+//! The agent Job's containers (`patchflow agent-pod fetch|run`) against a real S3 server,
+//! with nothing but presigned URLs, as a pod on a cluster gets them: the staged code comes
+//! in, the agent runs on the scripted model, the results go out; a bad URL fails clearly
+//! without printing the URL's signature.
+//!
+//! Also the opt-in live test: the demo task as a Kubernetes Job on a real cluster.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use tokio::process::Command;
+use std::time::Duration;
+
+use patchflow_core::{AgentSummary, TaskId, TaskSource, TaskSpec, layout};
+use patchflow_platform::ObjectStore;
+use patchflow_platform::objectstore::S3ObjectStore;
+use patchflow_scripted_model::ScriptedModel;
+
+use crate::support::{S3Server, bin, demo_git_repo, demo_script};
+
+const EXPIRY: Duration = Duration::from_secs(600);
+
+async fn store(s3: &S3Server, bucket: &str) -> S3ObjectStore {
+    S3ObjectStore::with_credentials(&s3.url(bucket), "test", "test")
+        .await
+        .expect("moto bucket")
+}
+
+/// `patchflow agent-pod STEP` with only the pod's environment. Awaited, not blocked on:
+/// the scripted model answers from this test's runtime.
+async fn pod_step(step: &str, env: &[(&str, String)]) -> std::process::Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(["agent-pod", step])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LANG", "C.UTF-8");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().await.expect("run patchflow agent-pod")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test]
+async fn the_pod_steps_move_code_and_results_by_presigned_urls_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(dir.path());
+    let objects = store(&s3, "pods").await;
+    let task = TaskId::generate();
+
+    // What stage_code leaves behind: the repository as code.tar.zst.
+    let repo = demo_git_repo(dir.path());
+    let staged = dir.path().join("code.tar.zst");
+    patchflow_platform::archive::pack_tar_zst(&repo, &staged, 3).unwrap();
+    objects
+        .put_file(&layout::staged_key(&task), &staged)
+        .await
+        .unwrap();
+
+    let (workspace, scratch) = (dir.path().join("workspace"), dir.path().join("scratch"));
+    std::fs::create_dir_all(&workspace).unwrap();
+    std::fs::create_dir_all(&scratch).unwrap();
+    let baseline = scratch.join("code.tar.zst");
+    let common = vec![
+        ("PATCHFLOW_TASK_ID", task.to_string()),
+        ("PATCHFLOW_WORKSPACE", workspace.display().to_string()),
+        ("PATCHFLOW_SCRATCH", scratch.display().to_string()),
+        ("PATCHFLOW_BASELINE", baseline.display().to_string()),
+        ("HOME", scratch.display().to_string()),
+        ("TMPDIR", scratch.display().to_string()),
+    ];
+
+    // The init container.
+    let get = objects
+        .presign_get(&layout::staged_key(&task), EXPIRY)
+        .await
+        .unwrap();
+    let mut env = common.clone();
+    env.push(("PATCHFLOW_STAGED_URL", get));
+    let out = pod_step("fetch", &env).await;
+    assert!(out.status.success(), "fetch: {}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(workspace.join("calc.py")).unwrap(),
+        std::fs::read_to_string(repo.join("calc.py")).unwrap()
+    );
+    assert!(baseline.exists(), "the baseline stays for the diff");
+
+    // The agent container.
+    let model = ScriptedModel::start(demo_script(), SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let spec = TaskSpec::new(
+        TaskSource::Git {
+            url: "https://git.example/demo.git".into(),
+            git_ref: None,
+        },
+        "Fix add() so the tests pass",
+    );
+    let mut env = common.clone();
+    env.extend([
+        ("PATCHFLOW_TASK_SPEC", serde_json::to_string(&spec).unwrap()),
+        ("PATCHFLOW_MODEL", "scripted-test".into()),
+        ("OPENAI_BASE_URL", model.base_url()),
+        ("OPENAI_API_KEY", "sk-pod-secret-0042".into()),
+    ]);
+    for (var, file) in [
+        ("PATCHFLOW_RESULT_URL_DIFF", layout::DIFF),
+        ("PATCHFLOW_RESULT_URL_TRANSCRIPT", layout::TRANSCRIPT),
+        ("PATCHFLOW_RESULT_URL_LOG", layout::AGENT_LOG),
+        ("PATCHFLOW_RESULT_URL_SUMMARY", layout::SUMMARY),
+    ] {
+        let url = objects
+            .presign_put(&layout::result_key(&task, file), EXPIRY)
+            .await
+            .unwrap();
+        env.push((var, url));
+    }
+    let out = pod_step("run", &env).await;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "run: {stderr}\n{stdout}");
+    // Progress events on stdout, one JSON object per line: what the runner relays.
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(events.first().unwrap()["event"], "started", "{stdout}");
+    assert_eq!(events.last().unwrap()["event"], "finished", "{stdout}");
+    assert!(model.observed().violations.is_empty());
+
+    // Everything reached the store.
+    let summary: AgentSummary = serde_json::from_slice(
+        &objects
+            .get_bytes(&layout::result_key(&task, layout::SUMMARY))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary.files_changed, vec!["calc.py".to_string()]);
+    let diff = text(
+        &objects
+            .get_bytes(&layout::result_key(&task, layout::DIFF))
+            .await
+            .unwrap(),
+    );
+    assert!(
+        diff.contains("-    return a - b") && diff.contains("+    return a + b"),
+        "{diff}"
+    );
+    for file in [layout::TRANSCRIPT, layout::AGENT_LOG] {
+        let bytes = objects
+            .get_bytes(&layout::result_key(&task, file))
+            .await
+            .unwrap();
+        assert!(
+            !text(&bytes).contains("sk-pod-secret-0042"),
+            "{file} holds the key"
+        );
+    }
+    assert!(
+        !stdout.contains("X-Amz-Signature") && !stderr.contains("X-Amz-Signature"),
+        "a presigned URL was printed"
+    );
+}
+
+#[tokio::test]
+async fn a_pod_with_a_bad_url_fails_clearly_without_printing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(dir.path());
+    let objects = store(&s3, "pods-bad").await;
+    let task = TaskId::generate();
+    // Signed for an object that was never staged.
+    let get = objects
+        .presign_get(&layout::staged_key(&task), EXPIRY)
+        .await
+        .unwrap();
+    let workspace = dir.path().join("workspace");
+    std::fs::create_dir_all(&workspace).unwrap();
+    let out = pod_step(
+        "fetch",
+        &[
+            ("PATCHFLOW_STAGED_URL", get),
+            ("PATCHFLOW_WORKSPACE", workspace.display().to_string()),
+            (
+                "PATCHFLOW_BASELINE",
+                dir.path().join("code.tar.zst").display().to_string(),
+            ),
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cannot download the staged code") && err.contains("HTTP 404"),
+        "{err}"
+    );
+    assert!(!err.contains("X-Amz-Signature"), "{err}");
+    assert_eq!(std::fs::read_dir(&workspace).unwrap().count(), 0);
+
+    // The agent container checks its task spec before anything else.
+    let out = pod_step(
+        "run",
+        &[
+            ("PATCHFLOW_TASK_ID", task.to_string()),
+            ("PATCHFLOW_TASK_SPEC", "{\"not\": \"a spec\"}".into()),
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("PATCHFLOW_TASK_SPEC is not a task spec"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// The demo task as a Kubernetes Job on a real cluster. Needs `PATCHFLOW_KUBE_TEST=1`, a
+/// `KUBECONFIG`, an image the cluster can pull (`PATCHFLOW_KUBE_IMAGE`), an S3 store the
+/// cluster can reach (`PATCHFLOW_OBJECT_STORE_URL` and AWS credentials) and a Secret with
+/// the model key (`PATCHFLOW_KUBE_API_KEY_SECRET`); see the README's Kubernetes section.
+#[tokio::test]
+async fn live_cluster_runs_the_demo_as_a_job() {
+    let wanted = std::env::var("PATCHFLOW_KUBE_TEST").is_ok_and(|v| v == "1");
+    let kubeconfig = std::env::var("KUBECONFIG").ok();
+    let (true, Some(kubeconfig)) = (wanted, kubeconfig) else {
+        eprintln!(
+            "SKIPPED live_cluster_runs_the_demo_as_a_job: set PATCHFLOW_KUBE_TEST=1 and KUBECONFIG \
+             (plus PATCHFLOW_KUBE_IMAGE and PATCHFLOW_OBJECT_STORE_URL) to run it on a cluster"
+        );
+        return;
+    };
+    assert!(
+        Path::new(&kubeconfig).exists(),
+        "KUBECONFIG={kubeconfig} does not exist"
+    );
+    for var in ["PATCHFLOW_KUBE_IMAGE", "PATCHFLOW_OBJECT_STORE_URL"] {
+        assert!(
+            std::env::var(var).is_ok(),
+            "{var} is needed for the live test"
+        );
+    }
+    // The stack inherits the cluster settings from the environment; the model key comes
+    // from the cluster's Secret, the model from OPENAI_BASE_URL as the pods see it.
+    // The pods must reach the model: a real endpoint, or `patchflow scripted-model` served
+    // where the cluster can reach it (PATCHFLOW_KUBE_TEST_MODEL_URL).
+    let mut env = vec![("PATCHFLOW_RUNNER", "kube".to_string())];
+    if let Ok(url) = std::env::var("PATCHFLOW_KUBE_TEST_MODEL_URL") {
+        env.push(("OPENAI_BASE_URL", url));
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let stack = crate::support::Stack::start(crate::support::Mode::Up, demo_script(), &env).await;
+    let id = stack.submit_demo().await;
+    let r = stack.wait_terminal(&id).await;
+    assert_eq!(r["status"], "COMPLETED", "{r}");
+    let (_, diff) = stack.get_text(&format!("/api/tasks/{id}/diff")).await;
+    assert!(diff.contains("+    return a + b"), "{diff}");
+}
