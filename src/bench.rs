@@ -48,6 +48,18 @@ pub enum BenchCommand {
         #[arg(long, default_value = "redis://127.0.0.1:6379")]
         redis_url: String,
     },
+    /// Many watchers on one task: events/s and event -> watcher latency through gRPC
+    /// `WatchTask` and the SSE endpoint.
+    Watch {
+        #[arg(long, default_value_t = 100)]
+        watchers: usize,
+        /// Agent events written as fast as the store takes them.
+        #[arg(long, default_value_t = 500)]
+        burst: usize,
+        /// Agent events written one per 20 ms, for the latency.
+        #[arg(long, default_value_t = 100)]
+        paced: usize,
+    },
     /// Upload and download of a large staged archive: the local directory vs S3.
     Store {
         /// Size of the archive in MiB.
@@ -105,6 +117,11 @@ pub async fn run(config: Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> 
             with_stack(&config, Some(redis_url), mode).await
         }
         BenchCommand::Store { mib, s3_url } => crate::bench_store::run(mib, s3_url).await,
+        BenchCommand::Watch {
+            watchers,
+            burst,
+            paced,
+        } => crate::bench_watch::run(&config, watchers, burst, paced).await,
     }
 }
 

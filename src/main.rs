@@ -4,6 +4,7 @@
 mod agent_cmd;
 mod bench;
 mod bench_store;
+mod bench_watch;
 mod bench_tools;
 mod client;
 mod devserver;

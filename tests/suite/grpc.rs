@@ -193,6 +193,41 @@ async fn grpc_submits_git_and_zip_watches_to_the_end_and_gets_the_result() {
         .unwrap()
         .into_inner();
     assert_eq!(next.tasks[0].task_id, git.task_id);
+
+    // The CLI: a directory submitted over gRPC (zipped, streamed in chunks), then watched.
+    let demo = repo_root().join("examples/demo-repo");
+    let out = stack.cli(&[
+        "submit",
+        "--grpc",
+        demo.to_str().unwrap(),
+        "-d",
+        "fix",
+        "--wait",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = stdout.lines().next().unwrap().trim().to_string();
+    assert!(stdout.contains(&format!("{id}  COMPLETED")), "{stdout}");
+    let out = stack.cli(&["watch", &id, "--json"]);
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (last, events) = lines.split_last().unwrap();
+    assert_eq!(last["final"]["status"], "COMPLETED");
+    assert_eq!(events.len(), stack.events(&id).await.len());
+    let out = stack.cli(&["watch", "tsk_00000000000000000000000000000000"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
