@@ -295,3 +295,87 @@ pub fn reset_point(events: &[HistoryEvent]) -> Option<i64> {
         })?;
     Some(failed.2)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use temporalio_common::protos::temporal::api::common::v1::ActivityType;
+    use temporalio_common::protos::temporal::api::history::v1::{
+        ActivityTaskCompletedEventAttributes, ActivityTaskScheduledEventAttributes,
+    };
+
+    fn ev(id: i64, t: EventType, attributes: Option<Attributes>) -> HistoryEvent {
+        HistoryEvent {
+            event_id: id,
+            event_type: t as i32,
+            attributes,
+            ..HistoryEvent::default()
+        }
+    }
+    fn wft_done(id: i64) -> HistoryEvent {
+        ev(id, EventType::WorkflowTaskCompleted, None)
+    }
+    fn scheduled(id: i64, name: &str) -> HistoryEvent {
+        ev(
+            id,
+            EventType::ActivityTaskScheduled,
+            Some(Attributes::ActivityTaskScheduledEventAttributes(
+                ActivityTaskScheduledEventAttributes {
+                    activity_type: Some(ActivityType { name: name.into() }),
+                    ..Default::default()
+                },
+            )),
+        )
+    }
+    fn completed(id: i64, of: i64) -> HistoryEvent {
+        ev(
+            id,
+            EventType::ActivityTaskCompleted,
+            Some(Attributes::ActivityTaskCompletedEventAttributes(
+                ActivityTaskCompletedEventAttributes {
+                    scheduled_event_id: of,
+                    ..Default::default()
+                },
+            )),
+        )
+    }
+
+    fn pipeline_until_agent() -> Vec<HistoryEvent> {
+        vec![
+            wft_done(4),
+            scheduled(6, "fetch_code"),
+            completed(8, 6),
+            wft_done(11),
+            scheduled(13, "stage_code"),
+            completed(15, 13),
+            wft_done(18),
+            scheduled(20, "run_agent"),
+        ]
+    }
+
+    #[test]
+    fn resets_to_the_workflow_task_that_scheduled_the_step_that_did_not_complete() {
+        // run_agent failed (no completion): redo the workflow task after stage_code.
+        assert_eq!(reset_point(&pipeline_until_agent()), Some(18));
+        // fetch_code failed: back to the first workflow task.
+        assert_eq!(
+            reset_point(&[wft_done(4), scheduled(6, "fetch_code")]),
+            Some(4)
+        );
+    }
+
+    #[test]
+    fn an_agent_that_reported_failure_is_the_step_to_redo() {
+        // Every activity completed, but the task failed on the agent's outcome.
+        let mut h = pipeline_until_agent();
+        h.extend([
+            completed(22, 20),
+            wft_done(25),
+            scheduled(27, "publish_result"),
+            completed(29, 27),
+            wft_done(32),
+        ]);
+        assert_eq!(reset_point(&h), Some(18));
+        assert_eq!(reset_point(&[wft_done(4)]), None);
+    }
+}
