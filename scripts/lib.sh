@@ -92,3 +92,19 @@ ensure_chromium() {
   need chromium "apt-get install chromium"
   need chromedriver "apt-get install chromium-driver"
 }
+
+# Tansu, a Kafka-protocol broker in Rust, for the Kafka tests (no Apache Kafka distribution
+# is reachable from these machines). Built once (~13 min on 2 cores) into a cache outside
+# the clone; the storage features are needed (without them it exits with FeatureNotEnabled).
+TANSU_ROOT=${TANSU_ROOT:-$HOME/.cache/patchflow/tansu}
+ensure_tansu() {
+  if ! command -v tansu >/dev/null 2>&1 && [ ! -x "$TANSU_ROOT/bin/tansu" ]; then
+    say "building the tansu broker 0.6.0 (once, into $TANSU_ROOT)"
+    cargo install tansu --version 0.6.0 --locked --features libsql,dynostore \
+      --root "$TANSU_ROOT" --target-dir "$HOME/.cache/patchflow/tansu-target"
+  fi
+  if ! command -v tansu >/dev/null 2>&1; then
+    export PATH="$TANSU_ROOT/bin:$PATH"
+  fi
+  need tansu "cargo install tansu --version 0.6.0 --locked --features libsql,dynostore"
+}

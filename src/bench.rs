@@ -69,6 +69,19 @@ pub enum BenchCommand {
         #[arg(long)]
         s3_url: Option<String>,
     },
+    /// Kafka: messages -> workflow starts per second (1 and 2 consumers), produce ->
+    /// started latency, the DLQ path's cost, and result-message produce latency.
+    Kafka {
+        /// Messages per throughput round.
+        #[arg(long, default_value_t = 300)]
+        messages: usize,
+        /// Malformed messages for the DLQ measurement.
+        #[arg(long, default_value_t = 200)]
+        bad: usize,
+        /// An existing broker; default: kafka_brokers, else a Tansu started here.
+        #[arg(long)]
+        brokers: Option<String>,
+    },
     /// Whole tasks through an embedded stack.
     Pipeline {
         /// Tasks submitted one after another (latency).
@@ -83,6 +96,11 @@ pub enum BenchCommand {
 pub async fn run(config: Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Agent { runs, steps } => agent(runs, steps).await,
+        BenchCommand::Kafka {
+            messages,
+            bad,
+            brokers,
+        } => crate::bench_kafka::run(&config, brokers, messages, bad).await,
         BenchCommand::Tools { iterations } => crate::bench_tools::run(iterations).await,
         BenchCommand::Pipeline {
             sequential,

@@ -2,12 +2,15 @@
 //! lives in the modules beside it (wiring) and in the workspace's crates (logic).
 
 mod agent_cmd;
+mod batch;
 mod bench;
+mod bench_kafka;
 mod bench_store;
 mod bench_watch;
 mod bench_tools;
 mod client;
 mod devserver;
+mod kafka;
 mod grpc_client;
 mod settings;
 mod stack;
@@ -31,7 +34,11 @@ enum Command {
     /// Gateway and worker in one process; starts the Temporal dev server unless TEMPORAL_ADDRESS is set.
     Up,
     /// Only the worker: runs workflows and activities.
-    Worker,
+    Worker {
+        /// Also consume task messages from Kafka (kafka_brokers must be set).
+        #[arg(long)]
+        kafka: bool,
+    },
     /// Only the gateway: the HTTP API.
     Gateway,
     /// Submit a task: a git URL, a local directory or a .zip file.
@@ -56,6 +63,9 @@ enum Command {
     Migrate,
     /// Serve a scripted OpenAI-compatible model (tests and the key-less demo).
     ScriptedModel(ScriptedModelArgs),
+    /// Submit, follow and export batches of tasks (JSONL, SWE-bench instances).
+    #[command(subcommand)]
+    Batch(batch::BatchCommand),
     /// Measure the pipeline or the agent and print numbers.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -101,6 +111,7 @@ fn main() -> ExitCode {
             | Command::Watch(_)
             | Command::List(_)
             | Command::Config
+            | Command::Batch(_)
     );
     settings::init_logging(&config, quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -116,7 +127,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Up => stack::up(config).await,
-            Command::Worker => stack::worker(config).await,
+            Command::Worker { kafka } => stack::worker(config, kafka).await,
             Command::Gateway => stack::gateway(config).await,
             Command::Submit(a) => client::submit(&config, a).await,
             Command::Status(a) => client::status(&config, a).await,
@@ -132,6 +143,7 @@ fn main() -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             Command::ScriptedModel(a) => scripted_model(a).await,
+            Command::Batch(b) => batch::run(config, b).await,
             Command::Bench(b) => bench::run(config, b).await,
             Command::SandboxExec(_) => Ok(ExitCode::FAILURE),
         }

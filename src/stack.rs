@@ -93,6 +93,7 @@ pub(crate) fn service(config: &Config, stores: &Stores, client: Client) -> TaskS
         activity_max_attempts: config.activity_max_attempts,
         heartbeat_timeout_secs: config.heartbeat_timeout_secs,
         retry_initial_interval_ms: config.retry_initial_interval_ms,
+        batch_concurrency: config.batch_concurrency,
     };
     TaskService::new(
         stores.tasks.clone(),
@@ -125,7 +126,7 @@ pub(crate) fn service(config: &Config, stores: &Stores, client: Client) -> TaskS
     )
 }
 
-fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activities> {
+async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activities> {
     let program = std::env::current_exe().context("cannot find the patchflow executable")?;
     Ok(Activities {
         store: stores.tasks.clone(),
@@ -136,7 +137,9 @@ fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activities> {
             allow_local_sources: config.allow_local_sources,
             max_unpacked_bytes: config.max_unpacked_bytes,
             max_archive_entries: config.max_archive_entries,
+            batch_lease: Duration::from_secs(config.batch_lease_secs),
         },
+        results: crate::kafka::results_topic(config).await?,
         runner: Arc::new(LocalRunner::new(LocalRunnerConfig {
             program,
             model: config.model.clone(),
@@ -215,7 +218,7 @@ pub(crate) async fn run_worker(
     let runtime = Runtime::from_current_tokio(Default::default())
         .context("cannot start the Temporal runtime")?;
     let options = WorkerOptions::new(config.task_queue.clone())
-        .register_activities(activities(config, stores)?)
+        .register_activities(activities(config, stores).await?)
         .register_workflow::<CodeTask>()?
         .build();
     let mut worker =
@@ -271,11 +274,22 @@ pub async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn worker(config: Config) -> anyhow::Result<ExitCode> {
+pub async fn worker(config: Config, kafka: bool) -> anyhow::Result<ExitCode> {
     let stores = open_stores(&config).await?;
     let client = devserver::connect(&config).await?;
     let (_tx, rx) = stop_channel();
+    let trigger = if kafka {
+        let service = service(&config, &stores, client.clone());
+        let t = crate::kafka::start_trigger(&config, service, rx.clone()).await?;
+        if t.is_none() {
+            anyhow::bail!("worker --kafka needs kafka_brokers (PATCHFLOW_KAFKA_BROKERS)");
+        }
+        t
+    } else {
+        None
+    };
     run_worker(&config, &stores, client, rx).await?;
+    crate::kafka::join_trigger(trigger).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -284,10 +298,12 @@ pub async fn gateway(config: Config) -> anyhow::Result<ExitCode> {
     let client = devserver::connect(&config).await?;
     let (_tx, rx) = stop_channel();
     let service = service(&config, &stores, client);
+    let trigger = crate::kafka::start_trigger(&config, service.clone(), rx.clone()).await?;
     let (http, _) = serve_http(&config, service.clone(), stopped(&rx)).await?;
     let (grpc, _) = serve_grpc(&config, service, stopped(&rx)).await?;
     http.await.context("HTTP task panicked")??;
     grpc.await.context("gRPC task panicked")??;
+    crate::kafka::join_trigger(trigger).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -307,6 +323,7 @@ pub async fn up(config: Config) -> anyhow::Result<ExitCode> {
         let client = devserver::connect(&config).await?;
         let (tx, rx) = stop_channel();
         let service = service(&config, &stores, client.clone());
+        let trigger = crate::kafka::start_trigger(&config, service.clone(), rx.clone()).await?;
         let (http, _) = serve_http(&config, service.clone(), stopped(&rx)).await?;
         let (grpc, _) = serve_grpc(&config, service, stopped(&rx)).await?;
         eprintln!(
@@ -324,7 +341,8 @@ pub async fn up(config: Config) -> anyhow::Result<ExitCode> {
         let _ = tx.send(true);
         let http = http.await.context("HTTP task panicked")?;
         let grpc = grpc.await.context("gRPC task panicked")?;
-        worker.and(http).and(grpc)
+        let trigger = crate::kafka::join_trigger(trigger).await;
+        worker.and(http).and(grpc).and(trigger)
     }
     .await;
     if let Some(dev) = dev {

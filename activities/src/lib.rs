@@ -11,6 +11,7 @@
 //! retried by Temporal's policy.
 
 pub mod fetch;
+pub mod results;
 pub mod runner;
 pub mod stage;
 
@@ -24,8 +25,8 @@ use patchflow_core::{
 use patchflow_platform::cache::Hot;
 use patchflow_platform::{ObjectStore, StatusChange, TaskStore};
 use patchflow_workflows::io::{
-    FetchInput, FetchOutput, PublishInput, PublishOutput, RunAgentInput, StageInput, StageOutput,
-    StatusUpdate,
+    FetchInput, FetchOutput, PublishInput, PublishOutput, RunAgentInput, SlotInput, StageInput,
+    StageOutput, StatusUpdate,
 };
 use patchflow_workflows::steps::markers as steps;
 use temporalio_macros::activities;
@@ -43,6 +44,8 @@ pub struct ActivityConfig {
     pub allow_local_sources: bool,
     pub max_unpacked_bytes: u64,
     pub max_archive_entries: u64,
+    /// Lifetime of a batch slot lease; holders renew it with their heartbeats.
+    pub batch_lease: Duration,
 }
 
 impl ActivityConfig {
@@ -59,9 +62,67 @@ pub struct Activities {
     pub hot: Hot,
     pub config: ActivityConfig,
     pub runner: Arc<dyn AgentRunner>,
+    /// The Kafka results topic, when Kafka is configured.
+    pub results: Option<results::ResultsTopic>,
 }
 
 impl Activities {
+    /// Produces the finished task's result message (when Kafka is configured); a failure
+    /// is transient, so Temporal retries the activity and the message is not lost.
+    async fn publish_result_message(&self, task: &TaskId) -> Result<(), ActivityError> {
+        let Some(results) = &self.results else {
+            return Ok(());
+        };
+        results
+            .publish(self.store.as_ref(), self.objects.as_ref(), task)
+            .await
+            .map(drop)
+            .map_err(|e| transient(format!("cannot publish the result of {task}: {e}")))
+    }
+
+    /// Waits until `slot`'s task holds a slot of its batch, heartbeating meanwhile. A cache
+    /// that does not answer is waited out too: running over the limit would break the
+    /// promise the limit makes.
+    async fn wait_for_slot(
+        &self,
+        ctx: &ActivityContext,
+        slot: &SlotInput,
+    ) -> Result<(), ActivityError> {
+        let mut logged = false;
+        loop {
+            match self
+                .hot
+                .slots
+                .try_acquire(
+                    &slot.batch_id,
+                    &slot.task_id,
+                    slot.limit,
+                    self.config.batch_lease,
+                )
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!(task_id = %slot.task_id, batch_id = %slot.batch_id, limit = slot.limit, "batch slot taken");
+                    return Ok(());
+                }
+                Ok(false) => {
+                    if !logged {
+                        tracing::info!(task_id = %slot.task_id, batch_id = %slot.batch_id, limit = slot.limit, "waiting for a batch slot");
+                        logged = true;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(task_id = %slot.task_id, error = %e, "cannot take a batch slot yet");
+                }
+            }
+            let _ = ctx.record_heartbeat(()).await;
+            tokio::select! {
+                _ = ctx.cancelled() => return Err(ActivityError::cancelled()),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
     /// Writes a status for the workflow run that called the activity. The run id places
     /// the write among the task's attempts: a run the store has not seen (a retry, or a
     /// reset done by hand in the Temporal UI) begins a new attempt by itself.
@@ -157,10 +218,17 @@ impl Activities {
                 tracing::info!(task_id = %id, status = %update.status, message = %update.message, "status");
                 self.announce(&id, status_event(seq, update.status, &update.message))
                     .await;
+                if update.status.is_terminal() {
+                    self.publish_result_message(&id).await?;
+                }
                 Ok(())
             }
             Ok(StatusChange::Ignored { current }) => {
                 tracing::debug!(task_id = %id, status = %update.status, %current, "status write ignored (out of order)");
+                // A retry after the write landed but the result message did not.
+                if update.status.is_terminal() {
+                    self.publish_result_message(&id).await?;
+                }
                 Ok(())
             }
             Err(patchflow_platform::StoreError::NotFound(_)) => {
@@ -168,6 +236,30 @@ impl Activities {
             }
             Err(e) => Err(transient(e)),
         }
+    }
+
+    #[activity(definition = steps::AcquireBatchSlot)]
+    pub async fn acquire_batch_slot(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        slot: SlotInput,
+    ) -> Result<(), ActivityError> {
+        self.wait_for_slot(&ctx, &slot).await
+    }
+
+    #[activity(definition = steps::ReleaseBatchSlot)]
+    pub async fn release_batch_slot(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        slot: SlotInput,
+    ) -> Result<(), ActivityError> {
+        self.hot
+            .slots
+            .release(&slot.batch_id, &slot.task_id)
+            .await
+            .map_err(transient)?;
+        tracing::info!(task_id = %slot.task_id, batch_id = %slot.batch_id, "batch slot released");
+        Ok(())
     }
 
     #[activity(definition = steps::FetchCode)]
@@ -197,6 +289,10 @@ impl Activities {
         input: RunAgentInput,
     ) -> Result<AgentSummary, ActivityError> {
         let id = task_id(&input.task_id)?;
+        if let Some(slot) = &input.batch_slot {
+            // Held already on a first attempt; a retry after a crash may have lost it.
+            self.wait_for_slot(&ctx, slot).await?;
+        }
         let attempt = ctx.info().attempt;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<AgentEvent>();
         let cancel = CancellationToken::new();
@@ -222,7 +318,14 @@ impl Activities {
                     self.record_agent_event(&id, &event).await;
                     let _ = ctx.record_heartbeat(last_step).await;
                 }
-                _ = tick.tick() => { let _ = ctx.record_heartbeat(last_step).await; }
+                _ = tick.tick() => {
+                    let _ = ctx.record_heartbeat(last_step).await;
+                    if let Some(slot) = &input.batch_slot
+                        && let Err(e) = self.hot.slots.renew(&slot.batch_id, &slot.task_id, self.config.batch_lease).await
+                    {
+                        tracing::warn!(task_id = %id, error = %e, "cannot renew the batch slot");
+                    }
+                }
                 _ = ctx.cancelled(), if !cancel.is_cancelled() => {
                     tracing::info!(task_id = %id, "run_agent cancelled; stopping the agent");
                     cancel.cancel();
@@ -299,6 +402,7 @@ impl Activities {
                 tracing::warn!(task_id = %id, %current, %status, "final status not applied");
             }
         }
+        self.publish_result_message(&id).await?;
         tracing::info!(task_id = %id, %status, %message, "published");
         Ok(PublishOutput { status, message })
     }

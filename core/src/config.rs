@@ -100,6 +100,29 @@ pub struct Config {
     pub runner: String,
     /// `text` or `json`.
     pub log_format: String,
+    /// Kafka bootstrap servers (`host:port,host:port`); unset: no Kafka trigger or results.
+    pub kafka_brokers: Option<String>,
+    /// Topic the trigger consumer reads task messages from.
+    pub kafka_tasks_topic: String,
+    /// Topic every finished task's result message goes to.
+    pub kafka_results_topic: String,
+    /// Topic malformed task messages are moved to.
+    pub kafka_dlq_topic: String,
+    /// Consumer group of the trigger consumers.
+    pub kafka_group: String,
+    /// Move malformed messages to the DLQ topic (off: they are logged and skipped).
+    pub kafka_dlq: bool,
+    /// Create missing topics at start-up; off: a missing topic is an error naming it.
+    pub kafka_auto_create: bool,
+    /// Partitions of topics created at start-up.
+    pub kafka_partitions: u32,
+    /// Extra librdkafka settings, `key=value,key=value` (SASL/SSL); shown as `***`.
+    pub kafka_properties: Option<Secret>,
+    /// Most tasks of one batch running the agent at once, across workers (0: no limit).
+    pub batch_concurrency: u32,
+    /// Lifetime of a batch slot lease without renewal (seconds): a crashed worker's slot
+    /// frees itself after this.
+    pub batch_lease_secs: u64,
 }
 
 impl Default for Config {
@@ -146,6 +169,17 @@ impl Default for Config {
             retry_initial_interval_ms: 1000,
             runner: "local".into(),
             log_format: "text".into(),
+            kafka_brokers: None,
+            kafka_tasks_topic: "patchflow.tasks".into(),
+            kafka_results_topic: "patchflow.results".into(),
+            kafka_dlq_topic: "patchflow.tasks.dlq".into(),
+            kafka_group: "patchflow".into(),
+            kafka_dlq: true,
+            kafka_auto_create: true,
+            kafka_partitions: 3,
+            kafka_properties: None,
+            batch_concurrency: 0,
+            batch_lease_secs: 30,
         }
     }
 }
@@ -159,7 +193,7 @@ pub const ENV_ALIASES: [(&str, &str); 3] = [
 
 impl Config {
     /// Every key, in the order `patchflow config` prints them.
-    pub const KEYS: [&'static str; 41] = [
+    pub const KEYS: [&'static str; 52] = [
         "http_addr",
         "grpc_addr",
         "data_dir",
@@ -201,6 +235,17 @@ impl Config {
         "retry_initial_interval_ms",
         "runner",
         "log_format",
+        "kafka_brokers",
+        "kafka_tasks_topic",
+        "kafka_results_topic",
+        "kafka_dlq_topic",
+        "kafka_group",
+        "kafka_dlq",
+        "kafka_auto_create",
+        "kafka_partitions",
+        "kafka_properties",
+        "batch_concurrency",
+        "batch_lease_secs",
     ];
 
     /// Parses a TOML config file's text. Unknown keys are an error, so a typo is caught.
@@ -294,6 +339,17 @@ impl Config {
             "retry_initial_interval_ms" => self.retry_initial_interval_ms = num(key, value)?,
             "runner" => self.runner = value.into(),
             "log_format" => self.log_format = value.into(),
+            "kafka_brokers" => self.kafka_brokers = opt(value),
+            "kafka_tasks_topic" => self.kafka_tasks_topic = value.into(),
+            "kafka_results_topic" => self.kafka_results_topic = value.into(),
+            "kafka_dlq_topic" => self.kafka_dlq_topic = value.into(),
+            "kafka_group" => self.kafka_group = value.into(),
+            "kafka_dlq" => self.kafka_dlq = flag(key, value)?,
+            "kafka_auto_create" => self.kafka_auto_create = flag(key, value)?,
+            "kafka_partitions" => self.kafka_partitions = num(key, value)?,
+            "kafka_properties" => self.kafka_properties = opt(value).map(Secret::new),
+            "batch_concurrency" => self.batch_concurrency = num(key, value)?,
+            "batch_lease_secs" => self.batch_lease_secs = num(key, value)?,
             other => return Err(CoreError::UnknownSetting(other.to_string())),
         }
         Ok(())
@@ -325,6 +381,32 @@ impl Config {
         }
         if self.activity_max_attempts == 0 {
             return bad("activity_max_attempts", "must be at least 1");
+        }
+        for (key, topic) in [
+            ("kafka_tasks_topic", &self.kafka_tasks_topic),
+            ("kafka_results_topic", &self.kafka_results_topic),
+            ("kafka_dlq_topic", &self.kafka_dlq_topic),
+        ] {
+            let ok = !topic.is_empty()
+                && topic.len() <= 249
+                && topic
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                return bad(
+                    key,
+                    "a Kafka topic name: 1 to 249 of letters, digits, `.`, `_`, `-`",
+                );
+            }
+        }
+        if self.kafka_group.is_empty() {
+            return bad("kafka_group", "must not be empty");
+        }
+        if self.kafka_partitions == 0 {
+            return bad("kafka_partitions", "must be at least 1");
+        }
+        if self.batch_lease_secs < 2 {
+            return bad("batch_lease_secs", "must be at least 2");
         }
         Ok(())
     }
@@ -453,6 +535,29 @@ mod tests {
     }
 
     #[test]
+    fn kafka_security_settings_are_never_shown() {
+        let mut c = Config::default();
+        c.set(
+            "kafka_properties",
+            "security.protocol=SASL_PLAINTEXT,sasl.mechanism=PLAIN,sasl.password=hunter2",
+        )
+        .unwrap();
+        c.set("kafka_brokers", "k1:9092,k2:9092").unwrap();
+        let shown = c.to_redacted_toml();
+        assert!(shown.contains("kafka_properties = \"***\""), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("kafka_brokers = \"k1:9092,k2:9092\""),
+            "{shown}"
+        );
+        let e = c.set("kafka_dlq", "maybe").unwrap_err().to_string();
+        assert!(e.contains("kafka_dlq"), "{e}");
+        c.set("kafka_tasks_topic", "bad topic").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("kafka_tasks_topic"), "{e}");
+    }
+
+    #[test]
     fn bad_settings_are_named() {
         let e = Config::from_toml("htp_addr = \"x\"")
             .unwrap_err()
@@ -490,8 +595,11 @@ mod tests {
                 | "idempotency_ttl_secs"
                 | "submit_rate_capacity"
                 | "submit_rate_per_sec"
-                | "presign_expiry_secs" => "7",
-                "allow_local_sources" => "true",
+                | "presign_expiry_secs"
+                | "kafka_partitions"
+                | "batch_concurrency"
+                | "batch_lease_secs" => "7",
+                "allow_local_sources" | "kafka_dlq" | "kafka_auto_create" => "true",
                 _ => "x",
             };
             c.set(key, v).unwrap();

@@ -10,6 +10,7 @@
 //! | `POST /api/tasks/{task_id}/cancel` | ask a running task to stop |
 //! | `POST /api/tasks/{task_id}/retry` | a new attempt of an ended task (`{"mode": "from_start" \| "from_failed_step"}`) |
 //! | `GET /healthz` | liveness of the stores |
+//! | `GET /`, `/tasks/{task_id}`, `POST /tasks…` | the web page ([`crate::web`]) |
 
 use std::convert::Infallible;
 
@@ -85,11 +86,14 @@ pub struct TaskView {
     pub limits: Limits,
     pub tenant: String,
     pub batch_id: Option<String>,
+    /// The key the task was submitted with (a Kafka message's key; a batch's instance).
+    pub idempotency_key: Option<String>,
     /// The current attempt (1 until the task is retried) and every attempt's outcome.
     pub attempt: u32,
     pub attempts: Vec<AttemptView>,
     pub links: Links,
 }
+
 /// One attempt of a task, as the record shows it.
 #[derive(Debug, Serialize)]
 pub struct AttemptView {
@@ -99,7 +103,6 @@ pub struct AttemptView {
     pub status: TaskStatus,
     pub message: String,
 }
-
 
 #[derive(Debug, Serialize)]
 pub struct Links {
@@ -134,6 +137,7 @@ fn view(service: &TaskService, r: TaskRecord) -> TaskView {
         summary: r.summary,
         tenant: r.tenant,
         batch_id: r.batch_id,
+        idempotency_key: r.idempotency_key,
         attempt: r.attempt,
         attempts: r
             .attempts

@@ -6,6 +6,7 @@
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod kafka;
 pub mod service;
 pub mod web;
 

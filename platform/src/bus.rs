@@ -286,7 +286,9 @@ pub fn trigger_consumer(settings: &KafkaSettings) -> Result<StreamConsumer, BusE
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // A new task should not wait out a long fetch poll on an idle partition.
+        .set("fetch.wait.max.ms", "100");
     let consumer: StreamConsumer = c.create().map_err(|e| BusError::Config(kafka_error(&e)))?;
     consumer
         .subscribe(&[settings.tasks_topic.as_str()])
@@ -334,7 +336,10 @@ mod tests {
         assert_eq!(
             p,
             vec![
-                ("security.protocol".to_string(), "SASL_PLAINTEXT".to_string()),
+                (
+                    "security.protocol".to_string(),
+                    "SASL_PLAINTEXT".to_string()
+                ),
                 ("sasl.mechanism".to_string(), "PLAIN".to_string()),
                 ("sasl.password".to_string(), "a=b".to_string()),
             ]
@@ -363,6 +368,9 @@ mod tests {
             properties: vec![("sasl.password".into(), "hunter2".into())],
         };
         let shown = format!("{s:?}");
-        assert!(shown.contains("sasl.password") && !shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("sasl.password") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 }

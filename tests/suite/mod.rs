@@ -6,4 +6,5 @@ mod durability;
 mod e2e;
 mod failures;
 mod grpc;
+mod kafka;
 mod retry;

@@ -249,7 +249,7 @@ impl Stack {
         self.spawn_patchflow_with(name, args, &[])
     }
 
-    fn spawn_patchflow_with(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    pub fn spawn_patchflow_with(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let n = std::fs::read_dir(self.dir.path())
             .map(|d| d.count())
             .unwrap_or(0);
@@ -295,7 +295,7 @@ impl Stack {
         self.workers.len() - 1
     }
 
-    fn start_temporal(&self) -> Proc {
+    pub fn start_temporal(&self) -> Proc {
         let mut cmd = Command::new("temporal");
         cmd.args([
             "server",
@@ -721,5 +721,83 @@ impl S3Server {
             "s3://{bucket}?endpoint={}&region=us-east-1&path_style=true&create_bucket=true",
             self.endpoint
         )
+    }
+}
+
+/// A Kafka-protocol broker (Tansu) for one test, on a free port. `scripts/test` installs it
+/// (`ensure_tansu`) into `~/.cache/patchflow/tansu` when it is not on PATH.
+pub struct KafkaBroker {
+    pub proc: Proc,
+    pub port: u16,
+    pub brokers: String,
+    storage: String,
+    log: PathBuf,
+}
+
+impl KafkaBroker {
+    fn bin() -> PathBuf {
+        let cached = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default()
+            .join(".cache/patchflow/tansu/bin/tansu");
+        if cached.exists() {
+            cached
+        } else {
+            PathBuf::from("tansu")
+        }
+    }
+
+    /// A broker keeping everything in memory.
+    pub fn start(dir: &Path) -> KafkaBroker {
+        Self::start_with(dir, "memory://tansu/".to_string())
+    }
+
+    /// A broker on a SQLite file: topics and committed offsets survive a restart.
+    pub fn start_sqlite(dir: &Path) -> KafkaBroker {
+        Self::start_with(dir, format!("sqlite://{}", dir.join("tansu.db").display()))
+    }
+
+    fn start_with(dir: &Path, storage: String) -> KafkaBroker {
+        let port = free_port();
+        let log = dir.join(format!("tansu-{port}.log"));
+        let proc = Self::spawn(port, &storage, &log);
+        KafkaBroker {
+            proc,
+            port,
+            brokers: format!("127.0.0.1:{port}"),
+            storage,
+            log,
+        }
+    }
+
+    fn spawn(port: u16, storage: &str, log: &Path) -> Proc {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut cmd = Command::new(Self::bin());
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            storage,
+        ]);
+        let proc = Proc::spawn("tansu", cmd, log.to_path_buf());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not start: {}",
+                proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        proc
+    }
+
+    /// Stops the broker and starts it again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.proc.terminate();
+        self.proc = Self::spawn(self.port, &self.storage, &self.log);
     }
 }

@@ -14,6 +14,9 @@ pub struct WorkflowSettings {
     pub heartbeat_timeout_secs: u64,
     /// First retry interval of activities, in milliseconds.
     pub retry_initial_interval_ms: u64,
+    /// Most tasks of one batch running the agent at once, across workers; 0: no limit.
+    /// Only tasks with a `batch_id` take a slot.
+    pub batch_concurrency: u32,
 }
 
 impl Default for WorkflowSettings {
@@ -22,6 +25,7 @@ impl Default for WorkflowSettings {
             activity_max_attempts: 3,
             heartbeat_timeout_secs: 10,
             retry_initial_interval_ms: 1000,
+            batch_concurrency: 0,
         }
     }
 }
@@ -90,6 +94,18 @@ pub struct StageOutput {
 pub struct RunAgentInput {
     pub task_id: String,
     pub spec: TaskSpec,
+    /// The batch slot this run holds; a retry on another worker takes it again first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_slot: Option<SlotInput>,
+}
+
+/// One task's slot in its batch (see `acquire_batch_slot`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlotInput {
+    pub task_id: String,
+    pub batch_id: String,
+    /// How many tasks of the batch may hold a slot at once.
+    pub limit: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -7,8 +7,8 @@ use temporalio_macros::activity_definitions;
 use temporalio_sdk::activities::ActivityError;
 
 use crate::io::{
-    FetchInput, FetchOutput, PublishInput, PublishOutput, RunAgentInput, StageInput, StageOutput,
-    StatusUpdate,
+    FetchInput, FetchOutput, PublishInput, PublishOutput, RunAgentInput, SlotInput, StageInput,
+    StageOutput, StatusUpdate,
 };
 use patchflow_core::AgentSummary;
 
@@ -34,6 +34,18 @@ impl Steps {
         unimplemented!()
     }
 
+    /// Waits (heartbeating) until the task holds one of its batch's slots.
+    #[activity(name = "acquire_batch_slot")]
+    pub fn acquire_batch_slot(input: SlotInput) -> Result<(), ActivityError> {
+        unimplemented!()
+    }
+
+    /// Gives the task's batch slot back.
+    #[activity(name = "release_batch_slot")]
+    pub fn release_batch_slot(input: SlotInput) -> Result<(), ActivityError> {
+        unimplemented!()
+    }
+
     /// Runs the agent on the staged code; its result files land under `results/<task>/`.
     #[activity(name = "run_agent")]
     pub fn run_agent(input: RunAgentInput) -> Result<AgentSummary, ActivityError> {
@@ -50,5 +62,8 @@ impl Steps {
 /// The activities' marker types, for `#[activity(definition = markers::FetchCode)]` in the
 /// crate that implements them.
 pub mod markers {
-    pub use super::steps::{FetchCode, PublishResult, RecordStatus, RunAgent, StageCode};
+    pub use super::steps::{
+        AcquireBatchSlot, FetchCode, PublishResult, RecordStatus, ReleaseBatchSlot, RunAgent,
+        StageCode,
+    };
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! QUEUED -> DOWNLOADING_CODE (fetch_code) -> STAGING_CODE (stage_code)
-//!        -> RUNNING_AGENT (run_agent) -> UPLOADING_RESULTS (publish_result)
+//!        [acquire_batch_slot] -> RUNNING_AGENT (run_agent) -> UPLOADING_RESULTS (publish_result)
 //!        -> COMPLETED | FAILED | CANCELLED
 //! ```
 //!
@@ -10,6 +10,10 @@
 //! store follows the workflow whatever moved it: a normal run, a retry, or a reset done by
 //! hand in the Temporal Web UI. A `cancel` signal (or a Temporal cancellation) stops the
 //! step in flight; `run_agent` waits until its process is gone before the task is CANCELLED.
+//!
+//! A task of a batch with a concurrency limit takes a batch slot before it records
+//! RUNNING_AGENT and gives it back after it recorded the status that follows, so the
+//! recorded RUNNING_AGENT spans of a batch never overlap more than the limit allows.
 
 use std::time::Duration;
 
@@ -24,7 +28,7 @@ use temporalio_sdk::{
 };
 
 use crate::io::{
-    CodeTaskInput, CodeTaskOutput, FetchInput, PublishInput, RunAgentInput, StageInput,
+    CodeTaskInput, CodeTaskOutput, FetchInput, PublishInput, RunAgentInput, SlotInput, StageInput,
     StatusUpdate, StatusView, WorkflowSettings,
 };
 use crate::steps::Steps;
@@ -102,6 +106,29 @@ impl CodeTask {
                 other => return Self::end_early(ctx, &task_id, other.map_none()).await,
             };
 
+        let slot = match (&spec.batch_id, settings.batch_concurrency) {
+            (Some(batch), limit) if limit > 0 => Some(SlotInput {
+                task_id: task_id.clone(),
+                batch_id: batch.clone(),
+                limit,
+            }),
+            _ => None,
+        };
+        if let Some(s) = &slot {
+            // Waiting for a slot can take as long as the batch ahead takes; the heartbeat
+            // notices a dead waiter.
+            let opts =
+                ActivityOptions::with_start_to_close_timeout(Duration::from_secs(7 * 24 * 3600))
+                    .heartbeat_timeout(Duration::from_secs(settings.heartbeat_timeout_secs.max(1)))
+                    .retry_policy(retry_policy(&settings))
+                    .build();
+            if let other @ (Step::Failed(_) | Step::Cancelled(_)) =
+                Self::step(ctx, Steps::acquire_batch_slot, s.clone(), opts).await
+            {
+                return Self::end_early_releasing(ctx, &task_id, other, slot.as_ref()).await;
+            }
+        }
+
         Self::record(
             ctx,
             &task_id,
@@ -115,6 +142,7 @@ impl CodeTask {
         let run = RunAgentInput {
             task_id: task_id.clone(),
             spec: spec.clone(),
+            batch_slot: slot.clone(),
         };
         let agent_opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(
             spec.limits.wall_seconds + 120,
@@ -125,7 +153,10 @@ impl CodeTask {
         .build();
         let summary: AgentSummary = match Self::step(ctx, Steps::run_agent, run, agent_opts).await {
             Step::Done(v) => v,
-            other => return Self::end_early(ctx, &task_id, other.map_none()).await,
+            other => {
+                return Self::end_early_releasing(ctx, &task_id, other.map_none(), slot.as_ref())
+                    .await;
+            }
         };
 
         Self::record(
@@ -139,6 +170,9 @@ impl CodeTask {
             ),
         )
         .await?;
+        if let Some(s) = &slot {
+            Self::release_slot(ctx, s).await;
+        }
         let publish = PublishInput {
             task_id: task_id.clone(),
             summary: summary.clone(),
@@ -267,6 +301,52 @@ impl CodeTask {
         ctx.execute_local_activity(Steps::record_status, update, opts)
             .await?;
         Ok(())
+    }
+
+    /// Gives a batch slot back. Best effort: a slot that is not released expires with its
+    /// lease, so a failure here must not fail the task.
+    async fn release_slot(ctx: &WorkflowContext<Self>, slot: &SlotInput) {
+        let opts = LocalActivityOptions::builder()
+            .start_to_close_timeout(Duration::from_secs(10))
+            .retry_policy(
+                RetryPolicy::builder()
+                    .initial_interval(Duration::from_millis(200))
+                    .maximum_interval(Duration::from_secs(2))
+                    .maximum_attempts(5)
+                    .build(),
+            )
+            .cancellation_token(WorkflowCancellationToken::new())
+            .build();
+        let _ = ctx
+            .execute_local_activity(Steps::release_batch_slot, slot.clone(), opts)
+            .await;
+    }
+
+    /// [`Self::end_early`] for a task that may hold a batch slot: the final status is
+    /// recorded first, then the slot is released.
+    async fn end_early_releasing(
+        ctx: &WorkflowContext<Self>,
+        task_id: &str,
+        step: Step<()>,
+        slot: Option<&SlotInput>,
+    ) -> WorkflowResult<CodeTaskOutput> {
+        let Some(slot) = slot else {
+            return Self::end_early(ctx, task_id, step).await;
+        };
+        let (status, message) = match &step {
+            Step::Cancelled(reason) => (TaskStatus::Cancelled, reason.clone()),
+            Step::Failed(message) => (TaskStatus::Failed, message.clone()),
+            Step::Done(()) => return Self::end_early(ctx, task_id, step).await,
+        };
+        Self::record(ctx, task_id, status, &message).await?;
+        Self::release_slot(ctx, slot).await;
+        match step {
+            Step::Cancelled(_) => Err(WorkflowTermination::cancelled()),
+            _ => Err(
+                temporalio_sdk::ApplicationFailure::non_retryable(std::io::Error::other(message))
+                    .into(),
+            ),
+        }
     }
 
     /// Ends the task after a step failed or was cancelled.

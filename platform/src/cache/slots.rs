@@ -102,13 +102,15 @@ impl BatchSlots for MemoryBatchSlots {
     async fn renew(&self, batch: &str, holder: &str, ttl: Duration) -> Result<bool, CacheError> {
         check(batch, holder)?;
         let until = Instant::now() + ttl;
-        Ok(self.with_batch(batch, |leases| match leases.get_mut(holder) {
-            Some(u) => {
-                *u = until;
-                true
-            }
-            None => false,
-        }))
+        Ok(
+            self.with_batch(batch, |leases| match leases.get_mut(holder) {
+                Some(u) => {
+                    *u = until;
+                    true
+                }
+                None => false,
+            }),
+        )
     }
 
     async fn release(&self, batch: &str, holder: &str) -> Result<(), CacheError> {
@@ -274,7 +276,10 @@ mod tests {
         assert!(slots.try_acquire(batch, "a", 2, ttl).await.unwrap());
         assert!(slots.try_acquire(batch, "b", 2, ttl).await.unwrap());
         assert!(!slots.try_acquire(batch, "c", 2, ttl).await.unwrap());
-        assert!(slots.try_acquire(batch, "a", 2, ttl).await.unwrap(), "re-entry");
+        assert!(
+            slots.try_acquire(batch, "a", 2, ttl).await.unwrap(),
+            "re-entry"
+        );
         assert_eq!(slots.holders(batch).await.unwrap(), ["a", "b"]);
         slots.release(batch, "b").await.unwrap();
         assert!(slots.try_acquire(batch, "c", 2, ttl).await.unwrap());

@@ -1,0 +1,560 @@
+//! `patchflow batch`: many tasks from one JSONL file, followed and exported as a whole.
+//!
+//! - `batch submit FILE.jsonl [--batch-id ID] [--via http|kafka]`: one task per line, either
+//!   the HTTP submit body (`git_url`, `task_description`, …) or a SWE-bench instance
+//!   (`instance_id`, `repo`, `base_commit`, `problem_statement`). Every line is checked
+//!   before anything is sent, so a bad file sends nothing. Each task's idempotency key is
+//!   `<batch>/<instance_id>` (or `<batch>/<line>`), so submitting the same file again to the
+//!   same batch starts nothing new.
+//! - `batch status ID [--follow]`: counts per status, with a progress bar while following.
+//! - `batch export ID --format preds`: `preds.json` for a SWE-bench harness
+//!   (`instance_id`, `model_name_or_path`, `model_patch`).
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use patchflow_core::{Config, TaskStatus};
+use patchflow_platform::bus::{self, Producer, TASK_SCHEMA};
+use serde_json::{Map, Value, json};
+
+#[derive(Debug, Subcommand)]
+pub enum BatchCommand {
+    /// Submit every line of a JSONL file as a task of one batch.
+    Submit(SubmitArgs),
+    /// Counts per status of a batch's tasks.
+    Status(StatusArgs),
+    /// Write a batch's results in a harness's format.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Via {
+    Http,
+    Kafka,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// SWE-bench predictions: a JSON list of {instance_id, model_name_or_path, model_patch}.
+    Preds,
+}
+
+#[derive(Debug, Args)]
+pub struct Server {
+    /// The gateway's base URL (default: http://<http_addr>) [PATCHFLOW_SERVER].
+    #[arg(long, env = "PATCHFLOW_SERVER")]
+    pub server: Option<String>,
+}
+
+impl Server {
+    fn base(&self, config: &Config) -> String {
+        self.server
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", config.http_addr))
+            .trim_end_matches('/')
+            .to_string()
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// One task per line (JSON): a submit body or a SWE-bench instance.
+    pub file: PathBuf,
+    /// The batch's id (default: generated and printed).
+    #[arg(long)]
+    pub batch_id: Option<String>,
+    /// Through the HTTP API, or as messages on the Kafka tasks topic.
+    #[arg(long, value_enum, default_value_t = Via::Http)]
+    pub via: Via,
+    /// Model for every task of the batch (default: the server's).
+    #[arg(long = "task-model")]
+    pub task_model: Option<String>,
+    #[command(flatten)]
+    pub server: Server,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    pub batch_id: String,
+    /// Keep following until every task has ended, with a progress bar.
+    #[arg(long)]
+    pub follow: bool,
+    /// Print the counts as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: Server,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    pub batch_id: String,
+    #[arg(long, value_enum, default_value_t = Format::Preds)]
+    pub format: Format,
+    /// Where to write (default: preds.json).
+    #[arg(long, short = 'o', default_value = "preds.json")]
+    pub output: PathBuf,
+    /// `model_name_or_path` of every entry (default: each task's model, else `patchflow`).
+    #[arg(long)]
+    pub model_name: Option<String>,
+    #[command(flatten)]
+    pub server: Server,
+}
+
+pub async fn run(config: Config, cmd: BatchCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BatchCommand::Submit(a) => submit(&config, a).await,
+        BatchCommand::Status(a) => status(&config, a).await,
+        BatchCommand::Export(a) => export(&config, a).await,
+    }
+}
+
+/// `owner/name` -> its GitHub clone URL; URLs and paths are kept as they are.
+pub fn repo_url(repo: &str) -> String {
+    let r = repo.trim();
+    let looks_like_slug = !r.contains("://")
+        && !r.starts_with('/')
+        && !r.starts_with('.')
+        && !r.contains('@')
+        && r.split('/').count() == 2
+        && r.split('/').all(|p| !p.is_empty());
+    if looks_like_slug {
+        format!("https://github.com/{r}.git")
+    } else {
+        r.to_string()
+    }
+}
+
+/// One line of the file as a task message body (the HTTP submit body's fields), or why not.
+pub fn line_to_body(
+    line: &str,
+    line_no: usize,
+    batch_id: &str,
+    model: Option<&str>,
+) -> Result<Map<String, Value>, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let Value::Object(mut obj) = v else {
+        return Err("not a JSON object".into());
+    };
+    let text = |obj: &Map<String, Value>, k: &str| -> Result<String, String> {
+        match obj.get(k) {
+            Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
+            Some(_) => Err(format!("`{k}` must be a non-empty string")),
+            None => Err(format!("`{k}` is missing")),
+        }
+    };
+    let mut body = Map::new();
+    let key_suffix;
+    if obj.contains_key("instance_id") {
+        // A SWE-bench instance.
+        let instance = text(&obj, "instance_id")?;
+        let repo = text(&obj, "repo")?;
+        let commit = text(&obj, "base_commit")?;
+        let problem = text(&obj, "problem_statement")?;
+        body.insert("git_url".into(), json!(repo_url(&repo)));
+        body.insert("git_ref".into(), json!(commit));
+        body.insert("task_description".into(), json!(problem));
+        key_suffix = instance;
+    } else {
+        text(&obj, "task_description")?;
+        if !obj.contains_key("git_url") {
+            return Err("`git_url` is missing (or give a SWE-bench `instance_id`)".into());
+        }
+        key_suffix = match obj.remove("idempotency_key") {
+            Some(Value::String(k)) if !k.is_empty() => k,
+            _ => line_no.to_string(),
+        };
+        obj.remove("schema");
+        body = obj;
+    }
+    body.insert("batch_id".into(), json!(batch_id));
+    body.insert(
+        "idempotency_key".into(),
+        json!(format!("{batch_id}/{key_suffix}")),
+    );
+    if let Some(m) = model {
+        body.insert("model".into(), json!(m));
+    }
+    Ok(body)
+}
+
+fn client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .context("cannot build the HTTP client")
+}
+
+async fn get_json(client: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
+    let r = client
+        .get(url)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}: is `patchflow up` running?"))?;
+    let status = r.status();
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!(
+            "{} ({status})",
+            body["message"].as_str().unwrap_or("request failed")
+        );
+    }
+    Ok(body)
+}
+
+async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("cannot read {}", a.file.display()))?;
+    let batch_id = a.batch_id.clone().unwrap_or_else(|| {
+        let id = patchflow_core::TaskId::generate();
+        format!("batch-{}", &id.as_str()[4..16])
+    });
+    if batch_id.is_empty() || batch_id.len() > 128 || batch_id.contains('/') {
+        bail!("--batch-id must be 1 to 128 characters without `/`");
+    }
+    let mut bodies = Vec::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match line_to_body(line, i + 1, &batch_id, a.task_model.as_deref()) {
+            Ok(b) => bodies.push(b),
+            Err(e) => errors.push(format!("line {}: {e}", i + 1)),
+        }
+    }
+    if !errors.is_empty() {
+        bail!(
+            "{} has {} bad line(s); nothing was submitted:\n  {}",
+            a.file.display(),
+            errors.len(),
+            errors.join("\n  ")
+        );
+    }
+    if bodies.is_empty() {
+        bail!("{} has no tasks", a.file.display());
+    }
+    match a.via {
+        Via::Http => submit_http(config, &a, &bodies).await?,
+        Via::Kafka => submit_kafka(config, &bodies).await?,
+    }
+    eprintln!(
+        "submitted {} tasks to batch {batch_id} via {}",
+        bodies.len(),
+        match a.via {
+            Via::Http => "HTTP",
+            Via::Kafka => "Kafka",
+        }
+    );
+    println!("{batch_id}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn submit_http(
+    config: &Config,
+    a: &SubmitArgs,
+    bodies: &[Map<String, Value>],
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let base = a.server.base(config);
+    let client = client()?;
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(bodies.iter())
+        .map(|b| {
+            let client = client.clone();
+            let url = format!("{base}/api/tasks");
+            async move {
+                let r = client
+                    .post(&url)
+                    .json(b)
+                    .send()
+                    .await
+                    .with_context(|| format!("cannot reach {url}"))?;
+                let status = r.status();
+                if !status.is_success() {
+                    let v: Value = r.json().await.unwrap_or(Value::Null);
+                    bail!(
+                        "{}: {} ({status})",
+                        b["idempotency_key"].as_str().unwrap_or_default(),
+                        v["message"].as_str().unwrap_or("refused")
+                    );
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} tasks were refused (submit again: accepted ones are not repeated):\n  {}",
+            failed.len(),
+            bodies.len(),
+            failed.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+async fn submit_kafka(config: &Config, bodies: &[Map<String, Value>]) -> anyhow::Result<()> {
+    let Some(settings) = crate::kafka::settings(config)? else {
+        bail!("--via kafka needs kafka_brokers (PATCHFLOW_KAFKA_BROKERS)");
+    };
+    bus::ensure_topics(&settings, &[settings.tasks_topic.as_str()]).await?;
+    let producer = Producer::new(&settings, Duration::from_secs(30))?;
+    let sends = bodies.iter().map(|b| {
+        let mut msg = b.clone();
+        msg.insert("schema".into(), json!(TASK_SCHEMA));
+        let key = b["idempotency_key"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let producer = producer.clone();
+        let topic = settings.tasks_topic.clone();
+        async move {
+            let payload = serde_json::to_vec(&msg)?;
+            producer
+                .send(&topic, key.as_bytes(), &payload, &[])
+                .await
+                .map_err(anyhow::Error::from)
+        }
+    });
+    for r in futures::future::join_all(sends).await {
+        r?;
+    }
+    Ok(())
+}
+
+/// Every task of a batch (all pages).
+async fn batch_tasks(
+    client: &reqwest::Client,
+    base: &str,
+    batch_id: &str,
+) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = reqwest::Url::parse(&format!("{base}/api/tasks"))?;
+        url.query_pairs_mut()
+            .append_pair("batch_id", batch_id)
+            .append_pair("limit", "200");
+        if let Some(c) = &cursor {
+            url.query_pairs_mut().append_pair("cursor", c);
+        }
+        let page = get_json(client, url.as_str()).await?;
+        if let Some(tasks) = page["tasks"].as_array() {
+            out.extend(tasks.iter().cloned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) if !c.is_empty() => cursor = Some(c.to_string()),
+            _ => return Ok(out),
+        }
+    }
+}
+
+/// Tasks per status, in the pipeline's order.
+pub fn counts(tasks: &[Value]) -> BTreeMap<usize, (TaskStatus, usize)> {
+    let mut m: BTreeMap<usize, (TaskStatus, usize)> = BTreeMap::new();
+    for t in tasks {
+        if let Ok(s) = serde_json::from_value::<TaskStatus>(t["status"].clone()) {
+            let idx = TaskStatus::ALL.iter().position(|x| *x == s).unwrap_or(0);
+            m.entry(idx).or_insert((s, 0)).1 += 1;
+        }
+    }
+    m
+}
+
+fn bar(done: usize, total: usize, width: usize) -> String {
+    let filled = (done * width).checked_div(total).unwrap_or(0).min(width);
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+}
+
+fn line(tasks: &[Value]) -> (String, usize) {
+    let c = counts(tasks);
+    let done: usize = c
+        .values()
+        .filter(|(s, _)| s.is_terminal())
+        .map(|(_, n)| n)
+        .sum();
+    let parts: Vec<String> = c.values().map(|(s, n)| format!("{s} {n}")).collect();
+    (
+        format!(
+            "{} {done}/{} ended  {}",
+            bar(done, tasks.len(), 30),
+            tasks.len(),
+            parts.join("  ")
+        ),
+        done,
+    )
+}
+
+async fn status(config: &Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let base = a.server.base(config);
+    let client = client()?;
+    let tty = std::io::stderr().is_terminal();
+    let mut last = String::new();
+    loop {
+        let tasks = batch_tasks(&client, &base, &a.batch_id).await?;
+        if tasks.is_empty() {
+            bail!("batch {} has no tasks", a.batch_id);
+        }
+        let (text, done) = line(&tasks);
+        let finished = done == tasks.len();
+        if a.follow && !finished {
+            if text != last {
+                let mut err = std::io::stderr();
+                if tty {
+                    let _ = write!(err, "\r{text}\x1b[K");
+                } else {
+                    let _ = writeln!(err, "{text}");
+                }
+                let _ = err.flush();
+                last = text;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        if a.follow && tty {
+            eprintln!("\r{text}\x1b[K");
+        }
+        let c = counts(&tasks);
+        if a.json {
+            let by: Map<String, Value> =
+                c.values().map(|(s, n)| (s.to_string(), json!(n))).collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "batch_id": a.batch_id,
+                    "total": tasks.len(),
+                    "ended": done,
+                    "counts": by,
+                }))?
+            );
+        } else {
+            println!("batch {}: {} tasks, {done} ended", a.batch_id, tasks.len());
+            for (s, n) in c.values() {
+                println!("  {:<18} {n}", s.as_str());
+            }
+        }
+        let all_completed = c.values().all(|(s, _)| *s == TaskStatus::Completed);
+        return Ok(if !a.follow || (finished && all_completed) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+}
+
+/// The instance id of a task: its idempotency key without the `<batch>/` prefix.
+fn instance_id(task: &Value, batch_id: &str) -> String {
+    let key = task["idempotency_key"].as_str().unwrap_or_default();
+    key.strip_prefix(&format!("{batch_id}/"))
+        .unwrap_or(key)
+        .to_string()
+}
+
+async fn export(config: &Config, a: ExportArgs) -> anyhow::Result<ExitCode> {
+    let base = a.server.base(config);
+    let client = client()?;
+    let tasks = batch_tasks(&client, &base, &a.batch_id).await?;
+    if tasks.is_empty() {
+        bail!("batch {} has no tasks", a.batch_id);
+    }
+    let mut preds = Vec::new();
+    let mut unfinished = 0;
+    let mut without_diff = 0;
+    for t in &tasks {
+        let status: TaskStatus = serde_json::from_value(t["status"].clone())?;
+        if !status.is_terminal() {
+            unfinished += 1;
+            continue;
+        }
+        let id = t["task_id"].as_str().unwrap_or_default();
+        let r = client
+            .get(format!("{base}/api/tasks/{id}/diff"))
+            .send()
+            .await
+            .with_context(|| format!("cannot fetch the diff of {id}"))?;
+        let patch = if r.status().is_success() {
+            r.text().await?
+        } else {
+            without_diff += 1;
+            String::new()
+        };
+        let model = a
+            .model_name
+            .clone()
+            .or_else(|| t["model"].as_str().map(str::to_string))
+            .unwrap_or_else(|| format!("patchflow/{}", config.model));
+        preds.push(json!({
+            "instance_id": instance_id(t, &a.batch_id),
+            "model_name_or_path": model,
+            "model_patch": patch,
+        }));
+    }
+    preds.sort_by(|x, y| x["instance_id"].as_str().cmp(&y["instance_id"].as_str()));
+    std::fs::write(&a.output, serde_json::to_vec_pretty(&preds)?)
+        .with_context(|| format!("cannot write {}", a.output.display()))?;
+    eprintln!(
+        "wrote {} predictions to {} ({unfinished} unfinished task(s) left out, {without_diff} without a diff)",
+        preds.len(),
+        a.output.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn swe_bench_instances_become_tasks() {
+        assert_eq!(
+            repo_url("astropy/astropy"),
+            "https://github.com/astropy/astropy.git"
+        );
+        assert_eq!(repo_url("file:///tmp/r"), "file:///tmp/r");
+        assert_eq!(repo_url("https://x.org/a/b.git"), "https://x.org/a/b.git");
+        assert_eq!(repo_url("/srv/git/r"), "/srv/git/r");
+        let b = line_to_body(
+            r#"{"instance_id":"a__b-1","repo":"a/b","base_commit":"0123abc","problem_statement":"it breaks","hints_text":""}"#,
+            1,
+            "run1",
+            None,
+        )
+        .unwrap();
+        assert_eq!(b["git_url"], "https://github.com/a/b.git");
+        assert_eq!(b["git_ref"], "0123abc");
+        assert_eq!(b["task_description"], "it breaks");
+        assert_eq!(b["idempotency_key"], "run1/a__b-1");
+        assert_eq!(b["batch_id"], "run1");
+        let e = line_to_body(r#"{"instance_id":"x","repo":"a/b"}"#, 3, "r", None).unwrap_err();
+        assert!(e.contains("base_commit"), "{e}");
+        let b = line_to_body(
+            r#"{"git_url":"https://x/r.git","task_description":"t"}"#,
+            7,
+            "r",
+            Some("m"),
+        )
+        .unwrap();
+        assert_eq!(b["idempotency_key"], "r/7");
+        assert_eq!(b["model"], "m");
+        let e = line_to_body("nope", 1, "r", None).unwrap_err();
+        assert!(e.contains("not JSON"), "{e}");
+    }
+
+    #[test]
+    fn the_instance_id_comes_back_from_the_key() {
+        let t = json!({"idempotency_key": "run1/a__b-1"});
+        assert_eq!(instance_id(&t, "run1"), "a__b-1");
+    }
+}
