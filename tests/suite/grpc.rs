@@ -430,7 +430,7 @@ async fn grpc_errors_have_their_codes_and_the_http_messages() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_health_answers_for_the_tasks_service() {
+async fn grpc_health_and_reflection_answer_without_the_proto() {
     let stack = Stack::start(Mode::Up, demo_script(), &[]).await;
     let channel = Channel::from_shared(stack.grpc.clone())
         .unwrap()
@@ -457,4 +457,63 @@ async fn grpc_health_answers_for_the_tasks_service() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+
+    // Reflection (what grpcurl asks first), in both versions tools use.
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_client};
+    let mut reflection = server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let ask = |m: MessageRequest| {
+        futures::stream::iter(vec![ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(m),
+        }])
+    };
+    let mut answers = reflection
+        .server_reflection_info(ask(MessageRequest::ListServices(String::new())))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("not a service list")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["patchflow.v1.Tasks", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{names:?}");
+    }
+    let mut answers = reflection
+        .server_reflection_info(ask(MessageRequest::FileContainingSymbol(
+            "patchflow.v1.Tasks".into(),
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("not a file descriptor")
+    };
+    let proto_file = String::from_utf8_lossy(&files.file_descriptor_proto[0]).to_string();
+    assert!(proto_file.contains("patchflow/v1/tasks.proto") && proto_file.contains("WatchTask"));
+    let mut alpha =
+        tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(
+            channel,
+        );
+    let mut answers = alpha
+        .server_reflection_info(futures::stream::iter(vec![
+            tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(
+                    tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::ListServices(
+                        String::new(),
+                    ),
+                ),
+            },
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answers.message().await.unwrap().is_some());
 }
