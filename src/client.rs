@@ -331,8 +331,13 @@ async fn follow(
             match ev.status {
                 Some(s) => {
                     let _ = writeln!(stderr, "{time}  {:<18} {}", s.as_str(), ev.message);
+                    // An attempt ended; the task has too unless a retry began the next.
                     if s.is_terminal() {
-                        break 'reconnect;
+                        let record = get_record(client, base, id).await?;
+                        let now: TaskStatus = serde_json::from_value(record["status"].clone())?;
+                        if now.is_terminal() {
+                            break 'reconnect;
+                        }
                     }
                 }
                 None => {

@@ -154,6 +154,14 @@ async fn retry_from_start_and_a_reset_by_hand_each_make_a_new_attempt() {
     );
     let line = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(line.contains(&format!("{id}  attempt 2")), "{line}");
+    // Following from the beginning goes past attempt 1's FAILED to attempt 2's end.
+    let out = stack.cli(&["status", &id, "--wait"]);
+    let followed = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{followed}");
+    assert!(
+        followed.contains("FAILED") && followed.contains("COMPLETED"),
+        "{followed}"
+    );
     let r = wait_attempt_ends(&stack, &id, 2).await;
     assert_eq!(r["status"], "COMPLETED", "{r}\n{}", stack.logs());
     assert_eq!(
