@@ -96,12 +96,12 @@ pub enum BenchCommand {
 pub async fn run(config: Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Agent { runs, steps } => agent(runs, steps).await,
+        BenchCommand::Tools { iterations } => crate::bench_tools::run(iterations).await,
         BenchCommand::Kafka {
             messages,
             bad,
             brokers,
         } => crate::bench_kafka::run(&config, brokers, messages, bad).await,
-        BenchCommand::Tools { iterations } => crate::bench_tools::run(iterations).await,
         BenchCommand::Pipeline {
             sequential,
             concurrent,

@@ -2,6 +2,7 @@
 //! lives in the modules beside it (wiring) and in the workspace's crates (logic).
 
 mod agent_cmd;
+mod agent_pod;
 mod batch;
 mod bench;
 mod bench_kafka;
@@ -10,8 +11,8 @@ mod bench_watch;
 mod bench_tools;
 mod client;
 mod devserver;
-mod kafka;
 mod grpc_client;
+mod kafka;
 mod settings;
 mod stack;
 
@@ -57,6 +58,8 @@ enum Command {
     List(client::ListArgs),
     /// Run the agent on a workspace (what the runner executes).
     Agent(agent_cmd::AgentArgs),
+    /// What an agent Job's containers run: `fetch` the staged code, `run` the agent and upload.
+    AgentPod(agent_pod::AgentPodArgs),
     /// Print the effective configuration, secrets redacted.
     Config,
     /// Bring the task store's schema up to date (also done at start-up); safe to run twice.
@@ -137,6 +140,7 @@ fn main() -> ExitCode {
             Command::Watch(a) => grpc_client::watch(&config, a).await,
             Command::List(a) => client::list(&config, a).await,
             Command::Agent(a) => agent_cmd::run(&config, a).await,
+            Command::AgentPod(a) => agent_pod::run(a).await,
             Command::Migrate => stack::migrate(config).await,
             Command::Config => {
                 print!("{}", settings::describe(&config));

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use patchflow_activities::{Activities, ActivityConfig, LocalRunner, LocalRunnerConfig};
+use patchflow_activities::{
+    Activities, ActivityConfig, AgentRunner, KubeRunner, KubeRunnerConfig, LocalRunner,
+    LocalRunnerConfig,
+};
 use patchflow_core::Config;
 use patchflow_core::config::redact_url;
 use patchflow_gateway::{ServiceConfig, TaskService};
@@ -127,7 +130,17 @@ pub(crate) fn service(config: &Config, stores: &Stores, client: Client) -> TaskS
 }
 
 async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activities> {
-    let program = std::env::current_exe().context("cannot find the patchflow executable")?;
+    let runner: Arc<dyn AgentRunner> = match config.runner.as_str() {
+        "kube" => Arc::new(kube_runner(config).await?),
+        _ => Arc::new(LocalRunner::new(LocalRunnerConfig {
+            program: std::env::current_exe().context("cannot find the patchflow executable")?,
+            model: config.model.clone(),
+            openai_base_url: config.openai_base_url.clone(),
+            openai_api_key: config.openai_api_key.clone(),
+            llm_max_retries: config.llm_max_retries,
+            llm_retry_backoff_ms: config.llm_retry_backoff_ms,
+        })),
+    };
     Ok(Activities {
         store: stores.tasks.clone(),
         objects: stores.objects.clone(),
@@ -140,15 +153,42 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
             batch_lease: Duration::from_secs(config.batch_lease_secs),
         },
         results: crate::kafka::results_topic(config).await?,
-        runner: Arc::new(LocalRunner::new(LocalRunnerConfig {
-            program,
-            model: config.model.clone(),
-            openai_base_url: config.openai_base_url.clone(),
-            openai_api_key: config.openai_api_key.clone(),
-            llm_max_retries: config.llm_max_retries,
-            llm_retry_backoff_ms: config.llm_retry_backoff_ms,
-        })),
+        runner,
     })
+}
+
+/// The Kubernetes runner, on the cluster the worker runs in or the one `KUBECONFIG` names.
+async fn kube_runner(config: &Config) -> anyhow::Result<KubeRunner> {
+    let mut c = KubeRunnerConfig::new(
+        config.kube_namespace.clone().unwrap_or_default(),
+        config.kube_image.clone(),
+        config.kube_api_key_secret.clone(),
+        config.kube_api_key_secret_key.clone(),
+        config.model.clone(),
+    );
+    c.image_pull_policy = config.kube_image_pull_policy.clone();
+    c.service_account = config.kube_service_account.clone();
+    c.openai_base_url = config.openai_base_url.clone();
+    c.cpu_request = config.kube_cpu_request.clone();
+    c.cpu_limit = config.kube_cpu_limit.clone();
+    c.memory_request = config.kube_memory_request.clone();
+    c.memory_limit = config.kube_memory_limit.clone();
+    c.node_selector = config.kube_node_selector()?.into_iter().collect();
+    if let Some(t) = &config.kube_tolerations {
+        c.tolerations = KubeRunnerConfig::tolerations_from_json(t)
+            .map_err(|e| anyhow::anyhow!("kube_tolerations: {e}"))?;
+    }
+    c.image_pull_secrets = config.kube_image_pull_secrets();
+    c.ttl_seconds_after_finished =
+        Some(i32::try_from(config.kube_ttl_after_finished_secs).unwrap_or(i32::MAX));
+    c.image_pull_grace = Duration::from_secs(config.kube_image_pull_grace_secs);
+    c.unschedulable_timeout = Duration::from_secs(config.kube_unschedulable_timeout_secs);
+    c.presign_expiry = Duration::from_secs(config.presign_expiry_secs);
+    let runner = KubeRunner::infer(c)
+        .await
+        .context("cannot reach Kubernetes (in-cluster config or KUBECONFIG) for runner = kube")?;
+    tracing::info!(namespace = %runner.config.namespace, image = %runner.config.image, "agents run as Kubernetes Jobs");
+    Ok(runner)
 }
 
 /// Serves the HTTP API until `stop` resolves.

@@ -34,7 +34,9 @@ use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::{ActivityContext, ActivityError};
 use tokio_util::sync::CancellationToken;
 
-pub use runner::{AgentRunner, LocalRunner, LocalRunnerConfig, RunnerError};
+pub use runner::{
+    AgentRunner, KubeRunner, KubeRunnerConfig, LocalRunner, LocalRunnerConfig, RunnerError,
+};
 
 /// What the activities need besides the stores.
 #[derive(Debug, Clone)]

@@ -96,8 +96,37 @@ pub struct Config {
     pub heartbeat_timeout_secs: u64,
     /// First retry interval of a failed activity (milliseconds; doubles each time).
     pub retry_initial_interval_ms: u64,
-    /// Which agent runner the worker uses: `local` (a sandboxed child process).
+    /// Which agent runner the worker uses: `local` (a sandboxed child process on the
+    /// worker) or `kube` (a Kubernetes Job per attempt; needs an S3-compatible store).
     pub runner: String,
+    /// Namespace of the agent Jobs; unset: the worker's own (in-cluster) or the kubeconfig's.
+    pub kube_namespace: Option<String>,
+    /// The patchflow image the agent pods run (`patchflow agent-pod fetch|run`).
+    pub kube_image: String,
+    /// `Always`, `IfNotPresent` or `Never`; unset: Kubernetes' default.
+    pub kube_image_pull_policy: Option<String>,
+    /// Service account of the agent pods (its token is never mounted).
+    pub kube_service_account: Option<String>,
+    /// The Secret and key the agent pods read `OPENAI_API_KEY` from.
+    pub kube_api_key_secret: String,
+    pub kube_api_key_secret_key: String,
+    /// Resources of each agent container, as Kubernetes quantities; empty: left out.
+    pub kube_cpu_request: Option<String>,
+    pub kube_cpu_limit: Option<String>,
+    pub kube_memory_request: Option<String>,
+    pub kube_memory_limit: Option<String>,
+    /// Node selector of the agent pods: `key=value,key=value`.
+    pub kube_node_selector: Option<String>,
+    /// Tolerations of the agent pods, as a JSON array of Kubernetes tolerations.
+    pub kube_tolerations: Option<String>,
+    /// Image pull secrets of the agent pods: `name,name`.
+    pub kube_image_pull_secrets: Option<String>,
+    /// How long a finished Job is kept before Kubernetes deletes it (seconds).
+    pub kube_ttl_after_finished_secs: u32,
+    /// How long an image may fail to pull before the attempt fails (seconds).
+    pub kube_image_pull_grace_secs: u64,
+    /// How long an agent pod may stay unschedulable before the attempt fails (seconds).
+    pub kube_unschedulable_timeout_secs: u64,
     /// `text` or `json`.
     pub log_format: String,
     /// Kafka bootstrap servers (`host:port,host:port`); unset: no Kafka trigger or results.
@@ -168,6 +197,22 @@ impl Default for Config {
             heartbeat_timeout_secs: 10,
             retry_initial_interval_ms: 1000,
             runner: "local".into(),
+            kube_namespace: None,
+            kube_image: "patchflow:latest".into(),
+            kube_image_pull_policy: None,
+            kube_service_account: None,
+            kube_api_key_secret: "patchflow-secrets".into(),
+            kube_api_key_secret_key: "openai-api-key".into(),
+            kube_cpu_request: Some("500m".into()),
+            kube_cpu_limit: Some("2".into()),
+            kube_memory_request: Some("512Mi".into()),
+            kube_memory_limit: Some("2Gi".into()),
+            kube_node_selector: None,
+            kube_tolerations: None,
+            kube_image_pull_secrets: None,
+            kube_ttl_after_finished_secs: 3600,
+            kube_image_pull_grace_secs: 120,
+            kube_unschedulable_timeout_secs: 600,
             log_format: "text".into(),
             kafka_brokers: None,
             kafka_tasks_topic: "patchflow.tasks".into(),
@@ -193,7 +238,7 @@ pub const ENV_ALIASES: [(&str, &str); 3] = [
 
 impl Config {
     /// Every key, in the order `patchflow config` prints them.
-    pub const KEYS: [&'static str; 52] = [
+    pub const KEYS: [&'static str; 68] = [
         "http_addr",
         "grpc_addr",
         "data_dir",
@@ -234,6 +279,22 @@ impl Config {
         "heartbeat_timeout_secs",
         "retry_initial_interval_ms",
         "runner",
+        "kube_namespace",
+        "kube_image",
+        "kube_image_pull_policy",
+        "kube_service_account",
+        "kube_api_key_secret",
+        "kube_api_key_secret_key",
+        "kube_cpu_request",
+        "kube_cpu_limit",
+        "kube_memory_request",
+        "kube_memory_limit",
+        "kube_node_selector",
+        "kube_tolerations",
+        "kube_image_pull_secrets",
+        "kube_ttl_after_finished_secs",
+        "kube_image_pull_grace_secs",
+        "kube_unschedulable_timeout_secs",
         "log_format",
         "kafka_brokers",
         "kafka_tasks_topic",
@@ -338,6 +399,24 @@ impl Config {
             "heartbeat_timeout_secs" => self.heartbeat_timeout_secs = num(key, value)?,
             "retry_initial_interval_ms" => self.retry_initial_interval_ms = num(key, value)?,
             "runner" => self.runner = value.into(),
+            "kube_namespace" => self.kube_namespace = opt(value),
+            "kube_image" => self.kube_image = value.into(),
+            "kube_image_pull_policy" => self.kube_image_pull_policy = opt(value),
+            "kube_service_account" => self.kube_service_account = opt(value),
+            "kube_api_key_secret" => self.kube_api_key_secret = value.into(),
+            "kube_api_key_secret_key" => self.kube_api_key_secret_key = value.into(),
+            "kube_cpu_request" => self.kube_cpu_request = opt(value),
+            "kube_cpu_limit" => self.kube_cpu_limit = opt(value),
+            "kube_memory_request" => self.kube_memory_request = opt(value),
+            "kube_memory_limit" => self.kube_memory_limit = opt(value),
+            "kube_node_selector" => self.kube_node_selector = opt(value),
+            "kube_tolerations" => self.kube_tolerations = opt(value),
+            "kube_image_pull_secrets" => self.kube_image_pull_secrets = opt(value),
+            "kube_ttl_after_finished_secs" => self.kube_ttl_after_finished_secs = num(key, value)?,
+            "kube_image_pull_grace_secs" => self.kube_image_pull_grace_secs = num(key, value)?,
+            "kube_unschedulable_timeout_secs" => {
+                self.kube_unschedulable_timeout_secs = num(key, value)?
+            }
             "log_format" => self.log_format = value.into(),
             "kafka_brokers" => self.kafka_brokers = opt(value),
             "kafka_tasks_topic" => self.kafka_tasks_topic = value.into(),
@@ -358,8 +437,23 @@ impl Config {
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), CoreError> {
         let bad = |k: &str, r: &str| Err(CoreError::Invalid(crate::ValidationError::new(k, r)));
-        if self.runner != "local" {
-            return bad("runner", "only `local` is available in this build");
+        match self.runner.as_str() {
+            "local" => {}
+            "kube" => {
+                if self.kube_image.is_empty() {
+                    return bad("kube_image", "the kube runner needs an image");
+                }
+                if !self.object_store_url().starts_with("s3://") {
+                    return bad(
+                        "runner",
+                        "the kube runner moves code and results by presigned URLs: set \
+                         object_store_url to an s3:// store (S3, COS, MinIO)",
+                    );
+                }
+                self.kube_node_selector()?;
+                self.kube_image_pull_secrets();
+            }
+            _ => return bad("runner", "must be `local` or `kube`"),
         }
         if !matches!(self.sandbox_mode.as_str(), "strict" | "best-effort") {
             return bad("sandbox_mode", "must be `strict` or `best-effort`");
@@ -409,6 +503,37 @@ impl Config {
             return bad("batch_lease_secs", "must be at least 2");
         }
         Ok(())
+    }
+
+    /// The agent pods' node selector, parsed from `key=value,key=value`.
+    pub fn kube_node_selector(&self) -> Result<Vec<(String, String)>, CoreError> {
+        let Some(text) = &self.kube_node_selector else {
+            return Ok(Vec::new());
+        };
+        text.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|pair| match pair.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => {
+                    Ok((k.trim().to_string(), v.trim().to_string()))
+                }
+                _ => Err(CoreError::Invalid(crate::ValidationError::new(
+                    "kube_node_selector",
+                    format!("`{pair}` is not key=value"),
+                ))),
+            })
+            .collect()
+    }
+
+    /// The agent pods' image pull secrets, from `name,name`.
+    pub fn kube_image_pull_secrets(&self) -> Vec<String> {
+        self.kube_image_pull_secrets
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
     }
 
     pub fn database_url(&self) -> String {
@@ -573,6 +698,29 @@ mod tests {
     }
 
     #[test]
+    fn the_kube_runner_needs_an_s3_store_and_well_formed_pod_settings() {
+        let mut c = Config::default();
+        c.set("runner", "kube").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("runner") && e.contains("s3://"), "{e}");
+        c.set("object_store_url", "s3://tasks?region=eu-west-1").unwrap();
+        c.validate().unwrap();
+        c.set("kube_node_selector", "pool=agents, disk").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("kube_node_selector") && e.contains("`disk`"), "{e}");
+        c.set("kube_node_selector", "pool=agents, disk=ssd").unwrap();
+        assert_eq!(
+            c.kube_node_selector().unwrap(),
+            vec![("pool".into(), "agents".into()), ("disk".into(), "ssd".into())]
+        );
+        c.set("kube_image_pull_secrets", "regcred, ,other").unwrap();
+        assert_eq!(c.kube_image_pull_secrets(), vec!["regcred", "other"]);
+        c.set("runner", "docker").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("`local` or `kube`"), "{e}");
+    }
+
+    #[test]
     fn every_key_is_settable() {
         let mut c = Config::default();
         for key in Config::KEYS {
@@ -598,7 +746,10 @@ mod tests {
                 | "presign_expiry_secs"
                 | "kafka_partitions"
                 | "batch_concurrency"
-                | "batch_lease_secs" => "7",
+                | "batch_lease_secs"
+                | "kube_ttl_after_finished_secs"
+                | "kube_image_pull_grace_secs"
+                | "kube_unschedulable_timeout_secs" => "7",
                 "allow_local_sources" | "kafka_dlq" | "kafka_auto_create" => "true",
                 _ => "x",
             };

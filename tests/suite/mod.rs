@@ -7,4 +7,5 @@ mod e2e;
 mod failures;
 mod grpc;
 mod kafka;
+mod kube_pod;
 mod retry;

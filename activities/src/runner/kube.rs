@@ -1595,7 +1595,10 @@ mod tests {
         let run = run_with(script, None, true).await;
         let e = run.result.unwrap_err();
         assert!(matches!(e, RunnerError::BadInput(_)), "{e:?}");
-        assert!(e.to_string().contains("already exists for another task"), "{e}");
+        assert!(
+            e.to_string().contains("already exists for another task"),
+            "{e}"
+        );
         assert!(
             run.seen.iter().all(|s| s.method != Method::DELETE),
             "another task's Job is left alone"

@@ -96,9 +96,8 @@ impl S3ObjectStore {
         Ok(store)
     }
 
-    /// Like [`S3ObjectStore::open`], with fixed keys instead of the AWS chain (tests only:
-    /// the process environment stays untouched).
-    #[cfg(test)]
+    /// Like [`S3ObjectStore::open`], with fixed keys instead of the AWS chain (for tests and
+    /// tools that must leave the process environment untouched).
     pub async fn with_credentials(
         url: &str,
         access_key_id: &str,
