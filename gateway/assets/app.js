@@ -54,10 +54,15 @@
   // Sections the server re-renders on every status change; the event list only grows.
   const parts = ["#head", "#timeline", "#summary", "#diff", "#transcript"];
 
+  // The status the stream announced last. The record may lag its event by a moment, so a
+  // refresh that still shows an older status (or fails) is tried again, a few times.
+  let want = null;
   let refreshing = null, again = false;
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   const refresh = async () => {
     if (refreshing) { again = true; return refreshing; }
     refreshing = (async () => {
+      let tries = 0;
       do {
         again = false;
         try {
@@ -68,8 +73,15 @@
           }
           const root = $("#task", doc);
           if (root) task.dataset.terminal = root.dataset.terminal;
+          document.title = doc.title;
           bindActions();
-        } catch (_) { /* the next status event refreshes again */ }
+          if (want && $("#head .badge")?.dataset.status !== want && ++tries < 20) {
+            await sleep(500);
+            again = true;
+          }
+        } catch (_) {
+          if (++tries < 20) { await sleep(1000); again = true; }
+        }
       } while (again);
       refreshing = null;
     })();
@@ -104,6 +116,7 @@
     source.addEventListener("status", (ev) => {
       const e = seen(ev);
       if (!e) return;
+      want = e.status;
       if (["COMPLETED", "FAILED", "CANCELLED"].includes(e.status)) stop();
       refresh();
     });
@@ -138,6 +151,7 @@
           }
           $("#flash").hidden = true;
           task.dataset.terminal = "0";
+          want = null;
           await refresh();
           follow();
         } catch (err) {

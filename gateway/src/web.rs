@@ -264,20 +264,24 @@ async fn task_page(
 }
 
 /// Refuses a form post another site made the browser send (the API itself has no cookies
-/// to steal, but a page elsewhere must not start or stop tasks through a visitor).
+/// to steal, but a page elsewhere must not start or stop tasks through a visitor). A
+/// browser that says where a request comes from (`Sec-Fetch-Site`) is believed; for older
+/// ones the `Origin` must name this host (or the host a proxy says it forwarded).
 fn same_origin(headers: &HeaderMap) -> Option<Response> {
-    let cross_site = headers
-        .get("sec-fetch-site")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == "cross-site");
-    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-    let origin_mismatch = match (origin, host) {
-        (Some("null"), _) => true,
-        (Some(o), Some(h)) => o.split_once("://").map(|(_, rest)| rest) != Some(h),
-        _ => false,
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let refused = match (text("sec-fetch-site"), text("origin")) {
+        (Some(site), _) => site == "cross-site",
+        (None, Some("null")) => true,
+        (None, Some(origin)) => {
+            let origin_host = origin.split_once("://").map(|(_, rest)| rest);
+            ![text("x-forwarded-host"), text("host")]
+                .into_iter()
+                .flatten()
+                .any(|h| Some(h) == origin_host)
+        }
+        (None, None) => false,
     };
-    (cross_site || origin_mismatch).then(|| {
+    refused.then(|| {
         html(
             StatusCode::FORBIDDEN,
             pages::error_page(

@@ -145,8 +145,21 @@ async fn wait_for(c: &Client, stack: &Stack, css: &str, secs: u64) {
         .await
         .is_err()
     {
-        let page = c.source().await.unwrap_or_default();
-        panic!("`{css}` never appeared; page:\n{page}\n{}", stack.logs());
+        // What the page shows and whether its script is following the task, then the logs.
+        let seen = c
+            .execute(
+                "const t = (s) => document.querySelector(s)?.innerText ?? '(none)';
+                 return `url: ${location.href}\nlive: ${!document.querySelector('.live-dot')?.hidden}\n`
+                   + `head: ${t('#head')}\ntimeline: ${t('#timeline')}\nevents: ${t('#events')}`",
+                vec![],
+            )
+            .await
+            .map(|v| v.as_str().unwrap_or_default().to_string())
+            .unwrap_or_else(|e| format!("(cannot read the page: {e})"));
+        panic!(
+            "`{css}` never appeared; the page shows:\n{seen}\n{}",
+            stack.logs()
+        );
     }
 }
 
@@ -446,6 +459,14 @@ async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text()
             .contains("may only be sent from patchflow")
     );
     let r = http
+        .post(format!("{}/tasks/{id}/retry", stack.base))
+        .header("sec-fetch-site", "cross-site")
+        .body("mode=from_start")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let r = http
         .post(format!("{}/tasks/{id}/cancel", stack.base))
         .send()
         .await
@@ -464,6 +485,33 @@ async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text()
     assert!(body.contains("not found"), "{body}");
     let (_, all) = stack.get_json("/api/tasks").await;
     assert_eq!(all["tasks"].as_array().unwrap().len(), 1, "{all}");
+
+    // Retry without JavaScript: the form's own encoding, refusals as pages, then a redirect.
+    let retry = |mode: &'static str| {
+        let http = http.clone();
+        let url = format!("{}/tasks/{id}/retry", stack.base);
+        async move {
+            let r = http
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("mode={mode}"))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (status, body) = retry("from_failed_step").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("no step failed to retry from"), "{body}");
+    let (status, body) = retry("sideways").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("unknown retry mode"), "{body}");
+    assert_eq!(stack.record(&id).await["attempt"], 1);
+    let (status, body) = retry("from_start").await;
+    assert_eq!(status, 303, "{body}");
+    let record = stack.wait_terminal(&id).await;
+    assert_eq!(record["attempt"], 2, "{record}");
 
     // Page weight (bytes on the wire, uncompressed), for the README.
     let (_, _, css) = get(format!("{}/assets/app.css", stack.base)).await;
