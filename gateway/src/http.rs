@@ -11,7 +11,6 @@
 //! | `POST /api/tasks/{task_id}/retry` | a new attempt of an ended task (`{"mode": "from_start" \| "from_failed_step"}`) |
 //! | `GET /healthz` | liveness of the stores |
 //! | `GET /`, `/tasks/{task_id}`, `POST /tasks…` | the web page ([`crate::web`]) |
-//! | `GET /`, `/tasks/{task_id}`, `POST /tasks…` | the web page ([`crate::web`]) |
 
 use std::convert::Infallible;
 
