@@ -294,26 +294,46 @@ async fn in_a_browser_a_task_is_submitted_followed_live_and_retried() {
     assert!(timeline.contains("attempt 2"), "{timeline}");
     screenshot(&c, &stack, 1280, "task-page-retried.png").await;
 
-    // The list shows the task; typing in the search hides what does not match.
+    // The list shows the task, and a task submitted elsewhere appears and finishes there
+    // without a reload; typing in the search hides what does not match.
     c.goto(&format!("{}/", stack.base)).await.unwrap();
     wait_for(&c, &stack, &format!("a[href=\"/tasks/{id}\"]"), 10).await;
-    c.find(Locator::Id("search"))
-        .await
-        .unwrap()
-        .send_keys("no such task anywhere")
+    c.execute("window.__notReloaded = true", vec![])
         .await
         .unwrap();
-    let row = c.find(Locator::Css("li[data-search]")).await.unwrap();
-    assert!(
-        !row.is_displayed().await.unwrap(),
-        "search did not hide the row"
-    );
+    let other = stack.submit_demo().await;
+    wait_for(
+        &c,
+        &stack,
+        &format!("a[href=\"/tasks/{other}\"] .badge[data-status=\"COMPLETED\"]"),
+        120,
+    )
+    .await;
+    let same_document = c
+        .execute("return window.__notReloaded === true", vec![])
+        .await
+        .unwrap();
+    assert_eq!(same_document, json!(true), "the list reloaded");
     c.set_window_size(390, 844).await.unwrap();
     assert!(
         !overflows_sideways(&c).await,
         "the list overflows a phone's width"
     );
     screenshot(&c, &stack, 390, "task-list-phone.png").await;
+    c.find(Locator::Id("search"))
+        .await
+        .unwrap()
+        .send_keys("no such task anywhere")
+        .await
+        .unwrap();
+    let hidden = c
+        .execute(
+            "return [...document.querySelectorAll('li[data-search]')].map((li) => li.hidden)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(hidden, json!([true, true]), "search did not hide the rows");
     c.close().await.unwrap();
 }
 
