@@ -536,6 +536,8 @@ async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text()
     // Page weight (bytes on the wire, uncompressed), for the README.
     let (_, _, css) = get(format!("{}/assets/app.css", stack.base)).await;
     let (_, _, js) = get(format!("{}/assets/app.js", stack.base)).await;
+    std::fs::write(artifacts_dir().join("task-list.html"), &list).unwrap();
+    std::fs::write(artifacts_dir().join("task-page.html"), &page).unwrap();
     eprintln!(
         "page weight: list {} B, task page {} B, app.css {} B, app.js {} B",
         list.len(),
