@@ -533,6 +533,48 @@ async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text()
     let record = stack.wait_terminal(&id).await;
     assert_eq!(record["attempt"], 2, "{record}");
 
+    // A ZIP through the same form (no git URL): the task runs on the uploaded code.
+    let mut zip = std::io::Cursor::new(Vec::new());
+    {
+        let mut w = zip::ZipWriter::new(&mut zip);
+        for f in ["calc.py", "test_calc.py", "README.md"] {
+            w.start_file(f, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            std::io::Write::write_all(&mut w, &std::fs::read(repo.join(f)).unwrap()).unwrap();
+        }
+        w.finish().unwrap();
+    }
+    let form = reqwest::multipart::Form::new()
+        .text("git_url", "")
+        .text("git_ref", "")
+        .part(
+            "zip_file",
+            reqwest::multipart::Part::bytes(zip.into_inner())
+                .file_name("code.zip")
+                .mime_str("application/zip")
+                .unwrap(),
+        )
+        .text("task_description", "fix from a zip")
+        .text("max_steps", "12");
+    let r = http
+        .post(format!("{}/tasks", stack.base))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303, "{}", r.text().await.unwrap());
+    let zipped = r.headers()["location"].to_str().unwrap().to_string();
+    let zipped = zipped.strip_prefix("/tasks/").unwrap().to_string();
+    let record = stack.wait_terminal(&zipped).await;
+    assert_eq!(record["status"], "COMPLETED", "{record}");
+    assert_eq!(record["limits"]["max_steps"], 12, "{record}");
+    let (_, _, zpage) = get(format!("{}/tasks/{zipped}", stack.base)).await;
+    assert!(zpage.contains("<dd>uploaded zip</dd>"), "{zpage}");
+    assert!(
+        zpage.contains("<td class=\"c\">+    return a + b</td>"),
+        "{zpage}"
+    );
+
     // Page weight (bytes on the wire, uncompressed), for the README.
     let (_, _, css) = get(format!("{}/assets/app.css", stack.base)).await;
     let (_, _, js) = get(format!("{}/assets/app.js", stack.base)).await;
