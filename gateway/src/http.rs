@@ -228,7 +228,7 @@ pub fn router(service: TaskService) -> Router {
         .route("/api/tasks/{task_id}/cancel", post(cancel))
         .route("/api/tasks/{task_id}/retry", post(retry))
         .route("/healthz", get(healthz))
-        .merge(crate::web::routes())
+        .merge(crate::web::routes(upload_limit))
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(service)
 }

@@ -17,7 +17,7 @@ pub mod transcript;
 use std::sync::LazyLock;
 
 use axum::Router;
-use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -53,11 +53,15 @@ pub static ASSET_VERSION: LazyLock<String> = LazyLock::new(|| {
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
 connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
 
-/// The page routes, to merge into the API router.
-pub fn routes() -> Router<TaskService> {
+/// The page routes, to merge into the API router. `upload_limit` bounds the submit form's
+/// body as it bounds `POST /api/tasks` (the ZIP plus the other fields).
+pub fn routes(upload_limit: usize) -> Router<TaskService> {
     Router::new()
         .route("/", get(list_page))
-        .route("/tasks", post(submit_form))
+        .route(
+            "/tasks",
+            post(submit_form).layer(DefaultBodyLimit::max(upload_limit)),
+        )
         .route("/tasks/{task_id}", get(task_page))
         .route("/tasks/{task_id}/cancel", post(cancel_form))
         .route("/tasks/{task_id}/retry", post(retry_form))
