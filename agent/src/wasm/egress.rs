@@ -108,7 +108,7 @@ impl Egress {
         })
     }
 
-    /// The allow-list entry `authority` (`host[:port]`) falls under, if any.
+    /// The allow-list entry a request to `host` on `port` falls under, if any.
     fn rule_for(&self, host: &str, port: Option<u16>) -> Option<&str> {
         let host = host.to_ascii_lowercase();
         self.allow
@@ -144,7 +144,7 @@ impl Egress {
         let Some(host) = uri.host() else {
             return Err(ToolError::new(format!("call_api: `{url}` has no host")));
         };
-        if self.rule_for(host, uri.port_u16()).is_none() {
+        if self.rule_for(host, effective_port(&uri)).is_none() {
             let allowed = if self.allow.is_empty() {
                 "none".to_string()
             } else {
@@ -195,6 +195,15 @@ impl Egress {
     }
 }
 
+/// The port a request goes to: the URL's, or its scheme's default.
+fn effective_port(uri: &Uri) -> Option<u16> {
+    uri.port_u16().or(match uri.scheme_str() {
+        Some("https") => Some(443),
+        Some("http") => Some(80),
+        _ => None,
+    })
+}
+
 /// The `wasi:http` hooks of one guest instance.
 pub struct EgressHooks {
     egress: Arc<Egress>,
@@ -227,14 +236,17 @@ impl WasiHttpHooks for EgressHooks {
     ) -> SendFuture {
         let uri = request.uri().clone();
         let host = uri.host().unwrap_or_default().to_string();
-        let allowed = self.egress.rule_for(&host, uri.port_u16()).is_some();
+        let allowed = self.egress.rule_for(&host, effective_port(&uri)).is_some();
         if !allowed {
             tracing::warn!(host = %host, "call_api request refused by the egress policy");
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
+        // A secret goes only where its entry names: `host` (any port) or `host:port`.
+        let port = effective_port(&uri).map(|p| format!("{}:{p}", host.to_ascii_lowercase()));
+        let host_lower = host.to_ascii_lowercase();
         let headers = request.headers_mut();
         for s in &self.egress.secrets {
-            if s.host == host || s.host.split(':').next() == Some(host.as_str()) {
+            if s.host == host_lower || Some(&s.host) == port.as_ref() {
                 headers.insert(s.name.clone(), s.value.clone());
             }
         }
@@ -255,5 +267,55 @@ impl WasiHttpHooks for EgressHooks {
                 Box::new(io) as Box<dyn std::future::Future<Output = _> + Send>,
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_match_by_name_or_name_and_port() {
+        let policy = ToolPolicy {
+            allow_hosts: vec!["api.example.com:443".into(), "127.0.0.1".into()],
+            ..ToolPolicy::default()
+        };
+        let e = Egress::from_policy(&policy, |_| None).unwrap();
+        assert!(e.check("GET", "https://api.example.com/v1", &[], None).is_ok());
+        let refused = e
+            .check("GET", "http://api.example.com/v1", &[], None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            refused,
+            "call_api: host `api.example.com` is not allowed by this task's policy (allowed hosts: api.example.com:443, 127.0.0.1)"
+        );
+        assert!(e.check("GET", "http://127.0.0.1:9/", &[], None).is_ok());
+        let big = "x".repeat(MAX_REQUEST_BODY + 1);
+        assert!(
+            e.check("POST", "http://127.0.0.1/", &[], Some(&big))
+                .unwrap_err()
+                .to_string()
+                .contains("larger than")
+        );
+    }
+
+    #[test]
+    fn a_missing_secret_names_the_variable_and_values_are_redacted() {
+        let policy = ToolPolicy {
+            allow_hosts: vec!["h".into()],
+            secrets: vec![patchflow_core::SecretHeader {
+                host: "h".into(),
+                header: "Authorization".into(),
+                env: "TOKEN_X".into(),
+            }],
+            ..ToolPolicy::default()
+        };
+        let e = Egress::from_policy(&policy, |_| None).unwrap_err();
+        assert!(e.contains("needs the environment variable TOKEN_X"), "{e}");
+        let e = Egress::from_policy(&policy, |_| Some("Bearer abc123".into())).unwrap();
+        assert_eq!(e.redact("echo Bearer abc123!"), "echo [secret]!");
+        assert!(e.is_secret_header("authorization"));
+        assert!(!format!("{e:?}").contains("abc123"));
     }
 }
