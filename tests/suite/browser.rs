@@ -608,3 +608,50 @@ async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text()
         js.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_browser_cancel_stops_a_running_task_and_the_page_follows() {
+    let mut script = demo_script();
+    // The model thinks for two minutes on its first turn: the task is running when we look.
+    script.turns[0].delay_ms = 120_000;
+    let stack = Stack::start(Mode::Up, script, &[]).await;
+    let driver = Chromedriver::start(stack.dir.path());
+    let c = driver.client().await;
+    let id = stack.submit_demo().await;
+    c.goto(&format!("{}/tasks/{id}", stack.base)).await.unwrap();
+    c.execute("window.__notReloaded = true", vec![])
+        .await
+        .unwrap();
+    wait_for(
+        &c,
+        &stack,
+        "#head .badge[data-status=\"RUNNING_AGENT\"]",
+        60,
+    )
+    .await;
+    // Retry is refused while the task runs: the page offers Cancel instead.
+    assert!(c.find(Locator::Id("retry")).await.is_err());
+    c.find(Locator::Id("cancel"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(&c, &stack, "#head .badge[data-status=\"CANCELLED\"]", 60).await;
+    let same_document = c
+        .execute("return window.__notReloaded === true", vec![])
+        .await
+        .unwrap();
+    assert_eq!(same_document, json!(true), "the page reloaded");
+    // Once it has ended, the page offers Retry, both ways (a step failed to resume from).
+    let modes = c
+        .execute(
+            "return [...document.querySelectorAll('#head select[name=mode] option')].map((o) => o.value)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(modes, json!(["from_start", "from_failed_step"]));
+    assert_eq!(stack.record(&id).await["status"], "CANCELLED");
+    c.close().await.unwrap();
+}
