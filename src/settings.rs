@@ -144,6 +144,20 @@ pub fn describe(config: &Config) -> String {
             config.temporal_url()
         }
     ));
+    out.push_str(&format!(
+        "# kafka:         {}\n",
+        match &config.kafka_brokers {
+            Some(b) => format!(
+                "{b}: tasks `{}`, results `{}`, DLQ `{}`{}, group `{}`",
+                config.kafka_tasks_topic,
+                config.kafka_results_topic,
+                config.kafka_dlq_topic,
+                if config.kafka_dlq { "" } else { " (off)" },
+                config.kafka_group
+            ),
+            None => "off (HTTP and gRPC only)".into(),
+        }
+    ));
     out.push_str(&format!("# runner:        {}\n", config.runner));
     out.push_str(&format!(
         "# model:         {} at {}\n",
