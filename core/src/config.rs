@@ -703,15 +703,23 @@ mod tests {
         c.set("runner", "kube").unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("runner") && e.contains("s3://"), "{e}");
-        c.set("object_store_url", "s3://tasks?region=eu-west-1").unwrap();
+        c.set("object_store_url", "s3://tasks?region=eu-west-1")
+            .unwrap();
         c.validate().unwrap();
         c.set("kube_node_selector", "pool=agents, disk").unwrap();
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("kube_node_selector") && e.contains("`disk`"), "{e}");
-        c.set("kube_node_selector", "pool=agents, disk=ssd").unwrap();
+        assert!(
+            e.contains("kube_node_selector") && e.contains("`disk`"),
+            "{e}"
+        );
+        c.set("kube_node_selector", "pool=agents, disk=ssd")
+            .unwrap();
         assert_eq!(
             c.kube_node_selector().unwrap(),
-            vec![("pool".into(), "agents".into()), ("disk".into(), "ssd".into())]
+            vec![
+                ("pool".into(), "agents".into()),
+                ("disk".into(), "ssd".into())
+            ]
         );
         c.set("kube_image_pull_secrets", "regcred, ,other").unwrap();
         assert_eq!(c.kube_image_pull_secrets(), vec!["regcred", "other"]);

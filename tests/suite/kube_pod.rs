@@ -4,11 +4,12 @@
 //! without printing the URL's signature.
 //!
 //! Also the opt-in live test: the demo task as a Kubernetes Job on a real cluster.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::path::Path;
-use tokio::process::Command;
 use std::time::Duration;
+use tokio::process::Command;
 
 use patchflow_core::{AgentSummary, TaskId, TaskSource, TaskSpec, layout};
 use patchflow_platform::ObjectStore;
