@@ -147,8 +147,18 @@ async fn build_tools(
     sandbox.network = spec.policy.network;
     sandbox.max_processes = config.shell_max_processes;
     sandbox.max_memory_bytes = config.shell_max_memory_mb << 20;
-    // Strict mode refuses to start without every layer; best-effort logs what is missing.
-    sandbox.probe(ws.root()).await?;
+    // Strict mode refuses to start without every layer. Best-effort only logs what is
+    // missing, so its probe runs beside the first model request instead of before it.
+    if mode == SandboxMode::Strict {
+        sandbox.probe(ws.root()).await?;
+    } else {
+        let (probe, root) = (sandbox.clone(), ws.root().to_path_buf());
+        tokio::spawn(async move {
+            if let Err(e) = probe.probe(&root).await {
+                tracing::warn!(error = %e, "shell sandbox probe failed");
+            }
+        });
+    }
     let egress = Egress::from_policy(&spec.policy, |name| std::env::var(name).ok())
         .map_err(anyhow::Error::msg)?;
     let docs: Arc<dyn DocSearch> =

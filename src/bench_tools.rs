@@ -60,6 +60,11 @@ fn row(name: &str, wasm: (f64, f64), native: (f64, f64), target: &str) {
 }
 
 pub async fn run(iterations: usize) -> anyhow::Result<ExitCode> {
+    // Guest calls block (wasi's sync bindings drive their own futures): off the runtime.
+    tokio::task::spawn_blocking(move || measure(iterations)).await?
+}
+
+fn measure(iterations: usize) -> anyhow::Result<ExitCode> {
     let dir = tempfile::tempdir()?;
     let root = dir.path().canonicalize()?;
     tree(&root)?;

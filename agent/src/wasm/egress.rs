@@ -281,7 +281,10 @@ mod tests {
             ..ToolPolicy::default()
         };
         let e = Egress::from_policy(&policy, |_| None).unwrap();
-        assert!(e.check("GET", "https://api.example.com/v1", &[], None).is_ok());
+        assert!(
+            e.check("GET", "https://api.example.com/v1", &[], None)
+                .is_ok()
+        );
         let refused = e
             .check("GET", "http://api.example.com/v1", &[], None)
             .unwrap_err()
