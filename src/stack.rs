@@ -139,6 +139,7 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
             openai_api_key: config.openai_api_key.clone(),
             llm_max_retries: config.llm_max_retries,
             llm_retry_backoff_ms: config.llm_retry_backoff_ms,
+            agent_env: agent_env(config),
         })),
     };
     Ok(Activities {
@@ -155,6 +156,39 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
         results: crate::kafka::results_topic(config).await?,
         runner,
     })
+}
+
+/// The settings the agent process reads besides the model's, as `PATCHFLOW_*` variables: the
+/// runners start it with a scrubbed environment.
+fn agent_env(config: &Config) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("sandbox_mode", config.sandbox_mode.clone()),
+        (
+            "shell_max_processes",
+            config.shell_max_processes.to_string(),
+        ),
+        (
+            "shell_max_memory_mb",
+            config.shell_max_memory_mb.to_string(),
+        ),
+        ("tool_memory_mb", config.tool_memory_mb.to_string()),
+        ("tool_timeout_ms", config.tool_timeout_ms.to_string()),
+        ("doc_search_provider", config.doc_search_provider.clone()),
+    ];
+    if let Some(url) = &config.doc_search_url {
+        env.push(("doc_search_url", url.clone()));
+    }
+    // Compiled tool code is shared by every agent on this worker; a pod keeps its own.
+    let cache = config
+        .tool_cache_dir
+        .clone()
+        .or_else(|| std::path::absolute(config.data_dir.join("cache").join("wasm")).ok());
+    if let Some(dir) = cache {
+        env.push(("tool_cache_dir", dir.display().to_string()));
+    }
+    env.into_iter()
+        .map(|(k, v)| (Config::env_name(k), v))
+        .collect()
 }
 
 /// The Kubernetes runner, on the cluster the worker runs in or the one `KUBECONFIG` names.
@@ -184,6 +218,15 @@ async fn kube_runner(config: &Config) -> anyhow::Result<KubeRunner> {
     c.image_pull_grace = Duration::from_secs(config.kube_image_pull_grace_secs);
     c.unschedulable_timeout = Duration::from_secs(config.kube_unschedulable_timeout_secs);
     c.presign_expiry = Duration::from_secs(config.presign_expiry_secs);
+    // The pod's file system is its own: its tool cache lives in its scratch volume.
+    c.agent_env = agent_env(config)
+        .into_iter()
+        .filter(|(k, _)| k != "PATCHFLOW_TOOL_CACHE_DIR")
+        .chain([(
+            "PATCHFLOW_TOOL_CACHE_DIR".to_string(),
+            "/scratch/wasm-cache".to_string(),
+        )])
+        .collect();
     let runner = KubeRunner::infer(c)
         .await
         .context("cannot reach Kubernetes (in-cluster config or KUBECONFIG) for runner = kube")?;

@@ -197,18 +197,23 @@ impl TaskSource {
     }
 }
 
+/// Worker environment variables a task's policy may name as secrets.
+pub const SECRET_ENV_PREFIX: &str = "PATCHFLOW_SECRET_";
+
 /// What a task's tools may reach beyond the workspace. The default reaches nothing: shell
 /// commands run without network, `call_api` is refused for every host.
 ///
 /// ```json
 /// {"network": false,
 ///  "allow_hosts": ["api.example.com", "127.0.0.1:8080"],
-///  "secrets": [{"host": "api.example.com", "header": "Authorization", "env": "EXAMPLE_TOKEN"}]}
+///  "secrets": [{"host": "api.example.com", "header": "Authorization", "env": "PATCHFLOW_SECRET_EXAMPLE"}]}
 /// ```
 ///
 /// A secret is named, never given: the agent's host reads the environment variable `env`
 /// of its own process and adds the header to requests to `host`, so the value is never in
-/// the spec, the model's context or the transcript.
+/// the spec, the model's context or the transcript. Only variables named
+/// `PATCHFLOW_SECRET_*` can be named: the operator decides which of the worker's secrets
+/// tasks may use, so a task can never ask for the worker's own credentials.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ToolPolicy {
@@ -267,6 +272,16 @@ impl ToolPolicy {
                 return Err(ValidationError::new(
                     "policy.secrets",
                     format!("`{}` is not a header name", s.header),
+                ));
+            }
+            if !s.env.starts_with(SECRET_ENV_PREFIX) || s.env.len() == SECRET_ENV_PREFIX.len() {
+                return Err(ValidationError::new(
+                    "policy.secrets",
+                    format!(
+                        "`{}` is not a task secret: name a variable starting with {SECRET_ENV_PREFIX} \
+                         (the operator sets those on the workers)",
+                        s.env
+                    ),
                 ));
             }
             if s.env.is_empty()
@@ -571,6 +586,26 @@ pub struct TaskAttempt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_policy_may_name_only_task_secrets() {
+        let mut s = spec("https://git.example/r.git");
+        s.policy.allow_hosts = vec!["api.example.com".into()];
+        s.policy.secrets = vec![SecretHeader {
+            host: "api.example.com".into(),
+            header: "Authorization".into(),
+            env: "AWS_SECRET_ACCESS_KEY".into(),
+        }];
+        let e = s.validate(false).unwrap_err().to_string();
+        assert!(
+            e.contains("AWS_SECRET_ACCESS_KEY") && e.contains("PATCHFLOW_SECRET_"),
+            "{e}"
+        );
+        s.policy.secrets[0].env = "PATCHFLOW_SECRET_".into();
+        assert!(s.validate(false).is_err(), "a bare prefix names nothing");
+        s.policy.secrets[0].env = "PATCHFLOW_SECRET_API".into();
+        s.validate(false).unwrap();
+    }
 
     fn spec(url: &str) -> TaskSpec {
         TaskSpec::new(

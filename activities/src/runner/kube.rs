@@ -106,6 +106,9 @@ pub struct KubeRunnerConfig {
     pub unschedulable_timeout: Duration,
     /// Lifetime of the presigned URLs (at least the Job's deadline plus a margin is used).
     pub presign_expiry: Duration,
+    /// Settings the agent reads (`PATCHFLOW_SANDBOX_MODE`, `PATCHFLOW_TOOL_*`, …), set on the
+    /// agent container as they are. Never secrets: they would be written into the Job.
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl KubeRunnerConfig {
@@ -138,6 +141,7 @@ impl KubeRunnerConfig {
             image_pull_grace: Duration::from_secs(120),
             unschedulable_timeout: Duration::from_secs(600),
             presign_expiry: Duration::from_secs(3600),
+            agent_env: Vec::new(),
         }
     }
 }
@@ -242,6 +246,9 @@ impl KubeRunner {
         ]));
         if let Some(u) = &c.openai_base_url {
             agent_env.extend(env(&[("OPENAI_BASE_URL", u)]));
+        }
+        for (k, v) in &c.agent_env {
+            agent_env.extend(env(&[(k, v)]));
         }
         agent_env.push(EnvVar {
             name: "OPENAI_API_KEY".into(),

@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use patchflow_core::task::SECRET_ENV_PREFIX;
 use patchflow_core::{AgentEvent, AgentSummary, Secret, TaskId, TaskSpec, layout};
 use patchflow_platform::ObjectStore;
 use patchflow_platform::process::{die_with_parent, stop_group};
@@ -31,6 +32,9 @@ pub struct LocalRunnerConfig {
     pub openai_api_key: Option<Secret>,
     pub llm_max_retries: u32,
     pub llm_retry_backoff_ms: u64,
+    /// Settings the agent reads besides the model's (`PATCHFLOW_SANDBOX_MODE`,
+    /// `PATCHFLOW_TOOL_*`, …), passed as they are.
+    pub agent_env: Vec<(String, String)>,
 }
 
 pub struct LocalRunner {
@@ -44,7 +48,13 @@ impl LocalRunner {
 
     /// The only variables the agent sees: no worker secrets besides the model key, no
     /// database or store credentials.
-    fn environment(&self, scratch: &Path) -> Vec<(String, String)> {
+    /// `worker_env` reads the worker's own environment (`std::env::var` outside tests).
+    fn environment(
+        &self,
+        scratch: &Path,
+        spec: &TaskSpec,
+        worker_env: impl Fn(&str) -> Option<String>,
+    ) -> Vec<(String, String)> {
         let c = &self.config;
         let mut env = vec![
             (
@@ -72,6 +82,16 @@ impl LocalRunner {
         }
         if let Ok(filter) = std::env::var("RUST_LOG") {
             env.push(("RUST_LOG".into(), filter));
+        }
+        env.extend(c.agent_env.iter().cloned());
+        // Only the task secrets this task's policy names (validated to be
+        // `PATCHFLOW_SECRET_*`), and only if the operator set them.
+        for s in &spec.policy.secrets {
+            if s.env.starts_with(SECRET_ENV_PREFIX)
+                && let Some(v) = worker_env(&s.env)
+            {
+                env.push((s.env.clone(), v));
+            }
         }
         env
     }
@@ -152,7 +172,7 @@ impl AgentRunner for LocalRunner {
             .arg(task.as_str())
             .current_dir(&workspace)
             .env_clear()
-            .envs(self.environment(&scratch))
+            .envs(self.environment(&scratch, spec, |k| std::env::var(k).ok()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -219,5 +239,72 @@ impl AgentRunner for LocalRunner {
         // The workspace has served its purpose: the diff and transcript are stored.
         let _ = tokio::fs::remove_dir_all(work).await;
         Ok(summary)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use patchflow_core::TaskSource;
+    use patchflow_core::task::{SecretHeader, ToolPolicy};
+
+    use super::*;
+
+    #[test]
+    fn the_agent_gets_its_settings_and_only_the_secrets_its_policy_names() {
+        let runner = LocalRunner::new(LocalRunnerConfig {
+            program: "patchflow".into(),
+            model: "m".into(),
+            openai_base_url: None,
+            openai_api_key: Some(Secret::new("sk-model")),
+            llm_max_retries: 1,
+            llm_retry_backoff_ms: 1,
+            agent_env: vec![("PATCHFLOW_SANDBOX_MODE".into(), "strict".into())],
+        });
+        let mut spec = TaskSpec::new(
+            TaskSource::Git {
+                url: "https://git.example/r.git".into(),
+                git_ref: None,
+            },
+            "x",
+        );
+        spec.policy = ToolPolicy {
+            network: false,
+            allow_hosts: vec!["api.example.com".into()],
+            secrets: vec![
+                SecretHeader {
+                    host: "api.example.com".into(),
+                    header: "Authorization".into(),
+                    env: "PATCHFLOW_SECRET_API".into(),
+                },
+                // Never valid at submit; the runner refuses it too.
+                SecretHeader {
+                    host: "api.example.com".into(),
+                    header: "X-Aws".into(),
+                    env: "AWS_SECRET_ACCESS_KEY".into(),
+                },
+            ],
+        };
+        let worker = |k: &str| match k {
+            "PATCHFLOW_SECRET_API" => Some("tok-1".to_string()),
+            "PATCHFLOW_SECRET_OTHER" => Some("tok-2".to_string()),
+            "AWS_SECRET_ACCESS_KEY" => Some("aws".to_string()),
+            _ => None,
+        };
+        let env = runner.environment(Path::new("/s"), &spec, worker);
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("PATCHFLOW_SANDBOX_MODE"), Some("strict"));
+        assert_eq!(get("PATCHFLOW_SECRET_API"), Some("tok-1"));
+        assert_eq!(
+            get("PATCHFLOW_SECRET_OTHER"),
+            None,
+            "not named by the policy"
+        );
+        assert_eq!(
+            get("AWS_SECRET_ACCESS_KEY"),
+            None,
+            "never a worker credential"
+        );
+        assert_eq!(get("HOME"), Some("/s"));
     }
 }
