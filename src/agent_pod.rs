@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::Context;
 use backon::{ExponentialBuilder, Retryable};
 use clap::{Args, ValueEnum};
+use patchflow_activities::runner::{AgentPaths, agent_command};
 use patchflow_core::{TaskSpec, layout};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -113,22 +114,18 @@ async fn run_agent() -> anyhow::Result<ExitCode> {
     tokio::fs::write(&spec_path, &spec_json).await?;
 
     let program = std::env::current_exe().context("cannot find the patchflow executable")?;
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.arg("agent")
-        .arg("--task")
-        .arg(&spec_path)
-        .arg("--workspace")
-        .arg(&workspace)
-        .arg("--baseline")
-        .arg(&baseline)
-        .arg("--out")
-        .arg(&out)
-        .arg("--scratch")
-        .arg(&tmp)
-        .arg("--task-id")
-        .arg(&task_id)
-        .current_dir(&workspace)
-        .env_remove(STAGED_URL)
+    let mut cmd = agent_command(
+        &program,
+        &AgentPaths {
+            task_spec: &spec_path,
+            workspace: &workspace,
+            baseline: &baseline,
+            out: &out,
+            scratch: &tmp,
+        },
+        &task_id,
+    );
+    cmd.env_remove(STAGED_URL)
         .stdin(Stdio::null())
         // Progress events go straight to the container's log, which the runner follows.
         .stdout(Stdio::inherit())

@@ -234,6 +234,18 @@ async fn kube_runner(config: &Config) -> anyhow::Result<KubeRunner> {
     Ok(runner)
 }
 
+/// Binds one of the gateway's addresses, naming its setting when that fails.
+async fn bind(
+    addr: &str,
+    setting: &str,
+) -> anyhow::Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({setting})"))?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
 /// Serves the HTTP API until `stop` resolves.
 pub(crate) async fn serve_http(
     config: &Config,
@@ -243,15 +255,7 @@ pub(crate) async fn serve_http(
     tokio::task::JoinHandle<anyhow::Result<()>>,
     std::net::SocketAddr,
 )> {
-    let listener = tokio::net::TcpListener::bind(&config.http_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (PATCHFLOW_HTTP_ADDR)",
-                config.http_addr
-            )
-        })?;
-    let addr = listener.local_addr()?;
+    let (listener, addr) = bind(&config.http_addr, "PATCHFLOW_HTTP_ADDR").await?;
     tracing::info!(%addr, "HTTP API listening");
     let app = patchflow_gateway::http::router(service);
     let task = tokio::spawn(async move {
@@ -272,15 +276,7 @@ pub(crate) async fn serve_grpc(
     tokio::task::JoinHandle<anyhow::Result<()>>,
     std::net::SocketAddr,
 )> {
-    let listener = tokio::net::TcpListener::bind(&config.grpc_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (PATCHFLOW_GRPC_ADDR)",
-                config.grpc_addr
-            )
-        })?;
-    let addr = listener.local_addr()?;
+    let (listener, addr) = bind(&config.grpc_addr, "PATCHFLOW_GRPC_ADDR").await?;
     tracing::info!(%addr, "gRPC API listening");
     let task = tokio::spawn(async move {
         patchflow_gateway::grpc::serve(service, listener, stop)

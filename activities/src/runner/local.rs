@@ -113,6 +113,35 @@ async fn upload_results(
     Ok(())
 }
 
+/// Where `patchflow agent` reads and writes.
+pub struct AgentPaths<'a> {
+    pub task_spec: &'a Path,
+    pub workspace: &'a Path,
+    pub baseline: &'a Path,
+    pub out: &'a Path,
+    pub scratch: &'a Path,
+}
+
+/// `patchflow agent` on `paths`, run in the workspace: what every runner starts.
+pub fn agent_command(program: &Path, paths: &AgentPaths<'_>, task_id: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.arg("agent")
+        .arg("--task")
+        .arg(paths.task_spec)
+        .arg("--workspace")
+        .arg(paths.workspace)
+        .arg("--baseline")
+        .arg(paths.baseline)
+        .arg("--out")
+        .arg(paths.out)
+        .arg("--scratch")
+        .arg(paths.scratch)
+        .arg("--task-id")
+        .arg(task_id)
+        .current_dir(paths.workspace);
+    cmd
+}
+
 /// The last lines of the agent's log, for an error message.
 async fn log_tail(path: &Path) -> String {
     let text = tokio::fs::read_to_string(path).await.unwrap_or_default();
@@ -156,22 +185,18 @@ impl AgentRunner for LocalRunner {
         let log_path = out.join(layout::AGENT_LOG);
         let log = std::fs::File::create(&log_path)?;
 
-        let mut cmd = Command::new(&self.config.program);
-        cmd.arg("agent")
-            .arg("--task")
-            .arg(&spec_path)
-            .arg("--workspace")
-            .arg(&workspace)
-            .arg("--baseline")
-            .arg(&baseline)
-            .arg("--out")
-            .arg(&out)
-            .arg("--scratch")
-            .arg(&scratch)
-            .arg("--task-id")
-            .arg(task.as_str())
-            .current_dir(&workspace)
-            .env_clear()
+        let mut cmd = agent_command(
+            &self.config.program,
+            &AgentPaths {
+                task_spec: &spec_path,
+                workspace: &workspace,
+                baseline: &baseline,
+                out: &out,
+                scratch: &scratch,
+            },
+            task.as_str(),
+        );
+        cmd.env_clear()
             .envs(self.environment(&scratch, spec, |k| std::env::var(k).ok()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -15,7 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 pub use kube::{KubeRunner, KubeRunnerConfig};
-pub use local::{LocalRunner, LocalRunnerConfig};
+pub use local::{AgentPaths, LocalRunner, LocalRunnerConfig, agent_command};
 
 #[derive(Debug, Error)]
 pub enum RunnerError {
