@@ -38,6 +38,9 @@ pub use runner::{
     AgentRunner, KubeRunner, KubeRunnerConfig, LocalRunner, LocalRunnerConfig, RunnerError,
 };
 
+/// How often a running agent's batch slot lease is renewed (leases last `batch_lease`).
+const SLOT_RENEW_EVERY: Duration = Duration::from_secs(5);
+
 /// What the activities need besides the stores.
 #[derive(Debug, Clone)]
 pub struct ActivityConfig {
@@ -308,7 +311,11 @@ impl Activities {
             cancel.clone(),
         );
         tokio::pin!(run);
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        // Heartbeats go out every second whatever the agent is doing (a slow model turn
+        // is silent), so even a short heartbeat timeout never fires on a live agent; the
+        // SDK batches them, so this costs little. The batch slot is renewed less often.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut renewed = tokio::time::Instant::now();
         let mut last_step = 0u32;
         let result = loop {
             tokio::select! {
@@ -323,9 +330,12 @@ impl Activities {
                 _ = tick.tick() => {
                     let _ = ctx.record_heartbeat(last_step).await;
                     if let Some(slot) = &input.batch_slot
-                        && let Err(e) = self.hot.slots.renew(&slot.batch_id, &slot.task_id, self.config.batch_lease).await
+                        && renewed.elapsed() >= SLOT_RENEW_EVERY
                     {
-                        tracing::warn!(task_id = %id, error = %e, "cannot renew the batch slot");
+                        renewed = tokio::time::Instant::now();
+                        if let Err(e) = self.hot.slots.renew(&slot.batch_id, &slot.task_id, self.config.batch_lease).await {
+                            tracing::warn!(task_id = %id, error = %e, "cannot renew the batch slot");
+                        }
                     }
                 }
                 _ = ctx.cancelled(), if !cancel.is_cancelled() => {

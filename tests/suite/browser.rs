@@ -361,8 +361,12 @@ fn browser_form(git_url: &str, description: &str) -> reqwest::multipart::Form {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text() {
     let stack = Stack::start(Mode::Up, demo_script(), &[]).await;
+    // A new connection per request: the refusals below answer before reading the body and
+    // the server then closes the connection, which a pooled client may already have picked
+    // for its next request (a client-side race, not the server's answer).
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(0)
         .build()
         .unwrap();
     let hostile = "Fix add() <script>alert(\"pwned\")</script> & <img src=x onerror=alert(1)>";
