@@ -178,12 +178,9 @@ fn agent_env(config: &Config) -> Vec<(String, String)> {
     if let Some(url) = &config.doc_search_url {
         env.push(("doc_search_url", url.clone()));
     }
-    // Compiled tool code is shared by every agent on this worker; a pod keeps its own.
-    let cache = config
-        .tool_cache_dir
-        .clone()
-        .or_else(|| std::path::absolute(config.data_dir.join("cache").join("wasm")).ok());
-    if let Some(dir) = cache {
+    // Unset, every agent of this user shares the agent's own default cache of compiled tool
+    // code (a per-stack directory would make each new stack compile the tools again).
+    if let Some(dir) = &config.tool_cache_dir {
         env.push(("tool_cache_dir", dir.display().to_string()));
     }
     env.into_iter()
