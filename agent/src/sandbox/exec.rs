@@ -7,6 +7,8 @@ use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use landlock::{
     ABI, Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
     path_beneath_rules,
@@ -14,6 +16,10 @@ use landlock::{
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::resource::{Resource, setrlimit};
 use nix::unistd::{Gid, Uid};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
+};
 
 use super::{SandboxMode, SandboxReport, cgroup_dir};
 
@@ -30,6 +36,9 @@ pub struct ExecRequest {
     pub max_memory_bytes: u64,
     pub max_file_bytes: u64,
     pub network: bool,
+    /// Leave out the network namespace, so the layers that stand in for it where
+    /// namespaces are refused (seccomp, Landlock's TCP rules) can be checked on their own.
+    pub skip_netns: bool,
     /// Report what was put up (JSON on stdout) instead of running a command.
     pub probe: bool,
     /// The program and its arguments.
@@ -50,6 +59,7 @@ impl ExecRequest {
             max_memory_bytes: 8 << 30,
             max_file_bytes: 1 << 30,
             network: false,
+            skip_netns: false,
             probe: false,
             command: Vec::new(),
         };
@@ -76,6 +86,7 @@ impl ExecRequest {
                 "--max-memory-bytes" => req.max_memory_bytes = num(value()?)?,
                 "--max-file-bytes" => req.max_file_bytes = num(value()?)?,
                 "--network" => req.network = true,
+                "--skip-netns" => req.skip_netns = true,
                 "--probe" => req.probe = true,
                 "--" => {
                     req.command = it.collect();
@@ -177,6 +188,62 @@ fn network_off() -> Result<(), String> {
         .map_err(|e| format!("cannot map ids in the new user namespace: {e}"))
 }
 
+/// Socket families a command without network may not open: IP, raw packets. Unix
+/// sockets stay (local tools talk over them), and so does netlink inside the empty
+/// namespace it can only see.
+const DENIED_FAMILIES: [i32; 3] = [libc::AF_INET, libc::AF_INET6, libc::AF_PACKET];
+
+/// A seccomp filter that fails `socket()` and `socketpair()` for [`DENIED_FAMILIES`] with
+/// EACCES, and `io_uring_setup` (whose socket operations would bypass the filter) with
+/// EPERM; every other system call is allowed. Applied last before `exec` and inherited by
+/// every child, it keeps UDP and raw sockets shut too, which Landlock's TCP rules do not.
+fn seccomp_network_off() -> Result<(), String> {
+    fn err(e: impl std::fmt::Display) -> String {
+        format!("seccomp: {e}")
+    }
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|_| format!("seccomp: no filter for {}", std::env::consts::ARCH))?;
+    let family_rules = || -> Result<Vec<SeccompRule>, String> {
+        DENIED_FAMILIES
+            .iter()
+            .map(|&family| {
+                let cond = SeccompCondition::new(
+                    0,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    family as u64,
+                )
+                .map_err(err)?;
+                SeccompRule::new(vec![cond]).map_err(err)
+            })
+            .collect()
+    };
+    let sockets: BTreeMap<i64, Vec<SeccompRule>> = [
+        (libc::SYS_socket, family_rules()?),
+        (libc::SYS_socketpair, family_rules()?),
+    ]
+    .into();
+    let sockets: BpfProgram = SeccompFilter::new(
+        sockets,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        arch,
+    )
+    .and_then(TryInto::try_into)
+    .map_err(err)?;
+    let uring: BpfProgram = SeccompFilter::new(
+        [(libc::SYS_io_uring_setup, vec![])].into(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .and_then(TryInto::try_into)
+    .map_err(err)?;
+    seccompiler::apply_filter(&sockets).map_err(err)?;
+    seccompiler::apply_filter(&uring).map_err(err)
+}
+
 fn landlock(req: &ExecRequest, deny_tcp: bool) -> Result<RulesetStatus, String> {
     let abi = ABI::V5;
     let err = |e: landlock::RulesetError| format!("landlock: {e}");
@@ -223,6 +290,8 @@ pub fn exec_sandboxed(req: &ExecRequest) -> Result<std::convert::Infallible, Str
     let mut deny_tcp = false;
     if req.network {
         report.network_confined = true;
+    } else if req.skip_netns {
+        deny_tcp = true;
     } else {
         match network_off() {
             Ok(()) => report.network_confined = true,
@@ -249,6 +318,16 @@ pub fn exec_sandboxed(req: &ExecRequest) -> Result<std::convert::Infallible, Str
             }
         }
         Err(e) => report.missing.push(format!("Landlock ({e})")),
+    }
+    if req.network {
+        report.seccomp = true;
+    } else {
+        match seccomp_network_off() {
+            Ok(()) => report.seccomp = true,
+            Err(e) => report.missing.push(format!(
+                "a seccomp filter on sockets ({e}); UDP and raw sockets are open wherever the network namespace is missing"
+            )),
+        }
     }
     if req.probe {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());

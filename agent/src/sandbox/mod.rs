@@ -9,6 +9,8 @@
 //! - no network unless the task's policy allows it: an empty network namespace (only a
 //!   loopback that is down), or Landlock's TCP rules where namespaces are not allowed;
 //! - `PR_SET_NO_NEW_PRIVS`, so no setuid binary gains anything;
+//! - without network, also a seccomp filter: `socket()` for IP and packet families fails
+//!   with EACCES (UDP too, which Landlock does not cover), and so does `io_uring_setup`;
 //! - Landlock: the whole file system readable, writable only the workspace, the private
 //!   temp dir and a few devices.
 //!
@@ -65,6 +67,9 @@ pub struct SandboxReport {
     pub pids_cgroup: bool,
     pub no_new_privs: bool,
     pub rlimits: bool,
+    /// Without network: a seccomp filter refuses IP and packet sockets (and io_uring).
+    #[serde(default)]
+    pub seccomp: bool,
     /// What could not be put up, in words.
     pub missing: Vec<String>,
 }

@@ -176,15 +176,12 @@ impl SandboxedTools {
             .max_results
             .unwrap_or(search::DEFAULT_MAX_RESULTS)
             .clamp(1, search::MAX_RESULTS);
-        let ws = self.ws.clone();
-        let files = tokio::task::spawn_blocking(move || search::candidate_files(&ws))
-            .await
-            .map_err(|e| ToolError::new(format!("listing the repository failed: {e}")))?;
-        let (pattern, glob) = (args.pattern.clone(), args.path_glob.clone());
+        let glob = search::path_glob(args.path_glob.as_deref())?;
+        let (ws, pattern) = (self.ws.clone(), args.pattern.clone());
         let r = self
             .guest
             .run(Arc::new(Egress::none()), move |g, store| {
-                g.call_search_code(store, &pattern, glob.as_deref(), limit as u32, &files)
+                search::search_code_in(g, store, &ws, &pattern, glob.as_ref(), limit)
             })
             .await?;
         let matches: Vec<Value> = r

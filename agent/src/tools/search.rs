@@ -1,12 +1,19 @@
 //! The host side of `search_code` and `web_search_doc_and_reference`.
 //!
-//! The directory walk happens here, natively (the `ignore` crate: `.gitignore`d build
-//! output skipped, symlinks not followed), because walking through WASI is the slow part
-//! of a search; the guest then opens and matches every listed file through its workspace
-//! capability. Doc search has two providers behind [`DocSearch`]: the repository's own
-//! documentation ([`WorkspaceDocs`]) and an HTTP search endpoint ([`HttpDocs`]) reached
-//! through the same egress policy as `call_api`.
+//! The directory walk and the reads happen here, natively, because going through WASI
+//! file by file is what makes a search slow (seven times native when the guest opened
+//! every file itself). The walk is the `ignore` crate's (`.gitignore`d build output
+//! skipped, symlinks not followed); every read goes through a [`WorkspaceReader`], a
+//! `cap-std` handle on the workspace that cannot open anything outside it, whatever a path
+//! or a symlink on its way says: the capability check WASI itself applies. The guest gets
+//! the contents in batches and does all the work with the untrusted pattern.
+//!
+//! Doc search has two providers behind [`DocSearch`]: the repository's own documentation
+//! ([`WorkspaceDocs`]) and an HTTP search endpoint ([`HttpDocs`]) reached through the same
+//! egress policy as `call_api`.
 
+use std::io::Read;
+use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -16,7 +23,8 @@ use serde_json::{Value, json};
 use super::ToolError;
 use super::guest::GuestRunner;
 use crate::wasm::egress::{Egress, MAX_RESPONSE_BODY};
-use crate::wasm::{ApiRequest, DocHit};
+use crate::wasm::exports::patchflow::tools::tools::Guest;
+use crate::wasm::{ApiRequest, DocHit, GuestState, SearchResult, SourceFile};
 use crate::workspace::Workspace;
 
 pub const DEFAULT_MAX_RESULTS: usize = 50;
@@ -55,6 +63,128 @@ pub fn candidate_files(ws: &Workspace) -> Vec<String> {
         .filter(|e| e.metadata().is_ok_and(|m| m.len() <= MAX_FILE_BYTES))
         .map(|e| ws.relative(e.path()))
         .collect()
+}
+
+/// Reads workspace files through a capability: `cap-std` resolves every path beneath
+/// the workspace directory (`openat2` with `RESOLVE_BENEATH` where the kernel has it) and
+/// refuses absolute paths, `..` and symlinks that lead out.
+pub struct WorkspaceReader {
+    dir: cap_std::fs::Dir,
+}
+
+impl WorkspaceReader {
+    pub fn open(root: &Path) -> std::io::Result<Self> {
+        let dir = cap_std::fs::Dir::open_ambient_dir(root, cap_std::ambient_authority())?;
+        Ok(Self { dir })
+    }
+
+    /// A regular file's bytes; `None` for anything unreadable, not a file, larger than
+    /// the search bound or outside the workspace.
+    pub fn read(&self, rel: &str) -> Option<Vec<u8>> {
+        let mut file = self.dir.open(rel).ok()?;
+        let meta = file.metadata().ok()?;
+        if !meta.is_file() || meta.len() > MAX_FILE_BYTES {
+            return None;
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.read_to_end(&mut bytes).ok()?;
+        Some(bytes)
+    }
+}
+
+/// Hands `files` to the guest in order, read in batches of about `batch_bytes`, until
+/// `each` returns `false`. The first batch is handed over even when empty, so the guest
+/// always gets to check its arguments.
+fn in_batches(
+    reader: &WorkspaceReader,
+    files: &[String],
+    batch_bytes: usize,
+    mut each: impl FnMut(&[SourceFile]) -> wasmtime::Result<Result<bool, String>>,
+) -> wasmtime::Result<Result<(), String>> {
+    let mut batch: Vec<SourceFile> = Vec::new();
+    let mut bytes = 0usize;
+    let mut sent_any = false;
+    for rel in files {
+        let Some(content) = reader.read(rel) else {
+            continue;
+        };
+        bytes += content.len() + rel.len();
+        batch.push(SourceFile {
+            path: rel.clone(),
+            content,
+        });
+        if bytes >= batch_bytes {
+            sent_any = true;
+            match each(&batch)? {
+                Ok(true) => {}
+                Ok(false) => return Ok(Ok(())),
+                Err(e) => return Ok(Err(e)),
+            }
+            batch.clear();
+            bytes = 0;
+        }
+    }
+    if !batch.is_empty() || !sent_any {
+        if let Err(e) = each(&batch)? {
+            return Ok(Err(e));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// How many bytes of file contents go to the guest in one call: an eighth of its
+/// memory limit, at most 4 MiB.
+pub fn batch_bytes(memory_limit: usize) -> usize {
+    (memory_limit / 8).clamp(64 << 10, 4 << 20)
+}
+
+/// A compiled `path_glob`, or the error the model reads.
+pub fn path_glob(glob: Option<&str>) -> Result<Option<globset::GlobMatcher>, ToolError> {
+    match glob {
+        Some(g) if !g.trim().is_empty() => globset::Glob::new(g)
+            .map(|g| Some(g.compile_matcher()))
+            .map_err(|e| ToolError::new(format!("invalid path_glob `{g}`: {e}"))),
+        _ => Ok(None),
+    }
+}
+
+/// `search_code` on one guest instance: walk the workspace, keep the paths `glob`
+/// matches, read them through the capability and let the guest match `pattern`, batch
+/// by batch, until `limit` hits (and one more, to say the list was cut).
+pub fn search_code_in(
+    guest: &Guest,
+    store: &mut wasmtime::Store<GuestState>,
+    ws: &Workspace,
+    pattern: &str,
+    glob: Option<&globset::GlobMatcher>,
+    limit: usize,
+) -> wasmtime::Result<Result<SearchResult, String>> {
+    let reader = match WorkspaceReader::open(ws.root()) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(format!("cannot open the workspace: {e}"))),
+    };
+    let mut files = candidate_files(ws);
+    if let Some(g) = glob {
+        files.retain(|rel| g.is_match(rel));
+    }
+    let batch = batch_bytes(store.data().memory_limit());
+    let mut total = SearchResult {
+        hits: Vec::new(),
+        files_searched: 0,
+        truncated: false,
+    };
+    let done = in_batches(&reader, &files, batch, |files| {
+        let left = limit.saturating_sub(total.hits.len()) as u32;
+        Ok(guest
+            .call_search_code(&mut *store, pattern, left, files)?
+            .map(|r| {
+                total.hits.extend(r.hits);
+                total.files_searched += r.files_searched;
+                total.truncated = r.truncated;
+                !r.truncated
+            }))
+    })?;
+    Ok(done.map(|()| total))
 }
 
 /// Documentation among the workspace's files: Markdown, reStructuredText, text, AsciiDoc,
@@ -101,13 +231,33 @@ impl DocSearch for WorkspaceDocs {
         }
         let limit = max_results.clamp(1, MAX_DOC_RESULTS);
         let ws = self.ws.clone();
-        let files = tokio::task::spawn_blocking(move || doc_files(&ws))
-            .await
-            .map_err(|e| ToolError::new(format!("listing the documentation failed: {e}")))?;
         let hits: Vec<DocHit> = self
             .guest
             .run(Arc::new(Egress::none()), move |g, store| {
-                g.call_search_docs(store, &words, limit as u32, &files)
+                let reader = match WorkspaceReader::open(ws.root()) {
+                    Ok(r) => r,
+                    Err(e) => return Ok(Err(format!("cannot open the workspace: {e}"))),
+                };
+                let batch = batch_bytes(store.data().memory_limit());
+                let mut hits: Vec<DocHit> = Vec::new();
+                let done = in_batches(&reader, &doc_files(&ws), batch, |files| {
+                    Ok(
+                        g.call_search_docs(&mut *store, &words, limit as u32, files)?
+                            .map(|more| {
+                                hits.extend(more);
+                                // Each batch answers its best; the best of all is among them.
+                                hits.sort_by(|a, b| {
+                                    b.score
+                                        .cmp(&a.score)
+                                        .then(a.path.cmp(&b.path))
+                                        .then(a.line.cmp(&b.line))
+                                });
+                                hits.truncate(limit + 1);
+                                true
+                            }),
+                    )
+                })?;
+                Ok(done.map(|()| hits))
             })
             .await?;
         let truncated = hits.len() > limit;

@@ -37,7 +37,7 @@ wasmtime::component::bindgen!({
 
 pub use exports::patchflow::tools::tools::{
     ApiRequest, ApiResponse, DirEntry, DirListing, DocHit, EditResult, EntryKind, Hit, PatchedFile,
-    ReadResult, SearchResult,
+    ReadResult, SearchResult, SourceFile,
 };
 
 /// The tool guest, built from `tools-wasm/guest` by this crate's build script.
@@ -49,6 +49,9 @@ pub const GUEST_ROOT: &str = "/workspace";
 
 /// Component instances that can be alive at once (calls running concurrently).
 const POOL_SLOTS: u32 = 8;
+
+/// Bytes of each memory and table slot kept mapped between calls (see [`ToolHost::new`]).
+const KEEP_RESIDENT: usize = 1 << 20;
 
 /// How often the engine's epoch advances; the CPU limit is counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -163,6 +166,13 @@ impl WasiHttpView for GuestState {
     }
 }
 
+impl GuestState {
+    /// The largest linear memory this instance may grow to.
+    pub fn memory_limit(&self) -> usize {
+        self.limiter.max
+    }
+}
+
 /// Advances the engine's epoch until dropped.
 struct EpochTicker {
     stop: Arc<AtomicBool>,
@@ -214,7 +224,13 @@ impl ToolHost {
             .total_memories(POOL_SLOTS * 2)
             .total_tables(POOL_SLOTS * 8)
             .total_stacks(POOL_SLOTS)
-            .max_memory_size(limits.memory_bytes);
+            .max_memory_size(limits.memory_bytes)
+            // A fresh instance's first touches of its memory would each take a page fault
+            // (half of a small call's time): the slot's low megabyte stays mapped instead,
+            // and PAGEMAP_SCAN (Linux 6.7+) resets only the pages the last call dirtied.
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT)
+            .pagemap_scan(wasmtime::Enabled::Auto);
         let mut config = Config::new();
         config
             .epoch_interruption(true)

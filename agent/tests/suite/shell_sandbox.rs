@@ -22,7 +22,69 @@ async fn every_layer_is_in_force_on_this_kernel() {
         .unwrap();
     assert!(report.missing.is_empty(), "{:?}", report.missing);
     assert!(report.landlock && report.network_confined && report.pids_cgroup);
-    assert!(report.no_new_privs && report.rlimits);
+    assert!(report.no_new_privs && report.rlimits && report.seccomp);
+}
+
+/// Runs `cmd` through `sandbox-exec` without the network namespace, so only seccomp
+/// and Landlock's TCP rules stand between it and the network.
+fn without_netns(cmd: &str) -> std::process::Output {
+    let (scratch, ws) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let sb = sandbox(scratch.path(), false, 64);
+    let name = format!("skip-netns-{}-{}", std::process::id(), cmd.len());
+    let out = std::process::Command::new(&sb.program)
+        .args(sb.exec_args(ws.path(), &name, 10, false))
+        .args(["--skip-netns", "--", "/bin/bash", "-c", cmd])
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .output()
+        .unwrap();
+    patchflow_agent::sandbox::remove_cgroup(&name);
+    out
+}
+
+#[tokio::test]
+async fn seccomp_refuses_ip_sockets_even_without_a_network_namespace() {
+    // UDP: Landlock has no rule for it, so only the seccomp filter can refuse this.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let port = udp.local_addr().unwrap().port();
+    let out = without_netns(&format!("echo leak > /dev/udp/127.0.0.1/{port}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut buf = [0u8; 16];
+    assert!(udp.recv(&mut buf).is_err(), "a datagram left the sandbox");
+
+    // TCP and IPv6 fail at socket(), before any connect; a Unix socket pair still works.
+    let server = TestServer::start().await;
+    let port = server.addr.port();
+    let script = format!(
+        "import socket\n\
+         for fam in (socket.AF_INET, socket.AF_INET6):\n\
+         \ttry:\n\
+         \t\tsocket.socket(fam, socket.SOCK_STREAM)\n\
+         \t\tprint('open', fam)\n\
+         \texcept PermissionError:\n\
+         \t\tprint('refused', int(fam))\n\
+         a, b = socket.socketpair()\n\
+         a.send(b'unix ok')\n\
+         print(b.recv(16).decode())\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let py = dir.path().join("sockets.py");
+    std::fs::write(&py, script).unwrap();
+    let out = without_netns(&format!(
+        "python3 {}; exec 3<>/dev/tcp/127.0.0.1/{port}",
+        py.display()
+    ));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(stdout, "refused 2\nrefused 10\nunix ok\n", "{stderr}");
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    assert_eq!(server.connections(), 0);
 }
 
 #[tokio::test]

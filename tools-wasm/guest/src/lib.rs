@@ -18,7 +18,7 @@ wit_bindgen::generate!({
 
 use exports::patchflow::tools::tools::{
     ApiRequest, ApiResponse, DirListing, DocHit, EditResult, Guest, PatchedFile, ReadResult,
-    SearchResult,
+    SearchResult, SourceFile,
 };
 
 /// Where the host mounts the workspace.
@@ -52,17 +52,16 @@ impl Guest for Tools {
 
     fn search_code(
         pattern: String,
-        path_glob: Option<String>,
         max_hits: u32,
-        files: Vec<String>,
+        files: Vec<SourceFile>,
     ) -> Result<SearchResult, String> {
-        search::search_code(&pattern, path_glob.as_deref(), max_hits, &files)
+        search::search_code(&pattern, max_hits, &files)
     }
 
     fn search_docs(
         words: Vec<String>,
         max_results: u32,
-        files: Vec<String>,
+        files: Vec<SourceFile>,
     ) -> Result<Vec<DocHit>, String> {
         search::search_docs(&words, max_results, &files)
     }

@@ -1,28 +1,27 @@
-//! `search-code` and `search-docs` over files the host listed. The host walks the tree
-//! (fast, natively, without following symlinks); this side opens every file through the
-//! workspace capability, so a listed path can never read anything outside.
+//! `search-code` and `search-docs` over file contents the host read through its
+//! capability handle on the workspace. The walk and the reads are native and fast; the
+//! untrusted pattern is compiled and run on the untrusted contents here.
 
-use globset::Glob;
-use regex::RegexBuilder;
+use regex::bytes::RegexBuilder;
 
-use crate::exports::patchflow::tools::tools::{DocHit, Hit, SearchResult};
+use crate::exports::patchflow::tools::tools::{DocHit, Hit, SearchResult, SourceFile};
 
-/// Files larger than this are not searched (generated or data files).
-const MAX_FILE_BYTES: u64 = 2 * 1024 * 1024;
 /// A matching line is cut to this many characters.
 const MAX_LINE_CHARS: usize = 300;
 
-fn read_text(rel: &str) -> Option<String> {
-    let path = crate::files::resolve(rel).ok()?;
-    let meta = std::fs::metadata(&path).ok()?;
-    if !meta.is_file() || meta.len() > MAX_FILE_BYTES {
-        return None;
-    }
-    let bytes = std::fs::read(&path).ok()?;
-    if bytes.iter().take(8192).any(|&b| b == 0) {
-        return None;
-    }
-    Some(String::from_utf8_lossy(&bytes).into_owned())
+/// Whether a file looks binary: a NUL byte in its first 8 KiB, as git decides.
+fn is_binary(bytes: &[u8]) -> bool {
+    memchr::memchr(0, &bytes[..bytes.len().min(8192)]).is_some()
+}
+
+/// The lines of `text` as `str::lines` splits them: on `\n`, a trailing `\r` dropped, no
+/// empty last line after a final newline.
+fn lines(text: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    let empty = text.is_empty();
+    body.split(|&b| b == b'\n')
+        .filter(move |_| !empty)
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
 }
 
 fn clip(line: &str) -> String {
@@ -37,9 +36,8 @@ fn clip(line: &str) -> String {
 
 pub fn search_code(
     pattern: &str,
-    path_glob: Option<&str>,
     max_hits: u32,
-    files: &[String],
+    files: &[SourceFile],
 ) -> Result<SearchResult, String> {
     if pattern.is_empty() {
         return Err("pattern is empty".into());
@@ -48,43 +46,30 @@ pub fn search_code(
         .size_limit(1 << 20)
         .build()
         .map_err(|e| format!("invalid regex `{pattern}`: {e}"))?;
-    let glob = match path_glob {
-        Some(g) if !g.trim().is_empty() => Some(
-            Glob::new(g)
-                .map_err(|e| format!("invalid path_glob `{g}`: {e}"))?
-                .compile_matcher(),
-        ),
-        _ => None,
-    };
-    let limit = max_hits.max(1) as usize;
+    let limit = max_hits as usize;
     let mut hits = Vec::new();
     let mut files_searched = 0u32;
     let mut truncated = false;
-    'files: for rel in files {
-        if let Some(g) = &glob
-            && !g.is_match(rel)
-        {
+    'files: for file in files {
+        if is_binary(&file.content) {
             continue;
         }
-        let Some(text) = read_text(rel) else {
-            continue;
-        };
         files_searched += 1;
         // One pass over the whole file finds whether it matches at all before any line
         // is split, which is what keeps a mostly-miss search fast.
-        if !re.is_match(&text) {
+        if !re.is_match(&file.content) {
             continue;
         }
-        for (i, line) in text.lines().enumerate() {
+        for (i, line) in lines(&file.content).enumerate() {
             if re.is_match(line) {
                 if hits.len() == limit {
                     truncated = true;
                     break 'files;
                 }
                 hits.push(Hit {
-                    path: rel.clone(),
+                    path: file.path.clone(),
                     line: (i + 1) as u32,
-                    text: clip(line),
+                    text: clip(&String::from_utf8_lossy(line)),
                 });
             }
         }
@@ -99,22 +84,23 @@ pub fn search_code(
 pub fn search_docs(
     words: &[String],
     max_results: u32,
-    files: &[String],
+    files: &[SourceFile],
 ) -> Result<Vec<DocHit>, String> {
     if words.is_empty() {
         return Err("query is empty".into());
     }
     let mut hits: Vec<DocHit> = Vec::new();
-    for rel in files {
-        let Some(text) = read_text(rel) else {
+    for file in files {
+        if is_binary(&file.content) {
             continue;
-        };
+        }
+        let text = String::from_utf8_lossy(&file.content);
         for (i, line) in text.lines().enumerate() {
             let l = line.to_lowercase();
             let score = words.iter().filter(|w| l.contains(w.as_str())).count();
             if score > 0 {
                 hits.push(DocHit {
-                    path: rel.clone(),
+                    path: file.path.clone(),
                     line: (i + 1) as u32,
                     score: score as u32,
                     snippet: clip(line.trim()),

@@ -10,7 +10,7 @@ wit_bindgen::generate!({
 
 use exports::patchflow::tools::tools::{
     ApiRequest, ApiResponse, DirListing, DocHit, EditResult, Guest, PatchedFile, ReadResult,
-    SearchResult,
+    SearchResult, SourceFile,
 };
 
 struct Probe;
@@ -23,12 +23,7 @@ impl Guest for Probe {
         }
     }
 
-    fn search_code(
-        _: String,
-        _: Option<String>,
-        _: u32,
-        _: Vec<String>,
-    ) -> Result<SearchResult, String> {
+    fn search_code(_: String, _: u32, _: Vec<SourceFile>) -> Result<SearchResult, String> {
         let mut hoard: Vec<Vec<u8>> = Vec::new();
         loop {
             hoard.push(vec![1u8; 1 << 20]);
@@ -51,7 +46,7 @@ impl Guest for Probe {
         Err("the probe does not patch".into())
     }
 
-    fn search_docs(_: Vec<String>, _: u32, _: Vec<String>) -> Result<Vec<DocHit>, String> {
+    fn search_docs(_: Vec<String>, _: u32, _: Vec<SourceFile>) -> Result<Vec<DocHit>, String> {
         Ok(Vec::new())
     }
 
