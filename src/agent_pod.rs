@@ -113,7 +113,7 @@ async fn run_agent() -> anyhow::Result<ExitCode> {
     let spec_path = scratch.join("task.json");
     tokio::fs::write(&spec_path, &spec_json).await?;
 
-    let program = std::env::current_exe().context("cannot find the patchflow executable")?;
+    let program = crate::stack::agent_program()?;
     let mut cmd = agent_command(
         &program,
         &AgentPaths {

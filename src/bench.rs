@@ -205,6 +205,7 @@ struct AgentSample {
 
 /// Runs `patchflow agent` once against `script`; returns its timings.
 async fn run_agent_once(
+    exe: &Path,
     work: &Path,
     baseline: &Path,
     script: Script,
@@ -224,7 +225,6 @@ async fn run_agent_once(
         "benchmark",
     );
     std::fs::write(&task, serde_json::to_vec(&spec)?)?;
-    let exe = std::env::current_exe()?;
     let started = Instant::now();
     let status = tokio::process::Command::new(exe)
         .arg("agent")
@@ -279,6 +279,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 async fn agent(runs: usize, steps: usize) -> anyhow::Result<ExitCode> {
+    let exe = crate::stack::agent_program()?;
     let dir = tempfile::tempdir()?;
     let repo = dir.path().join("repo");
     bench_repo(&repo)?;
@@ -289,12 +290,12 @@ async fn agent(runs: usize, steps: usize) -> anyhow::Result<ExitCode> {
     let mut first = Vec::new();
     let mut rss = 0i64;
     for _ in 0..runs.max(1) {
-        let s = run_agent_once(dir.path(), &baseline, script_of(vec![])).await?;
+        let s = run_agent_once(&exe, dir.path(), &baseline, script_of(vec![])).await?;
         first.push(ms(s.to_first_request));
         rss = rss.max(s.max_rss_kib);
     }
     let read = vec![("read_file_content", json!({"file_path": "ten_kib.txt"})); steps];
-    let s = run_agent_once(dir.path(), &baseline, script_of(read)).await?;
+    let s = run_agent_once(&exe, dir.path(), &baseline, script_of(read)).await?;
     // Drop the first gap (first-use warm-up) and the last (the finish turn).
     let read_gaps: Vec<f64> = s
         .step_gaps
@@ -305,7 +306,7 @@ async fn agent(runs: usize, steps: usize) -> anyhow::Result<ExitCode> {
         .collect();
     rss = rss.max(s.max_rss_kib);
     let shell = vec![("run_shell_command", json!({"command_string": "true"})); steps];
-    let s = run_agent_once(dir.path(), &baseline, script_of(shell)).await?;
+    let s = run_agent_once(&exe, dir.path(), &baseline, script_of(shell)).await?;
     let shell_gaps: Vec<f64> = s
         .step_gaps
         .iter()
@@ -319,7 +320,8 @@ async fn agent(runs: usize, steps: usize) -> anyhow::Result<ExitCode> {
     let (r50, r95, _) = stats(read_gaps);
     let (s50, s95, _) = stats(shell_gaps);
     println!(
-        "patchflow agent benchmark (instant scripted model, {runs} runs, {steps} steps per step measurement)"
+        "patchflow agent benchmark ({}, instant scripted model, {runs} runs, {steps} steps per step measurement)",
+        exe.display()
     );
     println!(
         "{:<44} {:>9} {:>9} {:>9}",

@@ -1,7 +1,6 @@
 //! `patchflow`: the one binary. This file is the command line only; each command's work
 //! lives in the modules beside it (wiring) and in the workspace's crates (logic).
 
-mod agent_cmd;
 mod agent_pod;
 mod batch;
 mod bench;
@@ -57,7 +56,7 @@ enum Command {
     /// List tasks, newest first.
     List(client::ListArgs),
     /// Run the agent on a workspace (what the runner executes).
-    Agent(agent_cmd::AgentArgs),
+    Agent(patchflow_agent::cli::AgentArgs),
     /// What an agent Job's containers run: `fetch` the staged code, `run` the agent and upload.
     AgentPod(agent_pod::AgentPodArgs),
     /// Print the effective configuration, secrets redacted.
@@ -74,7 +73,7 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Internal: run one shell command inside the agent's OS sandbox.
     #[command(hide = true, name = "sandbox-exec")]
-    SandboxExec(agent_cmd::SandboxExecArgs),
+    SandboxExec(patchflow_agent::cli::SandboxExecArgs),
 }
 
 #[derive(Debug, Args)]
@@ -95,7 +94,7 @@ fn main() -> ExitCode {
     // Before configuration, logging and the runtime: the sandbox needs a process with a
     // single thread, and nothing of the agent's own set-up belongs to the command.
     if let Command::SandboxExec(a) = cli.command {
-        return agent_cmd::sandbox_exec(a);
+        return patchflow_agent::cli::sandbox_exec(a);
     }
     let config = match settings::load(&cli.global) {
         Ok(c) => c,
@@ -139,7 +138,7 @@ fn main() -> ExitCode {
             Command::Retry(a) => client::retry(&config, a).await,
             Command::Watch(a) => grpc_client::watch(&config, a).await,
             Command::List(a) => client::list(&config, a).await,
-            Command::Agent(a) => agent_cmd::run(&config, a).await,
+            Command::Agent(a) => patchflow_agent::cli::run(&config, a).await,
             Command::AgentPod(a) => agent_pod::run(a).await,
             Command::Migrate => stack::migrate(config).await,
             Command::Config => {

@@ -90,21 +90,12 @@ pub fn load(opts: &GlobalOpts) -> anyhow::Result<Config> {
 }
 
 pub fn init_logging(config: &Config, quiet: bool) {
-    use tracing_subscriber::EnvFilter;
     let default = if quiet {
         "warn"
     } else {
         "info,temporalio_sdk_core=warn,temporalio_sdk=warn"
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if config.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    patchflow_agent::cli::init_logging(&config.log_format, default);
 }
 
 /// `patchflow config`: the effective settings, secrets as `***`, and what they select.

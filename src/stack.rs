@@ -133,7 +133,7 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
     let runner: Arc<dyn AgentRunner> = match config.runner.as_str() {
         "kube" => Arc::new(kube_runner(config).await?),
         _ => Arc::new(LocalRunner::new(LocalRunnerConfig {
-            program: std::env::current_exe().context("cannot find the patchflow executable")?,
+            program: agent_program()?,
             model: config.model.clone(),
             openai_base_url: config.openai_base_url.clone(),
             openai_api_key: config.openai_api_key.clone(),
@@ -188,6 +188,15 @@ fn agent_env(config: &Config) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The agent binary this build's runners start (`patchflow-agent` beside this one, or
+/// this one's `agent` subcommand).
+pub fn agent_program() -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the patchflow executable")?;
+    let program = patchflow_activities::runner::agent_program(&exe, env!("PATCHFLOW_AGENT_BUILD"));
+    tracing::info!(agent = %program.display(), "agent program");
+    Ok(program)
+}
+
 /// The Kubernetes runner, on the cluster the worker runs in or the one `KUBECONFIG` names.
 async fn kube_runner(config: &Config) -> anyhow::Result<KubeRunner> {
     let mut c = KubeRunnerConfig::new(
@@ -199,6 +208,7 @@ async fn kube_runner(config: &Config) -> anyhow::Result<KubeRunner> {
     );
     c.image_pull_policy = config.kube_image_pull_policy.clone();
     c.service_account = config.kube_service_account.clone();
+    c.task_secrets = config.kube_task_secrets.clone();
     c.openai_base_url = config.openai_base_url.clone();
     c.cpu_request = config.kube_cpu_request.clone();
     c.cpu_limit = config.kube_cpu_limit.clone();

@@ -8,6 +8,7 @@
 //! `diff.patch`, `transcript.jsonl`, `summary.json`) and reports progress as
 //! [`patchflow_core::AgentEvent`] lines; uploading them is the runner's job.
 
+pub mod cli;
 pub mod diff;
 pub mod run;
 pub mod sandbox;

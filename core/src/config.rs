@@ -110,6 +110,9 @@ pub struct Config {
     /// The Secret and key the agent pods read `OPENAI_API_KEY` from.
     pub kube_api_key_secret: String,
     pub kube_api_key_secret_key: String,
+    /// The Secret holding the `PATCHFLOW_SECRET_*` values task policies may name for
+    /// `call_api` (one key per variable name); unset: a task that names one is refused.
+    pub kube_task_secrets: Option<String>,
     /// Resources of each agent container, as Kubernetes quantities; empty: left out.
     pub kube_cpu_request: Option<String>,
     pub kube_cpu_limit: Option<String>,
@@ -203,6 +206,7 @@ impl Default for Config {
             kube_service_account: None,
             kube_api_key_secret: "patchflow-secrets".into(),
             kube_api_key_secret_key: "openai-api-key".into(),
+            kube_task_secrets: None,
             kube_cpu_request: Some("500m".into()),
             kube_cpu_limit: Some("2".into()),
             kube_memory_request: Some("512Mi".into()),
@@ -238,7 +242,7 @@ pub const ENV_ALIASES: [(&str, &str); 3] = [
 
 impl Config {
     /// Every key, in the order `patchflow config` prints them.
-    pub const KEYS: [&'static str; 68] = [
+    pub const KEYS: [&'static str; 69] = [
         "http_addr",
         "grpc_addr",
         "data_dir",
@@ -285,6 +289,7 @@ impl Config {
         "kube_service_account",
         "kube_api_key_secret",
         "kube_api_key_secret_key",
+        "kube_task_secrets",
         "kube_cpu_request",
         "kube_cpu_limit",
         "kube_memory_request",
@@ -405,6 +410,7 @@ impl Config {
             "kube_service_account" => self.kube_service_account = opt(value),
             "kube_api_key_secret" => self.kube_api_key_secret = value.into(),
             "kube_api_key_secret_key" => self.kube_api_key_secret_key = value.into(),
+            "kube_task_secrets" => self.kube_task_secrets = opt(value),
             "kube_cpu_request" => self.kube_cpu_request = opt(value),
             "kube_cpu_limit" => self.kube_cpu_limit = opt(value),
             "kube_memory_request" => self.kube_memory_request = opt(value),

@@ -89,6 +89,9 @@ pub struct KubeRunnerConfig {
     /// The Secret and key holding the model's API key (`OPENAI_API_KEY`).
     pub api_key_secret_name: String,
     pub api_key_secret_key: String,
+    /// The Secret holding the `PATCHFLOW_SECRET_*` values a task's policy may name (one
+    /// key per variable); they reach the agent container by `secretKeyRef`, never inline.
+    pub task_secrets: Option<String>,
     pub model: String,
     pub openai_base_url: Option<String>,
     /// Quantities such as `500m`, `1Gi`; `None` leaves the field out.
@@ -128,6 +131,7 @@ impl KubeRunnerConfig {
             service_account: None,
             api_key_secret_name: secret_name.into(),
             api_key_secret_key: secret_key.into(),
+            task_secrets: None,
             model: model.into(),
             openai_base_url: None,
             cpu_request: None,
@@ -262,6 +266,7 @@ impl KubeRunner {
                 ..Default::default()
             }),
         });
+        agent_env.extend(self.task_secret_env(spec)?);
         let mounts = vec![
             VolumeMount {
                 name: "workspace".into(),
@@ -341,6 +346,39 @@ impl KubeRunner {
             }),
             status: None,
         })
+    }
+
+    /// The worker variables the task's `call_api` policy names, from the
+    /// `kube_task_secrets` Secret. A task that names any is refused without that Secret:
+    /// the worker's own environment never travels into a Job.
+    fn task_secret_env(&self, spec: &TaskSpec) -> Result<Vec<EnvVar>, RunnerError> {
+        let mut names: Vec<&str> = spec.policy.secrets.iter().map(|s| s.env.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(secret) = &self.config.task_secrets else {
+            return Err(RunnerError::BadInput(format!(
+                "the task's policy names {} but kube_task_secrets is not set: name the Kubernetes Secret that holds them (one key per variable)",
+                names.join(", ")
+            )));
+        };
+        Ok(names
+            .into_iter()
+            .map(|name| EnvVar {
+                name: name.to_string(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.clone(),
+                        key: name.to_string(),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                }),
+            })
+            .collect())
     }
 
     fn resources(&self) -> ResourceRequirements {
@@ -633,6 +671,8 @@ struct PodState {
     listed: bool,
     unschedulable: Option<(Instant, String)>,
     pull_failing: Option<(Instant, String, String)>,
+    /// Since when a container cannot be created (a Secret or key it names is missing).
+    config_failing: Option<(Instant, String)>,
     /// The last container termination reason seen (`OOMKilled`, `Error`, …).
     terminated: Option<String>,
     /// Pods whose agent log is already being relayed.
@@ -760,6 +800,23 @@ impl PodState {
             (None, Some(m)) => Some((now, m)),
             (_, None) => None,
         };
+        let config_failing = self.pods.values().find_map(|p| {
+            statuses(p).find_map(|cs| {
+                let w = cs.state.as_ref()?.waiting.as_ref()?;
+                (w.reason.as_deref()? == "CreateContainerConfigError").then(|| {
+                    format!(
+                        "container {}: {}",
+                        cs.name,
+                        w.message.clone().unwrap_or_default()
+                    )
+                })
+            })
+        });
+        self.config_failing = match (self.config_failing.take(), config_failing) {
+            (Some((since, _)), Some(m)) => Some((since, m)),
+            (None, Some(m)) => Some((now, m)),
+            (_, None) => None,
+        };
         let pulling = self.pods.values().find_map(|p| {
             statuses(p).find_map(|cs| {
                 let w = cs.state.as_ref()?.waiting.as_ref()?;
@@ -786,6 +843,14 @@ impl PodState {
             return Some(RunnerError::Failed(format!(
                 "the agent pod could not be scheduled within {:?}: {msg}",
                 c.unschedulable_timeout
+            )));
+        }
+        if let Some((since, msg)) = &self.config_failing
+            && since.elapsed() >= c.image_pull_grace
+        {
+            return Some(RunnerError::Failed(format!(
+                "the agent pod cannot start (for {:?}): {msg}; is a Secret or key it names missing?",
+                c.image_pull_grace
             )));
         }
         if let Some((since, image, msg)) = &self.pull_failing
@@ -1299,6 +1364,16 @@ mod tests {
     }
 
     async fn run_with(script: Script, cancel_after: Option<Duration>, store_summary: bool) -> Run {
+        run_task(script, cancel_after, store_summary, spec(), config()).await
+    }
+
+    async fn run_task(
+        script: Script,
+        cancel_after: Option<Duration>,
+        store_summary: bool,
+        spec: TaskSpec,
+        config: KubeRunnerConfig,
+    ) -> Run {
         let (mock, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = kube::Client::new(mock, "default");
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -1319,7 +1394,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let runner = KubeRunner::new(client, config());
+        let runner = KubeRunner::new(client, config);
         let cancel = CancellationToken::new();
         if let Some(after) = cancel_after {
             let c = cancel.clone();
@@ -1330,7 +1405,6 @@ mod tests {
         }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let work = dir.path().join("run-2");
-        let spec = spec();
         let fut = runner.run(&task, &spec, &store, &work, tx, cancel);
         let result = tokio::time::timeout(Duration::from_secs(20), async {
             tokio::select! {
@@ -1754,6 +1828,80 @@ mod tests {
                 phase: "Pending: fetch ImagePullBackOff".into()
             }]
         );
+    }
+
+    fn with_secret_policy() -> TaskSpec {
+        let mut s = spec();
+        s.policy.allow_hosts = vec!["api.test".into()];
+        s.policy.secrets = vec![patchflow_core::task::SecretHeader {
+            host: "api.test".into(),
+            header: "Authorization".into(),
+            env: "PATCHFLOW_SECRET_API".into(),
+        }];
+        s
+    }
+
+    #[tokio::test]
+    async fn task_secrets_come_from_the_configured_secret_by_reference() {
+        let mut c = config();
+        c.task_secrets = Some("task-secrets".into());
+        let script = completes().on(Route::CreateJob, ok(running_job()));
+        let run = run_task(script, None, true, with_secret_policy(), c).await;
+        assert_eq!(run.result.unwrap(), summary());
+        let job = created_job(&run.seen);
+        let env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let secret = env
+            .iter()
+            .find(|e| e["name"] == "PATCHFLOW_SECRET_API")
+            .expect("the named secret is in the agent's environment");
+        assert_eq!(
+            secret["valueFrom"],
+            json!({"secretKeyRef": {"name": "task-secrets", "key": "PATCHFLOW_SECRET_API", "optional": false}})
+        );
+        assert!(secret.get("value").is_none(), "{secret}");
+    }
+
+    #[tokio::test]
+    async fn a_task_naming_secrets_is_refused_without_a_task_secrets_secret() {
+        let script = completes().on(Route::CreateJob, ok(running_job()));
+        let run = run_task(script, None, true, with_secret_policy(), config()).await;
+        let e = run.result.unwrap_err();
+        assert!(matches!(e, RunnerError::BadInput(_)), "{e:?}");
+        let e = e.to_string();
+        assert!(
+            e.contains("PATCHFLOW_SECRET_API") && e.contains("kube_task_secrets"),
+            "{e}"
+        );
+        assert!(
+            !run.seen.iter().any(|s| s.method == Method::POST),
+            "no Job is created"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_secret_key_fails_the_attempt_with_the_kubelet_message() {
+        let stuck = pod_json(json!({"phase": "Pending", "containerStatuses": [{
+            "name": "agent", "image": "ghcr.io/p/patchflow:1", "imageID": "", "ready": false,
+            "restartCount": 0,
+            "state": {"waiting": {"reason": "CreateContainerConfigError",
+                "message": "couldn't find key PATCHFLOW_SECRET_API in Secret ns/task-secrets"}}}]}));
+        let mut c = config();
+        c.task_secrets = Some("task-secrets".into());
+        let script = Script::default()
+            .on(Route::CreateJob, ok(running_job()))
+            .on(Route::ListJobs, list("JobList", vec![running_job()]))
+            .on(Route::ListPods, list("PodList", vec![stuck]))
+            .on(Route::DeleteJob, ok(running_job()));
+        let run = run_task(script, None, true, with_secret_policy(), c).await;
+        let e = run.result.unwrap_err().to_string();
+        assert!(
+            e.contains("couldn't find key PATCHFLOW_SECRET_API in Secret ns/task-secrets"),
+            "{e}"
+        );
+        assert!(e.contains("container agent"), "{e}");
     }
 
     #[tokio::test]

@@ -122,6 +122,34 @@ pub struct AgentPaths<'a> {
     pub scratch: &'a Path,
 }
 
+/// The file name of the slim agent binary.
+pub const AGENT_BINARY: &str = "patchflow-agent";
+
+/// The program a runner starts for an agent: `patchflow-agent` when it sits beside the
+/// `patchflow` executable `exe` and was built from the same sources (`build` is
+/// `patchflow`'s own agent build id, which `patchflow-agent --build-id` must print), else
+/// `exe` itself (its `agent` subcommand). Either answers `<program> agent …` the same way.
+/// Asks the slim binary once: call it when a runner is made, not per task.
+pub fn agent_program(exe: &Path, build: &str) -> PathBuf {
+    let slim = exe.with_file_name(AGENT_BINARY);
+    if !slim.is_file() {
+        return exe.to_path_buf();
+    }
+    let answer = std::process::Command::new(&slim)
+        .arg("--build-id")
+        .env_clear()
+        .output();
+    match answer {
+        Ok(out) if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == build => {
+            slim
+        }
+        _ => {
+            tracing::warn!(agent = %slim.display(), "patchflow-agent is from another build than patchflow; agents run as `patchflow agent` instead (build both binaries: cargo build -p patchflow)");
+            exe.to_path_buf()
+        }
+    }
+}
+
 /// `patchflow agent` on `paths`, run in the workspace: what every runner starts.
 pub fn agent_command(program: &Path, paths: &AgentPaths<'_>, task_id: &str) -> Command {
     let mut cmd = Command::new(program);
@@ -274,6 +302,33 @@ mod tests {
     use patchflow_core::task::{SecretHeader, ToolPolicy};
 
     use super::*;
+
+    #[test]
+    fn the_slim_agent_runs_only_when_it_is_from_the_same_build() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("patchflow");
+        std::fs::write(&exe, "").unwrap();
+        // Nothing beside it: the patchflow binary's own `agent` subcommand.
+        assert_eq!(agent_program(&exe, "0.1.0-abc"), exe);
+        let slim = dir.path().join(AGENT_BINARY);
+        let script = |id: &str| {
+            std::fs::write(
+                &slim,
+                format!("#!/bin/sh\n[ \"$1\" = --build-id ] && echo {id} && exit 0\nexit 9\n"),
+            )
+            .unwrap();
+            std::fs::set_permissions(&slim, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        script("0.1.0-abc");
+        assert_eq!(agent_program(&exe, "0.1.0-abc"), slim);
+        // A leftover of another build is not run.
+        script("0.1.0-old");
+        assert_eq!(agent_program(&exe, "0.1.0-abc"), exe);
+        // Nor one that cannot say.
+        std::fs::write(&slim, "#!/bin/sh\nexit 1\n").unwrap();
+        assert_eq!(agent_program(&exe, "0.1.0-abc"), exe);
+    }
 
     #[test]
     fn the_agent_gets_its_settings_and_only_the_secrets_its_policy_names() {

@@ -15,7 +15,9 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 pub use kube::{KubeRunner, KubeRunnerConfig};
-pub use local::{AgentPaths, LocalRunner, LocalRunnerConfig, agent_command};
+pub use local::{
+    AGENT_BINARY, AgentPaths, LocalRunner, LocalRunnerConfig, agent_command, agent_program,
+};
 
 #[derive(Debug, Error)]
 pub enum RunnerError {

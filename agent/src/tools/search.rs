@@ -124,10 +124,10 @@ fn in_batches(
             bytes = 0;
         }
     }
-    if !batch.is_empty() || !sent_any {
-        if let Err(e) = each(&batch)? {
-            return Ok(Err(e));
-        }
+    if (!batch.is_empty() || !sent_any)
+        && let Err(e) = each(&batch)?
+    {
+        return Ok(Err(e));
     }
     Ok(Ok(()))
 }

@@ -218,3 +218,55 @@ async fn wasm_search_is_bounded_and_globbed() {
     assert_eq!(out.value["provider"], "workspace-docs");
     assert_eq!(out.value["results"][0]["location"], "notes.md:1");
 }
+
+#[tokio::test]
+async fn search_over_more_than_one_batch_keeps_file_order_and_the_hit_bound() {
+    let fx = fixture(Setup::default());
+    // Six files of 1.5 MiB: more than one batch of contents goes to the guest.
+    let filler = "x\n".repeat(768 * 1024);
+    for i in 0..6 {
+        std::fs::write(
+            fx.ws().join(format!("big_{i}.txt")),
+            format!("HIT start {i}\n{filler}HIT end {i}\n"),
+        )
+        .unwrap();
+    }
+    let search = |max: usize| {
+        let args = json!({"pattern": "^HIT", "max_results": max}).to_string();
+        let tools = &fx.tools;
+        async move { tools.call("search_code", &args).await.value }
+    };
+    let all = search(100).await;
+    let hits: Vec<String> = all["matches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            format!(
+                "{}:{}",
+                m["file_path"].as_str().unwrap(),
+                m["text"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let expected: Vec<String> = (0..6)
+        .flat_map(|i| {
+            [
+                format!("big_{i}.txt:HIT start {i}"),
+                format!("big_{i}.txt:HIT end {i}"),
+            ]
+        })
+        .collect();
+    assert_eq!(hits, expected);
+    assert_eq!(all["matches"][1]["line"], 768 * 1024 + 2);
+    assert_eq!(all["truncated"], false);
+    assert_eq!(all["files_searched"], 7, "the six and a.py");
+    // Exactly the first batch's hits: the next batch is still asked whether there are more.
+    let six = search(6).await;
+    assert_eq!(six["matches"].as_array().unwrap().len(), 6);
+    assert_eq!(six["matches"][5]["text"], "HIT end 2");
+    assert_eq!(six["truncated"], true, "{six}");
+    let four = search(4).await;
+    assert_eq!(four["matches"][3]["text"], "HIT end 1");
+    assert_eq!(four["truncated"], true);
+}
