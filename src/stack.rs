@@ -197,6 +197,9 @@ pub fn agent_program() -> anyhow::Result<std::path::PathBuf> {
     Ok(program)
 }
 
+/// Where the patchflow image keeps the precompiled tool component (deploy/Dockerfile).
+const IMAGE_TOOL_CACHE: &str = "/opt/patchflow/tools-cache";
+
 /// The Kubernetes runner, on the cluster the worker runs in or the one `KUBECONFIG` names.
 async fn kube_runner(config: &Config) -> anyhow::Result<KubeRunner> {
     let mut c = KubeRunnerConfig::new(
@@ -225,13 +228,14 @@ async fn kube_runner(config: &Config) -> anyhow::Result<KubeRunner> {
     c.image_pull_grace = Duration::from_secs(config.kube_image_pull_grace_secs);
     c.unschedulable_timeout = Duration::from_secs(config.kube_unschedulable_timeout_secs);
     c.presign_expiry = Duration::from_secs(config.presign_expiry_secs);
-    // The pod's file system is its own: its tool cache lives in its scratch volume.
+    // The pod's file system is its own: the image carries the precompiled tools (see
+    // deploy/Dockerfile); with other limits they are compiled in the pod, in memory.
     c.agent_env = agent_env(config)
         .into_iter()
         .filter(|(k, _)| k != "PATCHFLOW_TOOL_CACHE_DIR")
         .chain([(
             "PATCHFLOW_TOOL_CACHE_DIR".to_string(),
-            "/scratch/wasm-cache".to_string(),
+            IMAGE_TOOL_CACHE.to_string(),
         )])
         .collect();
     let runner = KubeRunner::infer(c)

@@ -120,6 +120,26 @@ fn tool_cache_dir(config: &Config, ws: &Workspace, scratch: &std::path::Path) ->
     Some(real)
 }
 
+/// The WebAssembly host's settings: the per-call limits from `config`.
+fn host_options(config: &Config, cache_dir: Option<PathBuf>) -> HostOptions {
+    HostOptions {
+        limits: CallLimits {
+            memory_bytes: usize::try_from(config.tool_memory_mb << 20).unwrap_or(usize::MAX),
+            timeout: Duration::from_millis(config.tool_timeout_ms),
+        },
+        cache_dir,
+    }
+}
+
+/// `patchflow-agent --precompile-tools DIR`: compiles the tool component for this
+/// machine and these settings into `DIR` (an image build does it once, so no pod
+/// compiles it); prints the file.
+pub fn precompile_tools(config: &Config, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let path =
+        crate::wasm::ToolHost::precompile_into(TOOLS_COMPONENT, &host_options(config, None), dir)?;
+    Ok(path)
+}
+
 /// The sandboxed tools for one run: the WebAssembly host (loading in the background while
 /// the first model request goes out), the task's egress policy and the shell sandbox.
 async fn build_tools(
@@ -129,13 +149,7 @@ async fn build_tools(
     scratch: &std::path::Path,
     deadline: Instant,
 ) -> anyhow::Result<SandboxedTools> {
-    let options = HostOptions {
-        limits: CallLimits {
-            memory_bytes: usize::try_from(config.tool_memory_mb << 20).unwrap_or(usize::MAX),
-            timeout: Duration::from_millis(config.tool_timeout_ms),
-        },
-        cache_dir: tool_cache_dir(config, &ws, scratch),
-    };
+    let options = host_options(config, tool_cache_dir(config, &ws, scratch));
     let guest = GuestRunner {
         host: HostHandle::load(TOOLS_COMPONENT, options),
         root: ws.root().to_path_buf(),

@@ -34,6 +34,25 @@ fn main() -> ExitCode {
         println!("{}", env!("PATCHFLOW_AGENT_BUILD"));
         return ExitCode::SUCCESS;
     }
+    // An image build compiles the tools once: `--precompile-tools DIR`.
+    if argv.get(1).is_some_and(|a| a == "--precompile-tools") {
+        let Some(dir) = argv.get(2) else {
+            eprintln!("patchflow-agent: --precompile-tools needs a directory");
+            return ExitCode::from(2);
+        };
+        let result =
+            cli::load_config().and_then(|c| cli::precompile_tools(&c, std::path::Path::new(dir)));
+        return match result {
+            Ok(path) => {
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("patchflow-agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // The runners write `<program> agent …` whichever binary they start.
     if argv.get(1).is_some_and(|a| a == "agent") {
         argv.remove(1);

@@ -9,8 +9,10 @@
 //! deadline (CPU) and a [`ResourceLimiter`] (memory); hitting either ends the call with a
 //! [`ToolError`] the model can read, and the agent goes on.
 //!
-//! The component is compiled once per content hash: wasmtime's cache keeps the compiled
-//! form on disk and later processes deserialize it instead of compiling again.
+//! The component is compiled once per content hash: [`ToolHost::new`] keeps the output of
+//! `Engine::precompile_component` in the cache directory, named by the hash of the
+//! component and of the engine's settings, and later processes deserialize it (a
+//! millisecond) instead of compiling again (a second and a half, ~90 MB of memory).
 
 pub mod egress;
 
@@ -21,8 +23,8 @@ use std::time::Duration;
 
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
-    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
-    ResourceLimiter, Store, Trap,
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    Trap,
 };
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
@@ -173,6 +175,82 @@ impl GuestState {
     }
 }
 
+/// Where the precompiled form of `component` for `engine` lives in `dir`: named by a hash
+/// of the component's bytes and of the engine's compile settings, so another build or
+/// other limits never pick up a file compiled for something else.
+fn precompiled_path(engine: &Engine, component: &[u8], dir: &Path) -> PathBuf {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    component.hash(&mut h);
+    engine.precompile_compatibility_hash().hash(&mut h);
+    dir.join(format!("{PRECOMPILED_PREFIX}{:016x}.cwasm", h.finish()))
+}
+
+const PRECOMPILED_PREFIX: &str = "tools-";
+
+/// Loads the precompiled form of `component` from `dir`, or compiles it and stores it
+/// there (atomically, by rename).
+fn precompiled(engine: &Engine, component: &[u8], dir: &Path) -> Result<Component, HostError> {
+    let path = precompiled_path(engine, component, dir);
+    if let Ok(bytes) = std::fs::read(&path) {
+        match deserialize_trusted(engine, &bytes) {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %format!("{e:#}"), "discarding a precompiled tool component that does not load")
+            }
+        }
+    }
+    let bytes = engine
+        .precompile_component(component)
+        .map_err(|e| HostError::Component(format!("{e:#}")))?;
+    if let Err(e) = store_precompiled(dir, &path, &bytes) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot keep the compiled tool component; the next agent compiles it again");
+    }
+    deserialize_trusted(engine, &bytes).map_err(|e| HostError::Component(format!("{e:#}")))
+}
+
+fn store_precompiled(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    // Forms of earlier builds go once nobody has written them for a while (several
+    // components, or versions side by side, may share the directory meanwhile).
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > PRECOMPILED_KEPT);
+        if stale && name.starts_with(PRECOMPILED_PREFIX) && name.ends_with(".cwasm") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// How long a precompiled form nobody rewrote stays in the cache directory.
+const PRECOMPILED_KEPT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// `Component::deserialize` on bytes from this engine's `precompile_component`.
+///
+/// Deserializing is unsafe because the bytes become native code without any check
+/// beyond the header. They are trusted here because they either were produced by
+/// `precompile_component` in this very call, or were read from the tool cache directory,
+/// which the agent accepts only when this user owns it, nobody else can write it and it
+/// lies outside the workspace and the temp dir (the only places a sandboxed command can
+/// write; see `cli::tool_cache_dir`). The file is read into memory, not mapped, so a
+/// later change to it cannot reach the loaded code. wasmtime checks the header's engine
+/// settings and version and refuses a mismatch with an error.
+#[allow(unsafe_code)]
+fn deserialize_trusted(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Component> {
+    // SAFETY: see above: the bytes come from `Engine::precompile_component`, produced by
+    // this process or kept in a directory only this user can write.
+    unsafe { Component::deserialize(engine, bytes) }
+}
+
 /// Advances the engine's epoch until dropped.
 struct EpochTicker {
     stop: Arc<AtomicBool>,
@@ -237,16 +315,12 @@ impl ToolHost {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .memory_reservation(limits.memory_bytes.next_power_of_two() as u64)
             .memory_guard_size(64 << 10);
-        if let Some(dir) = &options.cache_dir {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| HostError::Engine(format!("cannot create {}: {e}", dir.display())))?;
-            let mut cache = CacheConfig::new();
-            cache.with_directory(dir);
-            config.cache(Some(Cache::new(cache).map_err(engine_err)?));
-        }
         let engine = Engine::new(&config).map_err(engine_err)?;
-        let component = Component::new(&engine, component)
-            .map_err(|e| HostError::Component(format!("{e:#}")))?;
+        let component = match &options.cache_dir {
+            Some(dir) => precompiled(&engine, component, dir)?,
+            None => Component::new(&engine, component)
+                .map_err(|e| HostError::Component(format!("{e:#}")))?,
+        };
         let mut linker: Linker<GuestState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker).map_err(engine_err)?;
@@ -259,6 +333,21 @@ impl ToolHost {
             pre,
             limits,
         })
+    }
+
+    /// Compiles `component` into `dir` for later processes (an image build, a warm-up);
+    /// returns the file written. Nothing is written if it is already there.
+    pub fn precompile_into(
+        component: &[u8],
+        options: &HostOptions,
+        dir: &Path,
+    ) -> Result<PathBuf, HostError> {
+        let options = HostOptions {
+            cache_dir: Some(dir.to_path_buf()),
+            ..options.clone()
+        };
+        let host = Self::new(component, &options)?;
+        Ok(precompiled_path(host.pre.engine(), component, dir))
     }
 
     pub fn limits(&self) -> CallLimits {

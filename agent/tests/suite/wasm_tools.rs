@@ -1,7 +1,11 @@
 //! The WebAssembly file and search tools: the refusals (each through the guest, whose only
 //! directory is the workspace) and the shapes the model sees.
 
+use std::sync::Arc;
+
 use patchflow_agent::ToolDispatch;
+use patchflow_agent::wasm::CallLimits;
+use patchflow_agent::wasm::egress::Egress;
 use serde_json::json;
 
 use super::support::{Setup, err, fixture};
@@ -269,4 +273,40 @@ async fn search_over_more_than_one_batch_keeps_file_order_and_the_hit_bound() {
     let four = search(4).await;
     assert_eq!(four["matches"][3]["text"], "HIT end 1");
     assert_eq!(four["truncated"], true);
+}
+
+#[tokio::test]
+async fn the_component_is_precompiled_once_and_a_damaged_file_is_compiled_again() {
+    use patchflow_agent::wasm::{HostOptions, ToolHost};
+    let cache = tempfile::tempdir().unwrap();
+    let options = HostOptions {
+        limits: CallLimits::default(),
+        cache_dir: Some(cache.path().to_path_buf()),
+    };
+    let component = super::support::probe_component();
+    let file = ToolHost::precompile_into(component, &options, cache.path()).unwrap();
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with("tools-") && name.ends_with(".cwasm"),
+        "{name}"
+    );
+    let compiled = std::fs::read(&file).unwrap();
+    assert!(compiled.starts_with(b"\x7fELF"), "a compiled artifact");
+    let ws = tempfile::tempdir().unwrap();
+    let list = |host: &ToolHost| {
+        host.call(ws.path(), Arc::new(Egress::none()), |g, s| {
+            g.call_list_dir(s, ".", 10)
+        })
+        .map(|l| l.entries.len())
+    };
+    // A second host loads that file instead of writing another.
+    let host = ToolHost::new(component, &options).unwrap();
+    assert_eq!(list(&host).unwrap(), 0);
+    assert_eq!(std::fs::read(&file).unwrap(), compiled);
+    assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 1);
+    // A damaged file is not loaded: the component is compiled again and the file replaced.
+    std::fs::write(&file, b"not a compiled component").unwrap();
+    let host = ToolHost::new(component, &options).unwrap();
+    assert_eq!(list(&host).unwrap(), 0);
+    assert_eq!(std::fs::read(&file).unwrap(), compiled);
 }
