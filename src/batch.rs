@@ -22,6 +22,8 @@ use patchflow_core::{Config, TaskStatus};
 use patchflow_platform::bus::{self, Producer, TASK_SCHEMA};
 use serde_json::{Map, Value, json};
 
+use crate::client::ServerOpt;
+
 #[derive(Debug, Subcommand)]
 pub enum BatchCommand {
     /// Submit every line of a JSONL file as a task of one batch.
@@ -45,23 +47,6 @@ pub enum Format {
 }
 
 #[derive(Debug, Args)]
-pub struct Server {
-    /// The gateway's base URL (default: http://<http_addr>) [PATCHFLOW_SERVER].
-    #[arg(long, env = "PATCHFLOW_SERVER")]
-    pub server: Option<String>,
-}
-
-impl Server {
-    fn base(&self, config: &Config) -> String {
-        self.server
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", config.http_addr))
-            .trim_end_matches('/')
-            .to_string()
-    }
-}
-
-#[derive(Debug, Args)]
 pub struct SubmitArgs {
     /// One task per line (JSON): a submit body or a SWE-bench instance.
     pub file: PathBuf,
@@ -75,7 +60,7 @@ pub struct SubmitArgs {
     #[arg(long = "task-model")]
     pub task_model: Option<String>,
     #[command(flatten)]
-    pub server: Server,
+    pub server: ServerOpt,
 }
 
 #[derive(Debug, Args)]
@@ -88,7 +73,7 @@ pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
-    pub server: Server,
+    pub server: ServerOpt,
 }
 
 #[derive(Debug, Args)]
@@ -103,7 +88,7 @@ pub struct ExportArgs {
     #[arg(long)]
     pub model_name: Option<String>,
     #[command(flatten)]
-    pub server: Server,
+    pub server: ServerOpt,
 }
 
 pub async fn run(config: Config, cmd: BatchCommand) -> anyhow::Result<ExitCode> {

@@ -430,14 +430,7 @@ async fn with_stack(
         config.temporal_address = Some(addr.clone());
         config.task_queue = format!("bench-{}", std::process::id());
     }
-    let dev = if config.embedded_temporal() {
-        Some(crate::devserver::DevServer::start(&config).await?)
-    } else {
-        None
-    };
-    let result = async {
-        let stores = crate::stack::open_stores(&config).await?;
-        let client = crate::devserver::connect(&config).await?;
+    crate::bench::on_stack(&config, async |stores, client| {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (http, addr) = crate::stack::serve_http(
             &config,
@@ -467,6 +460,25 @@ async fn with_stack(
         let _ = http.await;
         worker?;
         report
+    })
+    .await
+}
+
+/// Runs `body` on the stores `config` names and a Temporal client: on a dev server of its
+/// own when `config` names no Temporal cluster, stopped afterwards whatever `body` returned.
+pub(crate) async fn on_stack(
+    config: &Config,
+    body: impl AsyncFnOnce(crate::stack::Stores, temporalio_client::Client) -> anyhow::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    let dev = if config.embedded_temporal() {
+        Some(crate::devserver::DevServer::start(config).await?)
+    } else {
+        None
+    };
+    let result = async {
+        let stores = crate::stack::open_stores(config).await?;
+        let client = crate::devserver::connect(config).await?;
+        body(stores, client).await
     }
     .await;
     if let Some(dev) = dev {

@@ -117,14 +117,7 @@ pub async fn run(
     if let Some(addr) = &base.temporal_address {
         config.temporal_address = Some(addr.clone());
     }
-    let dev = if config.embedded_temporal() {
-        Some(crate::devserver::DevServer::start(&config).await?)
-    } else {
-        None
-    };
-    let result = async {
-        let stores = crate::stack::open_stores(&config).await?;
-        let client = crate::devserver::connect(&config).await?;
+    crate::bench::on_stack(&config, async |stores, client| {
         let service = crate::stack::service(&config, &stores, client);
         let repo = "https://example.com/bench/repo.git";
         let run_id = std::process::id();
@@ -216,13 +209,8 @@ pub async fn run(
             pct(&mut lat, 0.95)
         );
         anyhow::Ok(())
-    }
-    .await;
-    if let Some(dev) = dev {
-        dev.stop().await;
-    }
-    result?;
-    Ok(ExitCode::SUCCESS)
+    })
+    .await
 }
 
 /// Produces `n` task messages (`pace_ms` apart, 0: all at once) and runs `consumers`

@@ -47,14 +47,7 @@ pub async fn run(
     if let Some(addr) = &base.temporal_address {
         config.temporal_address = Some(addr.clone());
     }
-    let dev = if config.embedded_temporal() {
-        Some(crate::devserver::DevServer::start(&config).await?)
-    } else {
-        None
-    };
-    let result = async {
-        let stores = crate::stack::open_stores(&config).await?;
-        let client = crate::devserver::connect(&config).await?;
+    crate::bench::on_stack(&config, async |stores, client| {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let service = crate::stack::service(&config, &stores, client);
         let (http, http_addr) =
@@ -73,13 +66,8 @@ pub async fn run(
         let _ = http.await;
         let _ = grpc.await;
         anyhow::Ok(())
-    }
-    .await;
-    if let Some(dev) = dev {
-        dev.stop().await;
-    }
-    result?;
-    Ok(ExitCode::SUCCESS)
+    })
+    .await
 }
 
 /// Writes an event as an activity does: into the store, then onto the live stream.

@@ -20,7 +20,7 @@ pub struct ServerOpt {
 }
 
 impl ServerOpt {
-    fn base(&self, config: &Config) -> String {
+    pub fn base(&self, config: &Config) -> String {
         self.server
             .clone()
             .unwrap_or_else(|| format!("http://{}", config.http_addr))

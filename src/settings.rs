@@ -53,15 +53,7 @@ pub fn load(opts: &GlobalOpts) -> anyhow::Result<Config> {
         .config
         .clone()
         .or_else(|| std::env::var_os("PATCHFLOW_CONFIG").map(PathBuf::from));
-    let mut config = match &file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read config file {}", path.display()))?;
-            Config::from_toml(&text).with_context(|| format!("in {}", path.display()))?
-        }
-        None => Config::default(),
-    };
-    config.apply_env(|k| std::env::var(k).ok())?;
+    let mut config = patchflow_agent::cli::config_from(file.as_deref())?;
     let named = [
         ("http_addr", &opts.http_addr),
         ("data_dir", &opts.data_dir),
