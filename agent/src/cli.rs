@@ -228,18 +228,26 @@ pub fn init_logging(log_format: &str, default_filter: &str) {
     }
 }
 
-/// The agent's settings as the slim binary reads them: the file `PATCHFLOW_CONFIG`
-/// names, if any, then `PATCHFLOW_*` variables (what both runners pass).
-pub fn load_config() -> anyhow::Result<Config> {
-    let mut config = match std::env::var_os("PATCHFLOW_CONFIG") {
+/// Settings from `file` (TOML), if any, then the `PATCHFLOW_*` variables over them: the
+/// layers both binaries start from.
+pub fn config_from(file: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    let mut config = match file {
         Some(path) => {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read config file {}", path.to_string_lossy()))?;
-            Config::from_toml(&text).with_context(|| format!("in {}", path.to_string_lossy()))?
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            Config::from_toml(&text).with_context(|| format!("in {}", path.display()))?
         }
         None => Config::default(),
     };
     config.apply_env(|k| std::env::var(k).ok())?;
+    Ok(config)
+}
+
+/// The agent's settings as the slim binary reads them: the file `PATCHFLOW_CONFIG`
+/// names, if any, then `PATCHFLOW_*` variables (what both runners pass).
+pub fn load_config() -> anyhow::Result<Config> {
+    let file = std::env::var_os("PATCHFLOW_CONFIG").map(PathBuf::from);
+    let config = config_from(file.as_deref())?;
     config.validate()?;
     Ok(config)
 }

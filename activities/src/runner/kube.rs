@@ -670,7 +670,8 @@ struct PodState {
     /// The first list has been seen, so an empty `pods` means no pod.
     listed: bool,
     unschedulable: Option<(Instant, String)>,
-    pull_failing: Option<(Instant, String, String)>,
+    /// Since when an image cannot be pulled: the image and the reason.
+    pull_failing: Option<(Instant, (String, String))>,
     /// Since when a container cannot be created (a Secret or key it names is missing).
     config_failing: Option<(Instant, String)>,
     /// The last container termination reason seen (`OOMKilled`, `Error`, …).
@@ -795,45 +796,34 @@ impl PodState {
                 })
                 .map(|c| c.message.clone().unwrap_or_else(|| "Unschedulable".into()))
         });
-        self.unschedulable = match (self.unschedulable.take(), unschedulable) {
-            (Some((since, _)), Some(m)) => Some((since, m)),
-            (None, Some(m)) => Some((now, m)),
-            (_, None) => None,
-        };
-        let config_failing = self.pods.values().find_map(|p| {
-            statuses(p).find_map(|cs| {
-                let w = cs.state.as_ref()?.waiting.as_ref()?;
-                (w.reason.as_deref()? == "CreateContainerConfigError").then(|| {
-                    format!(
-                        "container {}: {}",
-                        cs.name,
-                        w.message.clone().unwrap_or_default()
-                    )
-                })
-            })
-        });
-        self.config_failing = match (self.config_failing.take(), config_failing) {
-            (Some((since, _)), Some(m)) => Some((since, m)),
-            (None, Some(m)) => Some((now, m)),
-            (_, None) => None,
-        };
-        let pulling = self.pods.values().find_map(|p| {
+        self.unschedulable = lasting(self.unschedulable.take(), unschedulable, now);
+        let config_failing = self
+            .waiting_for(&["CreateContainerConfigError"])
+            .map(|(name, _, _, msg)| format!("container {name}: {msg}"));
+        self.config_failing = lasting(self.config_failing.take(), config_failing, now);
+        let pulling = self
+            .waiting_for(&["ErrImagePull", "ImagePullBackOff"])
+            .map(|(_, image, reason, msg)| (image, format!("{reason}: {msg}")));
+        self.pull_failing = lasting(self.pull_failing.take(), pulling, now);
+    }
+
+    /// The first container waiting for one of `reasons`: its name, image, reason and
+    /// message.
+    fn waiting_for(&self, reasons: &[&str]) -> Option<(String, String, String, String)> {
+        self.pods.values().find_map(|p| {
             statuses(p).find_map(|cs| {
                 let w = cs.state.as_ref()?.waiting.as_ref()?;
                 let r = w.reason.as_deref()?;
-                (r == "ErrImagePull" || r == "ImagePullBackOff").then(|| {
+                reasons.contains(&r).then(|| {
                     (
+                        cs.name.clone(),
                         cs.image.clone(),
-                        format!("{r}: {}", w.message.clone().unwrap_or_default()),
+                        r.to_string(),
+                        w.message.clone().unwrap_or_default(),
                     )
                 })
             })
-        });
-        self.pull_failing = match (self.pull_failing.take(), pulling) {
-            (Some((since, _, _)), Some((i, m))) => Some((since, i, m)),
-            (None, Some((i, m))) => Some((now, i, m)),
-            (_, None) => None,
-        };
+        })
     }
 
     fn overdue(&self, c: &KubeRunnerConfig) -> Option<RunnerError> {
@@ -853,7 +843,7 @@ impl PodState {
                 c.image_pull_grace
             )));
         }
-        if let Some((since, image, msg)) = &self.pull_failing
+        if let Some((since, (image, msg))) = &self.pull_failing
             && since.elapsed() >= c.image_pull_grace
         {
             let image = if image.is_empty() { &c.image } else { image };
@@ -864,6 +854,15 @@ impl PodState {
         }
         None
     }
+}
+
+/// A condition that lasts keeps the time it was first seen; one that is gone is forgotten.
+fn lasting<T>(
+    seen: Option<(Instant, T)>,
+    now_seen: Option<T>,
+    now: Instant,
+) -> Option<(Instant, T)> {
+    now_seen.map(|v| (seen.map_or(now, |(since, _)| since), v))
 }
 
 fn pod_name(p: &Pod) -> String {

@@ -50,7 +50,9 @@ pub struct DocSearchArgs {
     pub max_results: Option<usize>,
 }
 
-/// Regular files of the workspace as relative paths, in a stable order.
+/// Regular files of the workspace as relative paths, in a stable order. The walk takes
+/// file types from the directory entries and stats nothing; [`WorkspaceReader::read`]
+/// skips files over the size bound when it opens them.
 pub fn candidate_files(ws: &Workspace) -> Vec<String> {
     ignore::WalkBuilder::new(ws.root())
         .hidden(false)
@@ -60,7 +62,6 @@ pub fn candidate_files(ws: &Workspace) -> Vec<String> {
         .build()
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_some_and(|t| t.is_file()))
-        .filter(|e| e.metadata().is_ok_and(|m| m.len() <= MAX_FILE_BYTES))
         .map(|e| ws.relative(e.path()))
         .collect()
 }
@@ -92,15 +93,19 @@ impl WorkspaceReader {
     }
 }
 
-/// Hands `files` to the guest in order, read in batches of about `batch_bytes`, until
-/// `each` returns `false`. The first batch is handed over even when empty, so the guest
-/// always gets to check its arguments.
+/// Hands `files` of `ws` to the guest in order, read through a [`WorkspaceReader`] in
+/// batches of about `batch_bytes`, until `each` returns `false`. The first batch is
+/// handed over even when empty, so the guest always gets to check its arguments.
 fn in_batches(
-    reader: &WorkspaceReader,
+    ws: &Workspace,
     files: &[String],
     batch_bytes: usize,
     mut each: impl FnMut(&[SourceFile]) -> wasmtime::Result<Result<bool, String>>,
 ) -> wasmtime::Result<Result<(), String>> {
+    let reader = match WorkspaceReader::open(ws.root()) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(format!("cannot open the workspace: {e}"))),
+    };
     let mut batch: Vec<SourceFile> = Vec::new();
     let mut bytes = 0usize;
     let mut sent_any = false;
@@ -159,10 +164,6 @@ pub fn search_code_in(
     glob: Option<&globset::GlobMatcher>,
     limit: usize,
 ) -> wasmtime::Result<Result<SearchResult, String>> {
-    let reader = match WorkspaceReader::open(ws.root()) {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(format!("cannot open the workspace: {e}"))),
-    };
     let mut files = candidate_files(ws);
     if let Some(g) = glob {
         files.retain(|rel| g.is_match(rel));
@@ -173,7 +174,7 @@ pub fn search_code_in(
         files_searched: 0,
         truncated: false,
     };
-    let done = in_batches(&reader, &files, batch, |files| {
+    let done = in_batches(ws, &files, batch, |files| {
         let left = limit.saturating_sub(total.hits.len()) as u32;
         Ok(guest
             .call_search_code(&mut *store, pattern, left, files)?
@@ -234,13 +235,9 @@ impl DocSearch for WorkspaceDocs {
         let hits: Vec<DocHit> = self
             .guest
             .run(Arc::new(Egress::none()), move |g, store| {
-                let reader = match WorkspaceReader::open(ws.root()) {
-                    Ok(r) => r,
-                    Err(e) => return Ok(Err(format!("cannot open the workspace: {e}"))),
-                };
                 let batch = batch_bytes(store.data().memory_limit());
                 let mut hits: Vec<DocHit> = Vec::new();
-                let done = in_batches(&reader, &doc_files(&ws), batch, |files| {
+                let done = in_batches(&ws, &doc_files(&ws), batch, |files| {
                     Ok(
                         g.call_search_docs(&mut *store, &words, limit as u32, files)?
                             .map(|more| {
