@@ -3,13 +3,21 @@
 //! One trait, [`TaskStore`], with a back-end per database kind: SQLite (the embedded
 //! default), PostgreSQL and MySQL/MariaDB (shared by gateways and workers on many machines).
 //! [`open`] picks one from the URL. Every back-end passes the same behaviour suite.
+//!
+//! The three are one store (`sql_store.rs`, generic over sqlx's database type) and a small
+//! dialect each (`sqlite.rs`, `postgres.rs`, `mysql.rs`: how it connects and migrates, and
+//! each way it differs, with the reason), answering the questions of `dialect.rs`.
 
 mod attempts;
 #[cfg(test)]
+mod contract_suite;
+#[cfg(test)]
 mod contract_tests;
+mod dialect;
 mod mysql;
 mod postgres;
 mod rows;
+mod sql_store;
 mod sqlite;
 
 use std::sync::Arc;

@@ -22,7 +22,7 @@ pub(super) fn time_of(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
 }
 
-pub(super) fn corrupt(task: &str, reason: impl ToString) -> StoreError {
+pub(super) fn corrupt(task: &str, reason: &dyn std::fmt::Display) -> StoreError {
     StoreError::Corrupt {
         task: task.to_string(),
         reason: reason.to_string(),
@@ -43,8 +43,8 @@ where
     let spec: String = row.try_get("spec")?;
     let summary: Option<String> = row.try_get("summary")?;
     Ok(TaskRecord {
-        task_id: id.parse().map_err(|e| corrupt(&id, e))?,
-        status: status.parse().map_err(|e| corrupt(&id, e))?,
+        task_id: id.parse().map_err(|e| corrupt(&id, &e))?,
+        status: status.parse().map_err(|e| corrupt(&id, &e))?,
         message: row.try_get("message")?,
         created_at: time_of(row.try_get("created_at")?),
         updated_at: time_of(row.try_get("updated_at")?),
@@ -52,11 +52,11 @@ where
         summary: summary
             .map(|s| serde_json::from_str::<AgentSummary>(&s))
             .transpose()
-            .map_err(|e| corrupt(&id, e))?,
+            .map_err(|e| corrupt(&id, &e))?,
         tenant: row.try_get("tenant")?,
         batch_id: row.try_get("batch_id")?,
         idempotency_key: row.try_get("idempotency_key")?,
-        spec: serde_json::from_str::<TaskSpec>(&spec).map_err(|e| corrupt(&id, e))?,
+        spec: serde_json::from_str::<TaskSpec>(&spec).map_err(|e| corrupt(&id, &e))?,
         attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).unwrap_or(1),
         // Filled in by the back-end from `task_attempts` ([`ATTEMPT_COLUMNS`]).
         attempts: Vec::new(),
@@ -80,10 +80,10 @@ where
     let status: String = row.try_get("status")?;
     let finished: Option<i64> = row.try_get("finished_at")?;
     let attempt = TaskAttempt {
-        attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).map_err(|e| corrupt(&id, e))?,
+        attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).map_err(|e| corrupt(&id, &e))?,
         started_at: time_of(row.try_get("started_at")?),
         finished_at: finished.map(time_of),
-        status: status.parse().map_err(|e| corrupt(&id, e))?,
+        status: status.parse().map_err(|e| corrupt(&id, &e))?,
         message: row.try_get("message")?,
         run_id: row.try_get("run_id")?,
     };
@@ -120,7 +120,7 @@ where
         status: status
             .map(|s| s.parse::<TaskStatus>())
             .transpose()
-            .map_err(|e| corrupt(task, e))?,
+            .map_err(|e| corrupt(task, &e))?,
         message: row.try_get("message")?,
         at: time_of(row.try_get("at")?),
     })

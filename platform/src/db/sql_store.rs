@@ -1,0 +1,470 @@
+//! The task store, written once for every SQL database: each statement, the order of the
+//! writes and the locking rules live here. What a database does its own way (how a status
+//! write locks, how a taken key shows, how a new `seq` comes back, what text it can hold)
+//! comes from its [`Dialect`]. The columns are the same everywhere: times as Unix
+//! milliseconds, the spec and summary as JSON text, statuses by name (see `rows.rs`).
+
+use async_trait::async_trait;
+use patchflow_core::{
+    AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus,
+};
+use sqlx::{ColumnIndex, Decode, Encode, Executor, IntoArguments, Pool, QueryBuilder, Type};
+
+use super::attempts::{self, Current, Plan};
+use super::dialect::{Dialect, NewSeq, TaskLock};
+use super::rows::{
+    ATTEMPT_COLUMNS, COLUMNS, attach_attempts, attempt_of, corrupt, event_of, now_ms, record_of,
+};
+use super::{Inserted, ListFilter, StatusChange, StoreError, TaskStore};
+
+/// The message of a task's first status.
+const SUBMITTED: &str = "submitted";
+
+/// The task store on one SQL database kind (`DB` is sqlx's type for it).
+pub struct SqlStore<DB: Dialect> {
+    pool: Pool<DB>,
+}
+
+impl<DB: Dialect> SqlStore<DB> {
+    /// Connects to `url` and applies pending migrations (see each dialect's
+    /// [`Dialect::connect`] for the URLs it takes).
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        Ok(Self {
+            pool: DB::connect(url).await?,
+        })
+    }
+}
+
+/// The SQL that locks the row a status write reads, where the dialect locks rows.
+fn row_lock<DB: Dialect>() -> &'static str {
+    match DB::TASK_LOCK {
+        TaskLock::WholeDatabase { .. } => "",
+        TaskLock::Row => " FOR UPDATE",
+    }
+}
+
+// The bounds below say that sqlx can run statements on `DB` and move the few Rust types the
+// store uses (text and 64-bit integers) in and out of it. Rust does not carry them with
+// `Dialect`, so both impl blocks repeat them.
+impl<DB> SqlStore<DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    for<'a> &'a str: Encode<'a, DB> + Type<DB> + ColumnIndex<DB::Row>,
+    for<'a> Option<&'a str>: Encode<'a, DB>,
+    for<'a> i64: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
+    for<'a> Option<i64>: Encode<'a, DB>,
+    for<'a> String: Decode<'a, DB> + Type<DB>,
+    usize: ColumnIndex<DB::Row>,
+{
+    async fn insert_event(
+        conn: &mut DB::Connection,
+        task_id: &TaskId,
+        kind: TaskEventKind,
+        status: Option<TaskStatus>,
+        message: &str,
+        at: i64,
+    ) -> Result<i64, StoreError> {
+        let mut q = QueryBuilder::<DB>::new(
+            "INSERT INTO task_events (task_id, kind, status, message, at) VALUES (",
+        );
+        q.separated(", ")
+            .push_bind(task_id.as_str())
+            .push_bind(kind.as_str())
+            .push_bind(status.map(|s| s.as_str()))
+            .push_bind(&*DB::storable_text(message))
+            .push_bind(at);
+        q.push(")");
+        match DB::NEW_SEQ {
+            NewSeq::Returning => {
+                q.push(" RETURNING seq");
+                Ok(q.build_query_scalar::<i64>().fetch_one(&mut *conn).await?)
+            }
+            NewSeq::LastInsertId(seq_of) => {
+                let done = q.build().execute(&mut *conn).await?;
+                i64::try_from(seq_of(&done)).map_err(|e| corrupt(task_id.as_str(), &e))
+            }
+        }
+    }
+
+    /// Fills in the attempts of records read from `tasks`.
+    async fn with_attempts(&self, records: &mut [TaskRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut q = QueryBuilder::<DB>::new(format!(
+            "SELECT {ATTEMPT_COLUMNS} FROM task_attempts WHERE task_id IN ("
+        ));
+        let mut ids = q.separated(", ");
+        for r in records.iter() {
+            ids.push_bind(r.task_id.as_str());
+        }
+        q.push(") ORDER BY task_id, attempt");
+        let rows = q.build().fetch_all(&self.pool).await?;
+        let attempts = rows.iter().map(attempt_of).collect::<Result<Vec<_>, _>>()?;
+        attach_attempts(records, attempts);
+        Ok(())
+    }
+
+    /// Sets the current status and message of a task (and its attempt number, for a new
+    /// attempt).
+    async fn update_task(
+        conn: &mut DB::Connection,
+        task_id: &TaskId,
+        status: TaskStatus,
+        message: &str,
+        now: i64,
+        new_attempt: Option<u32>,
+    ) -> Result<(), StoreError> {
+        let mut q = QueryBuilder::<DB>::new("UPDATE tasks SET status = ");
+        q.push_bind(status.as_str())
+            .push(", message = ")
+            .push_bind(&*DB::storable_text(message))
+            .push(", updated_at = ")
+            .push_bind(now);
+        if let Some(number) = new_attempt {
+            q.push(", attempt = ").push_bind(i64::from(number));
+        }
+        q.push(" WHERE task_id = ").push_bind(task_id.as_str());
+        q.build().execute(&mut *conn).await?;
+        Ok(())
+    }
+
+    /// One status write, placed among the task's attempts (see [`attempts::plan`]), under
+    /// the dialect's [`TaskLock`] from the read that decides until commit, so no other
+    /// writer comes in between.
+    async fn write_status(
+        &self,
+        task_id: &TaskId,
+        run: Option<&str>,
+        status: TaskStatus,
+        message: &str,
+    ) -> Result<StatusChange, StoreError> {
+        let now = now_ms();
+        let mut tx = match DB::TASK_LOCK {
+            TaskLock::WholeDatabase { begin } => self.pool.begin_with(begin).await?,
+            TaskLock::Row => self.pool.begin().await?,
+        };
+        let mut q = QueryBuilder::<DB>::new("SELECT status, attempt FROM tasks WHERE task_id = ");
+        q.push_bind(task_id.as_str()).push(row_lock::<DB>());
+        let row: Option<(String, i64)> = q.build_query_as().fetch_optional(&mut *tx).await?;
+        let Some((current, attempt)) = row else {
+            return Err(StoreError::NotFound(task_id.clone()));
+        };
+        let current: TaskStatus = current.parse().map_err(|e| corrupt(task_id.as_str(), &e))?;
+        let attempt = u32::try_from(attempt).unwrap_or(1);
+        let mut q =
+            QueryBuilder::<DB>::new("SELECT attempt, run_id FROM task_attempts WHERE task_id = ");
+        q.push_bind(task_id.as_str());
+        let runs: Vec<(i64, Option<String>)> = q.build_query_as().fetch_all(&mut *tx).await?;
+        let runs: Vec<(u32, Option<String>)> = runs
+            .into_iter()
+            .map(|(n, r)| (u32::try_from(n).unwrap_or(1), r))
+            .collect();
+        let finished = status.is_terminal().then_some(now);
+        let stored_message = DB::storable_text(message);
+        match attempts::plan(
+            &Current {
+                status: current,
+                attempt,
+                runs: &runs,
+            },
+            run,
+            status,
+        ) {
+            Plan::Ignore => {
+                tx.rollback().await?;
+                return Ok(StatusChange::Ignored { current });
+            }
+            Plan::Same { adopt_run } => {
+                Self::update_task(&mut tx, task_id, status, message, now, None).await?;
+                let mut q = QueryBuilder::<DB>::new("UPDATE task_attempts SET status = ");
+                q.push_bind(status.as_str())
+                    .push(", message = ")
+                    .push_bind(&*stored_message)
+                    .push(", finished_at = ")
+                    .push_bind(finished)
+                    .push(", run_id = COALESCE(run_id, ")
+                    .push_bind(if adopt_run { run } else { None })
+                    .push(") WHERE task_id = ")
+                    .push_bind(task_id.as_str())
+                    .push(" AND attempt = ")
+                    .push_bind(i64::from(attempt));
+                q.build().execute(&mut *tx).await?;
+            }
+            Plan::New {
+                number,
+                close_previous,
+            } => {
+                if close_previous {
+                    let mut q = QueryBuilder::<DB>::new("UPDATE task_attempts SET status = ");
+                    q.push_bind(TaskStatus::Cancelled.as_str())
+                        .push(", message = ")
+                        .push_bind(attempts::replaced_message(number).as_str())
+                        .push(", finished_at = ")
+                        .push_bind(now)
+                        .push(" WHERE task_id = ")
+                        .push_bind(task_id.as_str())
+                        .push(" AND attempt = ")
+                        .push_bind(i64::from(attempt));
+                    q.build().execute(&mut *tx).await?;
+                }
+                let mut q = QueryBuilder::<DB>::new(
+                    "INSERT INTO task_attempts (task_id, attempt, run_id, status, message, started_at, finished_at) VALUES (",
+                );
+                q.separated(", ")
+                    .push_bind(task_id.as_str())
+                    .push_bind(i64::from(number))
+                    .push_bind(run)
+                    .push_bind(status.as_str())
+                    .push_bind(&*stored_message)
+                    .push_bind(now)
+                    .push_bind(finished);
+                q.push(")");
+                q.build().execute(&mut *tx).await?;
+                Self::update_task(&mut tx, task_id, status, message, now, Some(number)).await?;
+            }
+        }
+        let seq = Self::insert_event(
+            &mut tx,
+            task_id,
+            TaskEventKind::Status,
+            Some(status),
+            message,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(StatusChange::Applied { seq })
+    }
+
+    /// Creates the task, its first event and its first attempt in one transaction. `false`
+    /// when the id or the tenant's idempotency key is taken (then nothing was written).
+    async fn create(
+        &self,
+        task_id: &TaskId,
+        spec: &TaskSpec,
+        spec_json: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // A concurrent insert of the same id or key waits here for the other transaction
+        // and then sees the key taken.
+        let mut q = QueryBuilder::<DB>::new(
+            "INSERT INTO tasks (task_id, tenant, idempotency_key, batch_id, status, message, spec, created_at, updated_at) VALUES (",
+        );
+        q.separated(", ")
+            .push_bind(task_id.as_str())
+            .push_bind(spec.tenant.as_str())
+            .push_bind(spec.idempotency_key.as_deref())
+            .push_bind(spec.batch_id.as_deref())
+            .push_bind(TaskStatus::Pending.as_str())
+            .push_bind(SUBMITTED)
+            .push_bind(spec_json)
+            .push_bind(now)
+            .push_bind(now);
+        q.push(")").push(DB::INSERT_UNLESS_TAKEN);
+        let created = match q.build().execute(&mut *tx).await {
+            Ok(done) => DB::rows_affected(&done) == 1,
+            Err(e) if DB::is_duplicate_key(&e) => false,
+            Err(e) => return Err(e.into()),
+        };
+        if !created {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        Self::insert_event(
+            &mut tx,
+            task_id,
+            TaskEventKind::Status,
+            Some(TaskStatus::Pending),
+            SUBMITTED,
+            now,
+        )
+        .await?;
+        let mut q = QueryBuilder::<DB>::new(
+            "INSERT INTO task_attempts (task_id, attempt, status, message, started_at) VALUES (",
+        );
+        q.separated(", ")
+            .push_bind(task_id.as_str())
+            .push("1")
+            .push_bind(TaskStatus::Pending.as_str())
+            .push_bind(SUBMITTED)
+            .push_bind(now);
+        q.push(")");
+        q.build().execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl<DB> TaskStore for SqlStore<DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    for<'a> &'a str: Encode<'a, DB> + Type<DB> + ColumnIndex<DB::Row>,
+    for<'a> Option<&'a str>: Encode<'a, DB>,
+    for<'a> i64: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
+    for<'a> Option<i64>: Encode<'a, DB>,
+    for<'a> String: Decode<'a, DB> + Type<DB>,
+    usize: ColumnIndex<DB::Row>,
+{
+    async fn insert(&self, task_id: &TaskId, spec: &TaskSpec) -> Result<Inserted, StoreError> {
+        let now = now_ms();
+        let spec_json = serde_json::to_string(spec).map_err(|e| corrupt(task_id.as_str(), &e))?;
+        if self.create(task_id, spec, &spec_json, now).await? {
+            let rec = self
+                .get(task_id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(task_id.clone()))?;
+            return Ok(Inserted::Created(rec));
+        }
+        // Taken: by the same id, or by the same tenant + idempotency key.
+        let mut q =
+            QueryBuilder::<DB>::new(format!("SELECT {COLUMNS} FROM tasks WHERE task_id = "));
+        q.push_bind(task_id.as_str())
+            .push(" OR (tenant = ")
+            .push_bind(spec.tenant.as_str())
+            .push(" AND idempotency_key = ")
+            .push_bind(spec.idempotency_key.as_deref())
+            .push(") LIMIT 1");
+        match q.build().fetch_optional(&self.pool).await? {
+            Some(row) => Ok(Inserted::Existing(record_of(&row)?)),
+            None => Err(StoreError::NotFound(task_id.clone())),
+        }
+    }
+
+    async fn get(&self, task_id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        let mut q =
+            QueryBuilder::<DB>::new(format!("SELECT {COLUMNS} FROM tasks WHERE task_id = "));
+        q.push_bind(task_id.as_str());
+        let Some(row) = q.build().fetch_optional(&self.pool).await? else {
+            return Ok(None);
+        };
+        let mut records = [record_of(&row)?];
+        self.with_attempts(&mut records).await?;
+        let [record] = records;
+        Ok(Some(record))
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError> {
+        let mut q = QueryBuilder::<DB>::new(format!("SELECT {COLUMNS} FROM tasks WHERE 1 = 1"));
+        if let Some(s) = filter.status {
+            q.push(" AND status = ").push_bind(s.as_str());
+        }
+        if let Some(t) = &filter.tenant {
+            q.push(" AND tenant = ").push_bind(t.as_str());
+        }
+        if let Some(b) = &filter.batch_id {
+            q.push(" AND batch_id = ").push_bind(b.as_str());
+        }
+        if let Some(c) = &filter.cursor {
+            q.push(" AND (created_at < ")
+                .push_bind(c.created_at_ms)
+                .push(" OR (created_at = ")
+                .push_bind(c.created_at_ms)
+                .push(" AND task_id < ")
+                .push_bind(c.task_id.as_str())
+                .push("))");
+        }
+        q.push(" ORDER BY created_at DESC, task_id DESC LIMIT ")
+            .push_bind(i64::from(filter.limit.max(1)));
+        let rows = q.build().fetch_all(&self.pool).await?;
+        let mut records = rows.iter().map(record_of).collect::<Result<Vec<_>, _>>()?;
+        self.with_attempts(&mut records).await?;
+        Ok(records)
+    }
+
+    async fn set_status(
+        &self,
+        task_id: &TaskId,
+        status: TaskStatus,
+        message: &str,
+    ) -> Result<StatusChange, StoreError> {
+        self.write_status(task_id, None, status, message).await
+    }
+
+    async fn set_run_status(
+        &self,
+        task_id: &TaskId,
+        run_id: &str,
+        status: TaskStatus,
+        message: &str,
+    ) -> Result<StatusChange, StoreError> {
+        self.write_status(task_id, Some(run_id), status, message)
+            .await
+    }
+
+    async fn set_summary(
+        &self,
+        task_id: &TaskId,
+        summary: &AgentSummary,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(summary).map_err(|e| corrupt(task_id.as_str(), &e))?;
+        let mut q = QueryBuilder::<DB>::new("UPDATE tasks SET summary = ");
+        q.push_bind(json.as_str())
+            .push(", updated_at = ")
+            .push_bind(now_ms())
+            .push(" WHERE task_id = ")
+            .push_bind(task_id.as_str());
+        let done = q.build().execute(&self.pool).await?;
+        if DB::rows_affected(&done) == 0 {
+            return Err(StoreError::NotFound(task_id.clone()));
+        }
+        Ok(())
+    }
+
+    async fn append_event(
+        &self,
+        task_id: &TaskId,
+        kind: TaskEventKind,
+        message: &str,
+    ) -> Result<i64, StoreError> {
+        if let TaskLock::WholeDatabase { .. } = DB::TASK_LOCK {
+            // One writer at a time: events become visible in `seq` order by themselves.
+            let mut conn = self.pool.acquire().await?;
+            return Self::insert_event(&mut conn, task_id, kind, None, message, now_ms()).await;
+        }
+        // Sequence numbers are handed out when a row is inserted, not when it commits. Two
+        // writers of one task could otherwise commit out of order, and a reader resuming
+        // after the higher number would never see the lower one. Holding the task's row
+        // lock while inserting keeps one task's events visible in `seq` order, as a single
+        // writer does. An unknown task has no row to lock; the insert then fails on the
+        // foreign key, as it does there.
+        let mut tx = self.pool.begin().await?;
+        let mut q = QueryBuilder::<DB>::new("SELECT 1 FROM tasks WHERE task_id = ");
+        q.push_bind(task_id.as_str()).push(row_lock::<DB>());
+        q.build().fetch_optional(&mut *tx).await?;
+        let seq = Self::insert_event(&mut tx, task_id, kind, None, message, now_ms()).await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    async fn events(
+        &self,
+        task_id: &TaskId,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<TaskEvent>, StoreError> {
+        let mut q = QueryBuilder::<DB>::new(
+            "SELECT seq, kind, status, message, at FROM task_events WHERE task_id = ",
+        );
+        q.push_bind(task_id.as_str())
+            .push(" AND seq > ")
+            .push_bind(after_seq)
+            .push(" ORDER BY seq LIMIT ")
+            .push_bind(i64::from(limit.max(1)));
+        let rows = q.build().fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| event_of(task_id.as_str(), row))
+            .collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
