@@ -1,12 +1,13 @@
 //! Small HTML helpers: escaping, times, and the page frame every page shares.
 //!
 //! Everything a user or an agent wrote (repository URLs, descriptions, diffs, transcripts)
-//! reaches the page only through [`esc`]; attributes are always double-quoted, so escaping
-//! `"` is enough to keep a value inside its attribute.
-
-use std::fmt::Write as _;
+//! is escaped on its way into the page: the pages are maud templates, which escape every
+//! value spliced into them, and the diff and transcript renderers escape through [`esc`].
+//! Attributes are always double-quoted, so escaping `"` is enough to keep a value inside
+//! its attribute.
 
 use chrono::{DateTime, Utc};
+use maud::{Markup, PreEscaped, html};
 use patchflow_core::TaskStatus;
 
 /// Escapes text for use in HTML element content and double-quoted attributes.
@@ -26,10 +27,11 @@ pub fn esc(s: &str) -> String {
 }
 
 /// A link target only when it is plain http(s): a `javascript:` or `data:` URL from an
-/// untrusted record (a PR URL) must never become a clickable link.
-pub fn safe_href(url: &str) -> Option<String> {
-    let lower = url.trim().to_ascii_lowercase();
-    (lower.starts_with("https://") || lower.starts_with("http://")).then(|| esc(url.trim()))
+/// untrusted record (a PR URL) must never become a clickable link. The template escapes it.
+pub fn safe_href(url: &str) -> Option<&str> {
+    let url = url.trim();
+    let lower = url.to_ascii_lowercase();
+    (lower.starts_with("https://") || lower.starts_with("http://")).then_some(url)
 }
 
 /// "12 s", "4 min", "3 h", "2 d": how long ago `t` was, for lists read at a glance.
@@ -45,17 +47,15 @@ pub fn age(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
 
 /// A `<time>` element: exact time for machines (and the script that keeps ages fresh),
 /// a short one for people.
-pub fn time_el(t: DateTime<Utc>, text: &str) -> String {
-    format!(
-        "<time datetime=\"{}\" title=\"{}\">{}</time>",
-        t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        t.format("%Y-%m-%d %H:%M:%S UTC"),
-        esc(text)
-    )
+pub fn time_el(t: DateTime<Utc>, text: &str) -> Markup {
+    html! {
+        time datetime=(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            title=(t.format("%Y-%m-%d %H:%M:%S UTC")) { (text) }
+    }
 }
 
 /// A time of day, to the second, for timelines.
-pub fn clock(t: DateTime<Utc>) -> String {
+pub fn clock(t: DateTime<Utc>) -> Markup {
     time_el(t, &t.format("%H:%M:%S").to_string())
 }
 
@@ -82,37 +82,43 @@ pub fn thousands(n: u64) -> String {
 }
 
 /// The coloured status badge; `data-status` lets the script and tests find it.
-pub fn badge(status: TaskStatus) -> String {
+pub fn badge(status: TaskStatus) -> Markup {
     let class = match status {
         TaskStatus::Completed => "ok",
         TaskStatus::Failed => "bad",
         TaskStatus::Cancelled => "off",
         _ => "run",
     };
-    format!(
-        "<span class=\"badge {class}\" data-status=\"{s}\">{s}</span>",
-        s = status.as_str()
-    )
+    html! {
+        span class={ "badge " (class) } data-status=(status.as_str()) { (status.as_str()) }
+    }
 }
 
 /// The frame around every page: one stylesheet, one deferred script, nothing inline (the
 /// Content-Security-Policy forbids inline code).
-pub fn page(title: &str, body: &str) -> String {
-    let mut out = String::with_capacity(body.len() + 800);
-    let _ = write!(
-        out,
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-<title>{} · patchflow</title>\
-<link rel=\"stylesheet\" href=\"/assets/app.css?v={v}\">\
-<script src=\"/assets/app.js?v={v}\" defer></script></head>\
-<body><header class=\"top\"><a class=\"brand\" href=\"/\">patchflow</a>\
-<nav><a href=\"/\">Tasks</a> <a href=\"/#submit\">New task</a></nav></header>\
-<main>{body}</main></body></html>\n",
-        esc(title),
-        v = super::ASSET_VERSION.as_str(),
-    );
-    out
+pub fn page(title: &str, body: &Markup) -> String {
+    let v = super::ASSET_VERSION.as_str();
+    html! {
+        (PreEscaped("<!doctype html>\n"))
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width,initial-scale=1";
+                title { (title) " · patchflow" }
+                link rel="stylesheet" href={ "/assets/app.css?v=" (v) };
+                script src={ "/assets/app.js?v=" (v) } defer {}
+            }
+            body {
+                header class="top" {
+                    a class="brand" href="/" { "patchflow" }
+                    nav { a href="/" { "Tasks" } " " a href="/#submit" { "New task" } }
+                }
+                main { (body) }
+            }
+        }
+        "\n"
+    }
+    .into_string()
 }
 
 #[cfg(test)]
@@ -132,9 +138,10 @@ mod tests {
         assert_eq!(safe_href("javascript:alert(1)"), None);
         assert_eq!(safe_href(" JAVASCRIPT:alert(1)"), None);
         assert_eq!(safe_href("data:text/html,<b>"), None);
+        assert_eq!(safe_href(" http://x/ "), Some("http://x/"));
         assert_eq!(
-            safe_href("https://github.com/o/r/pull/1?a=1&b=\"2\"").as_deref(),
-            Some("https://github.com/o/r/pull/1?a=1&amp;b=&quot;2&quot;")
+            safe_href("https://github.com/o/r/pull/1?a=1&b=\"2\""),
+            Some("https://github.com/o/r/pull/1?a=1&b=\"2\"")
         );
     }
 

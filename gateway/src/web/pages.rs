@@ -1,15 +1,20 @@
 //! The two pages, rendered on the server from plain data so they read the same with or
 //! without JavaScript: the task list with the submit form, and one task's page.
+//!
+//! They are maud templates: the markup is checked when the crate compiles, and every value
+//! spliced into it (`(value)`) is escaped, in element content and attributes alike. Only the
+//! diff and transcript, which their own renderers escape, go in as [`PreEscaped`].
 
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
+use maud::{Markup, PreEscaped, html};
 use patchflow_core::{
     AgentSummary, Limits, TaskAttempt, TaskEvent, TaskEventKind, TaskRecord, TaskStatus,
 };
 
 use super::diff;
-use super::html::{age, badge, clock, duration_ms, esc, page, safe_href, thousands, time_el};
+use super::html::{age, badge, clock, duration_ms, page, safe_href, thousands, time_el};
 use super::transcript;
 
 /// First line of a text, cut to `max` characters: a title or a list cell.
@@ -63,84 +68,96 @@ fn search_text(r: &TaskRecord) -> String {
 }
 
 /// The rows of the list (also what the script swaps in when it refreshes).
-pub fn task_rows(tasks: &[TaskRecord], now: DateTime<Utc>) -> String {
-    if tasks.is_empty() {
-        return "<p class=\"empty\">No tasks yet. Submit one with the form.</p>".to_string();
+pub fn task_rows(tasks: &[TaskRecord], now: DateTime<Utc>) -> Markup {
+    html! {
+        @if tasks.is_empty() {
+            p class="empty" { "No tasks yet. Submit one with the form." }
+        } @else {
+            ul class="tasks" {
+                @for r in tasks {
+                    li data-search=(search_text(r)) {
+                        a href={ "/tasks/" (r.task_id) } {
+                            (badge(r.status))
+                            span class="repo" { (r.spec.source.display_name()) }
+                            span class="desc" { (headline(&r.spec.task_description, 140)) }
+                            span class="age" { (time_el(r.created_at, &age(r.created_at, now))) " ago" }
+                        }
+                    }
+                }
+            }
+        }
     }
-    let mut out = String::from("<ul class=\"tasks\">");
-    for r in tasks {
-        let _ = write!(
-            out,
-            "<li data-search=\"{search}\"><a href=\"/tasks/{id}\">{badge}\
-<span class=\"repo\">{repo}</span><span class=\"desc\">{desc}</span>\
-<span class=\"age\">{age} ago</span></a></li>",
-            search = esc(&search_text(r)),
-            id = r.task_id,
-            badge = badge(r.status),
-            repo = esc(&r.spec.source.display_name()),
-            desc = esc(&headline(&r.spec.task_description, 140)),
-            age = time_el(r.created_at, &age(r.created_at, now)),
-        );
-    }
-    out.push_str("</ul>");
-    out
 }
 
-fn status_options(selected: Option<TaskStatus>) -> String {
-    let mut out = format!(
-        "<option value=\"\"{}>All statuses</option>",
-        if selected.is_none() { " selected" } else { "" }
-    );
-    for s in TaskStatus::ALL {
-        let _ = write!(
-            out,
-            "<option value=\"{s}\"{sel}>{s}</option>",
-            s = s.as_str(),
-            sel = if selected == Some(s) { " selected" } else { "" }
-        );
+fn status_options(selected: Option<TaskStatus>) -> Markup {
+    html! {
+        option value="" selected[selected.is_none()] { "All statuses" }
+        @for s in TaskStatus::ALL {
+            option value=(s.as_str()) selected[selected == Some(s)] { (s.as_str()) }
+        }
     }
-    out
 }
 
-fn submit_form(form: &FormState) -> String {
-    let limits = form.limits;
-    let num = |f: fn(&Limits) -> u64| limits.map(|l| f(&l).to_string()).unwrap_or_default();
+fn submit_form(form: &FormState) -> Markup {
+    let num = |f: fn(&Limits) -> u64| form.limits.map(|l| f(&l).to_string()).unwrap_or_default();
     let d = Limits::default();
-    let mut out = String::from(
-        "<section id=\"submit\" class=\"card\"><h2>New task</h2>\
-<form method=\"post\" action=\"/tasks\" enctype=\"multipart/form-data\" class=\"submit\">",
-    );
-    if let Some(e) = &form.error {
-        let _ = write!(out, "<p class=\"error\" role=\"alert\">{}</p>", esc(e));
+    html! {
+        section id="submit" class="card" {
+            h2 { "New task" }
+            form method="post" action="/tasks" enctype="multipart/form-data" class="submit" {
+                @if let Some(e) = &form.error {
+                    p class="error" role="alert" { (e) }
+                }
+                label {
+                    "Git repository URL"
+                    input name="git_url" id="git_url" type="text" inputmode="url"
+                        placeholder="https://github.com/owner/repo.git" value=(form.git_url);
+                }
+                label {
+                    "Branch, tag or commit " small { "(optional)" }
+                    input name="git_ref" id="git_ref" type="text" placeholder="main" value=(form.git_ref);
+                }
+                label {
+                    "or a ZIP of the code"
+                    input name="zip_file" id="zip_file" type="file" accept=".zip,application/zip";
+                }
+                label {
+                    "What should the agent do?"
+                    textarea name="task_description" id="task_description" rows="4" required
+                        placeholder="Fix the failing test in calc.py" { (form.task_description) }
+                }
+                details class="opts" {
+                    summary { "Model, limits, target file" }
+                    label {
+                        "Model " small { "(default from config)" }
+                        input name="model" id="model" type="text" value=(form.model);
+                    }
+                    label {
+                        "Target file " small { "(optional)" }
+                        input name="target_file" id="target_file" type="text" value=(form.target_file);
+                    }
+                    div class="row3" {
+                        label {
+                            "Max steps"
+                            input name="max_steps" type="number" min="1" placeholder=(d.max_steps)
+                                value=(num(|l| u64::from(l.max_steps)));
+                        }
+                        label {
+                            "Max tokens"
+                            input name="max_tokens" type="number" min="1" placeholder=(d.max_tokens)
+                                value=(num(|l| l.max_tokens));
+                        }
+                        label {
+                            "Wall time (s)"
+                            input name="wall_seconds" type="number" min="1" placeholder=(d.wall_seconds)
+                                value=(num(|l| l.wall_seconds));
+                        }
+                    }
+                }
+                button type="submit" id="submit-task" { "Submit task" }
+            }
+        }
     }
-    let _ = write!(
-        out,
-        "<label>Git repository URL<input name=\"git_url\" id=\"git_url\" type=\"text\" inputmode=\"url\" \
-placeholder=\"https://github.com/owner/repo.git\" value=\"{url}\"></label>\
-<label>Branch, tag or commit <small>(optional)</small><input name=\"git_ref\" id=\"git_ref\" type=\"text\" placeholder=\"main\" value=\"{gref}\"></label>\
-<label>or a ZIP of the code<input name=\"zip_file\" id=\"zip_file\" type=\"file\" accept=\".zip,application/zip\"></label>\
-<label>What should the agent do?<textarea name=\"task_description\" id=\"task_description\" rows=\"4\" required \
-placeholder=\"Fix the failing test in calc.py\">{desc}</textarea></label>\
-<details class=\"opts\"><summary>Model, limits, target file</summary>\
-<label>Model <small>(default from config)</small><input name=\"model\" id=\"model\" type=\"text\" value=\"{model}\"></label>\
-<label>Target file <small>(optional)</small><input name=\"target_file\" id=\"target_file\" type=\"text\" value=\"{target}\"></label>\
-<div class=\"row3\"><label>Max steps<input name=\"max_steps\" type=\"number\" min=\"1\" placeholder=\"{ds}\" value=\"{ms}\"></label>\
-<label>Max tokens<input name=\"max_tokens\" type=\"number\" min=\"1\" placeholder=\"{dt}\" value=\"{mt}\"></label>\
-<label>Wall time (s)<input name=\"wall_seconds\" type=\"number\" min=\"1\" placeholder=\"{dw}\" value=\"{mw}\"></label></div>\
-</details><button type=\"submit\" id=\"submit-task\">Submit task</button></form></section>",
-        url = esc(&form.git_url),
-        gref = esc(&form.git_ref),
-        desc = esc(&form.task_description),
-        model = esc(&form.model),
-        target = esc(&form.target_file),
-        ds = d.max_steps,
-        dt = d.max_tokens,
-        dw = d.wall_seconds,
-        ms = num(|l| u64::from(l.max_steps)),
-        mt = num(|l| l.max_tokens),
-        mw = num(|l| l.wall_seconds),
-    );
-    out
 }
 
 /// The front page: filter and search, the list, and the submit form.
@@ -151,31 +168,35 @@ pub fn list_page(
     form: &FormState,
     now: DateTime<Utc>,
 ) -> String {
-    let mut body = String::from("<div class=\"home\"><section class=\"list card\">");
-    let _ = write!(
-        body,
-        "<div class=\"bar\"><h1>Tasks</h1><form class=\"filter\" method=\"get\" action=\"/\" role=\"search\">\
-<select name=\"status\" id=\"status-filter\" aria-label=\"Status\">{opts}</select>\
-<input type=\"search\" name=\"q\" id=\"search\" placeholder=\"Search\" aria-label=\"Search tasks\" value=\"{q}\">\
-<button type=\"submit\">Filter</button></form></div>\
-<div id=\"task-list\" data-live=\"list\">{rows}</div>",
-        opts = status_options(filter.status),
-        q = esc(&filter.query),
-        rows = task_rows(tasks, now),
-    );
-    if let Some(c) = next_cursor {
-        let status = filter.status.map(|s| s.as_str()).unwrap_or_default();
-        let _ = write!(
-            body,
-            "<p class=\"more\"><a href=\"/?status={}&amp;q={}&amp;cursor={}\">Older tasks →</a></p>",
-            esc(&url_encode(status)),
-            esc(&url_encode(&filter.query)),
-            esc(&url_encode(c))
-        );
-    }
-    body.push_str("</section>");
-    body.push_str(&submit_form(form));
-    body.push_str("</div>");
+    let status = filter.status.map(|s| s.as_str()).unwrap_or_default();
+    let body = html! {
+        div class="home" {
+            section class="list card" {
+                div class="bar" {
+                    h1 { "Tasks" }
+                    form class="filter" method="get" action="/" role="search" {
+                        select name="status" id="status-filter" aria-label="Status" {
+                            (status_options(filter.status))
+                        }
+                        input type="search" name="q" id="search" placeholder="Search"
+                            aria-label="Search tasks" value=(filter.query);
+                        button type="submit" { "Filter" }
+                    }
+                }
+                div id="task-list" data-live="list" { (task_rows(tasks, now)) }
+                @if let Some(c) = next_cursor {
+                    p class="more" {
+                        a href={
+                            "/?status=" (url_encode(status))
+                            "&q=" (url_encode(&filter.query))
+                            "&cursor=" (url_encode(c))
+                        } { "Older tasks →" }
+                    }
+                }
+            }
+            (submit_form(form))
+        }
+    };
     page("Tasks", &body)
 }
 
@@ -204,263 +225,253 @@ pub struct TaskPageData<'a> {
     pub now: DateTime<Utc>,
 }
 
-fn facts(d: &TaskPageData<'_>) -> String {
+/// One row of the facts list.
+fn fact(name: &str, value: &Markup) -> Markup {
+    html! { div { dt { (name) } dd { (value) } } }
+}
+
+fn facts(d: &TaskPageData<'_>) -> Markup {
     let r = d.record;
-    let mut out = String::from("<dl class=\"facts\">");
-    let mut fact = |k: &str, v: String| {
-        let _ = write!(out, "<div><dt>{k}</dt><dd>{v}</dd></div>");
-    };
-    fact("Repository", esc(&r.spec.source.display_name()));
-    fact("Task", format!("<code>{}</code>", r.task_id));
-    fact(
-        "Created",
-        format!(
-            "{} ({} ago)",
-            time_el(
-                r.created_at,
-                &r.created_at.format("%Y-%m-%d %H:%M:%S UTC").to_string()
-            ),
-            age(r.created_at, d.now)
-        ),
-    );
-    fact(
-        "Attempt",
-        format!("<span id=\"attempt\">{}</span>", r.attempt),
-    );
-    fact("Model", esc(r.spec.model.as_deref().unwrap_or("default")));
     let l = r.spec.limits;
-    fact(
-        "Limits",
-        format!(
-            "{} steps · {} tokens · {}",
-            l.max_steps,
-            thousands(l.max_tokens),
-            duration_ms(l.wall_seconds * 1000)
-        ),
-    );
-    if let Some(t) = &r.spec.target_file {
-        fact("Target file", esc(t));
-    }
-    if let Some(url) = &r.pr_url {
-        match safe_href(url) {
-            Some(href) => fact(
-                "Pull request",
-                format!(
-                    "<a href=\"{href}\" rel=\"noopener noreferrer\">{}</a>",
-                    esc(url)
-                ),
-            ),
-            None => fact("Pull request", esc(url)),
+    let created = r.created_at.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+    html! {
+        dl class="facts" {
+            (fact("Repository", &html! { (r.spec.source.display_name()) }))
+            (fact("Task", &html! { code { (r.task_id) } }))
+            (fact("Created", &html! {
+                (time_el(r.created_at, &created)) " (" (age(r.created_at, d.now)) " ago)"
+            }))
+            (fact("Attempt", &html! { span id="attempt" { (r.attempt) } }))
+            (fact("Model", &html! { (r.spec.model.as_deref().unwrap_or("default")) }))
+            (fact("Limits", &html! {
+                (l.max_steps) " steps · " (thousands(l.max_tokens)) " tokens · "
+                (duration_ms(l.wall_seconds * 1000))
+            }))
+            @if let Some(t) = &r.spec.target_file {
+                (fact("Target file", &html! { (t) }))
+            }
+            @if let Some(url) = &r.pr_url {
+                (fact("Pull request", &html! {
+                    @if let Some(href) = safe_href(url) {
+                        a href=(href) rel="noopener noreferrer" { (url) }
+                    } @else {
+                        (url)
+                    }
+                }))
+            }
         }
     }
-    out.push_str("</dl>");
-    out
 }
 
-fn actions(d: &TaskPageData<'_>) -> String {
+fn actions(d: &TaskPageData<'_>) -> Markup {
     let r = d.record;
     let id = &r.task_id;
-    let mut out = String::from("<div class=\"actions\">");
-    if r.status.is_terminal() {
-        let _ = write!(
-            out,
-            "<form method=\"post\" action=\"/tasks/{id}/retry\" class=\"inline\" data-api=\"/api/tasks/{id}/retry\">\
-<select name=\"mode\" aria-label=\"Retry mode\"><option value=\"from_start\">from the start</option>{resume}</select>\
-<button type=\"submit\" id=\"retry\">Retry</button></form>",
-            // A completed task has no failed step to resume from.
-            resume = if r.status == TaskStatus::Completed {
-                ""
-            } else {
-                "<option value=\"from_failed_step\">from the failed step</option>"
+    html! {
+        div class="actions" {
+            @if r.status.is_terminal() {
+                form method="post" action={ "/tasks/" (id) "/retry" } class="inline"
+                    data-api={ "/api/tasks/" (id) "/retry" } {
+                    select name="mode" aria-label="Retry mode" {
+                        option value="from_start" { "from the start" }
+                        // A completed task has no failed step to resume from.
+                        @if r.status != TaskStatus::Completed {
+                            option value="from_failed_step" { "from the failed step" }
+                        }
+                    }
+                    button type="submit" id="retry" { "Retry" }
+                }
+            } @else {
+                form method="post" action={ "/tasks/" (id) "/cancel" } class="inline"
+                    data-api={ "/api/tasks/" (id) "/cancel" } {
+                    button type="submit" id="cancel" class="danger" { "Cancel" }
+                }
             }
-        );
-    } else {
-        let _ = write!(
-            out,
-            "<form method=\"post\" action=\"/tasks/{id}/cancel\" class=\"inline\" data-api=\"/api/tasks/{id}/cancel\">\
-<button type=\"submit\" id=\"cancel\" class=\"danger\">Cancel</button></form>"
-        );
+            @if let Some(link) = d.workflow_link.as_deref().and_then(safe_href) {
+                a class="btn" id="workflow-link" href=(link) target="_blank"
+                    rel="noopener noreferrer" { "Workflow in Temporal ↗" }
+            }
+            span class="raw" {
+                "Raw: "
+                a href={ "/api/tasks/" (id) "/diff" } { "diff" } " · "
+                a href={ "/api/tasks/" (id) "/transcript" } { "transcript" } " · "
+                a href={ "/api/tasks/" (id) "/log" } { "log" } " · "
+                a href={ "/api/tasks/" (id) } { "JSON" }
+            }
+        }
+        p id="flash" class="error" role="alert" hidden {}
     }
-    if let Some(link) = d.workflow_link.as_deref().and_then(safe_href) {
-        let _ = write!(
-            out,
-            "<a class=\"btn\" id=\"workflow-link\" href=\"{link}\" target=\"_blank\" rel=\"noopener noreferrer\">Workflow in Temporal ↗</a>"
-        );
-    }
-    let _ = write!(
-        out,
-        "<span class=\"raw\">Raw: <a href=\"/api/tasks/{id}/diff\">diff</a> · <a href=\"/api/tasks/{id}/transcript\">transcript</a> · <a href=\"/api/tasks/{id}/log\">log</a> · <a href=\"/api/tasks/{id}\">JSON</a></span></div><p id=\"flash\" class=\"error\" role=\"alert\" hidden></p>"
-    );
-    out
 }
 
-fn timeline(events: &[TaskEvent], attempts: &[TaskAttempt]) -> String {
-    let mut out = String::from(
-        "<section id=\"timeline\" class=\"card\"><h2>Status</h2><ol class=\"timeline\">",
-    );
+fn timeline(events: &[TaskEvent], attempts: &[TaskAttempt]) -> Markup {
     let statuses: Vec<&TaskEvent> = events
         .iter()
         .filter(|e| e.kind == TaskEventKind::Status)
         .collect();
-    let mut attempt = 1;
-    for (i, e) in statuses.iter().enumerate() {
-        let ended = e.status.is_some_and(TaskStatus::is_terminal);
-        // How long the step took; an ended attempt has no next step, only a later retry.
-        let took = statuses
-            .get(i + 1)
-            .filter(|_| !ended)
-            .map(|n| duration_ms((n.at - e.at).num_milliseconds().max(0) as u64))
-            .map(|t| format!("<span class=\"took\">{t}</span>"))
-            .unwrap_or_default();
-        if i > 0 && statuses[i - 1].status.is_some_and(TaskStatus::is_terminal) {
-            attempt += 1;
-            let _ = write!(out, "<li class=\"sep\">Attempt {attempt}</li>");
-        }
-        let status = e.status.map(|s| s.as_str()).unwrap_or("?");
-        let cls = match e.status {
-            Some(TaskStatus::Completed) => " ok",
-            Some(TaskStatus::Failed) => " bad",
-            Some(TaskStatus::Cancelled) => " off",
-            _ => "",
-        };
-        let _ = write!(
-            out,
-            "<li class=\"st{cls}\">{} <b>{status}</b>{took}<div class=\"m\">{}</div></li>",
-            clock(e.at),
-            esc(&e.message)
-        );
-    }
-    if statuses.is_empty() {
-        out.push_str("<li class=\"st\">No status changes yet.</li>");
-    }
-    out.push_str("</ol>");
-    // One attempt is the whole story above; the table only helps once there are more.
-    if attempts.len() > 1 {
-        out.push_str("<h3>Attempts</h3><table class=\"attempts\"><tr><th>#</th><th>started</th><th>finished</th><th>outcome</th></tr>");
-        for a in attempts {
-            let _ = write!(
-                out,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} <span class=\"m\">{}</span></td></tr>",
-                a.attempt,
-                clock(a.started_at),
-                a.finished_at.map(clock).unwrap_or_else(|| "—".into()),
-                a.status,
-                esc(&a.message)
-            );
-        }
-        out.push_str("</table>");
-    }
-    out.push_str("</section>");
-    out
-}
-
-fn agent_events(events: &[TaskEvent]) -> String {
-    let mut out = String::from(
-        "<section class=\"card\"><h2>Agent events <span class=\"live-dot\" hidden>live</span></h2><ol id=\"events\" class=\"events\">",
-    );
-    for e in events.iter().filter(|e| e.kind == TaskEventKind::Agent) {
-        let _ = write!(out, "<li>{} {}</li>", clock(e.at), esc(&e.message));
-    }
-    out.push_str("</ol></section>");
-    out
-}
-
-fn summary(s: Option<&AgentSummary>) -> String {
-    let Some(s) = s else {
-        return "<section id=\"summary\" class=\"card\"><h2>Summary</h2><p class=\"empty\">Figures appear when the agent has run.</p></section>".to_string();
-    };
-    let mut out = String::from("<section id=\"summary\" class=\"card\"><h2>Summary</h2>");
-    if !s.summary.trim().is_empty() {
-        let _ = write!(out, "<p class=\"say\">{}</p>", esc(&s.summary));
-    }
-    out.push_str("<div class=\"figures\">");
-    let mut fig = |v: String, k: &str| {
-        let _ = write!(out, "<div><b>{v}</b><span>{k}</span></div>");
-    };
-    fig(
-        esc(s.outcome.describe().trim_start_matches("the agent ")),
-        "outcome",
-    );
-    fig(s.steps.to_string(), "steps");
-    fig(s.tool_calls.to_string(), "tool calls");
-    fig(thousands(s.total_tokens), "tokens");
-    fig(
-        format!(
-            "{} / {}",
-            thousands(s.prompt_tokens),
-            thousands(s.completion_tokens)
-        ),
-        "prompt / completion",
-    );
-    fig(duration_ms(s.wall_ms), "agent time");
-    fig(s.files_changed.len().to_string(), "files changed");
-    out.push_str("</div>");
-    if let Some(e) = &s.error {
-        let _ = write!(out, "<p class=\"error\">{}</p>", esc(e));
-    }
-    out.push_str("</section>");
-    out
-}
-
-fn diff_section(d: &TaskPageData<'_>) -> String {
-    let id = &d.record.task_id;
-    let mut out =
-        String::from("<section id=\"diff\" class=\"card\"><div class=\"bar\"><h2>Diff</h2>");
-    let _ = write!(
-        out,
-        "<nav class=\"toggle\"><a href=\"/tasks/{id}?view=unified#diff\"{u}>Unified</a><a href=\"/tasks/{id}?view=split#diff\"{s}>Side by side</a></nav></div>",
-        u = if d.split {
-            ""
-        } else {
-            " aria-current=\"page\""
-        },
-        s = if d.split {
-            " aria-current=\"page\""
-        } else {
-            ""
-        },
-    );
-    match &d.diff {
-        None => out.push_str("<p class=\"empty\">No diff yet.</p>"),
-        Some((text, _)) if text.trim().is_empty() => {
-            out.push_str("<p class=\"empty\">The agent changed nothing.</p>")
-        }
-        Some((text, cut)) => {
-            let files = diff::parse(text);
-            out.push_str(&if d.split {
-                diff::render_split(&files)
-            } else {
-                diff::render_unified(&files)
-            });
-            if *cut {
-                let _ = write!(
-                    out,
-                    "<p class=\"empty\">The diff is longer than shown: <a href=\"/api/tasks/{id}/diff\">the whole diff</a>.</p>"
-                );
+    let ended = |e: &TaskEvent| e.status.is_some_and(TaskStatus::is_terminal);
+    html! {
+        section id="timeline" class="card" {
+            h2 { "Status" }
+            ol class="timeline" {
+                @for (i, e) in statuses.iter().enumerate() {
+                    // A step after an ended one opens the next attempt (a retry).
+                    @if i > 0 && ended(statuses[i - 1]) {
+                        li class="sep" {
+                            "Attempt " (1 + statuses[..i].iter().filter(|p| ended(p)).count())
+                        }
+                    }
+                    li class={ "st" (status_class(e.status)) } {
+                        (clock(e.at)) " " b { (e.status.map(|s| s.as_str()).unwrap_or("?")) }
+                        // How long the step took; an ended attempt has no next step.
+                        @if let Some(next) = statuses.get(i + 1).filter(|_| !ended(e)) {
+                            span class="took" {
+                                (duration_ms((next.at - e.at).num_milliseconds().max(0) as u64))
+                            }
+                        }
+                        div class="m" { (e.message) }
+                    }
+                }
+                @if statuses.is_empty() {
+                    li class="st" { "No status changes yet." }
+                }
+            }
+            // One attempt is the whole story above; the table only helps once there are more.
+            @if attempts.len() > 1 {
+                h3 { "Attempts" }
+                table class="attempts" {
+                    tr { th { "#" } th { "started" } th { "finished" } th { "outcome" } }
+                    @for a in attempts {
+                        tr {
+                            td { (a.attempt) }
+                            td { (clock(a.started_at)) }
+                            td {
+                                @match a.finished_at {
+                                    Some(t) => (clock(t)),
+                                    None => "—",
+                                }
+                            }
+                            td { (a.status) " " span class="m" { (a.message) } }
+                        }
+                    }
+                }
             }
         }
     }
-    out.push_str("</section>");
-    out
 }
 
-fn transcript_section(d: &TaskPageData<'_>) -> String {
-    let id = &d.record.task_id;
-    let mut out = String::from("<section id=\"transcript\" class=\"card\"><h2>Transcript</h2>");
-    match &d.transcript {
-        None => out.push_str("<p class=\"empty\">No transcript yet.</p>"),
-        Some((text, cut)) => {
-            out.push_str(&transcript::render(text));
-            if *cut {
-                let _ = write!(
-                    out,
-                    "<p class=\"empty\">The transcript is longer than shown: <a href=\"/api/tasks/{id}/transcript\">the whole transcript</a>.</p>"
-                );
+/// The timeline's colour for a step: the end states stand out.
+fn status_class(status: Option<TaskStatus>) -> &'static str {
+    match status {
+        Some(TaskStatus::Completed) => " ok",
+        Some(TaskStatus::Failed) => " bad",
+        Some(TaskStatus::Cancelled) => " off",
+        _ => "",
+    }
+}
+
+fn agent_events(events: &[TaskEvent]) -> Markup {
+    html! {
+        section class="card" {
+            h2 { "Agent events " span class="live-dot" hidden { "live" } }
+            ol id="events" class="events" {
+                @for e in events.iter().filter(|e| e.kind == TaskEventKind::Agent) {
+                    li { (clock(e.at)) " " (e.message) }
+                }
             }
         }
     }
-    out.push_str("</section>");
-    out
+}
+
+/// One figure of the summary: the value large, what it counts below.
+fn figure(value: &str, what: &str) -> Markup {
+    html! { div { b { (value) } span { (what) } } }
+}
+
+fn summary(s: Option<&AgentSummary>) -> Markup {
+    html! {
+        section id="summary" class="card" {
+            h2 { "Summary" }
+            @if let Some(s) = s {
+                @if !s.summary.trim().is_empty() {
+                    p class="say" { (s.summary) }
+                }
+                div class="figures" {
+                    (figure(s.outcome.describe().trim_start_matches("the agent "), "outcome"))
+                    (figure(&s.steps.to_string(), "steps"))
+                    (figure(&s.tool_calls.to_string(), "tool calls"))
+                    (figure(&thousands(s.total_tokens), "tokens"))
+                    (figure(
+                        &format!("{} / {}", thousands(s.prompt_tokens), thousands(s.completion_tokens)),
+                        "prompt / completion",
+                    ))
+                    (figure(&duration_ms(s.wall_ms), "agent time"))
+                    (figure(&s.files_changed.len().to_string(), "files changed"))
+                }
+                @if let Some(e) = &s.error {
+                    p class="error" { (e) }
+                }
+            } @else {
+                p class="empty" { "Figures appear when the agent has run." }
+            }
+        }
+    }
+}
+
+fn diff_section(d: &TaskPageData<'_>) -> Markup {
+    let id = &d.record.task_id;
+    html! {
+        section id="diff" class="card" {
+            div class="bar" {
+                h2 { "Diff" }
+                nav class="toggle" {
+                    a href={ "/tasks/" (id) "?view=unified#diff" }
+                        aria-current=[(!d.split).then_some("page")] { "Unified" }
+                    a href={ "/tasks/" (id) "?view=split#diff" }
+                        aria-current=[d.split.then_some("page")] { "Side by side" }
+                }
+            }
+            @match &d.diff {
+                None => p class="empty" { "No diff yet." },
+                Some((text, _)) if text.trim().is_empty() => {
+                    p class="empty" { "The agent changed nothing." }
+                }
+                Some((text, cut)) => {
+                    @let files = diff::parse(text);
+                    @if d.split {
+                        (PreEscaped(diff::render_split(&files)))
+                    } @else {
+                        (PreEscaped(diff::render_unified(&files)))
+                    }
+                    @if *cut {
+                        p class="empty" {
+                            "The diff is longer than shown: "
+                            a href={ "/api/tasks/" (id) "/diff" } { "the whole diff" } "."
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn transcript_section(d: &TaskPageData<'_>) -> Markup {
+    let id = &d.record.task_id;
+    html! {
+        section id="transcript" class="card" {
+            h2 { "Transcript" }
+            @match &d.transcript {
+                None => p class="empty" { "No transcript yet." },
+                Some((text, cut)) => {
+                    (PreEscaped(transcript::render(text)))
+                    @if *cut {
+                        p class="empty" {
+                            "The transcript is longer than shown: "
+                            a href={ "/api/tasks/" (id) "/transcript" } { "the whole transcript" } "."
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// One task: head with actions, status timeline, live agent events, summary, diff and
@@ -469,53 +480,49 @@ pub fn task_page(d: &TaskPageData<'_>) -> String {
     let r = d.record;
     let last_seq = d.events.iter().map(|e| e.seq).max().unwrap_or(0);
     let title = headline(&r.spec.task_description, 100);
-    let mut body = String::new();
-    let _ = write!(
-        body,
-        "<div id=\"task\" data-task=\"{id}\" data-last=\"{last_seq}\" data-terminal=\"{term}\">\
-<p class=\"crumb\"><a href=\"/\">← All tasks</a></p>\
-<section id=\"head\" class=\"card head\"><div class=\"title\"><h1>{title}</h1>{badge}</div>\
-<p class=\"msg\" id=\"message\">{msg}</p>",
-        id = r.task_id,
-        term = u8::from(r.status.is_terminal()),
-        title = esc(if title.is_empty() {
-            "(no description)"
-        } else {
-            &title
-        }),
-        badge = badge(r.status),
-        msg = esc(&r.message),
-    );
-    if r.spec.task_description.trim() != title {
-        let _ = write!(
-            body,
-            "<details class=\"fulldesc\"><summary>Full task description</summary><p class=\"say\">{}</p></details>",
-            esc(&r.spec.task_description)
-        );
-    }
-    body.push_str(&facts(d));
-    body.push_str(&actions(d));
-    body.push_str("</section><div class=\"cols\">");
-    body.push_str(&timeline(d.events, &r.attempts));
-    body.push_str(&agent_events(d.events));
-    body.push_str("</div>");
-    body.push_str(&summary(r.summary.as_ref()));
-    body.push_str(&diff_section(d));
-    body.push_str(&transcript_section(d));
-    body.push_str("</div>");
+    let shown_title = if title.is_empty() {
+        "(no description)"
+    } else {
+        &title
+    };
+    let body = html! {
+        div id="task" data-task=(r.task_id) data-last=(last_seq)
+            data-terminal=(u8::from(r.status.is_terminal())) {
+            p class="crumb" { a href="/" { "← All tasks" } }
+            section id="head" class="card head" {
+                div class="title" { h1 { (shown_title) } (badge(r.status)) }
+                p class="msg" id="message" { (r.message) }
+                @if r.spec.task_description.trim() != title {
+                    details class="fulldesc" {
+                        summary { "Full task description" }
+                        p class="say" { (r.spec.task_description) }
+                    }
+                }
+                (facts(d))
+                (actions(d))
+            }
+            div class="cols" {
+                (timeline(d.events, &r.attempts))
+                (agent_events(d.events))
+            }
+            (summary(r.summary.as_ref()))
+            (diff_section(d))
+            (transcript_section(d))
+        }
+    };
     page(&format!("{} {}", r.status, title), &body)
 }
 
 /// A page that says what went wrong, with a way back.
 pub fn error_page(title: &str, message: &str) -> String {
-    page(
-        title,
-        &format!(
-            "<section class=\"card\"><h1>{}</h1><p class=\"error\" role=\"alert\">{}</p><p><a href=\"/\">← All tasks</a></p></section>",
-            esc(title),
-            esc(message)
-        ),
-    )
+    let body = html! {
+        section class="card" {
+            h1 { (title) }
+            p class="error" role="alert" { (message) }
+            p { a href="/" { "← All tasks" } }
+        }
+    };
+    page(title, &body)
 }
 
 #[cfg(test)]
@@ -607,7 +614,7 @@ mod tests {
         assert_clean(&html);
         assert!(!html.contains("</textarea><script"));
         assert!(html.contains(&format!("<a href=\"/tasks/{}\">", r.task_id)));
-        assert!(html.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"));
+        assert!(html.contains("&lt;script&gt;alert('x')&lt;/script&gt;"));
         assert!(html.contains("<option value=\"COMPLETED\" selected>"));
         assert!(html.contains("cursor=c%26%22ursor"));
     }
@@ -660,5 +667,60 @@ mod tests {
             assert!(html.contains("<details><summary><b>&lt;script&gt;"));
             assert!(html.contains("id=\"retry\"") && !html.contains("id=\"cancel\""));
         }
+    }
+
+    /// Text a user wrote lands in element content and in attribute values (the search
+    /// index of a row, the refilled form); in both it stays text.
+    #[test]
+    fn hostile_task_text_stays_text_in_content_and_attributes() {
+        let mut r = hostile_record();
+        r.spec.task_description = "\"><script>alert(1)</script> & 'quoted'".to_string();
+        r.message = "done".to_string();
+        let form = FormState {
+            git_url: "\" onfocus=\"alert(1)".to_string(),
+            task_description: r.spec.task_description.clone(),
+            ..FormState::default()
+        };
+        let html = list_page(
+            std::slice::from_ref(&r),
+            &ListFilterView::default(),
+            None,
+            &form,
+            Utc::now(),
+        );
+        let escaped = "&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt; &amp; 'quoted'";
+        assert!(
+            html.contains(&format!("<span class=\"desc\">{escaped}</span>")),
+            "{html}"
+        );
+        assert!(
+            html.contains(&format!("data-search=\"{} ", r.task_id)),
+            "{html}"
+        );
+        assert!(html.contains(&format!("{escaped} done\">")), "{html}");
+        assert!(
+            html.contains("value=\"&quot; onfocus=&quot;alert(1)\">"),
+            "{html}"
+        );
+        assert!(html.contains(&format!(
+            "Fix the failing test in calc.py\">{escaped}</textarea>"
+        )));
+        assert!(!html.contains("<script>alert(1)") && !html.contains("\" onfocus"));
+
+        let page = task_page(&TaskPageData {
+            record: &r,
+            events: &[],
+            workflow_link: None,
+            diff: None,
+            transcript: None,
+            split: false,
+            now: Utc::now(),
+        });
+        assert!(page.contains(&format!("<h1>{escaped}</h1>")), "{page}");
+        assert!(
+            page.contains(&format!("<title>COMPLETED {escaped} · patchflow</title>")),
+            "{page}"
+        );
+        assert!(!page.contains("<script>alert(1)"), "{page}");
     }
 }
