@@ -4,7 +4,8 @@
 //! - [`fetch`]: `fetch_code`, a shallow git fetch or a safe ZIP unpack.
 //! - [`stage`]: `stage_code`, the tree as tar.zst into the object store.
 //! - [`runner`]: `run_agent`, the agent in a fresh workspace (local child process here).
-//! - `publish_result` and `record_status`, which write the task store.
+//! - `publish_result` and `record_status`, which write the task store, both through
+//!   `Activities::change_status` (the platform's status path, then the result message).
 //!
 //! Errors caused by the input (a repository that does not exist, a ZIP that tries to
 //! escape) are non-retryable so the task fails once with the reason; everything else is
@@ -22,8 +23,9 @@ use std::time::Duration;
 use patchflow_core::{
     AgentEvent, AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskStatus, layout,
 };
-use patchflow_platform::cache::Hot;
-use patchflow_platform::{ObjectStore, StatusChange, TaskStore};
+use patchflow_platform::cache::{CacheError, Hot};
+use patchflow_platform::status::{self, CacheDuty, StatusWrite};
+use patchflow_platform::{ObjectStore, StatusChange, StoreError, TaskStore};
 use patchflow_workflows::io::{
     FetchInput, FetchOutput, PublishInput, PublishOutput, RunAgentInput, SlotInput, StageInput,
     StageOutput, StatusUpdate,
@@ -100,7 +102,7 @@ impl Activities {
                 .slots
                 .try_acquire(
                     &slot.batch_id,
-                    &slot.task_id,
+                    slot.task_id.as_str(),
                     slot.limit,
                     self.config.batch_lease,
                 )
@@ -128,36 +130,48 @@ impl Activities {
         }
     }
 
-    /// Writes a status for the workflow run that called the activity. The run id places
-    /// the write among the task's attempts: a run the store has not seen (a retry, or a
-    /// reset done by hand in the Temporal UI) begins a new attempt by itself.
-    async fn write_status(
+    /// The worker's one writer of a task's status, final ones included (`record_status` and
+    /// `publish_result` both come here). The write carries the run id of the workflow run
+    /// that called the activity, which places it among the task's attempts: a run the store
+    /// has not seen (a retry, or a reset done by hand in the Temporal UI) begins a new
+    /// attempt by itself. Once a final status is stored, applied now or by an earlier try
+    /// of this activity whose result message was lost, the result message goes out.
+    async fn change_status(
         &self,
         ctx: &ActivityContext,
         id: &TaskId,
         status: TaskStatus,
         message: &str,
-    ) -> Result<StatusChange, patchflow_platform::StoreError> {
-        match ctx.info().workflow_run_id.as_deref() {
-            Some(run) if !run.is_empty() => {
-                self.store.set_run_status(id, run, status, message).await
-            }
-            _ => self.store.set_status(id, status, message).await,
+    ) -> Result<StatusChange, ActivityError> {
+        let run_id = ctx
+            .info()
+            .workflow_run_id
+            .as_deref()
+            .filter(|run| !run.is_empty());
+        let write = StatusWrite {
+            task: id,
+            run_id,
+            status,
+            message,
+        };
+        let change = status::change_status(
+            self.store.as_ref(),
+            &self.hot,
+            write,
+            &|duty: CacheDuty, e: &CacheError| match duty {
+                CacheDuty::LiveEvents => tracing::warn!(task_id = %id, error = %e, "cannot publish a live event (readers fall back to the database)"),
+                CacheDuty::StatusCache => tracing::warn!(task_id = %id, error = %e, "cannot invalidate the cached status"),
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound(_) => bad_input(format!("task {id} is not in the task store")),
+            other => transient(other),
+        })?;
+        if status.is_terminal() {
+            self.publish_result_message(id).await?;
         }
-    }
-
-    /// Tells live readers about a change the task store just recorded: the event goes to
-    /// the task's stream and the cached status is dropped. The store is the source of
-    /// truth, so a cache outage is logged and otherwise ignored.
-    async fn announce(&self, task: &TaskId, event: TaskEvent) {
-        if let Err(e) = self.hot.events.publish(task, &event).await {
-            tracing::warn!(task_id = %task, error = %e, "cannot publish a live event (readers fall back to the database)");
-        }
-        if event.status.is_some()
-            && let Err(e) = self.hot.status.invalidate(task).await
-        {
-            tracing::warn!(task_id = %task, error = %e, "cannot invalidate the cached status");
-        }
+        Ok(change)
     }
 
     async fn record_agent_event(&self, task: &TaskId, event: &AgentEvent) {
@@ -168,6 +182,8 @@ impl Activities {
             .await
         {
             Ok(seq) => {
+                // Not a status change: the event goes to live readers, the cached record
+                // stays (it holds no agent events).
                 let ev = TaskEvent {
                     seq,
                     kind: TaskEventKind::Agent,
@@ -175,20 +191,12 @@ impl Activities {
                     message,
                     at: chrono::Utc::now(),
                 };
-                self.announce(task, ev).await;
+                if let Err(e) = self.hot.events.publish(task, &ev).await {
+                    tracing::warn!(task_id = %task, error = %e, "cannot publish a live event (readers fall back to the database)");
+                }
             }
             Err(e) => tracing::warn!(task_id = %task, error = %e, "cannot record agent event"),
         }
-    }
-}
-
-fn status_event(seq: i64, status: TaskStatus, message: &str) -> TaskEvent {
-    TaskEvent {
-        seq,
-        kind: TaskEventKind::Status,
-        status: Some(status),
-        message: message.to_string(),
-        at: chrono::Utc::now(),
     }
 }
 
@@ -202,8 +210,11 @@ pub(crate) fn transient(msg: impl std::fmt::Display) -> ActivityError {
     ActivityError::from(anyhow::anyhow!(msg.to_string()))
 }
 
-fn task_id(s: &str) -> Result<TaskId, ActivityError> {
-    s.parse::<TaskId>().map_err(bad_input)
+/// The task id of an activity input, checked: ids travel as [`TaskId`] but deserialise
+/// unchecked, and one names directories and object keys here, so an input that did not
+/// come from the gateway is refused before it is used.
+fn task_id(id: &TaskId) -> Result<TaskId, ActivityError> {
+    id.as_str().parse::<TaskId>().map_err(bad_input)
 }
 
 #[activities]
@@ -216,31 +227,17 @@ impl Activities {
     ) -> Result<(), ActivityError> {
         let id = task_id(&update.task_id)?;
         match self
-            .write_status(&ctx, &id, update.status, &update.message)
-            .await
+            .change_status(&ctx, &id, update.status, &update.message)
+            .await?
         {
-            Ok(StatusChange::Applied { seq }) => {
+            StatusChange::Applied { .. } => {
                 tracing::info!(task_id = %id, status = %update.status, message = %update.message, "status");
-                self.announce(&id, status_event(seq, update.status, &update.message))
-                    .await;
-                if update.status.is_terminal() {
-                    self.publish_result_message(&id).await?;
-                }
-                Ok(())
             }
-            Ok(StatusChange::Ignored { current }) => {
+            StatusChange::Ignored { current } => {
                 tracing::debug!(task_id = %id, status = %update.status, %current, "status write ignored (out of order)");
-                // A retry after the write landed but the result message did not.
-                if update.status.is_terminal() {
-                    self.publish_result_message(&id).await?;
-                }
-                Ok(())
             }
-            Err(patchflow_platform::StoreError::NotFound(_)) => {
-                Err(bad_input(format!("task {id} is not in the task store")))
-            }
-            Err(e) => Err(transient(e)),
         }
+        Ok(())
     }
 
     #[activity(definition = steps::AcquireBatchSlot)]
@@ -260,7 +257,7 @@ impl Activities {
     ) -> Result<(), ActivityError> {
         self.hot
             .slots
-            .release(&slot.batch_id, &slot.task_id)
+            .release(&slot.batch_id, slot.task_id.as_str())
             .await
             .map_err(transient)?;
         tracing::info!(task_id = %slot.task_id, batch_id = %slot.batch_id, "batch slot released");
@@ -333,7 +330,7 @@ impl Activities {
                         && renewed.elapsed() >= SLOT_RENEW_EVERY
                     {
                         renewed = tokio::time::Instant::now();
-                        if let Err(e) = self.hot.slots.renew(&slot.batch_id, &slot.task_id, self.config.batch_lease).await {
+                        if let Err(e) = self.hot.slots.renew(&slot.batch_id, slot.task_id.as_str(), self.config.batch_lease).await {
                             tracing::warn!(task_id = %id, error = %e, "cannot renew the batch slot");
                         }
                     }
@@ -401,20 +398,11 @@ impl Activities {
                 .unwrap_or_else(|| s.outcome.describe().to_string());
             (TaskStatus::Failed, why)
         };
-        match self
-            .write_status(&ctx, &id, status, &message)
-            .await
-            .map_err(transient)?
+        if let StatusChange::Ignored { current } =
+            self.change_status(&ctx, &id, status, &message).await?
         {
-            StatusChange::Applied { seq } => {
-                self.announce(&id, status_event(seq, status, &message))
-                    .await
-            }
-            StatusChange::Ignored { current } => {
-                tracing::warn!(task_id = %id, %current, %status, "final status not applied");
-            }
+            tracing::warn!(task_id = %id, %current, %status, "final status not applied");
         }
-        self.publish_result_message(&id).await?;
         tracing::info!(task_id = %id, %status, %message, "published");
         Ok(PublishOutput { status, message })
     }

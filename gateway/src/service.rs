@@ -7,14 +7,12 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 
-use patchflow_core::{
-    TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSource, TaskSpec, TaskStatus, layout,
-};
-use patchflow_platform::StatusChange;
-use patchflow_platform::cache::{Claim, Hot};
+use patchflow_core::{TaskEvent, TaskId, TaskRecord, TaskSource, TaskSpec, TaskStatus, layout};
+use patchflow_platform::cache::{CacheError, Claim, Hot};
 use patchflow_platform::db::{Inserted, ListCursor, ListFilter};
 use patchflow_platform::objectstore::ObjectReader;
-use patchflow_platform::{ObjectStore, TaskStore, archive};
+use patchflow_platform::status::{self, CacheDuty, StatusWrite};
+use patchflow_platform::{ObjectStore, StatusChange, StoreError, TaskStore, archive};
 use patchflow_workflows::{CodeTask, CodeTaskInput, WorkflowSettings};
 use temporalio_client::errors::{WorkflowInteractionError, WorkflowStartError};
 use temporalio_client::{
@@ -236,8 +234,7 @@ impl TaskService {
             if spec.idempotency_key.is_none() {
                 // Nobody can resume this one by resubmitting: say what happened.
                 let _ = self
-                    .store
-                    .set_status(&task_id, TaskStatus::Failed, &e.to_string())
+                    .change_status(&task_id, None, TaskStatus::Failed, &e.to_string())
                     .await;
             }
             return Err(e);
@@ -250,7 +247,7 @@ impl TaskService {
 
     async fn start_workflow(&self, task_id: &TaskId, spec: &TaskSpec) -> Result<(), ServiceError> {
         let input = CodeTaskInput {
-            task_id: task_id.to_string(),
+            task_id: task_id.clone(),
             spec: spec.clone(),
             settings: self.config.settings.clone(),
         };
@@ -273,27 +270,33 @@ impl TaskService {
                 )));
             }
         }
-        let message = "waiting for a worker";
-        if let StatusChange::Applied { seq } = self
-            .store
-            .set_status(task_id, TaskStatus::Queued, message)
-            .await?
-        {
-            let event = TaskEvent {
-                seq,
-                kind: TaskEventKind::Status,
-                status: Some(TaskStatus::Queued),
-                message: message.to_string(),
-                at: chrono::Utc::now(),
-            };
-            if let Err(e) = self.hot.events.publish(task_id, &event).await {
-                self.cache_trouble("live events", &e);
-            }
-            if let Err(e) = self.hot.status.invalidate(task_id).await {
-                self.cache_trouble("status cache", &e);
-            }
-        }
+        self.change_status(task_id, None, TaskStatus::Queued, "waiting for a worker")
+            .await?;
         Ok(())
+    }
+
+    /// Writes a status the gateway decides (QUEUED when it hands a task to Temporal, FAILED
+    /// when it could not) through the platform's one status path.
+    async fn change_status(
+        &self,
+        task: &TaskId,
+        run_id: Option<&str>,
+        status: TaskStatus,
+        message: &str,
+    ) -> Result<StatusChange, StoreError> {
+        let write = StatusWrite {
+            task,
+            run_id,
+            status,
+            message,
+        };
+        status::change_status(
+            self.store.as_ref(),
+            &self.hot,
+            write,
+            &|duty: CacheDuty, e: &CacheError| self.cache_trouble(duty.as_str(), e),
+        )
+        .await
     }
 
     /// The task record: from the status cache when there is a shared one, else (and on any

@@ -7,6 +7,7 @@
 //! - [`bus`]: Kafka (rdkafka): the task trigger topic, the results topic and the DLQ.
 //! - [`cache`]: hot-path services beside the task store (status cache, idempotency keys,
 //!   rate limits, live events), in-process or on Redis, bundled in [`cache::Hot`].
+//! - [`status`]: the one way to change a task's status (store, then event and cache).
 //!
 //! Callers pick an implementation from a URL with [`db::open`] and [`objectstore::open`],
 //! so configuration alone selects the back-end.
@@ -17,6 +18,7 @@ pub mod cache;
 pub mod db;
 pub mod objectstore;
 pub mod process;
+pub mod status;
 
 pub use db::{StatusChange, StoreError, TaskStore};
 pub use objectstore::{ObjectError, ObjectStore};

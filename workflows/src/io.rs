@@ -1,7 +1,9 @@
 //! Inputs and outputs that cross the workflow/activity boundary. They are serialised into
-//! Temporal's history, so fields are only ever added (with defaults), never renamed.
+//! Temporal's history, so fields are only ever added (with defaults), never renamed, and a
+//! field's serialised form never changes: a [`TaskId`] is written as the plain string the
+//! `String` it replaced was, so histories recorded before still replay.
 
-use patchflow_core::{AgentSummary, TaskSource, TaskSpec, TaskStatus};
+use patchflow_core::{AgentSummary, TaskId, TaskSource, TaskSpec, TaskStatus};
 use serde::{Deserialize, Serialize};
 
 /// Knobs the gateway fixes when it starts a workflow (the workflow cannot read config).
@@ -32,7 +34,7 @@ impl Default for WorkflowSettings {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CodeTaskInput {
-    pub task_id: String,
+    pub task_id: TaskId,
     pub spec: TaskSpec,
     #[serde(default)]
     pub settings: WorkflowSettings,
@@ -54,14 +56,14 @@ pub struct StatusView {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusUpdate {
-    pub task_id: String,
+    pub task_id: TaskId,
     pub status: TaskStatus,
     pub message: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FetchInput {
-    pub task_id: String,
+    pub task_id: TaskId,
     pub source: TaskSource,
 }
 
@@ -77,7 +79,7 @@ pub struct FetchOutput {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageInput {
-    pub task_id: String,
+    pub task_id: TaskId,
     pub source: TaskSource,
     /// Where `fetch_code` left the tree; fetched again if this worker does not have it.
     pub tree_dir: String,
@@ -92,7 +94,7 @@ pub struct StageOutput {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunAgentInput {
-    pub task_id: String,
+    pub task_id: TaskId,
     pub spec: TaskSpec,
     /// The batch slot this run holds; a retry on another worker takes it again first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -102,7 +104,7 @@ pub struct RunAgentInput {
 /// One task's slot in its batch (see `acquire_batch_slot`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlotInput {
-    pub task_id: String,
+    pub task_id: TaskId,
     pub batch_id: String,
     /// How many tasks of the batch may hold a slot at once.
     pub limit: u32,
@@ -110,7 +112,7 @@ pub struct SlotInput {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PublishInput {
-    pub task_id: String,
+    pub task_id: TaskId,
     pub summary: AgentSummary,
 }
 
@@ -118,4 +120,37 @@ pub struct PublishInput {
 pub struct PublishOutput {
     pub status: TaskStatus,
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Histories recorded while task ids were `String`s must decode, and new inputs must
+    /// read the same to workers and tools that still expect a string.
+    #[test]
+    fn a_task_id_crosses_the_history_as_a_plain_string() {
+        let id: TaskId = "tsk_0192abc".parse().unwrap();
+        let update = StatusUpdate {
+            task_id: id.clone(),
+            status: TaskStatus::Queued,
+            message: "waiting for a worker".into(),
+        };
+        let json = serde_json::to_value(&update).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "task_id": "tsk_0192abc",
+                "status": "QUEUED",
+                "message": "waiting for a worker"
+            })
+        );
+        let slot: SlotInput = serde_json::from_value(serde_json::json!({
+            "task_id": "tsk_0192abc", "batch_id": "b1", "limit": 2
+        }))
+        .unwrap();
+        assert_eq!(slot.task_id, id);
+    }
 }

@@ -17,7 +17,7 @@
 
 use std::time::Duration;
 
-use patchflow_core::{AgentSummary, TaskStatus};
+use patchflow_core::{AgentSummary, TaskId, TaskStatus};
 use temporalio_common::data_converters::TemporalDeserializable;
 use temporalio_common::{ActivityDefinition, RetryPolicy};
 use temporalio_macros::{workflow, workflow_methods};
@@ -33,9 +33,6 @@ use crate::io::{
 };
 use crate::steps::Steps;
 
-/// Error types the activities raise for bad input; Temporal never retries them.
-pub const NON_RETRYABLE: [&str; 1] = ["BadInput"];
-
 #[workflow]
 #[derive(Default)]
 pub struct CodeTask {
@@ -44,11 +41,42 @@ pub struct CodeTask {
     cancel_reason: Option<String>,
 }
 
-/// How one step ended.
-enum Step<T> {
-    Done(T),
+/// Why a task stops before its results are published: the final status and its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum EarlyEnd {
+    /// A step failed (after its retries); the message is the step's own words.
     Failed(String),
+    /// A cancel signal or a Temporal cancellation; the message is the reason.
     Cancelled(String),
+}
+
+impl EarlyEnd {
+    fn status(&self) -> TaskStatus {
+        match self {
+            Self::Failed(_) => TaskStatus::Failed,
+            Self::Cancelled(_) => TaskStatus::Cancelled,
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            Self::Failed(m) | Self::Cancelled(m) => m,
+        }
+    }
+
+    /// How the workflow run itself ends, so the Temporal UI shows the same outcome as the
+    /// task record (and offers Reset on a failure).
+    fn termination(self) -> WorkflowTermination {
+        match self {
+            Self::Cancelled(_) => WorkflowTermination::cancelled(),
+            Self::Failed(message) => failure(message),
+        }
+    }
+}
+
+/// A failed run; never retried by Temporal (the task's retry is the user's call).
+fn failure(message: String) -> WorkflowTermination {
+    temporalio_sdk::ApplicationFailure::non_retryable(std::io::Error::other(message)).into()
 }
 
 #[workflow_methods]
@@ -75,8 +103,8 @@ impl CodeTask {
         };
         let fetched =
             match Self::step(ctx, Steps::fetch_code, fetch, io_options(&settings, 600)).await {
-                Step::Done(v) => v,
-                other => return Self::end_early(ctx, &task_id, other.map_none()).await,
+                Ok(v) => v,
+                Err(end) => return Self::end_early(ctx, &task_id, end, None).await,
             };
 
         Self::record(
@@ -102,8 +130,8 @@ impl CodeTask {
         };
         let staged =
             match Self::step(ctx, Steps::stage_code, stage, io_options(&settings, 600)).await {
-                Step::Done(v) => v,
-                other => return Self::end_early(ctx, &task_id, other.map_none()).await,
+                Ok(v) => v,
+                Err(end) => return Self::end_early(ctx, &task_id, end, None).await,
             };
 
         let slot = match (&spec.batch_id, settings.batch_concurrency) {
@@ -122,10 +150,8 @@ impl CodeTask {
                     .heartbeat_timeout(Duration::from_secs(settings.heartbeat_timeout_secs.max(1)))
                     .retry_policy(retry_policy(&settings))
                     .build();
-            if let other @ (Step::Failed(_) | Step::Cancelled(_)) =
-                Self::step(ctx, Steps::acquire_batch_slot, s.clone(), opts).await
-            {
-                return Self::end_early_releasing(ctx, &task_id, other, slot.as_ref()).await;
+            if let Err(end) = Self::step(ctx, Steps::acquire_batch_slot, s.clone(), opts).await {
+                return Self::end_early(ctx, &task_id, end, slot.as_ref()).await;
             }
         }
 
@@ -152,11 +178,8 @@ impl CodeTask {
         .retry_policy(retry_policy(&settings))
         .build();
         let summary: AgentSummary = match Self::step(ctx, Steps::run_agent, run, agent_opts).await {
-            Step::Done(v) => v,
-            other => {
-                return Self::end_early_releasing(ctx, &task_id, other.map_none(), slot.as_ref())
-                    .await;
-            }
+            Ok(v) => v,
+            Err(end) => return Self::end_early(ctx, &task_id, end, slot.as_ref()).await,
         };
 
         Self::record(
@@ -185,8 +208,8 @@ impl CodeTask {
         )
         .await
         {
-            Step::Done(v) => v,
-            other => return Self::end_early(ctx, &task_id, other.map_none()).await,
+            Ok(v) => v,
+            Err(end) => return Self::end_early(ctx, &task_id, end, None).await,
         };
         ctx.state_mut(|s| {
             s.status = Some(published.status);
@@ -195,12 +218,7 @@ impl CodeTask {
         if published.status == TaskStatus::Failed {
             // The run ended (limits, model errors) and its results are stored; the workflow
             // fails too so the Temporal UI shows it and offers Reset.
-            return Err(
-                temporalio_sdk::ApplicationFailure::non_retryable(std::io::Error::other(
-                    published.message,
-                ))
-                .into(),
-            );
+            return Err(failure(published.message));
         }
         Ok(CodeTaskOutput {
             status: published.status,
@@ -236,13 +254,13 @@ impl CodeTask {
         activity: AD,
         input: AD::Input,
         options: ActivityOptions,
-    ) -> Step<AD::Output>
+    ) -> Result<AD::Output, EarlyEnd>
     where
         AD: ActivityDefinition,
         AD::Output: TemporalDeserializable,
     {
         if let Some(reason) = ctx.state(|s| s.cancel_reason.clone()) {
-            return Step::Cancelled(reason);
+            return Err(EarlyEnd::Cancelled(reason));
         }
         let activity = std::pin::pin!(ctx.execute_activity(activity, input, options));
         let cancel = std::pin::pin!(ctx.wait_condition(|s: &Self| s.cancel_reason.is_some()));
@@ -253,16 +271,18 @@ impl CodeTask {
             _ = cancel.as_mut() => None,
         };
         match outcome {
-            Some(Ok(v)) => Step::Done(v),
-            Some(Err(ActivityExecutionError::Cancelled(_))) => Step::Cancelled(cancel_reason(ctx)),
-            Some(Err(e)) => Step::Failed(root_cause(&e)),
+            Some(Ok(v)) => Ok(v),
+            Some(Err(ActivityExecutionError::Cancelled(_))) => {
+                Err(EarlyEnd::Cancelled(cancel_reason(ctx)))
+            }
+            Some(Err(e)) => Err(EarlyEnd::Failed(root_cause(&e))),
             None => {
                 // Ask the activity to stop and wait for its answer (run_agent confirms its
                 // process is gone); whatever it says now, the task is cancelled.
                 use temporalio_sdk::CancellableFuture;
                 activity.cancel();
                 let _ = activity.as_mut().await;
-                Step::Cancelled(cancel_reason(ctx))
+                Err(EarlyEnd::Cancelled(cancel_reason(ctx)))
             }
         }
     }
@@ -270,7 +290,7 @@ impl CodeTask {
     /// Records a status, keeping the query's answer in step with the store.
     async fn record(
         ctx: &WorkflowContext<Self>,
-        task_id: &str,
+        task_id: &TaskId,
         status: TaskStatus,
         message: &str,
     ) -> WorkflowResult<()> {
@@ -279,7 +299,7 @@ impl CodeTask {
             s.message = message.to_string();
         });
         let update = StatusUpdate {
-            task_id: task_id.to_string(),
+            task_id: task_id.clone(),
             status,
             message: message.to_string(),
         };
@@ -322,68 +342,20 @@ impl CodeTask {
             .await;
     }
 
-    /// [`Self::end_early`] for a task that may hold a batch slot: the final status is
-    /// recorded first, then the slot is released.
-    async fn end_early_releasing(
-        ctx: &WorkflowContext<Self>,
-        task_id: &str,
-        step: Step<()>,
-        slot: Option<&SlotInput>,
-    ) -> WorkflowResult<CodeTaskOutput> {
-        let Some(slot) = slot else {
-            return Self::end_early(ctx, task_id, step).await;
-        };
-        let (status, message) = match &step {
-            Step::Cancelled(reason) => (TaskStatus::Cancelled, reason.clone()),
-            Step::Failed(message) => (TaskStatus::Failed, message.clone()),
-            Step::Done(()) => return Self::end_early(ctx, task_id, step).await,
-        };
-        Self::record(ctx, task_id, status, &message).await?;
-        Self::release_slot(ctx, slot).await;
-        match step {
-            Step::Cancelled(_) => Err(WorkflowTermination::cancelled()),
-            _ => Err(
-                temporalio_sdk::ApplicationFailure::non_retryable(std::io::Error::other(message))
-                    .into(),
-            ),
-        }
-    }
-
-    /// Ends the task after a step failed or was cancelled.
+    /// Ends the task after a step failed or was cancelled: the final status is recorded
+    /// first, then the batch slot the task may hold is given back, so the recorded
+    /// RUNNING_AGENT spans of a batch never overlap more than its limit allows.
     async fn end_early(
         ctx: &WorkflowContext<Self>,
-        task_id: &str,
-        step: Step<()>,
+        task_id: &TaskId,
+        end: EarlyEnd,
+        slot: Option<&SlotInput>,
     ) -> WorkflowResult<CodeTaskOutput> {
-        match step {
-            Step::Cancelled(reason) => {
-                Self::record(ctx, task_id, TaskStatus::Cancelled, &reason).await?;
-                Err(WorkflowTermination::cancelled())
-            }
-            Step::Failed(message) => {
-                Self::record(ctx, task_id, TaskStatus::Failed, &message).await?;
-                Err(
-                    temporalio_sdk::ApplicationFailure::non_retryable(std::io::Error::other(
-                        message,
-                    ))
-                    .into(),
-                )
-            }
-            Step::Done(()) => Err(temporalio_sdk::ApplicationFailure::non_retryable(
-                std::io::Error::other("internal: end_early called on a finished step"),
-            )
-            .into()),
+        Self::record(ctx, task_id, end.status(), end.message()).await?;
+        if let Some(slot) = slot {
+            Self::release_slot(ctx, slot).await;
         }
-    }
-}
-
-impl<T> Step<T> {
-    fn map_none(self) -> Step<()> {
-        match self {
-            Step::Done(_) => Step::Done(()),
-            Step::Failed(m) => Step::Failed(m),
-            Step::Cancelled(r) => Step::Cancelled(r),
-        }
+        Err(end.termination())
     }
 }
 
@@ -400,7 +372,6 @@ fn retry_policy(settings: &WorkflowSettings) -> RetryPolicy {
         ))
         .maximum_interval(Duration::from_secs(60))
         .maximum_attempts(settings.activity_max_attempts.max(1))
-        .non_retryable_error_types(NON_RETRYABLE)
         .build()
 }
 
@@ -423,4 +394,74 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn an_early_end_records_its_final_status_and_message() {
+        let failed = EarlyEnd::Failed("clone failed: repository not found".into());
+        assert_eq!(failed.status(), TaskStatus::Failed);
+        assert_eq!(failed.message(), "clone failed: repository not found");
+        let cancelled = EarlyEnd::Cancelled("changed my mind".into());
+        assert_eq!(cancelled.status(), TaskStatus::Cancelled);
+        assert_eq!(cancelled.message(), "changed my mind");
+        assert!(failed.status().is_terminal() && cancelled.status().is_terminal());
+    }
+
+    #[test]
+    fn a_cancelled_task_ends_its_run_cancelled_and_a_failed_one_failed_with_the_reason() {
+        let cancelled = EarlyEnd::Cancelled("changed my mind".into()).termination();
+        assert!(
+            matches!(cancelled, WorkflowTermination::Cancelled { .. }),
+            "{cancelled:?}"
+        );
+        let failed = EarlyEnd::Failed("upstream exploded".into()).termination();
+        assert!(
+            matches!(failed, WorkflowTermination::Failed(_)),
+            "{failed:?}"
+        );
+        assert!(
+            root_cause(&failed).contains("upstream exploded"),
+            "{}",
+            root_cause(&failed)
+        );
+    }
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1
+                .as_deref()
+                .map(|l| l as &(dyn std::error::Error + 'static))
+        }
+    }
+
+    #[test]
+    fn the_root_cause_is_the_innermost_message_that_says_something() {
+        let wrapped = Layer(
+            "Activity task failed",
+            Some(Box::new(Layer(
+                "application failure",
+                Some(Box::new(Layer("git: repository not found", None))),
+            ))),
+        );
+        assert_eq!(root_cause(&wrapped), "git: repository not found");
+        // An empty innermost layer does not hide the words above it.
+        let blank = Layer("model request failed", Some(Box::new(Layer(" ", None))));
+        assert_eq!(root_cause(&blank), "model request failed");
+        assert_eq!(root_cause(&Layer("alone", None)), "alone");
+    }
 }

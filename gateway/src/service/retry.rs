@@ -13,8 +13,7 @@
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use patchflow_core::{TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskStatus};
-use patchflow_platform::StatusChange;
+use patchflow_core::{TaskId, TaskRecord, TaskStatus};
 use patchflow_workflows::{CodeTask, CodeTaskInput};
 use serde::{Deserialize, Serialize};
 use temporalio_client::errors::WorkflowStartError;
@@ -108,26 +107,10 @@ impl TaskService {
             }
         };
         tracing::info!(task_id = %task_id, mode = mode.as_str(), run_id = %new_run, attempt = next, "retry");
-        // The new run may already have written its first status (then this is ignored).
-        if let StatusChange::Applied { seq } = self
-            .store
-            .set_run_status(task_id, &new_run, TaskStatus::Queued, &message)
-            .await?
-        {
-            let event = TaskEvent {
-                seq,
-                kind: TaskEventKind::Status,
-                status: Some(TaskStatus::Queued),
-                message,
-                at: chrono::Utc::now(),
-            };
-            if let Err(e) = self.hot.events.publish(task_id, &event).await {
-                self.cache_trouble("live events", &e);
-            }
-        }
-        if let Err(e) = self.hot.status.invalidate(task_id).await {
-            self.cache_trouble("status cache", &e);
-        }
+        // The new run may already have written its first status (then this is ignored, and
+        // that write announced itself).
+        self.change_status(task_id, Some(&new_run), TaskStatus::Queued, &message)
+            .await?;
         self.get_from_store(task_id).await
     }
 
@@ -171,7 +154,7 @@ impl TaskService {
         record: &TaskRecord,
     ) -> Result<String, ServiceError> {
         let input = CodeTaskInput {
-            task_id: task_id.to_string(),
+            task_id: task_id.clone(),
             spec: record.spec.clone(),
             settings: self.config.settings.clone(),
         };
@@ -377,5 +360,44 @@ mod tests {
         ]);
         assert_eq!(reset_point(&h), Some(18));
         assert_eq!(reset_point(&[wft_done(4)]), None);
+    }
+
+    /// On a real history (recorded for the workflow's replay tests): the agent failed, so
+    /// the reset point is the workflow task that scheduled `run_agent`, after fetch and stage.
+    #[tokio::test]
+    async fn a_recorded_failed_run_resets_to_the_workflow_task_that_scheduled_the_agent() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../workflows/tests/histories/failed.json"
+        );
+        let json = std::fs::read(path).unwrap();
+        let events = temporalio_client::WorkflowHistory::from_json(&json)
+            .unwrap()
+            .into_events()
+            .await
+            .unwrap();
+        let point = reset_point(&events).unwrap();
+        let at = events.iter().position(|e| e.event_id == point).unwrap();
+        assert_eq!(events[at].event_type(), EventType::WorkflowTaskCompleted);
+        let next_step = events[at..]
+            .iter()
+            .find_map(|e| match &e.attributes {
+                Some(Attributes::ActivityTaskScheduledEventAttributes(a)) => {
+                    a.activity_type.as_ref().map(|t| t.name.clone())
+                }
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(next_step, AGENT_STEP);
+        let completed_before: Vec<i64> = events[..at]
+            .iter()
+            .filter(|e| e.event_type() == EventType::ActivityTaskCompleted)
+            .map(|e| e.event_id)
+            .collect();
+        assert_eq!(
+            completed_before.len(),
+            2,
+            "fetch and stage completed before the agent"
+        );
     }
 }
