@@ -1,4 +1,5 @@
 //! `patchflow batch`: many tasks from one JSONL file, followed and exported as a whole.
+//! The line formats, the predictions and the counts are patchflow-api's (`batch`).
 //!
 //! - `batch submit FILE.jsonl [--batch-id ID] [--via http|kafka]`: one task per line, either
 //!   the HTTP submit body (`git_url`, `task_description`, …) or a SWE-bench instance
@@ -18,11 +19,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
+use patchflow_api::batch::{self as lines, BatchCounts, Prediction};
+use patchflow_api::kafka::TaskMessage;
+use patchflow_api::{ErrorBody, SubmitBody, TaskPage, TaskView};
 use patchflow_core::{Config, TaskStatus};
-use patchflow_platform::bus::{self, Producer, TASK_SCHEMA};
-use serde_json::{Map, Value, json};
+use patchflow_platform::bus::{self, Producer};
+use serde::de::DeserializeOwned;
 
-use crate::client::ServerOpt;
+use crate::client::{ServerOpt, print_json};
 
 #[derive(Debug, Subcommand)]
 pub enum BatchCommand {
@@ -99,75 +103,6 @@ pub async fn run(config: Config, cmd: BatchCommand) -> anyhow::Result<ExitCode> 
     }
 }
 
-/// `owner/name` -> its GitHub clone URL; URLs and paths are kept as they are.
-pub fn repo_url(repo: &str) -> String {
-    let r = repo.trim();
-    let looks_like_slug = !r.contains("://")
-        && !r.starts_with('/')
-        && !r.starts_with('.')
-        && !r.contains('@')
-        && r.split('/').count() == 2
-        && r.split('/').all(|p| !p.is_empty());
-    if looks_like_slug {
-        format!("https://github.com/{r}.git")
-    } else {
-        r.to_string()
-    }
-}
-
-/// One line of the file as a task message body (the HTTP submit body's fields), or why not.
-pub fn line_to_body(
-    line: &str,
-    line_no: usize,
-    batch_id: &str,
-    model: Option<&str>,
-) -> Result<Map<String, Value>, String> {
-    let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
-    let Value::Object(mut obj) = v else {
-        return Err("not a JSON object".into());
-    };
-    let text = |obj: &Map<String, Value>, k: &str| -> Result<String, String> {
-        match obj.get(k) {
-            Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
-            Some(_) => Err(format!("`{k}` must be a non-empty string")),
-            None => Err(format!("`{k}` is missing")),
-        }
-    };
-    let mut body = Map::new();
-    let key_suffix;
-    if obj.contains_key("instance_id") {
-        // A SWE-bench instance.
-        let instance = text(&obj, "instance_id")?;
-        let repo = text(&obj, "repo")?;
-        let commit = text(&obj, "base_commit")?;
-        let problem = text(&obj, "problem_statement")?;
-        body.insert("git_url".into(), json!(repo_url(&repo)));
-        body.insert("git_ref".into(), json!(commit));
-        body.insert("task_description".into(), json!(problem));
-        key_suffix = instance;
-    } else {
-        text(&obj, "task_description")?;
-        if !obj.contains_key("git_url") {
-            return Err("`git_url` is missing (or give a SWE-bench `instance_id`)".into());
-        }
-        key_suffix = match obj.remove("idempotency_key") {
-            Some(Value::String(k)) if !k.is_empty() => k,
-            _ => line_no.to_string(),
-        };
-        obj.remove("schema");
-        body = obj;
-    }
-    body.insert("batch_id".into(), json!(batch_id));
-    body.insert(
-        "idempotency_key".into(),
-        json!(format!("{batch_id}/{key_suffix}")),
-    );
-    if let Some(m) = model {
-        body.insert("model".into(), json!(m));
-    }
-    Ok(body)
-}
-
 fn client() -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
@@ -175,21 +110,24 @@ fn client() -> anyhow::Result<reqwest::Client> {
         .context("cannot build the HTTP client")
 }
 
-async fn get_json(client: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
+/// The refusal's message, or `fallback` when the answer is not an error body.
+async fn refusal(r: reqwest::Response, fallback: &str) -> String {
+    r.json::<ErrorBody>()
+        .await
+        .map_or_else(|_| fallback.to_string(), |e| e.message)
+}
+
+async fn get_json<T: DeserializeOwned>(client: &reqwest::Client, url: &str) -> anyhow::Result<T> {
     let r = client
         .get(url)
         .send()
         .await
         .with_context(|| format!("cannot reach {url}: is `patchflow up` running?"))?;
     let status = r.status();
-    let body: Value = r.json().await.unwrap_or(Value::Null);
     if !status.is_success() {
-        bail!(
-            "{} ({status})",
-            body["message"].as_str().unwrap_or("request failed")
-        );
+        bail!("{} ({status})", refusal(r, "request failed").await);
     }
-    Ok(body)
+    Ok(r.json().await?)
 }
 
 async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> {
@@ -208,7 +146,7 @@ async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> {
         if line.trim().is_empty() {
             continue;
         }
-        match line_to_body(line, i + 1, &batch_id, a.task_model.as_deref()) {
+        match lines::parse_line(line, i + 1, &batch_id, a.task_model.as_deref()) {
             Ok(b) => bodies.push(b),
             Err(e) => errors.push(format!("line {}: {e}", i + 1)),
         }
@@ -240,11 +178,7 @@ async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn submit_http(
-    config: &Config,
-    a: &SubmitArgs,
-    bodies: &[Map<String, Value>],
-) -> anyhow::Result<()> {
+async fn submit_http(config: &Config, a: &SubmitArgs, bodies: &[SubmitBody]) -> anyhow::Result<()> {
     use futures::StreamExt;
     let base = a.server.base(config);
     let client = client()?;
@@ -261,11 +195,10 @@ async fn submit_http(
                     .with_context(|| format!("cannot reach {url}"))?;
                 let status = r.status();
                 if !status.is_success() {
-                    let v: Value = r.json().await.unwrap_or(Value::Null);
                     bail!(
                         "{}: {} ({status})",
-                        b["idempotency_key"].as_str().unwrap_or_default(),
-                        v["message"].as_str().unwrap_or("refused")
+                        b.idempotency_key.as_deref().unwrap_or_default(),
+                        refusal(r, "refused").await
                     );
                 }
                 Ok(())
@@ -289,23 +222,19 @@ async fn submit_http(
     Ok(())
 }
 
-async fn submit_kafka(config: &Config, bodies: &[Map<String, Value>]) -> anyhow::Result<()> {
+async fn submit_kafka(config: &Config, bodies: &[SubmitBody]) -> anyhow::Result<()> {
     let Some(settings) = crate::kafka::settings(config)? else {
         bail!("--via kafka needs kafka_brokers (PATCHFLOW_KAFKA_BROKERS)");
     };
     bus::ensure_topics(&settings, &[settings.tasks_topic.as_str()]).await?;
     let producer = Producer::new(&settings, Duration::from_secs(30))?;
     let sends = bodies.iter().map(|b| {
-        let mut msg = b.clone();
-        msg.insert("schema".into(), json!(TASK_SCHEMA));
-        let key = b["idempotency_key"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let key = b.idempotency_key.clone().unwrap_or_default();
+        let payload = serde_json::to_vec(&TaskMessage::new(b));
         let producer = producer.clone();
         let topic = settings.tasks_topic.clone();
         async move {
-            let payload = serde_json::to_vec(&msg)?;
+            let payload = payload?;
             producer
                 .send(&topic, key.as_bytes(), &payload, &[])
                 .await
@@ -323,7 +252,7 @@ async fn batch_tasks(
     client: &reqwest::Client,
     base: &str,
     batch_id: &str,
-) -> anyhow::Result<Vec<Value>> {
+) -> anyhow::Result<Vec<TaskView>> {
     let mut out = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
@@ -334,25 +263,22 @@ async fn batch_tasks(
         if let Some(c) = &cursor {
             url.query_pairs_mut().append_pair("cursor", c);
         }
-        let page = get_json(client, url.as_str()).await?;
-        if let Some(tasks) = page["tasks"].as_array() {
-            out.extend(tasks.iter().cloned());
-        }
-        match page["next_cursor"].as_str() {
-            Some(c) if !c.is_empty() => cursor = Some(c.to_string()),
+        let page: TaskPage = get_json(client, url.as_str()).await?;
+        out.extend(page.tasks);
+        match page.next_cursor {
+            Some(c) if !c.is_empty() => cursor = Some(c),
             _ => return Ok(out),
         }
     }
 }
 
 /// Tasks per status, in the pipeline's order.
-pub fn counts(tasks: &[Value]) -> BTreeMap<usize, (TaskStatus, usize)> {
+pub fn counts(tasks: &[TaskView]) -> BTreeMap<usize, (TaskStatus, usize)> {
     let mut m: BTreeMap<usize, (TaskStatus, usize)> = BTreeMap::new();
     for t in tasks {
-        if let Ok(s) = serde_json::from_value::<TaskStatus>(t["status"].clone()) {
-            let idx = TaskStatus::ALL.iter().position(|x| *x == s).unwrap_or(0);
-            m.entry(idx).or_insert((s, 0)).1 += 1;
-        }
+        let s = t.status;
+        let idx = TaskStatus::ALL.iter().position(|x| *x == s).unwrap_or(0);
+        m.entry(idx).or_insert((s, 0)).1 += 1;
     }
     m
 }
@@ -362,7 +288,7 @@ fn bar(done: usize, total: usize, width: usize) -> String {
     format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
 }
 
-fn line(tasks: &[Value]) -> (String, usize) {
+fn line(tasks: &[TaskView]) -> (String, usize) {
     let c = counts(tasks);
     let done: usize = c
         .values()
@@ -412,17 +338,12 @@ async fn status(config: &Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
         }
         let c = counts(&tasks);
         if a.json {
-            let by: Map<String, Value> =
-                c.values().map(|(s, n)| (s.to_string(), json!(n))).collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&json!({
-                    "batch_id": a.batch_id,
-                    "total": tasks.len(),
-                    "ended": done,
-                    "counts": by,
-                }))?
-            );
+            print_json(&BatchCounts {
+                batch_id: a.batch_id.clone(),
+                total: tasks.len(),
+                ended: done,
+                counts: c.values().map(|(s, n)| (s.to_string(), *n)).collect(),
+            })?;
         } else {
             println!("batch {}: {} tasks, {done} ended", a.batch_id, tasks.len());
             for (s, n) in c.values() {
@@ -438,14 +359,6 @@ async fn status(config: &Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The instance id of a task: its idempotency key without the `<batch>/` prefix.
-fn instance_id(task: &Value, batch_id: &str) -> String {
-    let key = task["idempotency_key"].as_str().unwrap_or_default();
-    key.strip_prefix(&format!("{batch_id}/"))
-        .unwrap_or(key)
-        .to_string()
-}
-
 async fn export(config: &Config, a: ExportArgs) -> anyhow::Result<ExitCode> {
     let base = a.server.base(config);
     let client = client()?;
@@ -457,12 +370,11 @@ async fn export(config: &Config, a: ExportArgs) -> anyhow::Result<ExitCode> {
     let mut unfinished = 0;
     let mut without_diff = 0;
     for t in &tasks {
-        let status: TaskStatus = serde_json::from_value(t["status"].clone())?;
-        if !status.is_terminal() {
+        if !t.status.is_terminal() {
             unfinished += 1;
             continue;
         }
-        let id = t["task_id"].as_str().unwrap_or_default();
+        let id = &t.task_id;
         let r = client
             .get(format!("{base}/api/tasks/{id}/diff"))
             .send()
@@ -477,15 +389,16 @@ async fn export(config: &Config, a: ExportArgs) -> anyhow::Result<ExitCode> {
         let model = a
             .model_name
             .clone()
-            .or_else(|| t["model"].as_str().map(str::to_string))
+            .or_else(|| t.model.clone())
             .unwrap_or_else(|| format!("patchflow/{}", config.model));
-        preds.push(json!({
-            "instance_id": instance_id(t, &a.batch_id),
-            "model_name_or_path": model,
-            "model_patch": patch,
-        }));
+        let key = t.idempotency_key.as_deref().unwrap_or_default();
+        preds.push(Prediction {
+            instance_id: lines::instance_of(key, &a.batch_id).to_string(),
+            model_name_or_path: model,
+            model_patch: patch,
+        });
     }
-    preds.sort_by(|x, y| x["instance_id"].as_str().cmp(&y["instance_id"].as_str()));
+    preds.sort_by(|x, y| x.instance_id.cmp(&y.instance_id));
     std::fs::write(&a.output, serde_json::to_vec_pretty(&preds)?)
         .with_context(|| format!("cannot write {}", a.output.display()))?;
     eprintln!(
@@ -494,52 +407,4 @@ async fn export(config: &Config, a: ExportArgs) -> anyhow::Result<ExitCode> {
         a.output.display()
     );
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn swe_bench_instances_become_tasks() {
-        assert_eq!(
-            repo_url("astropy/astropy"),
-            "https://github.com/astropy/astropy.git"
-        );
-        assert_eq!(repo_url("file:///tmp/r"), "file:///tmp/r");
-        assert_eq!(repo_url("https://x.org/a/b.git"), "https://x.org/a/b.git");
-        assert_eq!(repo_url("/srv/git/r"), "/srv/git/r");
-        let b = line_to_body(
-            r#"{"instance_id":"a__b-1","repo":"a/b","base_commit":"0123abc","problem_statement":"it breaks","hints_text":""}"#,
-            1,
-            "run1",
-            None,
-        )
-        .unwrap();
-        assert_eq!(b["git_url"], "https://github.com/a/b.git");
-        assert_eq!(b["git_ref"], "0123abc");
-        assert_eq!(b["task_description"], "it breaks");
-        assert_eq!(b["idempotency_key"], "run1/a__b-1");
-        assert_eq!(b["batch_id"], "run1");
-        let e = line_to_body(r#"{"instance_id":"x","repo":"a/b"}"#, 3, "r", None).unwrap_err();
-        assert!(e.contains("base_commit"), "{e}");
-        let b = line_to_body(
-            r#"{"git_url":"https://x/r.git","task_description":"t"}"#,
-            7,
-            "r",
-            Some("m"),
-        )
-        .unwrap();
-        assert_eq!(b["idempotency_key"], "r/7");
-        assert_eq!(b["model"], "m");
-        let e = line_to_body("nope", 1, "r", None).unwrap_err();
-        assert!(e.contains("not JSON"), "{e}");
-    }
-
-    #[test]
-    fn the_instance_id_comes_back_from_the_key() {
-        let t = json!({"idempotency_key": "run1/a__b-1"});
-        assert_eq!(instance_id(&t, "run1"), "a__b-1");
-    }
 }

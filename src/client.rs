@@ -1,6 +1,8 @@
 //! The client commands (`submit`, `status`, `result`, `cancel`, `retry`, `list`): thin
-//! callers of the HTTP API, so they work against any gateway (`submit --grpc` and `watch`
-//! use the gRPC API, see [`crate::grpc_client`]).
+//! callers of the HTTP API, so they work against any gateway. The bodies they send and
+//! read are patchflow-api's types. The options and helpers every client command shares
+//! (server addresses, [`SubmitArgs`], [`zip_directory`]) live here too; `submit --grpc`
+//! and `watch` (crate::grpc_client) build on them, and this module never calls back.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -8,9 +10,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Args;
-use patchflow_core::{Config, TaskEvent, TaskStatus};
-use serde_json::{Value, json};
+use patchflow_api::{
+    CancelBody, ErrorBody, LimitsBody, RetryBody, StatusAnswer, SubmitBody, TaskPage, TaskView,
+};
+use patchflow_core::{AgentSummary, Config, TaskEvent, TaskStatus};
+use serde::Serialize;
 
 #[derive(Debug, Args)]
 pub struct ServerOpt {
@@ -24,6 +30,23 @@ impl ServerOpt {
         self.server
             .clone()
             .unwrap_or_else(|| format!("http://{}", config.http_addr))
+            .trim_end_matches('/')
+            .to_string()
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct GrpcServerOpt {
+    /// The gateway's gRPC URL (default: http://<grpc_addr>) [PATCHFLOW_GRPC_SERVER].
+    #[arg(long = "grpc-server", env = "PATCHFLOW_GRPC_SERVER")]
+    pub grpc_server: Option<String>,
+}
+
+impl GrpcServerOpt {
+    pub fn url(&self, config: &Config) -> String {
+        self.grpc_server
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", config.grpc_addr))
             .trim_end_matches('/')
             .to_string()
     }
@@ -64,7 +87,7 @@ pub struct SubmitArgs {
     #[command(flatten)]
     pub server: ServerOpt,
     #[command(flatten)]
-    pub grpc_server: crate::grpc_client::GrpcServerOpt,
+    pub grpc_server: GrpcServerOpt,
 }
 
 #[derive(Debug, Args)]
@@ -146,9 +169,8 @@ async fn check(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
     }
     let status = resp.status();
     let body = resp.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<Value>(&body)
-        .ok()
-        .and_then(|v| v["message"].as_str().map(str::to_string))
+    let message = serde_json::from_str::<ErrorBody>(&body)
+        .map(|e| e.message)
         .unwrap_or(body);
     bail!("{} ({status})", message.trim())
 }
@@ -202,33 +224,39 @@ pub(crate) fn zip_directory(dir: &Path) -> anyhow::Result<tempfile::NamedTempFil
     Ok(tmp)
 }
 
-pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> {
-    if a.grpc {
-        return crate::grpc_client::submit(config, a).await;
+/// Prints a value as indented JSON, its keys in order (as the CLI always printed them).
+pub(crate) fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    let value = serde_json::to_value(value)?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}
+
+/// A time as the API writes it (RFC 3339, UTC, `Z`).
+fn api_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// The body `submit` sends (the source is added by the caller).
+fn submit_body(a: &SubmitArgs) -> SubmitBody {
+    let limits = LimitsBody {
+        max_steps: a.max_steps,
+        max_tokens: a.max_tokens,
+        wall_seconds: a.wall_seconds,
+    };
+    SubmitBody {
+        task_description: Some(a.task_description.clone()),
+        target_file: a.target_file.clone(),
+        model: a.task_model.clone(),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..SubmitBody::default()
     }
+}
+
+/// `patchflow submit` over HTTP (`--grpc` is crate::grpc_client's).
+pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> {
     let base = a.server.base(config);
     let client = http()?;
-    let mut fields = serde_json::Map::new();
-    fields.insert("task_description".into(), json!(a.task_description));
-    if let Some(v) = &a.target_file {
-        fields.insert("target_file".into(), json!(v));
-    }
-    if let Some(v) = &a.task_model {
-        fields.insert("model".into(), json!(v));
-    }
-    let mut limits = serde_json::Map::new();
-    if let Some(v) = a.max_steps {
-        limits.insert("max_steps".into(), json!(v));
-    }
-    if let Some(v) = a.max_tokens {
-        limits.insert("max_tokens".into(), json!(v));
-    }
-    if let Some(v) = a.wall_seconds {
-        limits.insert("wall_seconds".into(), json!(v));
-    }
-    if !limits.is_empty() {
-        fields.insert("limits".into(), Value::Object(limits));
-    }
+    let mut body = submit_body(&a);
     let mut req = client.post(format!("{base}/api/tasks"));
     if let Some(k) = &a.idempotency_key {
         req = req.header("Idempotency-Key", k);
@@ -252,26 +280,20 @@ pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> 
             .file_name("source.zip")
             .mime_str("application/zip")?;
         let mut form = reqwest::multipart::Form::new().part("zip_file", part);
-        for (k, v) in fields {
-            let text = match v {
-                Value::String(s) => s,
-                other => other.to_string(),
-            };
-            form = form.text(k, text);
+        for (name, text) in body.to_form_fields() {
+            form = form.text(name, text);
         }
         req.multipart(form)
     } else {
-        fields.insert("git_url".into(), json!(a.source));
-        if let Some(r) = &a.git_ref {
-            fields.insert("git_ref".into(), json!(r));
-        }
-        req.json(&Value::Object(fields))
+        body.git_url = Some(a.source.clone());
+        body.git_ref = a.git_ref.clone();
+        req.json(&body)
     };
-    let resp: Value = send(req, &base).await?.json().await?;
-    let task_id = resp["task_id"].as_str().unwrap_or_default().to_string();
+    let answer: StatusAnswer = send(req, &base).await?.json().await?;
+    let task_id = answer.task_id.to_string();
     if a.json && !a.wait {
         let record = get_record(&client, &base, &task_id).await?;
-        println!("{}", serde_json::to_string_pretty(&record)?);
+        print_json(&record)?;
         return Ok(ExitCode::SUCCESS);
     }
     println!("{task_id}");
@@ -281,7 +303,7 @@ pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> 
     follow(&client, &base, &task_id, a.json).await
 }
 
-async fn get_record(client: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<Value> {
+async fn get_record(client: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<TaskView> {
     Ok(send(client.get(format!("{base}/api/tasks/{id}")), base)
         .await?
         .json()
@@ -334,8 +356,7 @@ async fn follow(
                     // An attempt ended; the task has too unless a retry began the next.
                     if s.is_terminal() {
                         let record = get_record(client, base, id).await?;
-                        let now: TaskStatus = serde_json::from_value(record["status"].clone())?;
-                        if now.is_terminal() {
+                        if record.status.is_terminal() {
                             break 'reconnect;
                         }
                     }
@@ -350,10 +371,9 @@ async fn follow(
     }
     let record = get_record(client, base, id).await?;
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&record)?);
+        print_json(&record)?;
     }
-    let status: TaskStatus = serde_json::from_value(record["status"].clone())?;
-    Ok(if status == TaskStatus::Completed {
+    Ok(if record.status == TaskStatus::Completed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -368,42 +388,40 @@ pub async fn status(config: &Config, a: StatusArgs) -> anyhow::Result<ExitCode> 
     }
     let r = get_record(&client, &base, &a.task_id).await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        print_json(&r)?;
     } else {
-        println!(
-            "{}  {}  {}",
-            r["task_id"].as_str().unwrap_or_default(),
-            r["status"].as_str().unwrap_or_default(),
-            r["message"].as_str().unwrap_or_default()
-        );
-        println!("source:  {}", r["source"].as_str().unwrap_or_default());
+        println!("{}  {}  {}", r.task_id, r.status, r.message);
+        println!("source:  {}", r.source);
         println!(
             "created: {}  updated: {}",
-            r["created_at"].as_str().unwrap_or_default(),
-            r["updated_at"].as_str().unwrap_or_default()
+            api_time(r.created_at),
+            api_time(r.updated_at)
         );
-        if let Some(s) = r["summary"].as_object() {
+        if let Some(s) = &r.summary {
             println!(
                 "agent:   {} steps, {} tool calls, {} tokens, {} ms, files changed: {}",
-                s["steps"],
-                s["tool_calls"],
-                s["total_tokens"],
-                s["wall_ms"],
-                s["files_changed"]
-                    .as_array()
-                    .map(|f| f
-                        .iter()
-                        .filter_map(|x| x.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "))
-                    .unwrap_or_default()
+                s.steps,
+                s.tool_calls,
+                s.total_tokens,
+                s.wall_ms,
+                s.files_changed.join(", ")
             );
         }
-        if let Some(w) = r["links"]["workflow"].as_str() {
+        if let Some(w) = &r.links.workflow {
             println!("workflow: {w}");
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `result --json`: the record's outcome with the diff. Fields in name order, as printed.
+#[derive(Debug, Serialize)]
+struct ResultDocument<'a> {
+    diff: String,
+    message: String,
+    status: TaskStatus,
+    summary: Option<AgentSummary>,
+    task_id: &'a str,
 }
 
 pub async fn result(config: &Config, a: ResultArgs) -> anyhow::Result<ExitCode> {
@@ -416,13 +434,18 @@ pub async fn result(config: &Config, a: ResultArgs) -> anyhow::Result<ExitCode> 
             .await?
             .text()
             .await?;
-        let out = json!({"task_id": id, "status": record["status"], "message": record["message"], "summary": record["summary"], "diff": diff});
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        print_json(&ResultDocument {
+            diff,
+            message: record.message,
+            status: record.status,
+            summary: record.summary,
+            task_id: id,
+        })?;
         return Ok(ExitCode::SUCCESS);
     }
     if a.summary {
         let record = get_record(&client, &base, id).await?;
-        println!("{}", serde_json::to_string_pretty(&record["summary"])?);
+        print_json(&record.summary)?;
         return Ok(ExitCode::SUCCESS);
     }
     let what = if a.transcript {
@@ -444,24 +467,24 @@ pub async fn result(config: &Config, a: ResultArgs) -> anyhow::Result<ExitCode> 
 pub async fn retry(config: &Config, a: RetryArgs) -> anyhow::Result<ExitCode> {
     let base = a.server.base(config);
     let client = http()?;
-    let r: Value = send(
+    let body = RetryBody {
+        mode: a.mode.parse()?,
+    };
+    let r: TaskView = send(
         client
             .post(format!("{base}/api/tasks/{}/retry", a.task_id))
-            .json(&json!({"mode": a.mode})),
+            .json(&body),
         &base,
     )
     .await?
     .json()
     .await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        print_json(&r)?;
     } else {
         println!(
             "{}  attempt {}  {}  {}",
-            a.task_id,
-            r["attempt"],
-            r["status"].as_str().unwrap_or_default(),
-            r["message"].as_str().unwrap_or_default()
+            a.task_id, r.attempt, r.status, r.message
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -473,7 +496,9 @@ pub async fn cancel(config: &Config, a: CancelArgs) -> anyhow::Result<ExitCode> 
     send(
         client
             .post(format!("{base}/api/tasks/{}/cancel", a.task_id))
-            .json(&json!({"reason": a.reason})),
+            .json(&CancelBody {
+                reason: a.reason.clone(),
+            }),
         &base,
     )
     .await?;
@@ -488,18 +513,18 @@ pub async fn list(config: &Config, a: ListArgs) -> anyhow::Result<ExitCode> {
     if let Some(s) = &a.status {
         url.push_str(&format!("&status={s}"));
     }
-    let page: Value = send(client.get(url), &base).await?.json().await?;
+    let page: TaskPage = send(client.get(url), &base).await?.json().await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&page)?);
+        print_json(&page)?;
         return Ok(ExitCode::SUCCESS);
     }
-    for t in page["tasks"].as_array().into_iter().flatten() {
+    for t in &page.tasks {
         println!(
             "{}  {:<18} {}  {}",
-            t["task_id"].as_str().unwrap_or_default(),
-            t["status"].as_str().unwrap_or_default(),
-            t["created_at"].as_str().unwrap_or_default(),
-            t["source"].as_str().unwrap_or_default()
+            t.task_id,
+            t.status.as_str(),
+            api_time(t.created_at),
+            t.source
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
 //! The gRPC side of the CLI: `submit --grpc` (a ZIP streams in chunks) and `watch`, which
 //! follows a task over `WatchTask` and, when the connection drops, resumes after the last
-//! event it printed, so nothing is missed or printed twice.
+//! event it printed, so nothing is missed or printed twice. The arguments and the ZIP
+//! packing are the HTTP client's (crate::client); the arrow points one way, from here.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,27 +15,10 @@ use patchflow_gateway::grpc::proto;
 use proto::tasks_client::TasksClient;
 use tonic::transport::Channel;
 
-use crate::client::SubmitArgs;
+use crate::client::{GrpcServerOpt, SubmitArgs, zip_directory};
 
 /// Size of one upload chunk (well under gRPC's 4 MiB message limit).
 const CHUNK_BYTES: usize = 256 * 1024;
-
-#[derive(Debug, Args)]
-pub struct GrpcServerOpt {
-    /// The gateway's gRPC URL (default: http://<grpc_addr>) [PATCHFLOW_GRPC_SERVER].
-    #[arg(long = "grpc-server", env = "PATCHFLOW_GRPC_SERVER")]
-    pub grpc_server: Option<String>,
-}
-
-impl GrpcServerOpt {
-    pub fn url(&self, config: &Config) -> String {
-        self.grpc_server
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", config.grpc_addr))
-            .trim_end_matches('/')
-            .to_string()
-    }
-}
 
 #[derive(Debug, Args)]
 pub struct WatchArgs {
@@ -92,8 +76,8 @@ pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> 
     let response = if local.exists() {
         let _guard;
         let zip_path = if local.is_dir() {
-            let z = crate::client::zip_directory(&local)
-                .with_context(|| format!("cannot zip {}", local.display()))?;
+            let z =
+                zip_directory(&local).with_context(|| format!("cannot zip {}", local.display()))?;
             let p = z.path().to_path_buf();
             _guard = Some(z);
             p

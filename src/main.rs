@@ -131,6 +131,7 @@ fn main() -> ExitCode {
             Command::Up => stack::up(config).await,
             Command::Worker { kafka } => stack::worker(config, kafka).await,
             Command::Gateway => stack::gateway(config).await,
+            Command::Submit(a) if a.grpc => grpc_client::submit(&config, a).await,
             Command::Submit(a) => client::submit(&config, a).await,
             Command::Status(a) => client::status(&config, a).await,
             Command::Result(a) => client::result(&config, a).await,

@@ -76,3 +76,15 @@ impl From<patchflow_platform::ObjectError> for ServiceError {
         Self::Unavailable(format!("object store: {e}"))
     }
 }
+
+impl From<patchflow_api::InvalidBody> for ServiceError {
+    fn from(e: patchflow_api::InvalidBody) -> Self {
+        Self::BadRequest(e.to_string())
+    }
+}
+
+impl From<patchflow_api::UnknownRetryMode> for ServiceError {
+    fn from(e: patchflow_api::UnknownRetryMode) -> Self {
+        Self::BadRequest(e.to_string())
+    }
+}

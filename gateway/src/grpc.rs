@@ -11,8 +11,9 @@ use std::future::Future;
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
+use patchflow_api::{LimitsBody, SubmitBody};
 use patchflow_core::{
-    AgentSummary, Limits, TaskAttempt, TaskEvent, TaskId, TaskRecord, TaskStatus, layout,
+    AgentSummary, TaskAttempt, TaskEvent, TaskId, TaskRecord, TaskStatus, layout,
 };
 use patchflow_platform::db::{ListCursor, ListFilter};
 use thiserror::Error;
@@ -20,8 +21,8 @@ use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ServiceError;
-use crate::http::SubmitBody;
 use crate::service::{RetryMode, SubmitOutcome, TaskService, Upload};
+use crate::submit::{spec_of, temp_upload_path};
 use proto::tasks_server::{Tasks, TasksServer};
 
 /// Most bytes of a result file sent in one `GetResult` answer; longer files are cut and
@@ -155,25 +156,12 @@ fn submit_body(
     git_ref: Option<String>,
     o: proto::TaskOptions,
 ) -> SubmitBody {
-    let limits = o.limits.map(|l| {
-        let d = Limits::default();
-        Limits {
-            max_steps: if l.max_steps == 0 {
-                d.max_steps
-            } else {
-                l.max_steps
-            },
-            max_tokens: if l.max_tokens == 0 {
-                d.max_tokens
-            } else {
-                l.max_tokens
-            },
-            wall_seconds: if l.wall_seconds == 0 {
-                d.wall_seconds
-            } else {
-                l.wall_seconds
-            },
-        }
+    // proto3 has no "not given" for a number: 0 is the default.
+    let given = |n: u64| (n != 0).then_some(n);
+    let limits = o.limits.map(|l| LimitsBody {
+        max_steps: (l.max_steps != 0).then_some(l.max_steps),
+        max_tokens: given(l.max_tokens),
+        wall_seconds: given(l.wall_seconds),
     });
     SubmitBody {
         git_url,
@@ -220,10 +208,7 @@ impl TasksApi {
             }
         };
         let limit = self.service.config().max_upload_bytes;
-        let path = std::env::temp_dir().join(format!(
-            "patchflow-grpc-upload-{}.zip",
-            TaskId::generate().as_str().trim_start_matches("tsk_")
-        ));
+        let path = temp_upload_path("patchflow-grpc-upload");
         let internal = |e: std::io::Error| {
             status_of(&ServiceError::Internal(format!(
                 "cannot buffer the upload: {e}"
@@ -270,7 +255,7 @@ impl Tasks for TasksApi {
     ) -> Result<Response<proto::SubmitTaskResponse>, Status> {
         let r = request.into_inner();
         let body = submit_body(Some(r.git_url), r.git_ref, r.options.unwrap_or_default());
-        let spec = body.into_spec(false).map_err(|e| status_of(&e))?;
+        let spec = body.into_spec(false).map_err(|e| status_of(&e.into()))?;
         let outcome = self
             .service
             .submit(spec, None)
@@ -285,13 +270,9 @@ impl Tasks for TasksApi {
     ) -> Result<Response<proto::SubmitTaskResponse>, Status> {
         let mut stream = request.into_inner();
         let (options, upload) = self.receive_upload(&mut stream).await?;
-        let spec = match submit_body(None, None, options).into_spec(true) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&upload.path).await;
-                return Err(status_of(&e));
-            }
-        };
+        let spec = spec_of(submit_body(None, None, options), Some(&upload))
+            .await
+            .map_err(|e| status_of(&e))?;
         let outcome = self
             .service
             .submit(spec, Some(upload))

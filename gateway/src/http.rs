@@ -1,4 +1,5 @@
-//! The HTTP API (DESIGN.md's contract): JSON in and out, errors as `{code, message}`.
+//! The HTTP API (the README's contract): JSON in and out, errors as `{code, message}`.
+//! The bodies are patchflow-api's types; submissions are read by [`crate::submit`].
 //!
 //! | route | what |
 //! | --- | --- |
@@ -21,18 +22,19 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use patchflow_core::{
-    AgentSummary, Limits, Secret, TaskId, TaskRecord, TaskSource, TaskSpec, TaskStatus, layout,
+use patchflow_api::error::from_json;
+use patchflow_api::{
+    CancelBody, ErrorBody, EventPage, Health, RetryBody, StatusAnswer, SubmitBody, TaskPage,
+    TaskView,
 };
+use patchflow_core::{TaskId, TaskRecord, TaskStatus, layout};
 use patchflow_platform::db::{ListCursor, ListFilter};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
-use tokio::io::AsyncWriteExt;
+use serde::Deserialize;
 
 use crate::error::ServiceError;
-use crate::service::{ResultFile, RetryMode, TaskService, Upload};
+use crate::service::{ResultFile, TaskService};
+use crate::submit::{read_multipart, spec_of};
 
 /// Largest JSON body accepted (a task description is at most 64 KiB).
 const MAX_JSON_BYTES: usize = 1024 * 1024;
@@ -47,7 +49,7 @@ impl From<ServiceError> for ApiError {
 }
 
 fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(json!({"code": code, "message": message}))).into_response()
+    (status, Json(ErrorBody::new(code, message))).into_response()
 }
 
 impl IntoResponse for ApiError {
@@ -69,145 +71,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The task record as `GET /api/tasks/{task_id}` shows it.
-#[derive(Debug, Serialize)]
-pub struct TaskView {
-    pub task_id: TaskId,
-    pub status: TaskStatus,
-    pub message: String,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub pr_url: Option<String>,
-    pub summary: Option<AgentSummary>,
-    pub source: String,
-    pub task_description: String,
-    pub target_file: Option<String>,
-    pub model: Option<String>,
-    pub limits: Limits,
-    pub tenant: String,
-    pub batch_id: Option<String>,
-    /// The key the task was submitted with (a Kafka message's key; a batch's instance).
-    pub idempotency_key: Option<String>,
-    /// The current attempt (1 until the task is retried) and every attempt's outcome.
-    pub attempt: u32,
-    pub attempts: Vec<AttemptView>,
-    pub links: Links,
-}
-
-/// One attempt of a task, as the record shows it.
-#[derive(Debug, Serialize)]
-pub struct AttemptView {
-    pub attempt: u32,
-    pub started_at: DateTime<Utc>,
-    pub finished_at: Option<DateTime<Utc>>,
-    pub status: TaskStatus,
-    pub message: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Links {
-    pub diff: String,
-    pub transcript: String,
-    pub log: String,
-    pub events: String,
-    pub workflow: Option<String>,
-}
-
+/// The record as the API shows it, with its workflow's link.
 fn view(service: &TaskService, r: TaskRecord) -> TaskView {
-    let base = format!("/api/tasks/{}", r.task_id);
-    TaskView {
-        links: Links {
-            diff: format!("{base}/diff"),
-            transcript: format!("{base}/transcript"),
-            log: format!("{base}/log"),
-            events: format!("{base}/events"),
-            workflow: service.workflow_link(&r.task_id),
-        },
-        source: r.spec.source.display_name(),
-        task_description: r.spec.task_description.clone(),
-        target_file: r.spec.target_file.clone(),
-        model: r.spec.model.clone(),
-        limits: r.spec.limits,
-        task_id: r.task_id,
-        status: r.status,
-        message: r.message,
-        created_at: r.created_at,
-        updated_at: r.updated_at,
-        pr_url: r.pr_url,
-        summary: r.summary,
-        tenant: r.tenant,
-        batch_id: r.batch_id,
-        idempotency_key: r.idempotency_key,
-        attempt: r.attempt,
-        attempts: r
-            .attempts
-            .into_iter()
-            .map(|a| AttemptView {
-                attempt: a.attempt,
-                started_at: a.started_at,
-                finished_at: a.finished_at,
-                status: a.status,
-                message: a.message,
-            })
-            .collect(),
-    }
-}
-
-/// The submit body, JSON or multipart fields (DESIGN.md's names).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SubmitBody {
-    pub git_url: Option<String>,
-    pub git_ref: Option<String>,
-    pub task_description: Option<String>,
-    pub target_file: Option<String>,
-    pub model: Option<String>,
-    pub limits: Option<Limits>,
-    #[serde(default)]
-    pub open_pr: bool,
-    /// Only the step that opens a pull request may use it; it is never stored.
-    pub github_token: Option<Secret>,
-    pub branch_name: Option<String>,
-    pub tenant: Option<String>,
-    pub batch_id: Option<String>,
-    pub idempotency_key: Option<String>,
-}
-
-impl SubmitBody {
-    /// The spec this body asks for. `has_upload` says a ZIP came with it.
-    pub fn into_spec(self, has_upload: bool) -> Result<TaskSpec, ServiceError> {
-        let empty = |o: &Option<String>| o.as_deref().is_none_or(|s| s.trim().is_empty());
-        let source = match (&self.git_url, has_upload) {
-            (Some(u), true) if !u.trim().is_empty() => {
-                return Err(ServiceError::BadRequest(
-                    "give either git_url or a zip_file upload, not both".into(),
-                ));
-            }
-            (_, true) => TaskSource::Archive { key: String::new() },
-            (url, false) if !empty(url) => TaskSource::Git {
-                url: url.clone().unwrap_or_default().trim().to_string(),
-                git_ref: self.git_ref.clone().filter(|r| !r.trim().is_empty()),
-            },
-            _ => {
-                return Err(ServiceError::BadRequest(
-                    "a source is required: git_url, or a zip_file part in a multipart upload"
-                        .into(),
-                ));
-            }
-        };
-        let mut spec = TaskSpec::new(source, self.task_description.unwrap_or_default());
-        spec.target_file = self.target_file.filter(|s| !s.trim().is_empty());
-        spec.model = self.model.filter(|s| !s.trim().is_empty());
-        spec.limits = self.limits.unwrap_or_default();
-        spec.open_pr = self.open_pr;
-        spec.branch_name = self.branch_name.filter(|s| !s.trim().is_empty());
-        if let Some(t) = self.tenant.filter(|s| !s.trim().is_empty()) {
-            spec.tenant = t;
-        }
-        spec.batch_id = self.batch_id.filter(|s| !s.trim().is_empty());
-        spec.idempotency_key = self.idempotency_key.filter(|s| !s.trim().is_empty());
-        Ok(spec)
-    }
+    let workflow = service.workflow_link(&r.task_id);
+    TaskView::new(r, workflow)
 }
 
 /// The API's routes over a service.
@@ -261,8 +128,7 @@ async fn submit(
                     limit: MAX_JSON_BYTES as u64,
                 })
             })?;
-        let body: SubmitBody = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError(ServiceError::BadRequest(format!("invalid JSON body: {e}"))))?;
+        let body: SubmitBody = from_json(&bytes).map_err(ServiceError::from)?;
         (body, None)
     } else {
         return Ok(error_response(
@@ -275,128 +141,20 @@ async fn submit(
     if let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
         body.idempotency_key = Some(key.to_string());
     }
-    let spec = match body.into_spec(upload.is_some()) {
-        Ok(s) => s,
-        Err(e) => {
-            if let Some(u) = upload {
-                let _ = tokio::fs::remove_file(&u.path).await;
-            }
-            return Err(e.into());
-        }
-    };
+    let spec = spec_of(body, upload.as_ref()).await?;
     let outcome = service.submit(spec, upload).await?;
     let status = if outcome.created {
         StatusCode::ACCEPTED
     } else {
         StatusCode::OK
     };
-    let r = &outcome.record;
-    Ok((
-        status,
-        Json(json!({"task_id": r.task_id, "status": r.status, "message": r.message})),
-    )
-        .into_response())
-}
-
-/// Reads multipart fields; the `zip_file` part streams to a temporary file, bounded.
-/// A browser form sends every field: an empty file part (no file chosen) and empty number
-/// fields mean "not given".
-pub(crate) async fn read_multipart(
-    service: &TaskService,
-    mut mp: Multipart,
-) -> Result<(SubmitBody, Option<Upload>), ApiError> {
-    let limit = service.config().max_upload_bytes;
-    let mut fields = serde_json::Map::new();
-    let mut upload: Option<Upload> = None;
-    let bad = |m: String| ApiError(ServiceError::BadRequest(m));
-    loop {
-        let field = match mp.next_field().await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(ApiError(ServiceError::TooLarge { limit }));
-            }
-            Err(e) => return Err(bad(format!("invalid multipart body: {}", e.body_text()))),
-        };
-        let name = field.name().unwrap_or_default().to_string();
-        if name == "zip_file" {
-            let no_file_chosen = field.file_name().is_none_or(str::is_empty);
-            let path = std::env::temp_dir().join(format!("patchflow-upload-{}.zip", uuid_suffix()));
-            let mut file = tokio::fs::File::create(&path).await.map_err(|e| {
-                ApiError(ServiceError::Internal(format!(
-                    "cannot buffer the upload: {e}"
-                )))
-            })?;
-            let mut bytes = 0u64;
-            let mut field = field;
-            loop {
-                match field.chunk().await {
-                    Ok(Some(chunk)) => {
-                        bytes += chunk.len() as u64;
-                        if bytes > limit {
-                            drop(file);
-                            let _ = tokio::fs::remove_file(&path).await;
-                            return Err(ApiError(ServiceError::TooLarge { limit }));
-                        }
-                        file.write_all(&chunk).await.map_err(|e| {
-                            ApiError(ServiceError::Internal(format!(
-                                "cannot buffer the upload: {e}"
-                            )))
-                        })?;
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = tokio::fs::remove_file(&path).await;
-                        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                            return Err(ApiError(ServiceError::TooLarge { limit }));
-                        }
-                        return Err(bad(format!("upload interrupted: {}", e.body_text())));
-                    }
-                }
-            }
-            file.flush()
-                .await
-                .map_err(|e| ApiError(ServiceError::Internal(e.to_string())))?;
-            if no_file_chosen && bytes == 0 {
-                drop(file);
-                let _ = tokio::fs::remove_file(&path).await;
-                continue;
-            }
-            upload = Some(Upload { path, bytes });
-            continue;
-        }
-        let text = field
-            .text()
-            .await
-            .map_err(|e| bad(format!("field `{name}`: {}", e.body_text())))?;
-        let value = match name.as_str() {
-            "limits" => serde_json::from_str(&text)
-                .map_err(|e| bad(format!("field `limits` is not JSON: {e}")))?,
-            "open_pr" => json!(matches!(text.trim(), "true" | "on" | "1" | "yes")),
-            "max_steps" | "max_tokens" | "wall_seconds" if text.trim().is_empty() => continue,
-            "max_steps" | "max_tokens" | "wall_seconds" => {
-                let n: u64 = text
-                    .trim()
-                    .parse()
-                    .map_err(|_| bad(format!("field `{name}` is not a number")))?;
-                let limits = fields.entry("limits").or_insert_with(|| json!({}));
-                limits[name.as_str()] = json!(n);
-                continue;
-            }
-            _ => json!(text),
-        };
-        fields.insert(name, value);
-    }
-    let body: SubmitBody = serde_json::from_value(serde_json::Value::Object(fields))
-        .map_err(|e| bad(format!("invalid form fields: {e}")))?;
-    Ok((body, upload))
-}
-
-fn uuid_suffix() -> String {
-    TaskId::generate()
-        .as_str()
-        .trim_start_matches("tsk_")
-        .to_string()
+    let r = outcome.record;
+    let answer = StatusAnswer {
+        task_id: r.task_id,
+        status: r.status,
+        message: r.message,
+    };
+    Ok((status, Json(answer)).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -434,8 +192,12 @@ async fn list(
         limit: q.limit.unwrap_or(50),
     };
     let (page, next) = service.list(filter).await?;
-    let tasks: Vec<TaskView> = page.into_iter().map(|r| view(&service, r)).collect();
-    Ok(Json(json!({"tasks": tasks, "next_cursor": next})).into_response())
+    let tasks = page.into_iter().map(|r| view(&service, r)).collect();
+    Ok(Json(TaskPage {
+        tasks,
+        next_cursor: next,
+    })
+    .into_response())
 }
 
 async fn get_task(
@@ -526,7 +288,11 @@ async fn events(
         let events = service
             .events(&id, last_seen, q.limit.unwrap_or(500))
             .await?;
-        return Ok(Json(json!({"task_id": id, "events": events})).into_response());
+        return Ok(Json(EventPage {
+            task_id: id,
+            events,
+        })
+        .into_response());
     }
     service.get(&id).await?;
     let stream = service.follow(id, last_seen).map(|item| {
@@ -543,37 +309,20 @@ async fn events(
         .into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct CancelBody {
-    #[serde(default)]
-    reason: String,
-}
-
 async fn cancel(
     State(service): State<TaskService>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let body: CancelBody = if body.is_empty() {
-        CancelBody::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError(ServiceError::BadRequest(format!("invalid JSON body: {e}"))))?
-    };
+    let body = CancelBody::from_bytes(&body).map_err(ServiceError::from)?;
     let r = service.cancel(&id, &body.reason).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"task_id": r.task_id, "status": r.status, "message": "cancel requested"})),
-    )
-        .into_response())
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RetryBody {
-    #[serde(default)]
-    mode: RetryMode,
+    let answer = StatusAnswer {
+        task_id: r.task_id,
+        status: r.status,
+        message: "cancel requested".into(),
+    };
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
 }
 
 /// `202` with the task record (its `attempt` is the new one); `409` while the task runs.
@@ -583,20 +332,18 @@ async fn retry(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let body: RetryBody = if body.iter().all(u8::is_ascii_whitespace) {
-        RetryBody::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError(ServiceError::BadRequest(format!("invalid JSON body: {e}"))))?
-    };
+    let body = RetryBody::from_bytes(&body).map_err(ServiceError::from)?;
     let r = service.retry(&id, body.mode).await?;
     Ok((StatusCode::ACCEPTED, Json(view(&service, r))).into_response())
 }
 
 async fn healthz(State(service): State<TaskService>) -> Response {
     match service.health().await {
-        Ok(None) => Json(json!({"status": "ok"})).into_response(),
-        Ok(Some(cache)) => Json(json!({"status": "degraded", "cache": cache})).into_response(),
+        Ok(cache) => Json(Health {
+            status: if cache.is_none() { "ok" } else { "degraded" }.into(),
+            cache,
+        })
+        .into_response(),
         Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e.code(), &e.to_string()),
     }
 }

@@ -13,7 +13,8 @@
 //! paused and its messages wait in hand; the others keep flowing.
 //!
 //! Failures: a message that can never run (not JSON, an unknown `schema`, missing or wrong
-//! fields, over [`MAX_TASK_MESSAGE_BYTES`], a spec the service refuses) goes to the DLQ topic
+//! fields, over [`patchflow_api::kafka::MAX_TASK_MESSAGE_BYTES`], a spec the service
+//! refuses; [`parse_task_message`] names which) goes to the DLQ topic
 //! with its original bytes and key, and headers naming the error and its source
 //! topic/partition/offset; then its offset is committed. A transient failure (Temporal, the
 //! task store or the DLQ itself unreachable, a rate limit) is retried with backoff, and the
@@ -24,48 +25,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
-use patchflow_core::TaskSpec;
-use patchflow_platform::bus::{
-    self, BusError, KafkaSettings, MAX_TASK_MESSAGE_BYTES, Producer, TASK_SCHEMA, dlq_headers,
-};
+// The message's format and its parsing are patchflow-api's; re-exported for the bench.
+pub use patchflow_api::kafka::{Malformed, parse_task_message};
+use patchflow_platform::bus::{self, BusError, KafkaSettings, Producer, dlq_headers};
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
-use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use crate::error::ServiceError;
-use crate::http::SubmitBody;
 use crate::service::TaskService;
 
 /// Messages a lane holds queued before its partition is paused. Large on purpose: on Tansu
 /// a paused partition was not fetched again after `resume` (seen in `bench kafka` with a
 /// queue of 16), so pausing is kept for a real backlog (a long Temporal outage) only.
 const LANE_QUEUE: usize = 1024;
-
-/// Why a message went to the DLQ, as the `patchflow.error.kind` header says it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Malformed {
-    Empty,
-    Oversized,
-    BadJson,
-    UnknownSchema,
-    BadFields,
-    Invalid,
-}
-
-impl Malformed {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Empty => "empty",
-            Self::Oversized => "oversized",
-            Self::BadJson => "bad_json",
-            Self::UnknownSchema => "unknown_schema",
-            Self::BadFields => "bad_fields",
-            Self::Invalid => "invalid",
-        }
-    }
-}
 
 /// What happened to one message, for logs, tests and `bench kafka`.
 #[derive(Debug, Clone)]
@@ -84,73 +58,6 @@ pub enum TriggerEvent {
         partition: i32,
         offset: i64,
     },
-}
-
-/// Parses a task message into a spec; the error says why it can never run.
-pub fn parse_task_message(
-    payload: Option<&[u8]>,
-    key: Option<&[u8]>,
-    origin: (&str, i32, i64),
-) -> Result<TaskSpec, (Malformed, String)> {
-    let bytes = match payload {
-        Some(b) if !b.is_empty() => b,
-        _ => return Err((Malformed::Empty, "the message has no payload".into())),
-    };
-    if bytes.len() > MAX_TASK_MESSAGE_BYTES {
-        return Err((
-            Malformed::Oversized,
-            format!(
-                "the message is {} bytes, more than the {MAX_TASK_MESSAGE_BYTES} accepted",
-                bytes.len()
-            ),
-        ));
-    }
-    let mut value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| (Malformed::BadJson, format!("not JSON: {e}")))?;
-    let Some(obj) = value.as_object_mut() else {
-        return Err((
-            Malformed::BadJson,
-            "the message is JSON but not an object".into(),
-        ));
-    };
-    match obj.remove("schema") {
-        Some(Value::String(s)) if s == TASK_SCHEMA => {}
-        Some(other) => {
-            return Err((
-                Malformed::UnknownSchema,
-                format!("unknown schema {other}; this consumer reads `{TASK_SCHEMA}`"),
-            ));
-        }
-        None => {
-            return Err((
-                Malformed::UnknownSchema,
-                format!("the `schema` field is missing; expected `{TASK_SCHEMA}`"),
-            ));
-        }
-    }
-    let body: SubmitBody =
-        serde_json::from_value(value).map_err(|e| (Malformed::BadFields, e.to_string()))?;
-    let mut spec = body
-        .into_spec(false)
-        .map_err(|e| (Malformed::BadFields, e.to_string()))?;
-    if spec.task_description.trim().is_empty() {
-        return Err((
-            Malformed::BadFields,
-            "task_description is required and must not be blank".into(),
-        ));
-    }
-    // The key names the task; a keyless message is named by where it sits, which is still
-    // the same on every redelivery.
-    let key = key
-        .and_then(|k| std::str::from_utf8(k).ok())
-        .map(str::trim)
-        .filter(|k| !k.is_empty());
-    spec.idempotency_key = match (key, spec.idempotency_key.take()) {
-        (Some(k), _) => Some(k.to_string()),
-        (None, Some(k)) => Some(k),
-        (None, None) => Some(format!("kafka:{}:{}:{}", origin.0, origin.1, origin.2)),
-    };
-    Ok(spec)
 }
 
 /// Whether a submit error can never succeed for this message.
@@ -487,91 +394,5 @@ async fn dead_letter(
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    fn parse(payload: &str, key: Option<&str>) -> Result<TaskSpec, (Malformed, String)> {
-        parse_task_message(
-            Some(payload.as_bytes()),
-            key.map(str::as_bytes),
-            ("patchflow.tasks", 1, 7),
-        )
-    }
-
-    #[test]
-    fn a_task_message_reads_like_the_http_body() {
-        let spec = parse(
-            r#"{"schema":"patchflow.task.v1","git_url":"https://github.com/o/r.git","git_ref":"abc123","task_description":"fix it","batch_id":"b1","limits":{"max_steps":5}}"#,
-            Some("inst-1"),
-        )
-        .unwrap();
-        assert_eq!(spec.idempotency_key.as_deref(), Some("inst-1"));
-        assert_eq!(spec.batch_id.as_deref(), Some("b1"));
-        assert_eq!(spec.limits.max_steps, 5);
-        assert_eq!(
-            spec.source.display_name(),
-            "https://github.com/o/r.git@abc123"
-        );
-        // No key: named by its place in the log, the same on every redelivery.
-        let spec = parse(
-            r#"{"schema":"patchflow.task.v1","git_url":"https://x/r.git","task_description":"t"}"#,
-            None,
-        )
-        .unwrap();
-        assert_eq!(
-            spec.idempotency_key.as_deref(),
-            Some("kafka:patchflow.tasks:1:7")
-        );
-    }
-
-    #[test]
-    fn each_kind_of_malformed_message_is_named() {
-        let cases = [
-            ("", Malformed::Empty, "no payload"),
-            ("{not json", Malformed::BadJson, "not JSON"),
-            ("[1,2]", Malformed::BadJson, "not an object"),
-            (
-                r#"{"schema":"patchflow.task.v9","git_url":"https://x/r.git","task_description":"t"}"#,
-                Malformed::UnknownSchema,
-                "patchflow.task.v9",
-            ),
-            (
-                r#"{"git_url":"https://x/r.git","task_description":"t"}"#,
-                Malformed::UnknownSchema,
-                "`schema` field is missing",
-            ),
-            (
-                r#"{"schema":"patchflow.task.v1","task_description":"t"}"#,
-                Malformed::BadFields,
-                "a source is required",
-            ),
-            (
-                r#"{"schema":"patchflow.task.v1","git_url":"https://x/r.git"}"#,
-                Malformed::BadFields,
-                "task_description",
-            ),
-            (
-                r#"{"schema":"patchflow.task.v1","git_url":"https://x/r.git","task_description":"t","colour":"red"}"#,
-                Malformed::BadFields,
-                "colour",
-            ),
-        ];
-        for (payload, kind, text) in cases {
-            let (k, e) = parse(payload, Some("k")).unwrap_err();
-            assert_eq!(k, kind, "{payload}: {e}");
-            assert!(e.contains(text), "{payload}: {e}");
-        }
-        let big = format!(
-            r#"{{"schema":"patchflow.task.v1","git_url":"https://x/r.git","task_description":"{}"}}"#,
-            "a".repeat(MAX_TASK_MESSAGE_BYTES)
-        );
-        let (k, e) = parse(&big, Some("k")).unwrap_err();
-        assert_eq!(k, Malformed::Oversized);
-        assert!(e.contains("bytes"), "{e}");
     }
 }

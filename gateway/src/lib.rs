@@ -1,13 +1,15 @@
 //! patchflow's front doors. [`service::TaskService`] is the one implementation of every
 //! operation (submit, get, list, cancel, events, result files); [`http`] maps it onto the
-//! HTTP API of DESIGN.md. Later doors (gRPC, the web page, the Kafka trigger) call the same
-//! service, so they answer alike.
+//! HTTP API of the README. The other doors (gRPC, the web page, the Kafka trigger) call the
+//! same service, and read submissions with the same types (patchflow-api, [`submit`]), so
+//! they answer alike.
 
 pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod kafka;
 pub mod service;
+pub mod submit;
 pub mod web;
 
 pub use error::ServiceError;

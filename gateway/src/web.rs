@@ -21,12 +21,14 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Reque
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use patchflow_api::{LimitsBody, RetryMode};
 use patchflow_core::{TaskId, TaskStatus, layout};
 use patchflow_platform::db::{ListCursor, ListFilter};
 use serde::Deserialize;
 
 use crate::error::ServiceError;
-use crate::service::{RetryMode, TaskService};
+use crate::service::TaskService;
+use crate::submit::{read_multipart, spec_of};
 use pages::{FormState, ListFilterView, TaskPageData};
 
 const APP_CSS: &str = include_str!("../assets/app.css");
@@ -333,9 +335,9 @@ async fn submit_form(
             return refused(service, FormState::default(), e).await;
         }
     };
-    let (body, upload) = match crate::http::read_multipart(&service, multipart).await {
+    let (body, upload) = match read_multipart(&service, multipart).await {
         Ok(x) => x,
-        Err(e) => return refused(service, FormState::default(), e.0).await,
+        Err(e) => return refused(service, FormState::default(), e).await,
     };
     let form = FormState {
         error: None,
@@ -344,16 +346,11 @@ async fn submit_form(
         task_description: body.task_description.clone().unwrap_or_default(),
         target_file: body.target_file.clone().unwrap_or_default(),
         model: body.model.clone().unwrap_or_default(),
-        limits: body.limits,
+        limits: body.limits.map(LimitsBody::resolve),
     };
-    let spec = match body.into_spec(upload.is_some()) {
+    let spec = match spec_of(body, upload.as_ref()).await {
         Ok(s) => s,
-        Err(e) => {
-            if let Some(u) = upload {
-                let _ = tokio::fs::remove_file(&u.path).await;
-            }
-            return refused(service, form, e).await;
-        }
+        Err(e) => return refused(service, form, e).await,
     };
     match service.submit(spec, upload).await {
         Ok(outcome) => {
@@ -405,7 +402,7 @@ async fn retry_form(
         .unwrap_or(RetryMode::FromStart.as_str());
     let mode = match mode.parse::<RetryMode>() {
         Ok(m) => m,
-        Err(e) => return error_html(&e),
+        Err(e) => return error_html(&ServiceError::from(e)),
     };
     match service.retry(&id, mode).await {
         Ok(_) => see_task(&id),

@@ -11,8 +11,8 @@
 //! - [`trigger_consumer`]: a `StreamConsumer` in the consumer group, committing only the
 //!   offsets the caller stores (at-least-once; the caller dedupes by message key).
 //!
-//! The message formats are here too ([`TASK_SCHEMA`], [`ResultMessage`], the DLQ headers),
-//! so the consumer, the results hook and the CLI agree on them.
+//! The DLQ headers are here; the message formats ([`TASK_SCHEMA`], [`ResultMessage`]) are
+//! patchflow-api's, re-exported, so the consumer, the results hook and the CLI agree.
 
 use std::time::Duration;
 
@@ -23,17 +23,12 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// The `schema` every task message carries; other values go to the DLQ.
-pub const TASK_SCHEMA: &str = "patchflow.task.v1";
-/// The `schema` of result messages.
-pub const RESULT_SCHEMA: &str = "patchflow.result.v1";
-/// Largest task message accepted; larger ones go to the DLQ. A task description is at most
-/// 64 KiB, so this leaves room for JSON escapes while staying under Kafka's default 1 MB
-/// message limit (a bigger message could not even be produced to most brokers).
-pub const MAX_TASK_MESSAGE_BYTES: usize = 512 * 1024;
+// The message formats are patchflow-api's (typed once for every producer and consumer).
+pub use patchflow_api::kafka::{
+    MAX_TASK_MESSAGE_BYTES, RESULT_SCHEMA, ResultMessage, ResultObject, TASK_SCHEMA,
+};
 
 /// Headers of a dead-lettered message: why, and where it came from.
 pub mod dlq_headers {
@@ -294,33 +289,6 @@ pub fn trigger_consumer(settings: &KafkaSettings) -> Result<StreamConsumer, BusE
         .subscribe(&[settings.tasks_topic.as_str()])
         .map_err(|e| BusError::Kafka(kafka_error(&e)))?;
     Ok(consumer)
-}
-
-/// Where one result file is: its object key, and a presigned URL when the store has them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResultObject {
-    pub key: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
-}
-
-/// The message on the results topic, keyed by task id: one per finished task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ResultMessage {
-    pub schema: String,
-    pub task_id: String,
-    /// COMPLETED, FAILED or CANCELLED.
-    pub status: String,
-    pub message: String,
-    /// The agent's own account, when it ran.
-    pub summary: Option<String>,
-    pub batch_id: Option<String>,
-    pub idempotency_key: Option<String>,
-    pub tenant: String,
-    pub pr_url: Option<String>,
-    /// `diff`, `transcript`, `log`, `summary` -> where each is, for the files that exist.
-    pub objects: std::collections::BTreeMap<String, ResultObject>,
-    pub finished_at: chrono::DateTime<chrono::Utc>,
 }
 
 #[cfg(test)]

@@ -15,7 +15,6 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use patchflow_core::{TaskId, TaskRecord, TaskStatus};
 use patchflow_workflows::{CodeTask, CodeTaskInput};
-use serde::{Deserialize, Serialize};
 use temporalio_client::errors::WorkflowStartError;
 use temporalio_client::grpc::WorkflowService;
 use temporalio_client::{
@@ -32,39 +31,8 @@ use temporalio_common::protos::temporal::api::workflowservice::v1::ResetWorkflow
 use super::TaskService;
 use crate::error::ServiceError;
 
-/// How a task is retried.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RetryMode {
-    /// A new run of the whole workflow.
-    FromStart,
-    /// A reset to just after the last completed step.
-    #[default]
-    FromFailedStep,
-}
-
-impl RetryMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::FromStart => "from_start",
-            Self::FromFailedStep => "from_failed_step",
-        }
-    }
-}
-
-impl std::str::FromStr for RetryMode {
-    type Err = ServiceError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "from_start" => Ok(Self::FromStart),
-            "from_failed_step" => Ok(Self::FromFailedStep),
-            other => Err(ServiceError::BadRequest(format!(
-                "unknown retry mode `{other}` (from_start or from_failed_step)"
-            ))),
-        }
-    }
-}
+// The mode is part of the wire (the retry body, the page's form), so patchflow-api owns it.
+pub use patchflow_api::RetryMode;
 
 /// How long a retry waits for the workflow of an ended task to close: the record's final
 /// status is written a moment before the workflow returns.

@@ -1,0 +1,212 @@
+//! The submit body: `POST /api/tasks` as JSON or as multipart fields, the web page's form,
+//! the fields of a Kafka task message and of a batch line, and gRPC's task options once
+//! mapped. [`SubmitBody::into_spec`] is the one conversion of all of them into a
+//! [`TaskSpec`], so every door accepts and refuses alike. [`StatusAnswer`] is the short
+//! answer of submit (and of cancel).
+
+use patchflow_core::{Limits, Secret, TaskId, TaskSource, TaskSpec, TaskStatus};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::{Map, Value, json};
+
+use crate::error::InvalidBody;
+
+/// The submit body (the README's names). Unknown fields are refused, so a typo is an
+/// error rather than a silently ignored option. (The optional fields carry no
+/// `serde(default)`: a missing one is `None` all the same, and a JSON array is refused
+/// rather than read by position.)
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBody {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub git_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_description: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsBody>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub open_pr: bool,
+    /// Only the step that opens a pull request may use it; it is never stored. A client
+    /// sending this body sends the value itself (see [`expose_secret`]).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "expose_secret"
+    )]
+    pub github_token: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub branch_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// A [`Secret`] serializes as `***` everywhere else; a submit body is the one place it
+/// must travel, from the client that holds it to the gateway that keeps it off the record.
+fn expose_secret<S: Serializer>(secret: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(v) => s.serialize_some(v.expose()),
+        None => s.serialize_none(),
+    }
+}
+
+/// The budgets as a client gives them: each one optional, the missing ones the defaults
+/// of [`Limits`]. Named `Limits` on the wire so serde's messages read as they always did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename = "Limits")]
+pub struct LimitsBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_seconds: Option<u64>,
+}
+
+impl LimitsBody {
+    /// The limits meant: what was given, the defaults for the rest.
+    pub fn resolve(self) -> Limits {
+        let d = Limits::default();
+        Limits {
+            max_steps: self.max_steps.unwrap_or(d.max_steps),
+            max_tokens: self.max_tokens.unwrap_or(d.max_tokens),
+            wall_seconds: self.wall_seconds.unwrap_or(d.wall_seconds),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl From<Limits> for LimitsBody {
+    fn from(l: Limits) -> Self {
+        Self {
+            max_steps: Some(l.max_steps),
+            max_tokens: Some(l.max_tokens),
+            wall_seconds: Some(l.wall_seconds),
+        }
+    }
+}
+
+/// An optional text with blanks meaning "not given".
+fn given(o: Option<String>) -> Option<String> {
+    o.filter(|s| !s.trim().is_empty())
+}
+
+impl SubmitBody {
+    /// The spec this body asks for. `has_upload` says a ZIP came with it (its key is set
+    /// once it is stored). Checks that need no I/O beyond the source are
+    /// [`TaskSpec::validate`]'s.
+    pub fn into_spec(self, has_upload: bool) -> Result<TaskSpec, InvalidBody> {
+        let url = given(self.git_url);
+        let source = match (url, has_upload) {
+            (Some(_), true) => return Err(InvalidBody::TwoSources),
+            (None, true) => TaskSource::Archive { key: String::new() },
+            (Some(url), false) => TaskSource::Git {
+                url: url.trim().to_string(),
+                git_ref: given(self.git_ref),
+            },
+            (None, false) => return Err(InvalidBody::NoSource),
+        };
+        let mut spec = TaskSpec::new(source, self.task_description.unwrap_or_default());
+        spec.target_file = given(self.target_file);
+        spec.model = given(self.model);
+        spec.limits = self.limits.map(LimitsBody::resolve).unwrap_or_default();
+        spec.open_pr = self.open_pr;
+        spec.branch_name = given(self.branch_name);
+        if let Some(t) = given(self.tenant) {
+            spec.tenant = t;
+        }
+        spec.batch_id = given(self.batch_id);
+        spec.idempotency_key = given(self.idempotency_key);
+        Ok(spec)
+    }
+}
+
+impl SubmitBody {
+    /// The body as multipart text fields (a client uploading a ZIP sends these beside its
+    /// `zip_file` part); [`FormFields`] reads them back into the same body.
+    pub fn to_form_fields(&self) -> Vec<(String, String)> {
+        let Ok(Value::Object(fields)) = serde_json::to_value(self) else {
+            return Vec::new();
+        };
+        fields
+            .into_iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect()
+    }
+}
+
+/// The text fields of a multipart submit (`POST /api/tasks` or the web page's form),
+/// gathered one by one and read as a [`SubmitBody`] at the end. A browser form sends every
+/// field, so empty number fields mean "not given"; `max_steps`, `max_tokens` and
+/// `wall_seconds` fields go into `limits`, and `open_pr` is a checkbox's word.
+#[derive(Debug, Default)]
+pub struct FormFields {
+    fields: Map<String, Value>,
+}
+
+impl FormFields {
+    /// Adds one text field as it came.
+    pub fn add(&mut self, name: &str, text: &str) -> Result<(), InvalidBody> {
+        let value = match name {
+            "limits" => {
+                serde_json::from_str(text).map_err(|e| InvalidBody::LimitsNotJson(e.to_string()))?
+            }
+            "open_pr" => json!(matches!(text.trim(), "true" | "on" | "1" | "yes")),
+            "max_steps" | "max_tokens" | "wall_seconds" if text.trim().is_empty() => {
+                return Ok(());
+            }
+            "max_steps" | "max_tokens" | "wall_seconds" => {
+                let n: u64 = text
+                    .trim()
+                    .parse()
+                    .map_err(|_| InvalidBody::NotANumber(name.to_string()))?;
+                let limits = self
+                    .fields
+                    .entry("limits")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                let Some(limits) = limits.as_object_mut() else {
+                    return Err(InvalidBody::FormFields(format!(
+                        "field `{name}` cannot go into a `limits` that is not an object"
+                    )));
+                };
+                limits.insert(name.to_string(), json!(n));
+                return Ok(());
+            }
+            _ => json!(text),
+        };
+        self.fields.insert(name.to_string(), value);
+        Ok(())
+    }
+
+    /// The body the fields make; unknown or mistyped fields are refused.
+    pub fn finish(self) -> Result<SubmitBody, InvalidBody> {
+        serde_json::from_value(Value::Object(self.fields))
+            .map_err(|e| InvalidBody::FormFields(e.to_string()))
+    }
+}
+
+/// `{"task_id", "status", "message"}`: how submit answers (202 new, 200 already there),
+/// and cancel (202).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusAnswer {
+    pub task_id: TaskId,
+    pub status: TaskStatus,
+    pub message: String,
+}
