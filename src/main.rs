@@ -1,19 +1,14 @@
 //! `patchflow`: the one binary. This file is the command line only; each command's work
-//! lives in the modules beside it (wiring) and in the workspace's crates (logic).
+//! lives in the modules beside it (the client commands), in the wiring of the `patchflow`
+//! library (src/lib.rs) and in the workspace's crates (logic). The benchmarks are a
+//! binary of their own (`patchflow-bench`, bench/).
 
 mod agent_pod;
 mod batch;
-mod bench;
-mod bench_kafka;
-mod bench_store;
-mod bench_tools;
-mod bench_watch;
 mod client;
-mod devserver;
 mod grpc_client;
-mod kafka;
-mod settings;
-mod stack;
+
+use patchflow::{kafka, settings, stack};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,12 +63,6 @@ enum Command {
     /// Submit, follow and export batches of tasks (JSONL, SWE-bench instances).
     #[command(subcommand)]
     Batch(batch::BatchCommand),
-    /// Measure the pipeline or the agent and print numbers.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
-    /// Internal: run one shell command inside the agent's OS sandbox.
-    #[command(hide = true, name = "sandbox-exec")]
-    SandboxExec(patchflow_agent::cli::SandboxExecArgs),
 }
 
 #[derive(Debug, Args)]
@@ -91,11 +80,6 @@ struct ScriptedModelArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Before configuration, logging and the runtime: the sandbox needs a process with a
-    // single thread, and nothing of the agent's own set-up belongs to the command.
-    if let Command::SandboxExec(a) = cli.command {
-        return patchflow_agent::cli::sandbox_exec(a);
-    }
     let config = match settings::load(&cli.global) {
         Ok(c) => c,
         Err(e) => {
@@ -148,8 +132,6 @@ fn main() -> ExitCode {
             }
             Command::ScriptedModel(a) => scripted_model(a).await,
             Command::Batch(b) => batch::run(config, b).await,
-            Command::Bench(b) => bench::run(config, b).await,
-            Command::SandboxExec(_) => Ok(ExitCode::FAILURE),
         }
     });
     match result {

@@ -36,13 +36,13 @@ pub async fn shutdown_signal() {
     }
 }
 
-pub(crate) struct Stores {
+pub struct Stores {
     pub tasks: Arc<dyn TaskStore>,
     pub objects: Arc<dyn ObjectStore>,
     pub hot: Hot,
 }
 
-pub(crate) async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
+pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
     let tasks = patchflow_platform::db::open(&config.database_url())
         .await
         .with_context(|| {
@@ -91,7 +91,7 @@ pub(crate) async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
     })
 }
 
-pub(crate) fn service(config: &Config, stores: &Stores, client: Client) -> TaskService {
+pub fn service(config: &Config, stores: &Stores, client: Client) -> TaskService {
     let settings = WorkflowSettings {
         activity_max_attempts: config.activity_max_attempts,
         heartbeat_timeout_secs: config.heartbeat_timeout_secs,
@@ -192,9 +192,16 @@ fn agent_env(config: &Config) -> Vec<(String, String)> {
 /// this one's `agent` subcommand).
 pub fn agent_program() -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe().context("cannot find the patchflow executable")?;
-    let program = patchflow_activities::runner::agent_program(&exe, env!("PATCHFLOW_AGENT_BUILD"));
+    Ok(agent_program_of(&exe))
+}
+
+/// The agent binary the runners of the `patchflow` executable at `patchflow` start, if
+/// it is of this build (see [`agent_program`]).
+pub fn agent_program_of(patchflow: &std::path::Path) -> std::path::PathBuf {
+    let program =
+        patchflow_activities::runner::agent_program(patchflow, env!("PATCHFLOW_AGENT_BUILD"));
     tracing::info!(agent = %program.display(), "agent program");
-    Ok(program)
+    program
 }
 
 /// Where the patchflow image keeps the precompiled tool component (deploy/Dockerfile).
@@ -258,7 +265,7 @@ async fn bind(
 }
 
 /// Serves the HTTP API until `stop` resolves.
-pub(crate) async fn serve_http(
+pub async fn serve_http(
     config: &Config,
     service: TaskService,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
@@ -279,7 +286,7 @@ pub(crate) async fn serve_http(
 }
 
 /// Serves the gRPC API (with health and reflection) until `stop` resolves.
-pub(crate) async fn serve_grpc(
+pub async fn serve_grpc(
     config: &Config,
     service: TaskService,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
@@ -299,7 +306,7 @@ pub(crate) async fn serve_grpc(
 
 /// Runs a worker until the process is told to stop; a worker error ends the process
 /// (non-zero) so a supervisor restarts it, never a live process without a poller.
-pub(crate) async fn run_worker(
+pub async fn run_worker(
     config: &Config,
     stores: &Stores,
     client: Client,
@@ -346,7 +353,7 @@ fn stop_channel() -> (
     (tx, rx)
 }
 
-pub(crate) fn stopped(
+pub fn stopped(
     rx: &tokio::sync::watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let mut rx = rx.clone();

@@ -2,8 +2,8 @@
 //! `patchflow-agent` binary (the same code without the platform linked in: about a
 //! third less memory and a faster start). Reads the task spec, works in the given
 //! workspace, prints progress events as JSON lines on stdout, writes result files to
-//! `--out`. The hidden `sandbox-exec` subcommand, which the shell tool starts to put a
-//! command in the OS sandbox, is answered by both binaries.
+//! `--out`. Shell commands go through `patchflow-sandbox-exec`, which the agent finds
+//! beside its own binary (see crate::sandbox).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -160,7 +160,7 @@ async fn build_tools(
             config.sandbox_mode
         )
     })?;
-    let mut sandbox = ShellSandbox::current_exe(scratch, mode)?;
+    let mut sandbox = ShellSandbox::beside_current_exe(scratch, mode)?;
     sandbox.network = spec.policy.network;
     sandbox.max_processes = config.shell_max_processes;
     sandbox.max_memory_bytes = config.shell_max_memory_mb << 20;
@@ -197,19 +197,6 @@ async fn build_tools(
         docs,
         deadline,
     ))
-}
-
-#[derive(Debug, Args)]
-pub struct SandboxExecArgs {
-    /// Set by the shell tool (see crate::sandbox::ShellSandbox::exec_args).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    args: Vec<std::ffi::OsString>,
-}
-
-/// `sandbox-exec`: runs before any thread exists (namespaces need that) and either
-/// becomes the command or exits 126 with the reason on stderr.
-pub fn sandbox_exec(a: SandboxExecArgs) -> ExitCode {
-    ExitCode::from(crate::sandbox::main_with_args(a.args))
 }
 
 /// Logging to stderr, as text or JSON lines (`log_format`); `RUST_LOG` overrides

@@ -4,8 +4,8 @@
 //! less memory, which matters when one machine runs many agents.
 //!
 //! `patchflow-agent [agent] --task … --workspace … --baseline … --out …`; the settings
-//! come from `PATCHFLOW_CONFIG` and `PATCHFLOW_*` variables. `patchflow-agent sandbox-exec`
-//! is the shell tool's sandbox, as in `patchflow`.
+//! come from `PATCHFLOW_CONFIG` and `PATCHFLOW_*` variables. Shell commands go through
+//! `patchflow-sandbox-exec` beside it, as for `patchflow agent`.
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -22,13 +22,6 @@ struct Cli {
 
 fn main() -> ExitCode {
     let mut argv: Vec<OsString> = std::env::args_os().collect();
-    // First, before any thread exists: the sandbox needs a single-threaded process.
-    if argv
-        .get(1)
-        .is_some_and(|a| a == patchflow_agent::sandbox::SUBCOMMAND)
-    {
-        return ExitCode::from(patchflow_agent::sandbox::main_with_args(argv.split_off(2)));
-    }
     // Runners ask which build this is before they use it (see agent_program).
     if argv.get(1).is_some_and(|a| a == "--build-id") {
         println!("{}", env!("PATCHFLOW_AGENT_BUILD"));

@@ -16,7 +16,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
-use super::{AgentRunner, RunnerError};
+use super::agent_runner::{AgentRunner, RunnerError};
 use patchflow_platform::archive;
 
 /// Extra time past the task's wall budget before the runner kills an agent that did not

@@ -2,51 +2,12 @@
 //! the result files stored under `results/<task>/`. The local runner is a child process on
 //! the worker; a Kubernetes Job runner implements the same trait.
 
+mod agent_runner;
 pub mod kube;
 mod local;
 
-use std::path::Path;
-
-use async_trait::async_trait;
-use patchflow_core::{AgentEvent, AgentSummary, TaskId, TaskSpec};
-use patchflow_platform::ObjectStore;
-use thiserror::Error;
-use tokio::sync::mpsc::UnboundedSender;
-use tokio_util::sync::CancellationToken;
-
+pub use agent_runner::{AgentRunner, RunnerError};
 pub use kube::{KubeRunner, KubeRunnerConfig};
 pub use local::{
     AGENT_BINARY, AgentPaths, LocalRunner, LocalRunnerConfig, agent_command, agent_program,
 };
-
-#[derive(Debug, Error)]
-pub enum RunnerError {
-    #[error("cancelled")]
-    Cancelled,
-    /// The input can never run (a bad spec); not retried.
-    #[error("{0}")]
-    BadInput(String),
-    /// The attempt failed in a way a retry may fix (the agent crashed, a store hiccup).
-    #[error("{0}")]
-    Failed(String),
-    #[error("object store: {0}")]
-    Store(#[from] patchflow_platform::ObjectError),
-    #[error("runner I/O: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-#[async_trait]
-pub trait AgentRunner: Send + Sync + 'static {
-    /// Runs one attempt. `work` is a directory private to this attempt. Progress goes to
-    /// `events`; `cancel` asks the run to stop, and the runner returns
-    /// [`RunnerError::Cancelled`] only once the agent is gone.
-    async fn run(
-        &self,
-        task: &TaskId,
-        spec: &TaskSpec,
-        objects: &dyn ObjectStore,
-        work: &Path,
-        events: UnboundedSender<AgentEvent>,
-        cancel: CancellationToken,
-    ) -> Result<AgentSummary, RunnerError>;
-}

@@ -1,15 +1,12 @@
-//! The shell sandbox on its own: the same entry point as `patchflow sandbox-exec`, for
-//! embedding the agent crate without the `patchflow` binary (and for this crate's tests).
+//! `patchflow-sandbox-exec`: the one entry to the shell tool's OS sandbox. The agent
+//! starts it beside its own binary for every `run_shell_command`
+//! (`patchflow_agent::sandbox::ShellSandbox`); it puts up the walls in this fresh,
+//! single-threaded process and becomes the command, or exits 126 with the reason.
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let mut args = std::env::args_os().skip(1).peekable();
-    if args
-        .peek()
-        .is_some_and(|a| a == patchflow_agent::sandbox::SUBCOMMAND)
-    {
-        args.next();
-    }
-    ExitCode::from(patchflow_agent::sandbox::main_with_args(args))
+    ExitCode::from(patchflow_agent::sandbox::main_with_args(
+        std::env::args_os().skip(1),
+    ))
 }

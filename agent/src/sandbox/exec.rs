@@ -1,4 +1,4 @@
-//! The inside of `patchflow sandbox-exec`: put up every wall in this (fresh,
+//! The inside of `patchflow-sandbox-exec`: put up every wall in this (fresh,
 //! single-threaded) process, then replace it with the command. Nothing here needs
 //! `unsafe`: each layer is a plain syscall wrapper (nix, landlock) applied to the process
 //! itself before `exec`, so no `pre_exec` hook is involved.
@@ -23,7 +23,7 @@ use seccompiler::{
 
 use super::{SandboxMode, SandboxReport, cgroup_dir};
 
-/// One sandboxed command, as the hidden subcommand's arguments describe it.
+/// One sandboxed command, as `patchflow-sandbox-exec`'s arguments describe it.
 #[derive(Debug, Clone)]
 pub struct ExecRequest {
     pub workspace: PathBuf,
@@ -46,8 +46,8 @@ pub struct ExecRequest {
 }
 
 impl ExecRequest {
-    /// Parses the arguments [`super::ShellSandbox::exec_args`] writes (after the
-    /// subcommand's name), then `--` and the command.
+    /// Parses the arguments [`super::ShellSandbox::exec_args`] writes, then `--` and the
+    /// command: the sandbox's one flag parser.
     pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Self, String> {
         let mut req = ExecRequest {
             workspace: PathBuf::new(),
@@ -110,15 +110,15 @@ impl ExecRequest {
     }
 }
 
-/// Runs the sandbox-exec entry point over raw arguments (after the subcommand's name);
-/// returns the exit code for a failure to set up (the command's own code otherwise never
-/// comes back here: the process has become it).
+/// The entry point of `patchflow-sandbox-exec` over its arguments (without the program
+/// name); returns the exit code for a failure to set up (the command's own code otherwise
+/// never comes back here: the process has become it).
 pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> u8 {
     let result = ExecRequest::parse(args).and_then(|req| exec_sandboxed(&req).map(|n| match n {}));
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("patchflow sandbox-exec: {e}");
+            eprintln!("patchflow-sandbox-exec: {e}");
             126
         }
     }

@@ -1,7 +1,7 @@
 //! The OS sandbox around `run_shell_command`.
 //!
-//! A command never runs directly: the agent starts `patchflow sandbox-exec` (the same
-//! binary, a hidden subcommand; [`ShellSandbox::program`]), which in that fresh,
+//! A command never runs directly: the agent starts `patchflow-sandbox-exec` (this crate's
+//! one binary, beside the agent's own; [`ShellSandbox::program`]), which in that fresh,
 //! single-threaded process puts up the walls and then `exec`s `bash -c`:
 //!
 //! - a pids cgroup with `pids.max` (the fork-bomb wall; RLIMIT_NPROC does not bind root)
@@ -27,8 +27,10 @@ use serde::{Deserialize, Serialize};
 
 pub use exec::{ExecRequest, exec_sandboxed, main_with_args};
 
-/// The hidden subcommand of the `patchflow` binary that applies the sandbox.
-pub const SUBCOMMAND: &str = "sandbox-exec";
+/// The file name of the binary that applies the sandbox (agent/src/bin), the only entry to
+/// it: a program of its own links nothing that could start a thread before the walls are
+/// up, and starts faster than the agent binaries would.
+pub const SANDBOX_BINARY: &str = "patchflow-sandbox-exec";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -56,7 +58,7 @@ impl SandboxMode {
     }
 }
 
-/// What a sandboxed process got; printed as JSON by `sandbox-exec --probe`.
+/// What a sandboxed process got; printed as JSON by `patchflow-sandbox-exec --probe`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxReport {
     /// Landlock confines writes to the workspace and temp dir.
@@ -87,7 +89,7 @@ pub enum SandboxError {
 /// How shell commands are confined.
 #[derive(Debug, Clone)]
 pub struct ShellSandbox {
-    /// The `patchflow` binary (its `sandbox-exec` subcommand).
+    /// The `patchflow-sandbox-exec` binary.
     pub program: PathBuf,
     pub mode: SandboxMode,
     /// Shell commands may use the network (the task's policy).
@@ -101,10 +103,12 @@ pub struct ShellSandbox {
 }
 
 impl ShellSandbox {
-    /// The sandbox started through this very executable.
-    pub fn current_exe(scratch: &Path, mode: SandboxMode) -> std::io::Result<Self> {
+    /// The sandbox started through the `patchflow-sandbox-exec` beside this executable
+    /// (the agent binaries, the benchmarks: `cargo build --workspace` builds them all into
+    /// one directory, and the image ships them side by side).
+    pub fn beside_current_exe(scratch: &Path, mode: SandboxMode) -> std::io::Result<Self> {
         Ok(Self {
-            program: std::env::current_exe()?,
+            program: std::env::current_exe()?.with_file_name(SANDBOX_BINARY),
             mode,
             network: false,
             scratch: scratch.to_path_buf(),
@@ -114,7 +118,8 @@ impl ShellSandbox {
         })
     }
 
-    /// The arguments of `patchflow sandbox-exec` for one command.
+    /// The arguments of `patchflow-sandbox-exec` for one command (then `--` and the
+    /// command), as [`ExecRequest::parse`] reads them.
     pub fn exec_args(
         &self,
         workspace: &Path,
@@ -123,7 +128,6 @@ impl ShellSandbox {
         probe: bool,
     ) -> Vec<std::ffi::OsString> {
         let mut a: Vec<std::ffi::OsString> = vec![
-            SUBCOMMAND.into(),
             "--workspace".into(),
             workspace.into(),
             "--scratch".into(),

@@ -1,4 +1,4 @@
-//! `patchflow bench store`: upload and download of a large staged archive through each
+//! `patchflow-bench store`: upload and download of a large staged archive through each
 //! object store, with the process's peak RSS after each step (it must stay flat: the stores
 //! stream, they never hold an archive in memory).
 
@@ -52,7 +52,7 @@ pub async fn run(mib: u64, s3_url: Option<String>) -> anyhow::Result<ExitCode> {
     if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
         bail!(
             "set AWS credentials for the S3 store (any values for the local moto_server): \
-             AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test patchflow bench store"
+             AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test patchflow-bench store"
         );
     }
     let dir = tempfile::tempdir()?;
@@ -60,7 +60,7 @@ pub async fn run(mib: u64, s3_url: Option<String>) -> anyhow::Result<ExitCode> {
     let url = match s3_url {
         Some(u) => u,
         None => {
-            let port = crate::bench::free_port()?;
+            let port = crate::harness::free_port()?;
             let child = tokio::process::Command::new("moto_server")
                 .args(["-H", "127.0.0.1", "-p", &port.to_string()])
                 .stdout(std::process::Stdio::null())

@@ -1,4 +1,4 @@
-//! `patchflow bench watch`: many watchers on one task, through gRPC `WatchTask` and through
+//! `patchflow-bench watch`: many watchers on one task, through gRPC `WatchTask` and through
 //! the SSE endpoint. Agent events are written the way `run_agent` writes them (stored, then
 //! published on the live stream), straight into the embedded stack's stores, so the numbers
 //! are the gateway's fan-out and not the agent's pace: events/s delivered, and the latency
@@ -15,7 +15,9 @@ use futures::StreamExt;
 use patchflow_core::{Config, TaskEvent, TaskEventKind, TaskId, TaskSource, TaskSpec, TaskStatus};
 use patchflow_gateway::grpc::proto;
 
-use crate::bench::{free_port, stats};
+use patchflow::stack::Stores;
+
+use crate::harness::{free_port, stats};
 
 /// When each event was written, by seq (shared by the producer and the report).
 type Sent = Arc<Mutex<HashMap<i64, Instant>>>;
@@ -47,14 +49,14 @@ pub async fn run(
     if let Some(addr) = &base.temporal_address {
         config.temporal_address = Some(addr.clone());
     }
-    crate::bench::on_stack(&config, async |stores, client| {
+    crate::harness::on_stack(&config, async |stores, client| {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let service = crate::stack::service(&config, &stores, client);
+        let service = patchflow::stack::service(&config, &stores, client);
         let (http, http_addr) =
-            crate::stack::serve_http(&config, service.clone(), crate::stack::stopped(&stop_rx))
+            patchflow::stack::serve_http(&config, service.clone(), patchflow::stack::stopped(&stop_rx))
                 .await?;
         let (grpc, grpc_addr) =
-            crate::stack::serve_grpc(&config, service, crate::stack::stopped(&stop_rx)).await?;
+            patchflow::stack::serve_grpc(&config, service, patchflow::stack::stopped(&stop_rx)).await?;
         println!(
             "watch fan-out: {watchers} watchers on one task; a burst of {burst} agent events, then {paced} paced events (one per 20 ms); task store {}",
             patchflow_core::config::redact_url(&config.database_url())
@@ -72,7 +74,7 @@ pub async fn run(
 
 /// Writes an event as an activity does: into the store, then onto the live stream.
 async fn write_event(
-    stores: &crate::stack::Stores,
+    stores: &Stores,
     id: &TaskId,
     kind: TaskEventKind,
     status: Option<TaskStatus>,
@@ -108,7 +110,7 @@ async fn write_event(
 
 #[allow(clippy::too_many_arguments)]
 async fn measure(
-    stores: &crate::stack::Stores,
+    stores: &Stores,
     door: Door,
     http_addr: SocketAddr,
     grpc_addr: SocketAddr,
@@ -240,7 +242,11 @@ async fn watch_grpc(
     ready: tokio::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<Vec<(i64, Instant)>> {
     use proto::watch_task_response::Item;
-    let mut client = crate::grpc_client::connect(&format!("http://{addr}")).await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await
+        .context("cannot reach the gRPC API")?;
+    let mut client = proto::tasks_client::TasksClient::new(channel);
     let mut stream = client
         .watch_task(proto::WatchTaskRequest {
             task_id: id.to_string(),

@@ -1,4 +1,4 @@
-//! `patchflow bench kafka`: the Kafka trigger and results producer, measured.
+//! `patchflow-bench kafka`: the Kafka trigger and results producer, measured.
 //!
 //! Starts a Temporal dev server and (unless `--brokers` is given) a Tansu broker on free
 //! ports, with a task store in a temporary directory and no worker: what is measured is
@@ -22,7 +22,7 @@ use patchflow_gateway::kafka::{Trigger, TriggerEvent};
 use patchflow_platform::bus::{KafkaSettings, Producer, TASK_SCHEMA};
 use serde_json::json;
 
-use crate::bench::free_port;
+use crate::harness::free_port;
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -117,8 +117,8 @@ pub async fn run(
     if let Some(addr) = &base.temporal_address {
         config.temporal_address = Some(addr.clone());
     }
-    crate::bench::on_stack(&config, async |stores, client| {
-        let service = crate::stack::service(&config, &stores, client);
+    crate::harness::on_stack(&config, async |stores, client| {
+        let service = patchflow::stack::service(&config, &stores, client);
         let repo = "https://example.com/bench/repo.git";
         let run_id = std::process::id();
         let settings = |round: &str| KafkaSettings {

@@ -1,4 +1,4 @@
-//! `patchflow bench tools`: the sandboxed tools per call, against the same operation done
+//! `patchflow-bench tools`: the sandboxed tools per call, against the same operation done
 //! natively in Rust in the same run: read 10 KiB, an exact edit, a regex search over a
 //! 2,000-file tree (WASM vs native), and the shell sandbox's start-up (sandboxed `true` vs
 //! a plain `bash -c true`).
@@ -26,7 +26,7 @@ fn time_n(n: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result
         f()?;
         v.push(micros(t.elapsed()));
     }
-    let (p50, _, p99) = crate::bench::stats(v);
+    let (p50, _, p99) = crate::harness::stats(v);
     Ok((p50, p99))
 }
 
@@ -137,7 +137,7 @@ fn measure(iterations: usize) -> anyhow::Result<ExitCode> {
     })?;
 
     let scratch = tempfile::tempdir()?;
-    let sandbox = ShellSandbox::current_exe(scratch.path(), SandboxMode::BestEffort)?;
+    let sandbox = ShellSandbox::beside_current_exe(scratch.path(), SandboxMode::BestEffort)?;
     let spawns = (n / 10).max(10);
     let mut k = 0u64;
     let shell_sandboxed = time_n(spawns, || {

@@ -1,0 +1,176 @@
+//! `patchflow-bench agent`: the agent against an in-process scripted model that answers
+//! at once: process start to first model request, the cost of a file-tool step and of a
+//! trivial shell step (time between consecutive model requests), and peak RSS.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use patchflow_scripted_model::{Script, ScriptedModel};
+use serde_json::json;
+
+use crate::harness::{bench_repo, ms, script_of, stats};
+
+/// The agent the runners of a `patchflow` beside this binary would start (the slim
+/// `patchflow-agent` when it is of the same build, else `patchflow agent`).
+fn agent_program() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the patchflow-bench executable")?;
+    let patchflow = exe.with_file_name("patchflow");
+    if !patchflow.is_file() {
+        bail!(
+            "{} is missing: build the workspace first (cargo build --workspace)",
+            patchflow.display()
+        );
+    }
+    Ok(patchflow::stack::agent_program_of(&patchflow))
+}
+
+struct AgentSample {
+    to_first_request: Duration,
+    step_gaps: Vec<Duration>,
+    max_rss_kib: i64,
+}
+
+/// Runs `patchflow agent` once against `script`; returns its timings.
+async fn run_agent_once(
+    exe: &Path,
+    work: &Path,
+    baseline: &Path,
+    script: Script,
+) -> anyhow::Result<AgentSample> {
+    let model = ScriptedModel::start(script, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let ws = work.join("ws");
+    if ws.exists() {
+        std::fs::remove_dir_all(&ws)?;
+    }
+    patchflow_platform::archive::unpack_tar_zst(baseline, &ws)?;
+    let out = work.join("out");
+    let task = work.join("task.json");
+    let spec = patchflow_core::TaskSpec::new(
+        patchflow_core::TaskSource::Archive {
+            key: "bench".into(),
+        },
+        "benchmark",
+    );
+    std::fs::write(&task, serde_json::to_vec(&spec)?)?;
+    let started = Instant::now();
+    let status = tokio::process::Command::new(exe)
+        .arg("agent")
+        .arg("--task")
+        .arg(&task)
+        .arg("--workspace")
+        .arg(&ws)
+        .arg("--baseline")
+        .arg(baseline)
+        .arg("--out")
+        .arg(&out)
+        .arg("--scratch")
+        .arg(work.join("tmp"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("OPENAI_BASE_URL", model.base_url())
+        .env("PATCHFLOW_MODEL", "bench")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("the agent failed ({status})");
+    }
+    let seen = model.observed();
+    if !seen.violations.is_empty() {
+        bail!("scripted model violations: {:?}", seen.violations);
+    }
+    let first = *seen
+        .arrivals
+        .first()
+        .context("the agent made no model request")?;
+    // The agent's own time per step: from the model's answer being ready to the next
+    // request arriving (parse, run the tool, build and send the next request).
+    let gaps = seen
+        .answered_at
+        .iter()
+        .zip(seen.arrivals.iter().skip(1))
+        .map(|(answered, next)| next.saturating_duration_since(*answered))
+        .collect();
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
+    Ok(AgentSample {
+        to_first_request: first.saturating_duration_since(started),
+        step_gaps: gaps,
+        max_rss_kib: usage.max_rss(),
+    })
+}
+
+pub async fn run(runs: usize, steps: usize) -> anyhow::Result<ExitCode> {
+    let exe = agent_program()?;
+    let dir = tempfile::tempdir()?;
+    let repo = dir.path().join("repo");
+    bench_repo(&repo)?;
+    let baseline = dir.path().join("code.tar.zst");
+    patchflow_platform::archive::pack_tar_zst(&repo, &baseline, 3)?;
+    std::fs::create_dir_all(dir.path().join("tmp"))?;
+
+    let mut first = Vec::new();
+    let mut rss = 0i64;
+    for _ in 0..runs.max(1) {
+        let s = run_agent_once(&exe, dir.path(), &baseline, script_of(vec![])).await?;
+        first.push(ms(s.to_first_request));
+        rss = rss.max(s.max_rss_kib);
+    }
+    let read = vec![("read_file_content", json!({"file_path": "ten_kib.txt"})); steps];
+    let s = run_agent_once(&exe, dir.path(), &baseline, script_of(read)).await?;
+    // Drop the first gap (first-use warm-up) and the last (the finish turn).
+    let read_gaps: Vec<f64> = s
+        .step_gaps
+        .iter()
+        .skip(1)
+        .take(steps.saturating_sub(1))
+        .map(|d| ms(*d))
+        .collect();
+    rss = rss.max(s.max_rss_kib);
+    let shell = vec![("run_shell_command", json!({"command_string": "true"})); steps];
+    let s = run_agent_once(&exe, dir.path(), &baseline, script_of(shell)).await?;
+    let shell_gaps: Vec<f64> = s
+        .step_gaps
+        .iter()
+        .skip(1)
+        .take(steps.saturating_sub(1))
+        .map(|d| ms(*d))
+        .collect();
+    rss = rss.max(s.max_rss_kib);
+
+    let (f50, f95, _) = stats(first);
+    let (r50, r95, _) = stats(read_gaps);
+    let (s50, s95, _) = stats(shell_gaps);
+    println!(
+        "patchflow agent benchmark ({}, instant scripted model, {runs} runs, {steps} steps per step measurement)",
+        exe.display()
+    );
+    println!(
+        "{:<44} {:>9} {:>9} {:>9}",
+        "measure", "p50", "p95", "target"
+    );
+    println!(
+        "{:<44} {:>7.2}ms {:>7.2}ms {:>9}",
+        "process start -> first model request", f50, f95, "<= 35 ms"
+    );
+    println!(
+        "{:<44} {:>7.2}ms {:>7.2}ms {:>9}",
+        "file-tool step (read 10 KiB), per step", r50, r95, "<= 2 ms"
+    );
+    println!(
+        "{:<44} {:>7.2}ms {:>7.2}ms {:>9}",
+        "shell step (`true`), per step", s50, s95, "<= 10 ms"
+    );
+    println!(
+        "{:<44} {:>7.1}MB {:>9} {:>9}",
+        "peak RSS (largest run)",
+        rss as f64 / 1024.0,
+        "",
+        "<= 30 MB"
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,296 @@
+//! `patchflow-bench pipeline` and `patchflow-bench status`: an embedded stack (dev server,
+//! worker, gateway, instant scripted model) running one-step tasks. The pipeline: N tasks
+//! submit-to-COMPLETED p50/p95, tasks/s, and each stage timed from the task's recorded
+//! history; status: many concurrent readers of one task's record.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use patchflow_core::{Config, TaskEvent, TaskStatus};
+use patchflow_scripted_model::ScriptedModel;
+use serde_json::{Value, json};
+
+use crate::harness::{bench_repo, free_port, ms, on_stack, script_of, stats};
+
+fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let st = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()?;
+    if !st.status.success() {
+        bail!("git {args:?}: {}", String::from_utf8_lossy(&st.stderr));
+    }
+    Ok(())
+}
+
+/// What to do with a running bench stack.
+#[derive(Debug, Clone, Copy)]
+pub enum Drive {
+    Pipeline {
+        sequential: usize,
+        concurrent: usize,
+    },
+    Status {
+        readers: usize,
+        seconds: u64,
+    },
+}
+
+/// Runs `drive` against an embedded stack (dev server, worker, gateway, instant model),
+/// on `base`'s task store if it names one, with Redis when `redis_url` is given.
+pub async fn with_stack(
+    base: &Config,
+    redis_url: Option<String>,
+    drive_mode: Drive,
+) -> anyhow::Result<ExitCode> {
+    let dir = tempfile::tempdir()?;
+    let repo = dir.path().join("repo");
+    bench_repo(&repo)?;
+    git(&repo, &["init", "-q"])?;
+    git(&repo, &["add", "."])?;
+    git(
+        &repo,
+        &[
+            "-c",
+            "user.name=bench",
+            "-c",
+            "user.email=bench@localhost",
+            "commit",
+            "-qm",
+            "init",
+        ],
+    )?;
+    let model =
+        ScriptedModel::start(script_of(vec![]), SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+
+    let mut config = Config {
+        data_dir: dir.path().join("data"),
+        temporal_cli: base.temporal_cli.clone(),
+        ..Config::default()
+    };
+    config.http_addr = "127.0.0.1:0".into();
+    config.temporal_port = free_port()?;
+    config.temporal_ui_port = free_port()?;
+    config.allow_local_sources = true;
+    config.openai_base_url = Some(model.base_url());
+    config.model = "bench".into();
+    config.task_queue = "bench".into();
+    config.submit_rate_capacity = 0;
+    config.database_url = base.database_url.clone();
+    if let Some(r) = redis_url {
+        config.redis_url = Some(r);
+        config.redis_prefix = format!("pf-bench-{}", std::process::id());
+    }
+    if let Some(addr) = &base.temporal_address {
+        config.temporal_address = Some(addr.clone());
+        config.task_queue = format!("bench-{}", std::process::id());
+    }
+    on_stack(&config, async |stores, client| {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (http, addr) = patchflow::stack::serve_http(
+            &config,
+            patchflow::stack::service(&config, &stores, client.clone()),
+            patchflow::stack::stopped(&stop_rx),
+        )
+        .await?;
+        let url = format!("http://{addr}");
+        let repo_url = format!("file://{}", repo.display());
+        let driver = async {
+            let r = match drive_mode {
+                Drive::Pipeline {
+                    sequential,
+                    concurrent,
+                } => drive(&url, &repo_url, sequential, concurrent).await,
+                Drive::Status { readers, seconds } => {
+                    read_status(&url, &repo_url, readers, seconds).await
+                }
+            };
+            let _ = stop_tx.send(true);
+            r
+        };
+        let (worker, report) = tokio::join!(
+            patchflow::stack::run_worker(&config, &stores, client, stop_rx.clone()),
+            driver
+        );
+        let _ = http.await;
+        worker?;
+        report
+    })
+    .await
+}
+
+async fn submit_and_wait(
+    http: &reqwest::Client,
+    url: &str,
+    repo_url: &str,
+) -> anyhow::Result<(String, Duration)> {
+    let t0 = Instant::now();
+    let resp: Value = http
+        .post(format!("{url}/api/tasks"))
+        .json(&json!({"git_url": repo_url, "task_description": "benchmark task"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = resp["task_id"].as_str().context("no task_id")?.to_string();
+    loop {
+        let r: Value = http
+            .get(format!("{url}/api/tasks/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let status: TaskStatus = serde_json::from_value(r["status"].clone())?;
+        if status.is_terminal() {
+            if status != TaskStatus::Completed {
+                bail!("task {id} ended {status}: {}", r["message"]);
+            }
+            return Ok((id, t0.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Per-stage durations of one task from its recorded history.
+async fn stage_times(
+    http: &reqwest::Client,
+    url: &str,
+    id: &str,
+) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    let page: Value = http
+        .get(format!("{url}/api/tasks/{id}/events"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let events: Vec<TaskEvent> = serde_json::from_value(page["events"].clone())?;
+    let at = |pred: &dyn Fn(&TaskEvent) -> bool| events.iter().find(|e| pred(e)).map(|e| e.at);
+    let st = |s: TaskStatus| move |e: &TaskEvent| e.status == Some(s);
+    let pending = at(&st(TaskStatus::Pending));
+    let queued = at(&st(TaskStatus::Queued));
+    let dl = at(&st(TaskStatus::DownloadingCode));
+    let stg = at(&st(TaskStatus::StagingCode));
+    let run = at(&st(TaskStatus::RunningAgent));
+    let agent_started =
+        at(&|e: &TaskEvent| e.status.is_none() && e.message.starts_with("agent started"));
+    let up = at(&st(TaskStatus::UploadingResults));
+    let done = at(&st(TaskStatus::Completed));
+    let d = |a: Option<chrono::DateTime<chrono::Utc>>, b: Option<chrono::DateTime<chrono::Utc>>| {
+        match (a, b) {
+            (Some(a), Some(b)) => (b - a).num_microseconds().unwrap_or(0) as f64 / 1000.0,
+            _ => f64::NAN,
+        }
+    };
+    Ok(vec![
+        ("submit (stored -> workflow started)", d(pending, queued)),
+        ("queue (started -> fetch begins)", d(queued, dl)),
+        ("fetch_code", d(dl, stg)),
+        ("stage_code", d(stg, run)),
+        ("agent start (restore + spawn)", d(run, agent_started)),
+        ("agent (one step)", d(agent_started, up)),
+        ("publish_result", d(up, done)),
+    ])
+}
+
+async fn drive(
+    url: &str,
+    repo_url: &str,
+    sequential: usize,
+    concurrent: usize,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    // Warm-up: first workflow, first agent spawn.
+    submit_and_wait(&http, url, repo_url).await?;
+    let mut latencies = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..sequential {
+        let (id, d) = submit_and_wait(&http, url, repo_url).await?;
+        latencies.push(ms(d));
+        ids.push(id);
+    }
+    let t0 = Instant::now();
+    let all =
+        futures::future::join_all((0..concurrent).map(|_| submit_and_wait(&http, url, repo_url)))
+            .await;
+    let wall = t0.elapsed();
+    let mut conc_lat = Vec::new();
+    for r in all {
+        conc_lat.push(ms(r?.1));
+    }
+    let (p50, p95, _) = stats(latencies);
+    let (cp50, cp95, _) = stats(conc_lat);
+    println!(
+        "patchflow pipeline benchmark (embedded stack, instant scripted model, one-step task)"
+    );
+    println!(
+        "sequential ({sequential} tasks): submit -> COMPLETED p50 {p50:.0} ms, p95 {p95:.0} ms"
+    );
+    println!(
+        "concurrent ({concurrent} tasks at once): {:.2} tasks/s, submit -> COMPLETED p50 {cp50:.0} ms, p95 {cp95:.0} ms",
+        concurrent as f64 / wall.as_secs_f64()
+    );
+    let mut per_stage: Vec<(&str, Vec<f64>)> = Vec::new();
+    for id in &ids {
+        for (i, (name, v)) in stage_times(&http, url, id).await?.into_iter().enumerate() {
+            if per_stage.len() <= i {
+                per_stage.push((name, Vec::new()));
+            }
+            per_stage[i].1.push(v);
+        }
+    }
+    println!("stages of the sequential tasks (from recorded history, ms):");
+    for (name, v) in per_stage {
+        let (p50, p95, _) = stats(v);
+        println!("  {name:<38} p50 {p50:>7.1}  p95 {p95:>7.1}");
+    }
+    Ok(())
+}
+
+/// Many readers polling one task's record; prints latency percentiles and reads/s.
+async fn read_status(
+    url: &str,
+    repo_url: &str,
+    readers: usize,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(readers)
+        .build()?;
+    let (id, _) = submit_and_wait(&http, url, repo_url).await?;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let target = format!("{url}/api/tasks/{id}");
+    let workers: Vec<_> = (0..readers)
+        .map(|_| {
+            let (http, target) = (http.clone(), target.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    let r = http.get(&target).send().await?;
+                    if !r.status().is_success() {
+                        bail!("status read answered {}", r.status());
+                    }
+                    r.bytes().await?;
+                    lat.push(ms(t0.elapsed()));
+                }
+                anyhow::Ok(lat)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await??);
+    }
+    let n = all.len();
+    let (p50, p95, p99) = stats(all);
+    println!(
+        "  {n} reads, {:.0} reads/s, latency p50 {p50:.2} ms, p95 {p95:.2} ms, p99 {p99:.2} ms",
+        n as f64 / seconds as f64
+    );
+    Ok(())
+}
