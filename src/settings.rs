@@ -87,7 +87,7 @@ pub fn init_logging(config: &Config, quiet: bool) {
     } else {
         "info,temporalio_sdk_core=warn,temporalio_sdk=warn"
     };
-    patchflow_agent::cli::init_logging(&config.log_format, default);
+    patchflow_agent::cli::init_logging(config.server.log_format, default);
 }
 
 /// `patchflow config`: the effective settings, secrets as `***`, and what they select.
@@ -106,12 +106,13 @@ pub fn describe(config: &Config) -> String {
     out.push_str(&format!(
         "# cache:         {}\n",
         config
+            .store
             .redis_url
             .as_deref()
             .map(|u| format!(
                 "Redis {} (keys under `{}:`)",
                 redact_url(u),
-                config.redis_prefix
+                config.store.redis_prefix
             ))
             .unwrap_or_else(|| "in-process (one machine)".into())
     ));
@@ -129,23 +130,24 @@ pub fn describe(config: &Config) -> String {
     ));
     out.push_str(&format!(
         "# kafka:         {}\n",
-        match &config.kafka_brokers {
+        match &config.kafka.kafka_brokers {
             Some(b) => format!(
                 "{b}: tasks `{}`, results `{}`, DLQ `{}`{}, group `{}`",
-                config.kafka_tasks_topic,
-                config.kafka_results_topic,
-                config.kafka_dlq_topic,
-                if config.kafka_dlq { "" } else { " (off)" },
-                config.kafka_group
+                config.kafka.kafka_tasks_topic,
+                config.kafka.kafka_results_topic,
+                config.kafka.kafka_dlq_topic,
+                if config.kafka.kafka_dlq { "" } else { " (off)" },
+                config.kafka.kafka_group
             ),
             None => "off (HTTP and gRPC only)".into(),
         }
     ));
-    out.push_str(&format!("# runner:        {}\n", config.runner));
+    out.push_str(&format!("# runner:        {}\n", config.kube.runner));
     out.push_str(&format!(
         "# model:         {} at {}\n",
-        config.model,
+        config.llm.model,
         config
+            .llm
             .openai_base_url
             .as_deref()
             .unwrap_or(patchflow_agent::run::DEFAULT_BASE_URL)

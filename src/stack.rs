@@ -10,6 +10,7 @@ use patchflow_activities::{
     LocalRunnerConfig,
 };
 use patchflow_core::Config;
+use patchflow_core::config::Runner;
 use patchflow_core::config::redact_url;
 use patchflow_gateway::{ServiceConfig, TaskService};
 use patchflow_platform::cache::{Hot, HotOptions, RateLimit};
@@ -61,23 +62,28 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
         })?;
     let options = HotOptions {
         rate_limit: RateLimit {
-            capacity: config.submit_rate_capacity.max(1),
-            refill_per_sec: config.submit_rate_per_sec,
+            capacity: config.server.submit_rate_capacity.max(1),
+            refill_per_sec: config.server.submit_rate_per_sec,
         },
         ..HotOptions::default()
     };
-    let hot = Hot::open_with(config.redis_url.as_deref(), &config.redis_prefix, options)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot set up the cache {}",
-                config
-                    .redis_url
-                    .as_deref()
-                    .map(redact_url)
-                    .unwrap_or_default()
-            )
-        })?;
+    let hot = Hot::open_with(
+        config.store.redis_url.as_deref(),
+        &config.store.redis_prefix,
+        options,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "cannot set up the cache {}",
+            config
+                .store
+                .redis_url
+                .as_deref()
+                .map(redact_url)
+                .unwrap_or_default()
+        )
+    })?;
     tracing::info!(
         task_store = %redact_url(&config.database_url()),
         object_store = %objects.describe(),
@@ -93,10 +99,10 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
 
 pub fn service(config: &Config, stores: &Stores, client: Client) -> TaskService {
     let settings = WorkflowSettings {
-        activity_max_attempts: config.activity_max_attempts,
-        heartbeat_timeout_secs: config.heartbeat_timeout_secs,
-        retry_initial_interval_ms: config.retry_initial_interval_ms,
-        batch_concurrency: config.batch_concurrency,
+        activity_max_attempts: config.temporal.activity_max_attempts,
+        heartbeat_timeout_secs: config.temporal.heartbeat_timeout_secs,
+        retry_initial_interval_ms: config.temporal.retry_initial_interval_ms,
+        batch_concurrency: config.batch.batch_concurrency,
     };
     TaskService::new(
         stores.tasks.clone(),
@@ -104,25 +110,26 @@ pub fn service(config: &Config, stores: &Stores, client: Client) -> TaskService 
         stores.hot.clone(),
         client,
         ServiceConfig {
-            task_queue: config.task_queue.clone(),
-            allow_local_sources: config.allow_local_sources,
-            max_upload_bytes: config.max_upload_bytes,
-            max_archive_entries: config.max_archive_entries,
-            max_unpacked_bytes: config.max_unpacked_bytes,
+            task_queue: config.temporal.task_queue.clone(),
+            allow_local_sources: config.server.allow_local_sources,
+            max_upload_bytes: config.server.max_upload_bytes,
+            max_archive_entries: config.server.max_archive_entries,
+            max_unpacked_bytes: config.server.max_unpacked_bytes,
             settings,
             // An in-process cache would not see the workers' writes: cache only in Redis.
             status_cache_ttl: config
+                .store
                 .redis_url
                 .is_some()
-                .then(|| Duration::from_secs(config.status_cache_ttl_secs)),
-            idempotency_ttl: Duration::from_secs(config.idempotency_ttl_secs),
-            rate_limited: config.submit_rate_capacity > 0,
-            presign_expiry: Duration::from_secs(config.presign_expiry_secs),
+                .then(|| Duration::from_secs(config.store.status_cache_ttl_secs)),
+            idempotency_ttl: Duration::from_secs(config.store.idempotency_ttl_secs),
+            rate_limited: config.server.submit_rate_capacity > 0,
+            presign_expiry: Duration::from_secs(config.store.presign_expiry_secs),
             workflow_ui_base: config.temporal_ui().map(|ui| {
                 format!(
                     "{}/namespaces/{}/workflows",
                     ui.trim_end_matches('/'),
-                    config.temporal_namespace
+                    config.temporal.temporal_namespace
                 )
             }),
         },
@@ -130,15 +137,15 @@ pub fn service(config: &Config, stores: &Stores, client: Client) -> TaskService 
 }
 
 async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activities> {
-    let runner: Arc<dyn AgentRunner> = match config.runner.as_str() {
-        "kube" => Arc::new(kube_runner(config).await?),
-        _ => Arc::new(LocalRunner::new(LocalRunnerConfig {
+    let runner: Arc<dyn AgentRunner> = match config.kube.runner {
+        Runner::Kube => Arc::new(kube_runner(config).await?),
+        Runner::Local => Arc::new(LocalRunner::new(LocalRunnerConfig {
             program: agent_program()?,
-            model: config.model.clone(),
-            openai_base_url: config.openai_base_url.clone(),
-            openai_api_key: config.openai_api_key.clone(),
-            llm_max_retries: config.llm_max_retries,
-            llm_retry_backoff_ms: config.llm_retry_backoff_ms,
+            model: config.llm.model.clone(),
+            openai_base_url: config.llm.openai_base_url.clone(),
+            openai_api_key: config.llm.openai_api_key.clone(),
+            llm_max_retries: config.llm.llm_max_retries,
+            llm_retry_backoff_ms: config.llm.llm_retry_backoff_ms,
             agent_env: agent_env(config),
         })),
     };
@@ -147,44 +154,26 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
         objects: stores.objects.clone(),
         hot: stores.hot.clone(),
         config: ActivityConfig {
-            data_dir: config.data_dir.clone(),
-            allow_local_sources: config.allow_local_sources,
-            max_unpacked_bytes: config.max_unpacked_bytes,
-            max_archive_entries: config.max_archive_entries,
-            batch_lease: Duration::from_secs(config.batch_lease_secs),
+            data_dir: config.server.data_dir.clone(),
+            allow_local_sources: config.server.allow_local_sources,
+            max_unpacked_bytes: config.server.max_unpacked_bytes,
+            max_archive_entries: config.server.max_archive_entries,
+            batch_lease: Duration::from_secs(config.batch.batch_lease_secs),
         },
         results: crate::kafka::results_topic(config).await?,
         runner,
     })
 }
 
-/// The settings the agent process reads besides the model's, as `PATCHFLOW_*` variables: the
-/// runners start it with a scrubbed environment.
+/// The settings the agent process reads besides the model's (the `sandbox` section), as
+/// `PATCHFLOW_*` variables: the runners start it with a scrubbed environment. Unset optional
+/// ones are left out; so, unset, every agent of this user shares the agent's own default cache
+/// of compiled tool code (a per-stack directory would make each new stack compile the tools
+/// again).
 fn agent_env(config: &Config) -> Vec<(String, String)> {
-    let mut env = vec![
-        ("sandbox_mode", config.sandbox_mode.clone()),
-        (
-            "shell_max_processes",
-            config.shell_max_processes.to_string(),
-        ),
-        (
-            "shell_max_memory_mb",
-            config.shell_max_memory_mb.to_string(),
-        ),
-        ("tool_memory_mb", config.tool_memory_mb.to_string()),
-        ("tool_timeout_ms", config.tool_timeout_ms.to_string()),
-        ("doc_search_provider", config.doc_search_provider.clone()),
-    ];
-    if let Some(url) = &config.doc_search_url {
-        env.push(("doc_search_url", url.clone()));
-    }
-    // Unset, every agent of this user shares the agent's own default cache of compiled tool
-    // code (a per-stack directory would make each new stack compile the tools again).
-    if let Some(dir) = &config.tool_cache_dir {
-        env.push(("tool_cache_dir", dir.display().to_string()));
-    }
-    env.into_iter()
-        .map(|(k, v)| (Config::env_name(k), v))
+    Config::section_keys("sandbox")
+        .iter()
+        .filter_map(|key| Some((Config::env_name(key), config.text(key)?)))
         .collect()
 }
 
@@ -210,31 +199,31 @@ const IMAGE_TOOL_CACHE: &str = "/opt/patchflow/tools-cache";
 /// The Kubernetes runner, on the cluster the worker runs in or the one `KUBECONFIG` names.
 async fn kube_runner(config: &Config) -> anyhow::Result<KubeRunner> {
     let mut c = KubeRunnerConfig::new(
-        config.kube_namespace.clone().unwrap_or_default(),
-        config.kube_image.clone(),
-        config.kube_api_key_secret.clone(),
-        config.kube_api_key_secret_key.clone(),
-        config.model.clone(),
+        config.kube.kube_namespace.clone().unwrap_or_default(),
+        config.kube.kube_image.clone(),
+        config.kube.kube_api_key_secret.clone(),
+        config.kube.kube_api_key_secret_key.clone(),
+        config.llm.model.clone(),
     );
-    c.image_pull_policy = config.kube_image_pull_policy.clone();
-    c.service_account = config.kube_service_account.clone();
-    c.task_secrets = config.kube_task_secrets.clone();
-    c.openai_base_url = config.openai_base_url.clone();
-    c.cpu_request = config.kube_cpu_request.clone();
-    c.cpu_limit = config.kube_cpu_limit.clone();
-    c.memory_request = config.kube_memory_request.clone();
-    c.memory_limit = config.kube_memory_limit.clone();
+    c.image_pull_policy = config.kube.kube_image_pull_policy.clone();
+    c.service_account = config.kube.kube_service_account.clone();
+    c.task_secrets = config.kube.kube_task_secrets.clone();
+    c.openai_base_url = config.llm.openai_base_url.clone();
+    c.cpu_request = config.kube.kube_cpu_request.clone();
+    c.cpu_limit = config.kube.kube_cpu_limit.clone();
+    c.memory_request = config.kube.kube_memory_request.clone();
+    c.memory_limit = config.kube.kube_memory_limit.clone();
     c.node_selector = config.kube_node_selector()?.into_iter().collect();
-    if let Some(t) = &config.kube_tolerations {
+    if let Some(t) = &config.kube.kube_tolerations {
         c.tolerations = KubeRunnerConfig::tolerations_from_json(t)
             .map_err(|e| anyhow::anyhow!("kube_tolerations: {e}"))?;
     }
     c.image_pull_secrets = config.kube_image_pull_secrets();
     c.ttl_seconds_after_finished =
-        Some(i32::try_from(config.kube_ttl_after_finished_secs).unwrap_or(i32::MAX));
-    c.image_pull_grace = Duration::from_secs(config.kube_image_pull_grace_secs);
-    c.unschedulable_timeout = Duration::from_secs(config.kube_unschedulable_timeout_secs);
-    c.presign_expiry = Duration::from_secs(config.presign_expiry_secs);
+        Some(i32::try_from(config.kube.kube_ttl_after_finished_secs).unwrap_or(i32::MAX));
+    c.image_pull_grace = Duration::from_secs(config.kube.kube_image_pull_grace_secs);
+    c.unschedulable_timeout = Duration::from_secs(config.kube.kube_unschedulable_timeout_secs);
+    c.presign_expiry = Duration::from_secs(config.store.presign_expiry_secs);
     // The pod's file system is its own: the image carries the precompiled tools (see
     // deploy/Dockerfile); with other limits they are compiled in the pod, in memory.
     c.agent_env = agent_env(config)
@@ -273,7 +262,7 @@ pub async fn serve_http(
     tokio::task::JoinHandle<anyhow::Result<()>>,
     std::net::SocketAddr,
 )> {
-    let (listener, addr) = bind(&config.http_addr, "PATCHFLOW_HTTP_ADDR").await?;
+    let (listener, addr) = bind(&config.server.http_addr, "PATCHFLOW_HTTP_ADDR").await?;
     tracing::info!(%addr, "HTTP API listening");
     let app = patchflow_gateway::http::router(service);
     let task = tokio::spawn(async move {
@@ -294,7 +283,7 @@ pub async fn serve_grpc(
     tokio::task::JoinHandle<anyhow::Result<()>>,
     std::net::SocketAddr,
 )> {
-    let (listener, addr) = bind(&config.grpc_addr, "PATCHFLOW_GRPC_ADDR").await?;
+    let (listener, addr) = bind(&config.server.grpc_addr, "PATCHFLOW_GRPC_ADDR").await?;
     tracing::info!(%addr, "gRPC API listening");
     let task = tokio::spawn(async move {
         patchflow_gateway::grpc::serve(service, listener, stop)
@@ -314,14 +303,14 @@ pub async fn run_worker(
 ) -> anyhow::Result<()> {
     let runtime = Runtime::from_current_tokio(Default::default())
         .context("cannot start the Temporal runtime")?;
-    let options = WorkerOptions::new(config.task_queue.clone())
+    let options = WorkerOptions::new(config.temporal.task_queue.clone())
         .register_activities(activities(config, stores).await?)
         .register_workflow::<CodeTask>()?
         .build();
     let mut worker =
         Worker::new(&runtime, client, options).context("cannot create the Temporal worker")?;
     let shutdown = worker.shutdown_handle();
-    tracing::info!(task_queue = %config.task_queue, "worker polling");
+    tracing::info!(task_queue = %config.temporal.task_queue, "worker polling");
     let run = worker.run();
     tokio::pin!(run);
     let mut stop = stop;
@@ -407,8 +396,8 @@ pub async fn gateway(config: Config) -> anyhow::Result<ExitCode> {
 pub async fn up(config: Config) -> anyhow::Result<ExitCode> {
     let dev = if config.embedded_temporal() {
         tracing::info!(
-            port = config.temporal_port,
-            ui_port = config.temporal_ui_port,
+            port = config.temporal.temporal_port,
+            ui_port = config.temporal.temporal_ui_port,
             "starting the Temporal dev server"
         );
         Some(DevServer::start(&config).await?)
@@ -425,8 +414,8 @@ pub async fn up(config: Config) -> anyhow::Result<ExitCode> {
         let (grpc, _) = serve_grpc(&config, service, stopped(&rx)).await?;
         eprintln!(
             "patchflow is up: API http://{}  gRPC {}  Temporal {}{}",
-            config.http_addr,
-            config.grpc_addr,
+            config.server.http_addr,
+            config.server.grpc_addr,
             config.temporal_url(),
             config
                 .temporal_ui()

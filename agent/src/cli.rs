@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use patchflow_core::config::{DocSearchProvider, LogFormat};
 use patchflow_core::{Config, TaskSpec};
 
 use crate::sandbox::{SandboxMode, ShellSandbox};
@@ -63,11 +64,11 @@ pub async fn run(config: &Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
         workspace: a.workspace.clone(),
         baseline: a.baseline.clone(),
         out_dir: a.out.clone(),
-        model: config.model.clone(),
-        base_url: config.openai_base_url.clone(),
-        api_key: config.openai_api_key.clone(),
-        max_retries: config.llm_max_retries,
-        retry_backoff: Duration::from_millis(config.llm_retry_backoff_ms),
+        model: config.llm.model.clone(),
+        base_url: config.llm.openai_base_url.clone(),
+        api_key: config.llm.openai_api_key.clone(),
+        max_retries: config.llm.llm_max_retries,
+        retry_backoff: Duration::from_millis(config.llm.llm_retry_backoff_ms),
     };
     let stdout = std::io::stdout();
     let summary = run
@@ -99,9 +100,11 @@ pub async fn run(config: &Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
 fn tool_cache_dir(config: &Config, ws: &Workspace, scratch: &std::path::Path) -> Option<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let uid = nix::unistd::Uid::effective().as_raw();
-    let dir = match &config.tool_cache_dir {
+    let dir = match &config.sandbox.tool_cache_dir {
         Some(d) => d.clone(),
-        None if config.data_dir.is_absolute() => config.data_dir.join("cache").join("wasm"),
+        None if config.server.data_dir.is_absolute() => {
+            config.server.data_dir.join("cache").join("wasm")
+        }
         None => PathBuf::from(format!("/var/tmp/patchflow-wasm-{uid}")),
     };
     let dir = std::path::absolute(dir).ok()?;
@@ -124,8 +127,9 @@ fn tool_cache_dir(config: &Config, ws: &Workspace, scratch: &std::path::Path) ->
 fn host_options(config: &Config, cache_dir: Option<PathBuf>) -> HostOptions {
     HostOptions {
         limits: CallLimits {
-            memory_bytes: usize::try_from(config.tool_memory_mb << 20).unwrap_or(usize::MAX),
-            timeout: Duration::from_millis(config.tool_timeout_ms),
+            memory_bytes: usize::try_from(config.sandbox.tool_memory_mb << 20)
+                .unwrap_or(usize::MAX),
+            timeout: Duration::from_millis(config.sandbox.tool_timeout_ms),
         },
         cache_dir,
     }
@@ -154,16 +158,11 @@ async fn build_tools(
         host: HostHandle::load(TOOLS_COMPONENT, options),
         root: ws.root().to_path_buf(),
     };
-    let mode = SandboxMode::parse(&config.sandbox_mode).with_context(|| {
-        format!(
-            "sandbox_mode `{}` is not strict or best-effort",
-            config.sandbox_mode
-        )
-    })?;
+    let mode = config.sandbox.sandbox_mode;
     let mut sandbox = ShellSandbox::beside_current_exe(scratch, mode)?;
     sandbox.network = spec.policy.network;
-    sandbox.max_processes = config.shell_max_processes;
-    sandbox.max_memory_bytes = config.shell_max_memory_mb << 20;
+    sandbox.max_processes = config.sandbox.shell_max_processes;
+    sandbox.max_memory_bytes = config.sandbox.shell_max_memory_mb << 20;
     // Strict mode refuses to start without every layer. Best-effort only logs what is
     // missing, so its probe runs beside the first model request instead of before it.
     if mode == SandboxMode::Strict {
@@ -178,16 +177,18 @@ async fn build_tools(
     }
     let egress = Egress::from_policy(&spec.policy, |name| std::env::var(name).ok())
         .map_err(anyhow::Error::msg)?;
-    let docs: Arc<dyn DocSearch> =
-        match (config.doc_search_provider.as_str(), &config.doc_search_url) {
-            ("http", Some(url)) => {
-                Arc::new(HttpDocs::new(guest.clone(), url).map_err(anyhow::Error::msg)?)
-            }
-            _ => Arc::new(WorkspaceDocs {
-                guest: guest.clone(),
-                ws: ws.clone(),
-            }),
-        };
+    let docs: Arc<dyn DocSearch> = match (
+        config.sandbox.doc_search_provider,
+        &config.sandbox.doc_search_url,
+    ) {
+        (DocSearchProvider::Http, Some(url)) => {
+            Arc::new(HttpDocs::new(guest.clone(), url).map_err(anyhow::Error::msg)?)
+        }
+        _ => Arc::new(WorkspaceDocs {
+            guest: guest.clone(),
+            ws: ws.clone(),
+        }),
+    };
     Ok(SandboxedTools::new(
         ws,
         guest,
@@ -201,14 +202,14 @@ async fn build_tools(
 
 /// Logging to stderr, as text or JSON lines (`log_format`); `RUST_LOG` overrides
 /// `default_filter`.
-pub fn init_logging(log_format: &str, default_filter: &str) {
+pub fn init_logging(log_format: LogFormat, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if log_format == "json" {
+    if log_format == LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();

@@ -97,25 +97,23 @@ pub async fn run(
     bad: usize,
 ) -> anyhow::Result<ExitCode> {
     let dir = tempfile::tempdir()?;
-    let (_broker, brokers) = match brokers.or_else(|| base.kafka_brokers.clone()) {
+    let (_broker, brokers) = match brokers.or_else(|| base.kafka.kafka_brokers.clone()) {
         Some(b) => (None, b),
         None => {
             let (b, addr) = start_tansu().await?;
             (Some(b), addr)
         }
     };
-    let mut config = Config {
-        data_dir: dir.path().join("data"),
-        temporal_cli: base.temporal_cli.clone(),
-        ..Config::default()
-    };
-    config.temporal_port = free_port()?;
-    config.temporal_ui_port = free_port()?;
-    config.allow_local_sources = true;
-    config.task_queue = format!("bench-kafka-{}", std::process::id());
-    config.submit_rate_capacity = 0;
-    if let Some(addr) = &base.temporal_address {
-        config.temporal_address = Some(addr.clone());
+    let mut config = Config::default();
+    config.server.data_dir = dir.path().join("data");
+    config.temporal.temporal_cli = base.temporal.temporal_cli.clone();
+    config.temporal.temporal_port = free_port()?;
+    config.temporal.temporal_ui_port = free_port()?;
+    config.server.allow_local_sources = true;
+    config.temporal.task_queue = format!("bench-kafka-{}", std::process::id());
+    config.server.submit_rate_capacity = 0;
+    if let Some(addr) = &base.temporal.temporal_address {
+        config.temporal.temporal_address = Some(addr.clone());
     }
     crate::harness::on_stack(&config, async |stores, client| {
         let service = patchflow::stack::service(&config, &stores, client);

@@ -136,6 +136,7 @@ async fn run(config: Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         } => {
             let mode = pipeline::Drive::Status { readers, seconds };
             let store = config
+                .store
                 .database_url
                 .as_deref()
                 .map(patchflow_core::config::redact_url)

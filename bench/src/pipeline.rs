@@ -67,27 +67,25 @@ pub async fn with_stack(
     let model =
         ScriptedModel::start(script_of(vec![]), SocketAddr::from(([127, 0, 0, 1], 0))).await?;
 
-    let mut config = Config {
-        data_dir: dir.path().join("data"),
-        temporal_cli: base.temporal_cli.clone(),
-        ..Config::default()
-    };
-    config.http_addr = "127.0.0.1:0".into();
-    config.temporal_port = free_port()?;
-    config.temporal_ui_port = free_port()?;
-    config.allow_local_sources = true;
-    config.openai_base_url = Some(model.base_url());
-    config.model = "bench".into();
-    config.task_queue = "bench".into();
-    config.submit_rate_capacity = 0;
-    config.database_url = base.database_url.clone();
+    let mut config = Config::default();
+    config.server.data_dir = dir.path().join("data");
+    config.temporal.temporal_cli = base.temporal.temporal_cli.clone();
+    config.server.http_addr = "127.0.0.1:0".into();
+    config.temporal.temporal_port = free_port()?;
+    config.temporal.temporal_ui_port = free_port()?;
+    config.server.allow_local_sources = true;
+    config.llm.openai_base_url = Some(model.base_url());
+    config.llm.model = "bench".into();
+    config.temporal.task_queue = "bench".into();
+    config.server.submit_rate_capacity = 0;
+    config.store.database_url = base.store.database_url.clone();
     if let Some(r) = redis_url {
-        config.redis_url = Some(r);
-        config.redis_prefix = format!("pf-bench-{}", std::process::id());
+        config.store.redis_url = Some(r);
+        config.store.redis_prefix = format!("pf-bench-{}", std::process::id());
     }
-    if let Some(addr) = &base.temporal_address {
-        config.temporal_address = Some(addr.clone());
-        config.task_queue = format!("bench-{}", std::process::id());
+    if let Some(addr) = &base.temporal.temporal_address {
+        config.temporal.temporal_address = Some(addr.clone());
+        config.temporal.task_queue = format!("bench-{}", std::process::id());
     }
     on_stack(&config, async |stores, client| {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -35,19 +35,17 @@ pub async fn run(
     paced: usize,
 ) -> anyhow::Result<ExitCode> {
     let dir = tempfile::tempdir()?;
-    let mut config = Config {
-        data_dir: dir.path().join("data"),
-        temporal_cli: base.temporal_cli.clone(),
-        database_url: base.database_url.clone(),
-        ..Config::default()
-    };
-    config.http_addr = "127.0.0.1:0".into();
-    config.grpc_addr = "127.0.0.1:0".into();
-    config.temporal_port = free_port()?;
-    config.temporal_ui_port = free_port()?;
-    config.submit_rate_capacity = 0;
-    if let Some(addr) = &base.temporal_address {
-        config.temporal_address = Some(addr.clone());
+    let mut config = Config::default();
+    config.server.data_dir = dir.path().join("data");
+    config.temporal.temporal_cli = base.temporal.temporal_cli.clone();
+    config.store.database_url = base.store.database_url.clone();
+    config.server.http_addr = "127.0.0.1:0".into();
+    config.server.grpc_addr = "127.0.0.1:0".into();
+    config.temporal.temporal_port = free_port()?;
+    config.temporal.temporal_ui_port = free_port()?;
+    config.server.submit_rate_capacity = 0;
+    if let Some(addr) = &base.temporal.temporal_address {
+        config.temporal.temporal_address = Some(addr.clone());
     }
     crate::harness::on_stack(&config, async |stores, client| {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

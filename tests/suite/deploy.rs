@@ -256,7 +256,7 @@ fn the_configmap_holds_valid_settings_and_runs_agents_on_the_deployed_image() {
             assert!(known, "{overlay}: {name} is not a patchflow setting");
         }
         config.validate().unwrap();
-        assert_eq!(config.runner, "kube");
+        assert_eq!(config.kube.runner, patchflow_core::config::Runner::Kube);
         // The agent Jobs run the image the Deployments run.
         let deployed: Vec<String> = of_kind(&objects, "Deployment")
             .map(|d| {
@@ -267,15 +267,15 @@ fn the_configmap_holds_valid_settings_and_runs_agents_on_the_deployed_image() {
             })
             .collect();
         assert!(
-            deployed.iter().all(|i| *i == config.kube_image),
+            deployed.iter().all(|i| *i == config.kube.kube_image),
             "{overlay}: agents run {} but the Deployments run {deployed:?}",
-            config.kube_image
+            config.kube.kube_image
         );
         // The agent service account exists and mounts no token.
         let sa: Vec<ServiceAccount> = of_kind(&objects, "ServiceAccount")
             .map(|s| serde_json::from_value(s.clone()).unwrap())
             .filter(|s: &ServiceAccount| {
-                s.metadata.name.as_deref() == config.kube_service_account.as_deref()
+                s.metadata.name.as_deref() == config.kube.kube_service_account.as_deref()
             })
             .collect();
         assert_eq!(sa.len(), 1, "{overlay}: the agents' service account");

@@ -77,7 +77,7 @@ impl ExecRequest {
                 "--scratch" => req.scratch = value()?.into(),
                 "--mode" => {
                     let v = value()?;
-                    req.mode = SandboxMode::parse(&v.to_string_lossy())
+                    req.mode = SandboxMode::from_word(&v.to_string_lossy())
                         .ok_or_else(|| format!("bad --mode {}", v.to_string_lossy()))?;
                 }
                 "--cgroup" => req.cgroup = value()?.to_string_lossy().into_owned(),

@@ -32,31 +32,8 @@ pub use exec::{ExecRequest, exec_sandboxed, main_with_args};
 /// up, and starts faster than the agent binaries would.
 pub const SANDBOX_BINARY: &str = "patchflow-sandbox-exec";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SandboxMode {
-    /// Every layer must be in force.
-    Strict,
-    /// Use what the kernel offers; say what is missing.
-    BestEffort,
-}
-
-impl SandboxMode {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "strict" => Some(Self::Strict),
-            "best-effort" => Some(Self::BestEffort),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Strict => "strict",
-            Self::BestEffort => "best-effort",
-        }
-    }
-}
+/// How strictly commands are confined: the `sandbox_mode` setting.
+pub use patchflow_core::config::SandboxMode;
 
 /// What a sandboxed process got; printed as JSON by `patchflow-sandbox-exec --probe`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
