@@ -49,14 +49,30 @@ fn cannot_buffer(e: std::io::Error) -> ServiceError {
 
 /// Reads multipart fields; the `zip_file` part streams to a temporary file, bounded by the
 /// upload limit. A browser form sends every field: an empty file part (no file chosen)
-/// means "not given".
+/// means "not given". When a later field is refused, the buffered upload is removed.
 pub async fn read_multipart(
     service: &TaskService,
-    mut mp: Multipart,
+    mp: Multipart,
 ) -> Result<(SubmitBody, Option<Upload>), ServiceError> {
+    let mut upload: Option<Upload> = None;
+    match read_parts(service, mp, &mut upload).await {
+        Ok(body) => Ok((body, upload)),
+        Err(e) => {
+            if let Some(u) = &upload {
+                discard(u).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn read_parts(
+    service: &TaskService,
+    mut mp: Multipart,
+    upload: &mut Option<Upload>,
+) -> Result<SubmitBody, ServiceError> {
     let limit = service.config().max_upload_bytes;
     let mut fields = FormFields::default();
-    let mut upload: Option<Upload> = None;
     loop {
         let field = match mp.next_field().await {
             Ok(Some(f)) => f,
@@ -112,7 +128,10 @@ pub async fn read_multipart(
                 let _ = tokio::fs::remove_file(&path).await;
                 continue;
             }
-            upload = Some(Upload { path, bytes });
+            if let Some(earlier) = upload.replace(Upload { path, bytes }) {
+                // A second `zip_file` part replaces the first, which would otherwise linger.
+                discard(&earlier).await;
+            }
             continue;
         }
         let text = field
@@ -121,5 +140,5 @@ pub async fn read_multipart(
             .map_err(|e| ServiceError::BadRequest(format!("field `{name}`: {}", e.body_text())))?;
         fields.add(&name, &text)?;
     }
-    Ok((fields.finish()?, upload))
+    Ok(fields.finish()?)
 }
