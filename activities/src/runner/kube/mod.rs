@@ -8,7 +8,6 @@
 //! maps what it sees to the attempt's outcome, deletes the Job (foreground) on cancel and
 //! waits until its pod is gone.
 //!
-//!
 //! The files: `config` (the settings), `job` (the Job of one attempt), `watch` (following
 //! it to its outcome), [`pod_contract`] (the environment between the runner and the pod,
 //! both halves, and the pod's side of it), `api` (retried API calls).
