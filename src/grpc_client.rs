@@ -46,7 +46,7 @@ pub async fn connect(url: &str) -> anyhow::Result<TasksClient<Channel>> {
 }
 
 /// A gRPC error as the CLI shows it: the server's message and the code.
-fn failed(s: tonic::Status) -> anyhow::Error {
+fn failed(s: &tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", s.message(), s.code())
 }
 
@@ -97,7 +97,7 @@ pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> 
         client
             .upload_task(futures::stream::iter(messages))
             .await
-            .map_err(failed)?
+            .map_err(|s| failed(&s))?
     } else {
         client
             .submit_task(proto::SubmitTaskRequest {
@@ -106,7 +106,7 @@ pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> 
                 options: Some(options(&a)),
             })
             .await
-            .map_err(failed)?
+            .map_err(|s| failed(&s))?
     }
     .into_inner();
     println!("{}", response.task_id);
@@ -135,7 +135,7 @@ async fn watch_task(url: &str, id: &str, after: i64, json: bool) -> anyhow::Resu
                     after_seq: after,
                 })
                 .await
-                .map_err(failed)
+                .map_err(|s| failed(&s))
         }
         .await;
         let mut stream = match stream {
@@ -197,7 +197,7 @@ async fn watch_task(url: &str, id: &str, after: i64, json: bool) -> anyhow::Resu
                     }
                     break;
                 }
-                Err(s) => return Err(failed(s)),
+                Err(s) => return Err(failed(&s)),
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -19,7 +19,7 @@ pub use task::{
     ToolPolicy,
 };
 
-/// Object keys of the layout in DESIGN.md, in one place so no crate spells them twice.
+/// Object keys of the layout in ARCHITECTURE.md, in one place so no crate spells them twice.
 pub mod layout {
     use crate::TaskId;
 

@@ -43,7 +43,7 @@ pub async fn spec_of(body: SubmitBody, upload: Option<&Upload>) -> Result<TaskSp
     }
 }
 
-fn cannot_buffer(e: std::io::Error) -> ServiceError {
+fn cannot_buffer(e: &std::io::Error) -> ServiceError {
     ServiceError::Internal(format!("cannot buffer the upload: {e}"))
 }
 
@@ -93,7 +93,7 @@ async fn read_parts(
             let path = temp_upload_path("patchflow-upload");
             let mut file = tokio::fs::File::create(&path)
                 .await
-                .map_err(cannot_buffer)?;
+                .map_err(|e| cannot_buffer(&e))?;
             let mut bytes = 0u64;
             let mut field = field;
             loop {
@@ -105,7 +105,9 @@ async fn read_parts(
                             let _ = tokio::fs::remove_file(&path).await;
                             return Err(ServiceError::TooLarge { limit });
                         }
-                        file.write_all(&chunk).await.map_err(cannot_buffer)?;
+                        file.write_all(&chunk)
+                            .await
+                            .map_err(|e| cannot_buffer(&e))?;
                     }
                     Ok(None) => break,
                     Err(e) => {

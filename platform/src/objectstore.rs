@@ -1,4 +1,4 @@
-//! Object storage for staged code and results, keyed as DESIGN.md lays out
+//! Object storage for staged code and results, keyed as ARCHITECTURE.md lays out
 //! (`uploads/…`, `staged/…`, `results/…`).
 //!
 //! Two back-ends sit behind [`ObjectStore`], chosen by URL in [`open`]: a local directory

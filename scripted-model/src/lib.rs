@@ -2,7 +2,7 @@
 //! provider that patchflow's tests and its key-less demo use.
 //!
 //! It replays a [`Script`] of assistant turns (tool calls or a final answer) and checks
-//! every request it receives: the model name, that the tool schemas carry DESIGN.md's names
+//! every request it receives: the model name, that the tool schemas carry the API's names (README)
 //! and parameters, that every earlier tool call has its result, and any text the turn
 //! expects in those results. A request it did not expect gets a 400 whose message says why
 //! and is recorded as a violation, so a test fails loudly instead of passing by accident.
@@ -23,7 +23,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-/// The tools and parameter names a request must declare (DESIGN.md's contract).
+/// The tools and parameter names a request must declare (ARCHITECTURE.md's contracts).
 pub const CONTRACT_TOOLS: [(&str, &[&str]); 7] = [
     (
         "run_shell_command",
@@ -403,13 +403,14 @@ mod tests {
         );
         let call = a["choices"][0]["message"].clone();
         let second = json!({"model":"m","tools":tools(),"messages":[
-            {"role":"user","content":"x"}, call.clone(),
+            {"role":"user","content":"x"}, call,
             {"role":"tool","tool_call_id":"call_1_1","content":"hello world"}]});
         assert_eq!(
             answer_for(&s, &second).unwrap().0["choices"][0]["message"]["content"],
             "done"
         );
-        let missing = json!({"model":"m","tools":tools(),"messages":[{"role":"user","content":"x"}, call.clone()]});
+        let missing =
+            json!({"model":"m","tools":tools(),"messages":[{"role":"user","content":"x"}, call]});
         assert!(
             answer_for(&s, &missing)
                 .unwrap_err()

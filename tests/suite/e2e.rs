@@ -146,7 +146,7 @@ async fn demo_task_completes_over_http_with_the_exact_diff() {
         ]
     );
 
-    // The model saw exactly the script, with DESIGN.md's tool schemas and our model name.
+    // The model saw exactly the script, with the tool schemas of ARCHITECTURE.md and our model name.
     let seen = stack.model.observed();
     assert!(seen.violations.is_empty(), "{:?}", seen.violations);
     assert_eq!(seen.answered, 5);

@@ -1,5 +1,5 @@
 //! The agent's tools: their OpenAI function schemas (names and parameters fixed by
-//! DESIGN.md) and the [`ToolDispatch`] trait the loop calls them through. The
+//! ARCHITECTURE.md) and the [`ToolDispatch`] trait the loop calls them through. The
 //! implementation is [`SandboxedTools`]: files, search and HTTP in a WebAssembly guest,
 //! shell commands in the OS sandbox.
 //!

@@ -76,6 +76,8 @@ struct Reply {
     body: String,
 }
 
+// Test helpers take literal JSON by value, so each call site reads as the document it builds.
+#[allow(clippy::needless_pass_by_value)]
 fn ok(v: Value) -> Reply {
     Reply {
         status: 200,
@@ -178,6 +180,8 @@ fn serve(
     })
 }
 
+// Test helpers take literal JSON by value, so each call site reads as the document it builds.
+#[allow(clippy::needless_pass_by_value)]
 fn job_json(conditions: Value) -> Value {
     json!({
         "apiVersion": "batch/v1", "kind": "Job",
@@ -197,6 +201,8 @@ fn cond(t: &str, reason: &str, message: &str) -> Value {
     json!([{"type": t, "status": "True", "reason": reason, "message": message}])
 }
 
+// Test helpers take literal JSON by value, so each call site reads as the document it builds.
+#[allow(clippy::needless_pass_by_value)]
 fn pod_json(status: Value) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -207,6 +213,8 @@ fn pod_json(status: Value) -> Value {
     })
 }
 
+// Test helpers take literal JSON by value, so each call site reads as the document it builds.
+#[allow(clippy::needless_pass_by_value)]
 fn list(kind: &str, items: Vec<Value>) -> Reply {
     ok(
         json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": "10"}, "items": items}),
