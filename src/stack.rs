@@ -14,6 +14,7 @@ use patchflow_core::config::Runner;
 use patchflow_core::config::redact_url;
 use patchflow_gateway::{ServiceConfig, TaskService};
 use patchflow_platform::cache::{Hot, HotOptions, RateLimit};
+use patchflow_platform::git_remote::RemotePolicy;
 use patchflow_platform::{ObjectStore, TaskStore};
 use patchflow_workflows::{CodeTask, WorkflowSettings};
 use temporalio_client::Client;
@@ -156,6 +157,10 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
         config: ActivityConfig {
             data_dir: config.server.data_dir.clone(),
             allow_local_sources: config.server.allow_local_sources,
+            git_remotes: RemotePolicy::from_settings(
+                &config.server.git_allowed_protocols,
+                &config.server.git_allowed_hosts,
+            ),
             max_unpacked_bytes: config.server.max_unpacked_bytes,
             max_archive_entries: config.server.max_archive_entries,
             batch_lease: Duration::from_secs(config.batch.batch_lease_secs),

@@ -5,11 +5,19 @@
 //! branches, tags and commit ids alike. ZIP uploads are checked entry by entry before a
 //! single byte is written: no absolute paths, no `..`, no symlinks, bounded entry count and
 //! size; a common top-level folder (as in GitHub's zipballs) is stripped.
+//!
+//! A remote is checked before git runs ([`patchflow_platform::git_remote`]: allowed
+//! scheme, no credentials, only public addresses unless `git_allowed_hosts` names the host),
+//! and git connects to the address that was checked. git itself runs with a cleared
+//! environment: no system or global config, a private empty HOME (so no `~/.netrc`,
+//! `~/.ssh` or `~/.git-credentials`), no SSH agent, no prompts, no credential helpers, no
+//! hooks, no redirects, and only the protocols the worker allows.
 
 use std::path::Path;
 use std::time::Duration;
 
 use patchflow_core::{TaskId, TaskSource};
+use patchflow_platform::git_remote::GitRemote;
 use patchflow_platform::{ObjectStore, archive};
 use patchflow_workflows::io::FetchOutput;
 use temporalio_sdk::activities::ActivityError;
@@ -85,29 +93,61 @@ fn is_local(url: &str) -> bool {
     url.starts_with("file://") || url.starts_with('/') || url.starts_with('.')
 }
 
-/// Runs one git command; returns stdout, or the classified error naming the URL.
-async fn git(dir: &Path, args: &[&str], url: &str, local: bool) -> Result<String, ActivityError> {
-    let mut cmd = Command::new("git");
-    cmd.arg("-C").arg(dir);
-    if local {
-        // Local fetches by commit id need the "server" side to allow it.
-        cmd.args([
-            "-c",
-            "protocol.file.allow=always",
-            "-c",
-            "uploadpack.allowAnySHA1InWant=true",
-        ]);
+/// How git runs for one fetch: the `-c` settings and the private HOME.
+struct GitRun<'a> {
+    url: &'a str,
+    home: &'a Path,
+    settings: Vec<String>,
+}
+
+impl GitRun<'_> {
+    /// Runs one git command; returns stdout, or the classified error naming the URL.
+    async fn git(&self, dir: &Path, args: &[&str]) -> Result<String, ActivityError> {
+        let mut cmd = Command::new("git");
+        cmd.arg("-C").arg(dir);
+        for setting in &self.settings {
+            cmd.arg("-c").arg(setting);
+        }
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.home)
+            .env("XDG_CONFIG_HOME", self.home)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ASKPASS", "true")
+            .env(
+                "GIT_SSH_COMMAND",
+                "ssh -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new",
+            )
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        run_git(cmd, args, self.url).await
     }
-    cmd.args(["-c", "credential.helper=", "-c", "core.hooksPath=/dev/null"])
-        .args(args)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env("GIT_ASKPASS", "true")
-        .env(
-            "GIT_SSH_COMMAND",
-            "ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new",
-        )
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
+}
+
+/// The `-c` settings every fetch runs with, and the local or remote ones on top.
+fn git_settings(protocols: &[String], extra: Vec<String>) -> Vec<String> {
+    let mut settings: Vec<String> = [
+        "credential.helper=",
+        "core.hooksPath=/dev/null",
+        "core.askPass=",
+        "http.followRedirects=false",
+        "protocol.allow=never",
+    ]
+    .map(String::from)
+    .into();
+    settings.extend(
+        protocols
+            .iter()
+            .map(|p| format!("protocol.{p}.allow=always")),
+    );
+    settings.extend(extra);
+    settings
+}
+
+async fn run_git(mut cmd: Command, args: &[&str], url: &str) -> Result<String, ActivityError> {
     let out = tokio::time::timeout(GIT_TIMEOUT, cmd.output())
         .await
         .map_err(|_| transient(format!("git {} of {url} timed out", args[0])))?
@@ -136,7 +176,7 @@ async fn git(dir: &Path, args: &[&str], url: &str, local: bool) -> Result<String
         "invalid",
         "no such",
         "unable to find remote helper",
-        "transport 'file' not allowed",
+        "not allowed",
     ]
     .iter()
     .any(|p| reason.to_lowercase().contains(p));
@@ -154,29 +194,45 @@ async fn git_fetch(
     tree: &Path,
 ) -> Result<String, ActivityError> {
     let local = is_local(url);
-    if local && !config.allow_local_sources {
-        return Err(bad_input(format!(
-            "cannot fetch {url}: local repositories are not allowed by this worker (allow_local_sources is off)"
-        )));
+    let settings = if local {
+        if !config.allow_local_sources {
+            return Err(bad_input(format!(
+                "cannot fetch {url}: local repositories are not allowed by this worker (allow_local_sources is off)"
+            )));
+        }
+        // Local fetches by commit id need the "server" side to allow it.
+        let file = ["file".to_string()];
+        git_settings(&file, vec!["uploadpack.allowAnySHA1InWant=true".into()])
+    } else {
+        let checked = GitRemote::parse(url)
+            .map_err(bad_input)?
+            .check(&config.git_remotes)
+            .await
+            .map_err(|e| bad_input(format!("cannot fetch {url}: {e}")))?;
+        git_settings(&config.git_remotes.protocols, checked.git_config())
+    };
+    // The private HOME sits beside the tree, so a retry starts it afresh too.
+    let home = tree.with_file_name("git-home");
+    if home.exists() {
+        tokio::fs::remove_dir_all(&home).await.map_err(transient)?;
     }
-    git(tree, &["init", "-q"], url, local).await?;
-    git(tree, &["remote", "add", "origin", url], url, local).await?;
+    tokio::fs::create_dir_all(&home).await.map_err(transient)?;
+    let run = GitRun {
+        url,
+        home: &home,
+        settings,
+    };
+    run.git(tree, &["init", "-q"]).await?;
+    run.git(tree, &["remote", "add", "origin", url]).await?;
     let target = git_ref.unwrap_or("HEAD");
-    git(
+    run.git(
         tree,
         &["fetch", "-q", "--depth", "1", "--no-tags", "origin", target],
-        url,
-        local,
     )
     .await?;
-    git(
-        tree,
-        &["checkout", "-q", "--detach", "FETCH_HEAD"],
-        url,
-        local,
-    )
-    .await?;
-    git(tree, &["rev-parse", "HEAD"], url, local).await
+    run.git(tree, &["checkout", "-q", "--detach", "FETCH_HEAD"])
+        .await?;
+    run.git(tree, &["rev-parse", "HEAD"]).await
 }
 
 /// Files and bytes under `dir` (without `.git`).

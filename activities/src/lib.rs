@@ -49,6 +49,8 @@ pub struct ActivityConfig {
     /// Fetched trees and agent workspaces live under `<data_dir>/work/`.
     pub data_dir: PathBuf,
     pub allow_local_sources: bool,
+    /// Which remotes `fetch_code` may reach (`git_allowed_protocols`, `git_allowed_hosts`).
+    pub git_remotes: patchflow_platform::git_remote::RemotePolicy,
     pub max_unpacked_bytes: u64,
     pub max_archive_entries: u64,
     /// Lifetime of a batch slot lease; holders renew it with their heartbeats.

@@ -163,6 +163,13 @@ settings! {
         submit_rate_per_sec: f64 = 5.0,
         /// Accept `file://` URLs and local paths as git sources (tests, the demo).
         allow_local_sources: bool = false,
+        /// Schemes a remote `git_url` may use, comma-separated: `https` (default), `http`,
+        /// `ssh`, `git`.
+        git_allowed_protocols: String = "https".into(),
+        /// Git hosts (`host` or `host:port`, comma-separated) whose addresses are not
+        /// checked: without an entry, a host that resolves to a loopback, private,
+        /// link-local or other non-public address is refused before git runs.
+        git_allowed_hosts: String = String::new(),
         /// Largest upload (ZIP) accepted by the gateway, in bytes.
         max_upload_bytes: u64 = 100 * 1024 * 1024,
         /// Largest unpacked size of a ZIP or repository, in bytes.
@@ -381,6 +388,14 @@ impl Config {
             && self.sandbox.doc_search_url.is_none()
         {
             return bad("doc_search_url", "the http doc search provider needs a URL");
+        }
+        for scheme in self.server.git_allowed_protocols.split(',').map(str::trim) {
+            if !matches!(scheme, "https" | "http" | "ssh" | "git") {
+                return bad(
+                    "git_allowed_protocols",
+                    "a comma-separated list of `https`, `http`, `ssh`, `git`",
+                );
+            }
         }
         if self.temporal.task_queue.is_empty() {
             return bad("task_queue", "must not be empty");

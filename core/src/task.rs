@@ -479,7 +479,20 @@ fn validate_git_url(url: &str, allow_local: bool) -> Result<(), ValidationError>
             format!("`{url}` is not a valid repository URL"),
         ));
     }
-    if REMOTE_SCHEMES.iter().any(|s| url.starts_with(s)) {
+    if let Some(scheme) = REMOTE_SCHEMES.iter().find(|s| url.starts_with(**s)) {
+        let rest = &url[scheme.len()..];
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        // `ssh://git@host` names a login, not a secret; anything else before `@` (a
+        // password, a token as the user name) would be stored and shown with the task.
+        if let Some((user_info, _)) = authority.rsplit_once('@')
+            && (*scheme != "ssh://" || user_info.contains(':'))
+        {
+            return Err(ValidationError::new(
+                "git_url",
+                "must not carry credentials (`user:password@` or a token before `@`): they \
+                 would be stored and shown with the task",
+            ));
+        }
         return Ok(());
     }
     // scp-like `git@host:owner/repo.git`
@@ -670,6 +683,24 @@ mod tests {
     fn validation_names_the_field() {
         assert!(spec("https://github.com/o/r.git").validate(false).is_ok());
         assert!(spec("git@github.com:o/r.git").validate(false).is_ok());
+        assert!(spec("ssh://git@github.com/o/r.git").validate(false).is_ok());
+        for leaky in [
+            "https://user:hunter2@github.com/o/r.git",
+            "https://ghp_secret@github.com/o/r.git",
+            "http://a:b@127.0.0.1/r.git",
+            "ssh://git:hunter2@github.com/o/r.git",
+        ] {
+            let e = spec(leaky).validate(false).unwrap_err();
+            assert_eq!(e.field, "git_url", "{leaky}");
+            assert!(e.reason.contains("credentials"), "{e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+        // An `@` in the path is not user info.
+        assert!(
+            spec("https://git.example/o/r@v2.git")
+                .validate(false)
+                .is_ok()
+        );
         let e = spec("file:///tmp/r").validate(false).unwrap_err();
         assert_eq!(e.field, "git_url");
         assert!(e.reason.contains("not allowed"));

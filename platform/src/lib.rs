@@ -7,6 +7,8 @@
 //! - [`bus`]: Kafka (rdkafka): the task trigger topic, the results topic and the DLQ.
 //! - [`cache`]: hot-path services beside the task store (status cache, idempotency keys,
 //!   rate limits, live events), in-process or on Redis, bundled in [`cache::Hot`].
+//! - [`git_remote`]: which git remotes a worker may reach (no private addresses, no
+//!   credentials in URLs), checked before git runs.
 //! - [`status`]: the one way to change a task's status (store, then event and cache).
 //!
 //! Callers pick an implementation from a URL with [`db::open`] and [`objectstore::open`],
@@ -16,6 +18,7 @@ pub mod archive;
 pub mod bus;
 pub mod cache;
 pub mod db;
+pub mod git_remote;
 pub mod objectstore;
 pub mod process;
 pub mod status;

@@ -5,6 +5,7 @@ mod deploy;
 mod durability;
 mod e2e;
 mod failures;
+mod git_fetch;
 mod grpc;
 mod kafka;
 mod kube_pod;
