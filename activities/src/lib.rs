@@ -273,6 +273,11 @@ impl Activities {
         input: FetchInput,
     ) -> Result<FetchOutput, ActivityError> {
         let id = task_id(&input.task_id)?;
+        // A workflow started in Temporal directly never met a gateway: check it as one would.
+        input
+            .source
+            .validate(self.config.allow_local_sources)
+            .map_err(|e| bad_input(format!("refused task source: {e}")))?;
         fetch::fetch(&self.config, self.objects.as_ref(), &id, &input.source).await
     }
 
@@ -293,6 +298,10 @@ impl Activities {
         input: RunAgentInput,
     ) -> Result<AgentSummary, ActivityError> {
         let id = task_id(&input.task_id)?;
+        input
+            .spec
+            .validate(self.config.allow_local_sources)
+            .map_err(|e| bad_input(format!("refused task: {e}")))?;
         if let Some(slot) = &input.batch_slot {
             // Held already on a first attempt; a retry after a crash may have lost it.
             self.wait_for_slot(&ctx, slot).await?;

@@ -414,19 +414,7 @@ impl TaskSpec {
                 format!("is longer than {MAX_DESCRIPTION_BYTES} bytes"),
             ));
         }
-        match &self.source {
-            TaskSource::Git { url, git_ref } => {
-                validate_git_url(url, allow_local)?;
-                if let Some(r) = git_ref {
-                    validate_git_ref(r)?;
-                }
-            }
-            TaskSource::Archive { key } => {
-                if key.is_empty() || key.contains("..") {
-                    return Err(ValidationError::new("source", "invalid archive key"));
-                }
-            }
-        }
+        self.source.validate(allow_local)?;
         if let Some(t) = &self.target_file {
             validate_relative_path("target_file", t)?;
         }
@@ -463,6 +451,27 @@ impl TaskSpec {
         }
         self.policy.validate()?;
         self.limits.validate()
+    }
+}
+
+impl TaskSource {
+    /// Checks the source as a submission is checked; workers check it again, since a
+    /// workflow can be started in Temporal without passing a gateway.
+    pub fn validate(&self, allow_local: bool) -> Result<(), ValidationError> {
+        match self {
+            TaskSource::Git { url, git_ref } => {
+                validate_git_url(url, allow_local)?;
+                if let Some(r) = git_ref {
+                    validate_git_ref(r)?;
+                }
+            }
+            TaskSource::Archive { key } => {
+                if key.is_empty() || key.contains("..") {
+                    return Err(ValidationError::new("source", "invalid archive key"));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
