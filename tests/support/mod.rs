@@ -22,12 +22,54 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A port no other test of this run holds, for a server a test starts.
+///
+/// Asking the kernel for port 0 and letting go is not enough when tests run in parallel:
+/// the kernel hands a released port to the next caller (an outgoing connection, or another
+/// test's server), and a stack that loses the race for its own port would answer health
+/// checks through somebody else's. So ports come from below the kernel's ephemeral range
+/// (`ip_local_port_range` starts at 32768), where outgoing connections never land, and each
+/// is claimed by a file naming this test process; a claim whose process is gone is stale.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    use std::io::Write;
+    let claims = std::env::temp_dir().join("patchflow-test-ports");
+    std::fs::create_dir_all(&claims).unwrap();
+    let me = std::process::id();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+        .subsec_nanos();
+    for i in 0..2000u32 {
+        let port = 20_000
+            + ((seed ^ me.wrapping_mul(2_654_435_761)).wrapping_add(i * 7919) % 12_000) as u16;
+        let claim = claims.join(port.to_string());
+        let taken = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&claim)
+        {
+            Ok(mut f) => {
+                f.write_all(me.to_string().as_bytes()).unwrap();
+                false
+            }
+            Err(_) => {
+                let holder = std::fs::read_to_string(&claim).unwrap_or_default();
+                let alive = holder.trim().parse::<u32>().is_ok_and(|pid| {
+                    pid == me || std::path::Path::new(&format!("/proc/{pid}")).exists()
+                });
+                // A stale claim is taken over by whoever renames first.
+                let tmp = claims.join(format!("{port}.{me}"));
+                alive
+                    || std::fs::write(&tmp, me.to_string()).is_err()
+                    || std::fs::rename(&tmp, &claim).is_err()
+                    || std::fs::read_to_string(&claim).unwrap_or_default() != me.to_string()
+            }
+        };
+        if !taken && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free test port below the ephemeral range");
 }
 
 /// The demo's script, as the demo runs it.
