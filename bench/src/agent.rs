@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use patchflow_scripted_model::{Script, ScriptedModel};
 use serde_json::json;
 
-use crate::harness::{bench_repo, ms, script_of, stats};
+use crate::harness::{bench_repo, ms, stats};
 
 /// The agent the runners of a `patchflow` beside this binary would start (the slim
 /// `patchflow-agent` when it is of the same build, else `patchflow agent`).
@@ -116,12 +116,18 @@ pub async fn run(runs: usize, steps: usize) -> anyhow::Result<ExitCode> {
     let mut first = Vec::new();
     let mut rss = 0i64;
     for _ in 0..runs.max(1) {
-        let s = run_agent_once(&exe, dir.path(), &baseline, script_of(vec![])).await?;
+        let s = run_agent_once(
+            &exe,
+            dir.path(),
+            &baseline,
+            Script::calls_then_finish(vec![]),
+        )
+        .await?;
         first.push(ms(s.to_first_request));
         rss = rss.max(s.max_rss_kib);
     }
     let read = vec![("read_file_content", json!({"file_path": "ten_kib.txt"})); steps];
-    let s = run_agent_once(&exe, dir.path(), &baseline, script_of(read)).await?;
+    let s = run_agent_once(&exe, dir.path(), &baseline, Script::calls_then_finish(read)).await?;
     // Drop the first gap (first-use warm-up) and the last (the finish turn).
     let read_gaps: Vec<f64> = s
         .step_gaps
@@ -132,7 +138,13 @@ pub async fn run(runs: usize, steps: usize) -> anyhow::Result<ExitCode> {
         .collect();
     rss = rss.max(s.max_rss_kib);
     let shell = vec![("run_shell_command", json!({"command_string": "true"})); steps];
-    let s = run_agent_once(&exe, dir.path(), &baseline, script_of(shell)).await?;
+    let s = run_agent_once(
+        &exe,
+        dir.path(),
+        &baseline,
+        Script::calls_then_finish(shell),
+    )
+    .await?;
     let shell_gaps: Vec<f64> = s
         .step_gaps
         .iter()

@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use patchflow::stack::Stores;
 use patchflow_core::Config;
-use patchflow_scripted_model::{Script, ScriptedCall, Turn};
-use serde_json::{Value, json};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -43,30 +41,6 @@ pub fn bench_repo(dir: &Path) -> anyhow::Result<()> {
     let line = "# padding line to make a ten kibibyte file for the read benchmark\n";
     std::fs::write(dir.join("ten_kib.txt"), line.repeat(10 * 1024 / line.len()))?;
     Ok(())
-}
-
-pub fn script_of(calls: Vec<(&str, Value)>) -> Script {
-    let mut turns: Vec<Turn> = calls
-        .into_iter()
-        .map(|(name, arguments)| Turn {
-            tool_calls: vec![ScriptedCall {
-                name: name.into(),
-                arguments,
-            }],
-            ..Turn::default()
-        })
-        .collect();
-    turns.push(Turn {
-        tool_calls: vec![ScriptedCall {
-            name: "finish".into(),
-            arguments: json!({"summary": "done"}),
-        }],
-        ..Turn::default()
-    });
-    Script {
-        turns,
-        ..Script::default()
-    }
 }
 
 /// A free TCP port on 127.0.0.1.

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use patchflow_core::{Config, TaskEvent, TaskStatus};
-use patchflow_scripted_model::ScriptedModel;
+use patchflow_scripted_model::{Script, ScriptedModel};
 use serde_json::{Value, json};
 
-use crate::harness::{bench_repo, free_port, ms, on_stack, script_of, stats};
+use crate::harness::{bench_repo, free_port, ms, on_stack, stats};
 
 fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     let st = std::process::Command::new("git")
@@ -64,8 +64,11 @@ pub async fn with_stack(
             "init",
         ],
     )?;
-    let model =
-        ScriptedModel::start(script_of(vec![]), SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let model = ScriptedModel::start(
+        Script::calls_then_finish(vec![]),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .await?;
 
     let mut config = Config::default();
     config.server.data_dir = dir.path().join("data");

@@ -97,6 +97,27 @@ impl Script {
     pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
         serde_json::from_str(text)
     }
+
+    /// One tool call a turn, in order, then `finish`: the shape benchmarks and tool tests
+    /// drive the agent with.
+    pub fn calls_then_finish(calls: Vec<(&str, serde_json::Value)>) -> Self {
+        let finish = ("finish", serde_json::json!({"summary": "done"}));
+        let turns = calls
+            .into_iter()
+            .chain([finish])
+            .map(|(name, arguments)| Turn {
+                tool_calls: vec![ScriptedCall {
+                    name: name.into(),
+                    arguments,
+                }],
+                ..Turn::default()
+            })
+            .collect();
+        Self {
+            turns,
+            ..Self::default()
+        }
+    }
 }
 
 /// What the server has seen, for tests to assert on.

@@ -15,7 +15,7 @@ use patchflow_agent::wasm::egress::Egress;
 use patchflow_agent::wasm::{CallLimits, HostOptions, TOOLS_COMPONENT, ToolHost};
 use patchflow_agent::{AgentRun, SandboxedTools, ShellEnv, Workspace};
 use patchflow_core::{AgentSummary, TaskSource, TaskSpec, ToolPolicy};
-use patchflow_scripted_model::{Script, ScriptedCall, ScriptedModel, Turn};
+use patchflow_scripted_model::{Script, ScriptedModel};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -219,28 +219,8 @@ fn pack(dir: &Path, out: &Path) {
 /// Runs the agent loop over `fx`'s tools with the scripted model playing `calls` then
 /// `finish`; returns the summary and the transcript text.
 pub async fn run_agent(fx: Fixture, calls: Vec<(&str, Value)>) -> (AgentSummary, String) {
-    let mut turns: Vec<Turn> = calls
-        .into_iter()
-        .map(|(name, arguments)| Turn {
-            tool_calls: vec![ScriptedCall {
-                name: name.into(),
-                arguments,
-            }],
-            ..Turn::default()
-        })
-        .collect();
-    turns.push(Turn {
-        tool_calls: vec![ScriptedCall {
-            name: "finish".into(),
-            arguments: json!({"summary": "done"}),
-        }],
-        ..Turn::default()
-    });
     let model = ScriptedModel::start(
-        Script {
-            turns,
-            ..Script::default()
-        },
+        Script::calls_then_finish(calls),
         SocketAddr::from(([127, 0, 0, 1], 0)),
     )
     .await
