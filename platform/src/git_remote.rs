@@ -7,21 +7,18 @@
 //! a second DNS answer cannot switch the connection to another address (DNS rebinding).
 //!
 //! Local sources (`file://`, paths) are not remotes: `allow_local_sources` governs them.
+//! Credentials in a URL are refused where every source is checked, `TaskSource::validate`
+//! (at submit, and again by the worker before it asks this module).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use thiserror::Error;
 
-/// Why a remote is refused. Every message names the URL's host, never its full text.
+/// Why a remote is refused, in words for the task's message.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum RemoteRefused {
     #[error("`{0}` is not a git URL this worker can parse")]
     Unparsable(String),
-    #[error(
-        "git_url must not carry credentials (`user:password@` or a token before `@`): \
-         they would be stored and shown with the task"
-    )]
-    Credentials,
     #[error(
         "git_url uses {scheme}, which this worker does not allow (git_allowed_protocols = {allowed})"
     )]
@@ -121,10 +118,6 @@ impl GitRemote {
         }
         let parsed = url::Url::parse(url).map_err(|_| unparsable())?;
         let scheme = parsed.scheme().to_ascii_lowercase();
-        let secret_bearing = matches!(scheme.as_str(), "http" | "https" | "git");
-        if parsed.password().is_some() || (secret_bearing && !parsed.username().is_empty()) {
-            return Err(RemoteRefused::Credentials);
-        }
         let port = parsed
             .port_or_known_default()
             .unwrap_or(match scheme.as_str() {
@@ -305,19 +298,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn credentials_and_protocols_are_refused_before_any_lookup() {
-        for url in [
-            "https://user:hunter2@github.com/o/r.git",
-            "https://ghp_token@github.com/o/r.git",
-            "ssh://git:hunter2@github.com/o/r.git",
-        ] {
-            assert_eq!(
-                GitRemote::parse(url).unwrap_err(),
-                RemoteRefused::Credentials,
-                "{url}"
-            );
-        }
-        // A login name for SSH is not a secret.
+    async fn protocols_are_refused_before_any_lookup() {
         let ssh = GitRemote::parse("git@github.com:o/r.git").unwrap();
         assert_eq!((ssh.scheme.as_str(), ssh.port), ("ssh", 22));
         let e = ssh.check(&policy("")).await.unwrap_err();
