@@ -86,6 +86,16 @@ ensure_services() {
   need mysql "apt-get install mariadb-client"
 }
 
+# bubblewrap puts every shell command of a task in namespaces of its own (the default,
+# strict sandbox refuses to run commands without it).
+ensure_bwrap() {
+  if ! command -v bwrap >/dev/null 2>&1; then
+    say "installing bubblewrap (Debian package), the shell sandbox's namespaces"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) >/dev/null 2>&1 || true
+  fi
+  need bwrap "apt-get install bubblewrap (or run with PATCHFLOW_SANDBOX_MODE=best-effort)"
+}
+
 # kubectl renders deploy/k8s offline (`kubectl kustomize`) for the manifest tests.
 ensure_kubectl() {
   if ! command -v kubectl >/dev/null 2>&1; then

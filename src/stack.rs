@@ -175,10 +175,23 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
 /// ones are left out; so, unset, every agent of this user shares the agent's own default cache
 /// of compiled tool code (a per-stack directory would make each new stack compile the tools
 /// again).
+///
+/// `sandbox_toolchains = "auto"` is resolved here, in the worker's own environment: the
+/// agent starts with HOME moved to its temp dir, where `~/.rustup` is not.
 fn agent_env(config: &Config) -> Vec<(String, String)> {
     Config::section_keys("sandbox")
         .iter()
-        .filter_map(|key| Some((Config::env_name(key), config.text(key)?)))
+        .filter_map(|key| {
+            let mut value = config.text(key)?;
+            if *key == "sandbox_toolchains" && value.trim() == "auto" {
+                let found = patchflow_agent::sandbox::toolchains::resolve(&value, |k| {
+                    std::env::var(k).ok()
+                })
+                .unwrap_or_default();
+                value = patchflow_agent::sandbox::toolchains::to_setting(&found);
+            }
+            Some((Config::env_name(key), value))
+        })
         .collect()
 }
 

@@ -119,6 +119,7 @@ async fn main() {
         wall_ms: 1,
         files_changed: vec![],
         error: None,
+        sandbox: None,
     };
     let (mut create, mut watch) = (Vec::new(), Vec::new());
     for i in 0..RUNS {

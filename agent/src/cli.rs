@@ -16,7 +16,7 @@ use clap::Args;
 use patchflow_core::config::{DocSearchProvider, LogFormat};
 use patchflow_core::{Config, TaskSpec};
 
-use crate::sandbox::{SandboxMode, ShellSandbox};
+use crate::sandbox::ShellSandbox;
 use crate::tools::{DocSearch, GuestRunner, HostHandle, HttpDocs, WorkspaceDocs};
 use crate::wasm::egress::Egress;
 use crate::wasm::{CallLimits, HostOptions, TOOLS_COMPONENT};
@@ -158,20 +158,14 @@ async fn build_tools(
         host: HostHandle::load(TOOLS_COMPONENT, options),
         root: ws.root().to_path_buf(),
     };
-    let mode = config.sandbox.sandbox_mode;
-    let mut sandbox = ShellSandbox::beside_current_exe(scratch, mode)?;
-    sandbox.network = spec.policy.network;
-    sandbox.max_processes = config.sandbox.shell_max_processes;
-    sandbox.max_memory_bytes = config.sandbox.shell_max_memory_mb << 20;
-    // Strict mode refuses to start without every layer. Best-effort only logs what is
-    // missing, so its probe runs beside the first model request instead of before it.
-    if mode == SandboxMode::Strict {
-        sandbox.probe(ws.root()).await?;
-    } else {
+    let sandbox = shell_sandbox(config, spec.policy.network, scratch)?;
+    // The probe (which walls work here) runs beside the first model request; the first
+    // command waits for it. In strict mode a missing layer refuses every command.
+    {
         let (probe, root) = (sandbox.clone(), ws.root().to_path_buf());
         tokio::spawn(async move {
             if let Err(e) = probe.probe(&root).await {
-                tracing::warn!(error = %e, "shell sandbox probe failed");
+                tracing::error!(error = %e, "shell sandbox");
             }
         });
     }
@@ -192,12 +186,35 @@ async fn build_tools(
     Ok(SandboxedTools::new(
         ws,
         guest,
-        ShellEnv::minimal(scratch),
+        ShellEnv::with_toolchains(scratch, &sandbox.toolchains),
         sandbox,
         egress,
         docs,
         deadline,
     ))
+}
+
+/// The shell sandbox the settings describe, for a task whose policy allows network or not.
+pub fn shell_sandbox(
+    config: &Config,
+    network: bool,
+    scratch: &std::path::Path,
+) -> anyhow::Result<ShellSandbox> {
+    let s = &config.sandbox;
+    let mut sandbox = ShellSandbox::beside_current_exe(scratch, s.sandbox_mode)?;
+    sandbox.network = network;
+    sandbox.max_processes = s.shell_max_processes;
+    sandbox.max_memory_bytes = s.shell_max_memory_mb << 20;
+    sandbox.max_disk_bytes = s.shell_max_disk_mb << 20;
+    sandbox.tmp_bytes = s.sandbox_tmp_mb << 20;
+    if s.sandbox_bwrap.is_some() {
+        sandbox.bwrap = crate::sandbox::find_bwrap(s.sandbox_bwrap.as_deref(), None);
+    }
+    sandbox.toolchains = crate::sandbox::toolchains::resolve(&s.sandbox_toolchains, |k| {
+        std::env::var(k).ok()
+    })
+    .map_err(anyhow::Error::msg)?;
+    Ok(sandbox)
 }
 
 /// Logging to stderr, as text or JSON lines (`log_format`); `RUST_LOG` overrides

@@ -156,6 +156,7 @@ impl AgentRun {
             wall_ms: 0,
             files_changed: Vec::new(),
             error: None,
+            sandbox: None,
         };
 
         'steps: for step in 1..=limits.max_steps {
@@ -319,6 +320,7 @@ impl AgentRun {
         };
         std::fs::write(self.out_dir.join(layout::DIFF), &diff.patch)?;
         summary.files_changed = diff.files_changed;
+        summary.sandbox = tools.sandbox_report();
         summary.wall_ms = started.elapsed().as_millis() as u64;
         if summary.outcome == AgentOutcome::MaxSteps && summary.error.is_none() {
             summary.error = Some(format!(

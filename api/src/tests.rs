@@ -325,6 +325,7 @@ fn record() -> TaskRecord {
             wall_ms: 900,
             files_changed: vec!["src/x.py".into()],
             error: None,
+            sandbox: None,
         }),
         tenant: "default".into(),
         batch_id: Some("b1".into()),

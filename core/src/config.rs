@@ -230,13 +230,27 @@ settings! {
     }
     /// How the agent's tools and shell commands are confined.
     sandbox: SandboxSettings {
-        /// Shell sandbox: `best-effort` (default; runs with what the kernel offers and warns
-        /// about what is missing, e.g. Landlock) or `strict` (refuses to run a command unless
-        /// every layer is in force).
-        sandbox_mode: SandboxMode = SandboxMode::BestEffort,
+        /// Shell sandbox: `strict` (default; refuses to run a command unless every layer is
+        /// in force: namespaces by bubblewrap, seccomp, cgroups) or `best-effort` (runs with
+        /// what the kernel offers, falling back to Landlock, and warns loudly about the rest).
+        sandbox_mode: SandboxMode = SandboxMode::Strict,
+        /// The bubblewrap program that puts commands in their namespaces; unset: `bwrap` on
+        /// PATH, then /usr/bin/bwrap.
+        sandbox_bwrap: Option<PathBuf> = None,
+        /// Toolchain homes commands see read-only, comma-separated `VAR=path` (bound and
+        /// exported, e.g. `RUSTUP_HOME=/opt/rustup`) or `path` (bound only); `auto` finds
+        /// rustup, cargo, pyenv and nvm homes; `none` binds nothing beyond the system's.
+        /// Credential files in them are hidden.
+        sandbox_toolchains: String = "auto".into(),
+        /// Size of each command's private /tmp (a tmpfs), in MiB.
+        sandbox_tmp_mb: u64 = 512,
+        /// Most disk a task's workspace and temp dir may hold together, in MiB; a command
+        /// that grows them past it is stopped.
+        shell_max_disk_mb: u64 = 8192,
         /// Most processes a shell command may have at once (pids cgroup and RLIMIT_NPROC).
         shell_max_processes: u64 = 256,
-        /// Address-space limit of a shell command, in MiB.
+        /// Memory limit of a shell command, in MiB (its memory cgroup where the host
+        /// delegates one, and its address space).
         shell_max_memory_mb: u64 = 8192,
         /// Memory one WebAssembly tool call may grow to, in MiB.
         tool_memory_mb: u64 = 256,

@@ -13,7 +13,7 @@ pub use config::Config;
 pub use error::{CoreError, ValidationError};
 pub use event::{AgentEvent, TaskEvent, TaskEventKind};
 pub use secret::Secret;
-pub use summary::{AgentOutcome, AgentSummary};
+pub use summary::{AgentOutcome, AgentSummary, SandboxReport};
 pub use task::{
     Limits, SecretHeader, TaskAttempt, TaskId, TaskRecord, TaskSource, TaskSpec, TaskStatus,
     ToolPolicy,

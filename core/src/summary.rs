@@ -54,4 +54,56 @@ pub struct AgentSummary {
     pub files_changed: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The walls the run's shell commands ran under, as the sandbox probe found them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxReport>,
+}
+
+/// What the shell sandbox put up on this machine: printed by `patchflow doctor`, recorded
+/// in each task's summary. `walls` names the mechanism: `namespaces` (bubblewrap: a
+/// minimal root in fresh user, mount, PID, IPC and UTS namespaces) or `landlock` (the
+/// best-effort fallback where namespaces are refused).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxReport {
+    #[serde(default)]
+    pub walls: String,
+    /// Commands see a minimal root: system directories read-only, the workspace, their
+    /// own /tmp, /dev and /proc; nothing else of the host.
+    #[serde(default)]
+    pub mount_namespace: bool,
+    /// Commands see and can signal only their own processes, under a reaper as PID 1.
+    #[serde(default)]
+    pub pid_namespace: bool,
+    /// Commands run as an unprivileged uid of a user namespace.
+    #[serde(default)]
+    pub user_namespace: bool,
+    /// No capability is left (effective, permitted, bounding and ambient sets empty).
+    #[serde(default)]
+    pub no_capabilities: bool,
+    /// A session of their own: no controlling terminal.
+    #[serde(default)]
+    pub new_session: bool,
+    /// Landlock confines reads and writes (the fallback walls).
+    #[serde(default)]
+    pub landlock: bool,
+    /// The network is off (an empty namespace, or Landlock's TCP rules), or allowed by policy.
+    #[serde(default)]
+    pub network_confined: bool,
+    /// A pids cgroup bounds the number of processes.
+    #[serde(default)]
+    pub pids_cgroup: bool,
+    /// A memory cgroup bounds the memory of a command.
+    #[serde(default)]
+    pub memory_cgroup: bool,
+    #[serde(default)]
+    pub no_new_privs: bool,
+    #[serde(default)]
+    pub rlimits: bool,
+    /// The seccomp filters: socket families allow-listed, ptrace, keyctl, bpf, mount, new
+    /// namespaces, io_uring and terminal injection refused.
+    #[serde(default)]
+    pub seccomp: bool,
+    /// What could not be put up, in words.
+    #[serde(default)]
+    pub missing: Vec<String>,
 }

@@ -1,27 +1,20 @@
-//! The inside of `patchflow-sandbox-exec`: put up every wall in this (fresh,
-//! single-threaded) process, then replace it with the command. Nothing here needs
-//! `unsafe`: each layer is a plain syscall wrapper (nix, landlock) applied to the process
-//! itself before `exec`, so no `pre_exec` hook is involved.
+//! The inside of `patchflow-sandbox-exec`: in this fresh, single-threaded process, make
+//! the command's cgroup and rlimits, then either hand over to bubblewrap for the namespace
+//! walls ([`super::bwrap`]) or, in `best-effort` where namespaces are refused, put up the
+//! fallback walls here ([`super::landlock`], seccomp, no capabilities) and become the
+//! command. No `unsafe`: each layer is a plain syscall wrapper applied before `exec`.
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use std::collections::BTreeMap;
-
-use landlock::{
-    ABI, Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
-    path_beneath_rules,
-};
+use landlock::RulesetStatus;
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::resource::{Resource, setrlimit};
 use nix::unistd::{Gid, Uid};
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule,
-};
 
-use super::{SandboxMode, SandboxReport, cgroup_dir};
+use super::{SandboxMode, SandboxReport, WALLS_FALLBACK, WALLS_NAMESPACES, bwrap, cgroup};
 
 /// One sandboxed command, as `patchflow-sandbox-exec`'s arguments describe it.
 #[derive(Debug, Clone)]
@@ -29,17 +22,26 @@ pub struct ExecRequest {
     pub workspace: PathBuf,
     pub scratch: PathBuf,
     pub mode: SandboxMode,
-    /// Name of the pids cgroup to create and join.
+    /// Name of the cgroup to create and join.
     pub cgroup: String,
     pub cpu_seconds: u64,
     pub max_processes: u64,
     pub max_memory_bytes: u64,
     pub max_file_bytes: u64,
     pub network: bool,
-    /// Leave out the network namespace, so the layers that stand in for it where
-    /// namespaces are refused (seccomp, Landlock's TCP rules) can be checked on their own.
+    /// The bubblewrap program: the namespace walls. Without it, the fallback walls.
+    pub bwrap: Option<PathBuf>,
+    /// Toolchain homes, read-only.
+    pub read_only: Vec<PathBuf>,
+    /// Paths inside the read-only binds to hide.
+    pub masks: Vec<PathBuf>,
+    /// Size of the private /tmp.
+    pub tmp_bytes: u64,
+    /// Fallback walls only: leave out the network namespace, so the layers that stand in
+    /// for it where namespaces are refused (seccomp, Landlock's TCP rules) can be checked
+    /// on their own.
     pub skip_netns: bool,
-    /// Report what was put up (JSON on stdout) instead of running a command.
+    /// Print what was put up (a JSON line on stdout) before running the command.
     pub probe: bool,
     /// The program and its arguments.
     pub command: Vec<OsString>,
@@ -52,13 +54,17 @@ impl ExecRequest {
         let mut req = ExecRequest {
             workspace: PathBuf::new(),
             scratch: PathBuf::new(),
-            mode: SandboxMode::BestEffort,
+            mode: SandboxMode::Strict,
             cgroup: String::new(),
             cpu_seconds: 60,
             max_processes: 256,
             max_memory_bytes: 8 << 30,
             max_file_bytes: 1 << 30,
             network: false,
+            bwrap: None,
+            read_only: Vec::new(),
+            masks: Vec::new(),
+            tmp_bytes: 512 << 20,
             skip_netns: false,
             probe: false,
             command: Vec::new(),
@@ -72,9 +78,17 @@ impl ExecRequest {
                     .parse::<u64>()
                     .map_err(|_| format!("{flag} needs a number"))
             };
+            let abs = |v: OsString| {
+                let p = PathBuf::from(v);
+                if p.is_absolute() {
+                    Ok(p)
+                } else {
+                    Err(format!("{flag} needs an absolute path"))
+                }
+            };
             match flag.as_str() {
-                "--workspace" => req.workspace = value()?.into(),
-                "--scratch" => req.scratch = value()?.into(),
+                "--workspace" => req.workspace = abs(value()?)?,
+                "--scratch" => req.scratch = abs(value()?)?,
                 "--mode" => {
                     let v = value()?;
                     req.mode = SandboxMode::from_word(&v.to_string_lossy())
@@ -85,6 +99,10 @@ impl ExecRequest {
                 "--max-processes" => req.max_processes = num(value()?)?,
                 "--max-memory-bytes" => req.max_memory_bytes = num(value()?)?,
                 "--max-file-bytes" => req.max_file_bytes = num(value()?)?,
+                "--tmp-bytes" => req.tmp_bytes = num(value()?)?,
+                "--bwrap" => req.bwrap = Some(abs(value()?)?),
+                "--ro" => req.read_only.push(abs(value()?)?),
+                "--mask" => req.masks.push(abs(value()?)?),
                 "--network" => req.network = true,
                 "--skip-netns" => req.skip_netns = true,
                 "--probe" => req.probe = true,
@@ -124,31 +142,6 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> u8 {
     }
 }
 
-/// Devices a command may write to (redirections to /dev/null are everywhere).
-const WRITABLE_DEVICES: [&str; 5] = [
-    "/dev/null",
-    "/dev/zero",
-    "/dev/full",
-    "/dev/tty",
-    "/dev/pts",
-];
-
-fn join_pids_cgroup(name: &str, max: u64) -> Result<(), String> {
-    let dir = cgroup_dir(name).ok_or("no pids cgroup hierarchy is mounted")?;
-    let parent = dir.parent().ok_or("bad cgroup path")?;
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    if !dir.join("pids.max").exists() {
-        // cgroup v2: the pids controller must be enabled for the children of each level.
-        let root = parent.parent().ok_or("bad cgroup path")?;
-        let _ = std::fs::write(root.join("cgroup.subtree_control"), "+pids");
-        let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+pids");
-    }
-    std::fs::write(dir.join("pids.max"), max.to_string())
-        .map_err(|e| format!("cannot set pids.max: {e}"))?;
-    std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
-        .map_err(|e| format!("cannot join {}: {e}", dir.display()))
-}
-
 fn set_rlimits(req: &ExecRequest, with_nproc: bool) -> Result<(), String> {
     let set = |r: Resource, soft: u64, hard: u64| {
         setrlimit(r, soft, hard).map_err(|e| format!("setrlimit {r:?}: {e}"))
@@ -173,7 +166,7 @@ fn set_rlimits(req: &ExecRequest, with_nproc: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// An empty network namespace: only a loopback device that is down.
+/// Fallback: an empty network namespace (only a loopback device that is down).
 fn network_off() -> Result<(), String> {
     if Uid::effective().is_root() {
         return unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare(net): {e}"));
@@ -188,105 +181,100 @@ fn network_off() -> Result<(), String> {
         .map_err(|e| format!("cannot map ids in the new user namespace: {e}"))
 }
 
-/// Socket families a command without network may not open: IP, raw packets. Unix
-/// sockets stay (local tools talk over them), and so does netlink inside the empty
-/// namespace it can only see.
-const DENIED_FAMILIES: [i32; 3] = [libc::AF_INET, libc::AF_INET6, libc::AF_PACKET];
-
-/// A seccomp filter that fails `socket()` and `socketpair()` for [`DENIED_FAMILIES`] with
-/// EACCES, and `io_uring_setup` (whose socket operations would bypass the filter) with
-/// EPERM; every other system call is allowed. Applied last before `exec` and inherited by
-/// every child, it keeps UDP and raw sockets shut too, which Landlock's TCP rules do not.
-fn seccomp_network_off() -> Result<(), String> {
-    fn err(e: impl std::fmt::Display) -> String {
-        format!("seccomp: {e}")
+/// Fallback: no capability left, in any set, for this process and what it runs.
+fn drop_capabilities() -> Result<(), String> {
+    use caps::{CapSet, CapsHashSet};
+    let err = |e: caps::errors::CapsError| format!("cannot drop capabilities: {e}");
+    let empty = CapsHashSet::new();
+    // The bounding set first (needs CAP_SETPCAP, so while we still have it): an exec by
+    // uid 0 is granted only what is left in it.
+    for cap in caps::all() {
+        if caps::has_cap(None, CapSet::Bounding, cap).map_err(err)? {
+            caps::drop(None, CapSet::Bounding, cap).map_err(err)?;
+        }
     }
-    let arch = std::env::consts::ARCH
-        .try_into()
-        .map_err(|_| format!("seccomp: no filter for {}", std::env::consts::ARCH))?;
-    let family_rules = || -> Result<Vec<SeccompRule>, String> {
-        DENIED_FAMILIES
-            .iter()
-            .map(|&family| {
-                let cond = SeccompCondition::new(
-                    0,
-                    SeccompCmpArgLen::Dword,
-                    SeccompCmpOp::Eq,
-                    family as u64,
-                )
-                .map_err(err)?;
-                SeccompRule::new(vec![cond]).map_err(err)
-            })
-            .collect()
-    };
-    let sockets: BTreeMap<i64, Vec<SeccompRule>> = [
-        (libc::SYS_socket, family_rules()?),
-        (libc::SYS_socketpair, family_rules()?),
-    ]
-    .into();
-    let sockets: BpfProgram = SeccompFilter::new(
-        sockets,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EACCES as u32),
-        arch,
-    )
-    .and_then(TryInto::try_into)
-    .map_err(err)?;
-    let uring: BpfProgram = SeccompFilter::new(
-        [(libc::SYS_io_uring_setup, vec![])].into(),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch,
-    )
-    .and_then(TryInto::try_into)
-    .map_err(err)?;
-    seccompiler::apply_filter(&sockets).map_err(err)?;
-    seccompiler::apply_filter(&uring).map_err(err)
+    caps::clear(None, CapSet::Ambient).map_err(err)?;
+    caps::set(None, CapSet::Inheritable, &empty).map_err(err)?;
+    caps::set(None, CapSet::Effective, &empty).map_err(err)?;
+    caps::set(None, CapSet::Permitted, &empty).map_err(err)
 }
 
-fn landlock(req: &ExecRequest, deny_tcp: bool) -> Result<RulesetStatus, String> {
-    let abi = ABI::V5;
-    let err = |e: landlock::RulesetError| format!("landlock: {e}");
-    let mut ruleset = Ruleset::default()
-        .handle_access(AccessFs::from_all(abi))
-        .map_err(err)?;
-    if deny_tcp {
-        // Handled with no port rule: every TCP bind and connect is refused.
-        ruleset = ruleset
-            .handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)
-            .map_err(err)?;
-    }
-    let writable: Vec<&Path> = [req.workspace.as_path(), req.scratch.as_path()]
-        .into_iter()
-        .chain(WRITABLE_DEVICES.iter().map(Path::new))
-        .filter(|p| p.exists())
-        .collect();
-    let status = ruleset
-        .create()
-        .map_err(err)?
-        .add_rules(path_beneath_rules(["/"], AccessFs::from_read(abi)))
-        .map_err(err)?
-        .add_rules(path_beneath_rules(writable, AccessFs::from_all(abi)))
-        .map_err(err)?
-        .restrict_self()
-        .map_err(err)?;
-    Ok(status.ruleset)
-}
-
-/// Applies the sandbox and `exec`s the command. Returns only on failure (or after a
-/// probe, which prints its report and exits).
+/// Applies the sandbox and `exec`s the command (through bubblewrap, or itself).
+/// Returns only on failure.
 pub fn exec_sandboxed(req: &ExecRequest) -> Result<std::convert::Infallible, String> {
     let mut report = SandboxReport::default();
-    match join_pids_cgroup(&req.cgroup, req.max_processes) {
-        Ok(()) => report.pids_cgroup = true,
-        Err(e) => report
-            .missing
-            .push(format!("a pids cgroup to bound processes ({e})")),
-    }
+    let joined = cgroup::join(&req.cgroup, req.max_processes, req.max_memory_bytes);
+    report.pids_cgroup = joined.pids;
+    report.memory_cgroup = joined.memory;
+    report.missing.extend(joined.missing);
     match set_rlimits(req, !report.pids_cgroup) {
         Ok(()) => report.rlimits = true,
         Err(e) => report.missing.push(format!("resource limits ({e})")),
     }
+    let Some((program, args)) = req.command.split_first() else {
+        return Err("no command given".into());
+    };
+    let mut command = match &req.bwrap {
+        Some(bwrap_program) => {
+            let pipes = bwrap::seccomp_pipes(req.network)?;
+            let cwd = std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?;
+            let layout = bwrap::Layout {
+                workspace: &req.workspace,
+                scratch: &req.scratch,
+                read_only: &req.read_only,
+                masks: &req.masks,
+                network: req.network,
+                tmp_bytes: req.tmp_bytes,
+                cwd: &cwd,
+            };
+            report.walls = WALLS_NAMESPACES.into();
+            report.mount_namespace = true;
+            report.pid_namespace = true;
+            report.user_namespace = true;
+            report.no_capabilities = true;
+            report.new_session = true;
+            report.no_new_privs = true;
+            report.seccomp = true;
+            report.network_confined = true;
+            let mut c = std::process::Command::new(bwrap_program);
+            c.args(bwrap::args(&layout, &pipes)).arg("--").arg(program).args(args);
+            // The pipes' read ends must live until bubblewrap has read them, past exec.
+            std::mem::forget(pipes);
+            c
+        }
+        None => {
+            fallback(req, &mut report);
+            let mut c = std::process::Command::new(program);
+            c.args(args);
+            c
+        }
+    };
+    if req.probe {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", serde_json::to_string(&report).unwrap_or_default());
+        let _ = out.flush();
+    }
+    if req.mode == SandboxMode::Strict && !report.missing.is_empty() {
+        return Err(format!(
+            "strict sandbox mode: refusing to run the command without {}",
+            report.missing.join("; ")
+        ));
+    }
+    let err = command.exec();
+    Err(format!(
+        "cannot run {}: {err}",
+        command.get_program().to_string_lossy()
+    ))
+}
+
+/// The walls where namespaces are refused, put up on this process before it becomes the
+/// command. Each that cannot be put up is named in `report.missing`.
+fn fallback(req: &ExecRequest, report: &mut SandboxReport) {
+    report.walls = WALLS_FALLBACK.into();
+    report.missing.push(
+        "namespaces (no bubblewrap, or the kernel refused them): commands see the host's file system through Landlock and its processes"
+            .into(),
+    );
     let mut deny_tcp = false;
     if req.network {
         report.network_confined = true;
@@ -307,10 +295,14 @@ pub fn exec_sandboxed(req: &ExecRequest) -> Result<std::convert::Infallible, Str
         Ok(()) => report.no_new_privs = true,
         Err(e) => report.missing.push(format!("PR_SET_NO_NEW_PRIVS ({e})")),
     }
-    match landlock(req, deny_tcp) {
+    match drop_capabilities() {
+        Ok(()) => report.no_capabilities = true,
+        Err(e) => report.missing.push(e),
+    }
+    match super::landlock::restrict(&req.workspace, &req.scratch, &req.read_only, deny_tcp) {
         Ok(RulesetStatus::NotEnforced) => report
             .missing
-            .push("Landlock (this kernel does not offer it; writes are not confined)".into()),
+            .push("Landlock (this kernel does not offer it; reads and writes are not confined)".into()),
         Ok(_) => {
             report.landlock = true;
             if deny_tcp {
@@ -319,29 +311,10 @@ pub fn exec_sandboxed(req: &ExecRequest) -> Result<std::convert::Infallible, Str
         }
         Err(e) => report.missing.push(format!("Landlock ({e})")),
     }
-    if req.network {
-        report.seccomp = true;
-    } else {
-        match seccomp_network_off() {
-            Ok(()) => report.seccomp = true,
-            Err(e) => report.missing.push(format!(
-                "a seccomp filter on sockets ({e}); UDP and raw sockets are open wherever the network namespace is missing"
-            )),
-        }
+    match super::seccomp::apply(req.network) {
+        Ok(()) => report.seccomp = true,
+        Err(e) => report.missing.push(format!(
+            "the seccomp filters ({e}); sockets, ptrace and mounts are not filtered"
+        )),
     }
-    if req.probe {
-        println!("{}", serde_json::to_string(&report).unwrap_or_default());
-        std::process::exit(0);
-    }
-    if req.mode == SandboxMode::Strict && !report.missing.is_empty() {
-        return Err(format!(
-            "strict sandbox mode: refusing to run the command without {}",
-            report.missing.join("; ")
-        ));
-    }
-    let Some((program, args)) = req.command.split_first() else {
-        return Err("no command given".into());
-    };
-    let err = std::process::Command::new(program).args(args).exec();
-    Err(format!("cannot run {}: {err}", program.to_string_lossy()))
 }

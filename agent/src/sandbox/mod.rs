@@ -2,30 +2,34 @@
 //!
 //! A command never runs directly: the agent starts `patchflow-sandbox-exec` (this crate's
 //! one binary, beside the agent's own; [`ShellSandbox::program`]), which in that fresh,
-//! single-threaded process puts up the walls and then `exec`s `bash -c`:
+//! single-threaded process makes the command's cgroup ([`cgroup`]: pids.max, the memory
+//! limit) and rlimits (CPU seconds, address space, file size, no core dumps), then hands it
+//! to bubblewrap for the namespace walls ([`bwrap`]): a minimal root of its own, its own
+//! PID namespace under a reaper, an unprivileged uid in a user namespace, no
+//! capabilities, no controlling terminal, no network unless the task's policy allows it,
+//! and the seccomp filters ([`seccomp`]). Where namespaces are refused, `best-effort`
+//! falls back to Landlock walls ([`landlock`]) with the same seccomp filters and no
+//! capabilities, and says so loudly; `strict` (the default) refuses to run commands.
 //!
-//! - a pids cgroup with `pids.max` (the fork-bomb wall; RLIMIT_NPROC does not bind root)
-//!   and rlimits: CPU seconds, address space, processes, file size, no core dumps;
-//! - no network unless the task's policy allows it: an empty network namespace (only a
-//!   loopback that is down), or Landlock's TCP rules where namespaces are not allowed;
-//! - `PR_SET_NO_NEW_PRIVS`, so no setuid binary gains anything;
-//! - without network, also a seccomp filter: `socket()` for IP and packet families fails
-//!   with EACCES (UDP too, which Landlock does not cover), and so does `io_uring_setup`;
-//! - Landlock: the whole file system readable, writable only the workspace, the private
-//!   temp dir and a few devices.
-//!
-//! The process group and the cgroup are killed when the command ends or times out. In
-//! `best-effort` mode a layer the kernel lacks is reported once at start-up and skipped;
-//! in `strict` mode the agent refuses to start and a command refuses to run without it.
-//! Inside a Kubernetes Job the container is the outer wall and this is the inner one.
+//! Which walls a run gets is decided once, by a probe that runs a sandboxed shell and
+//! checks from inside what it got ([`ShellSandbox::walls`]); its report is printed by
+//! `patchflow doctor` and recorded in the task's summary. The process group and the
+//! cgroup are killed when the command ends or times out. Inside a Kubernetes Job the
+//! container is the outer wall and this is the inner one.
 
+pub mod bwrap;
+pub mod cgroup;
 mod exec;
+mod landlock;
+pub mod seccomp;
+pub mod toolchains;
 
 use std::path::{Path, PathBuf};
-
-use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 pub use exec::{ExecRequest, exec_sandboxed, main_with_args};
+pub use patchflow_core::SandboxReport;
+pub use toolchains::Toolchain;
 
 /// The file name of the binary that applies the sandbox (agent/src/bin), the only entry to
 /// it: a program of its own links nothing that could start a thread before the walls are
@@ -35,32 +39,26 @@ pub const SANDBOX_BINARY: &str = "patchflow-sandbox-exec";
 /// How strictly commands are confined: the `sandbox_mode` setting.
 pub use patchflow_core::config::SandboxMode;
 
-/// What a sandboxed process got; printed as JSON by `patchflow-sandbox-exec --probe`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SandboxReport {
-    /// Landlock confines writes to the workspace and temp dir.
-    pub landlock: bool,
-    /// The network is off (namespace or Landlock TCP rules), or allowed by policy.
-    pub network_confined: bool,
-    /// A pids cgroup bounds the number of processes.
-    pub pids_cgroup: bool,
-    pub no_new_privs: bool,
-    pub rlimits: bool,
-    /// Without network: a seccomp filter refuses IP and packet sockets (and io_uring).
-    #[serde(default)]
-    pub seccomp: bool,
-    /// What could not be put up, in words.
-    pub missing: Vec<String>,
-}
+/// [`SandboxReport::walls`] of the namespace walls and of the fallback.
+pub const WALLS_NAMESPACES: &str = "namespaces";
+pub const WALLS_FALLBACK: &str = "landlock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("sandbox_mode must be `strict` or `best-effort`, not `{0}`")]
-    Mode(String),
     #[error("cannot probe the shell sandbox: {0}")]
     Probe(String),
-    #[error("strict sandbox mode: the kernel does not offer {0}; refusing to run commands")]
+    #[error("strict sandbox mode: {0}; refusing to run commands (install bubblewrap, or set sandbox_mode=best-effort to run with weaker walls)")]
     Strict(String),
+}
+
+/// The walls a run's commands get, decided by the probe.
+#[derive(Debug, Clone)]
+pub struct Walls {
+    /// Through bubblewrap (else the fallback walls).
+    pub namespaces: bool,
+    pub report: SandboxReport,
+    /// Strict mode and something is missing: commands are refused with this.
+    pub refused: Option<String>,
 }
 
 /// How shell commands are confined.
@@ -71,37 +69,81 @@ pub struct ShellSandbox {
     pub mode: SandboxMode,
     /// Shell commands may use the network (the task's policy).
     pub network: bool,
-    /// The private temp dir (HOME and TMPDIR of commands), writable like the workspace.
+    /// The task's temp dir (HOME and TMPDIR of commands), writable like the workspace.
     pub scratch: PathBuf,
     pub max_processes: u64,
     pub max_memory_bytes: u64,
     /// Largest file a command may write.
     pub max_file_bytes: u64,
+    /// Most disk the workspace and temp dir may hold together.
+    pub max_disk_bytes: u64,
+    /// Size of each command's private /tmp.
+    pub tmp_bytes: u64,
+    /// The bubblewrap program ([`find_bwrap`]); `None`: only the fallback walls exist.
+    pub bwrap: Option<PathBuf>,
+    /// Toolchain homes bound read-only.
+    pub toolchains: Vec<Toolchain>,
+    walls: Arc<tokio::sync::OnceCell<Walls>>,
 }
 
+/// The bubblewrap program: `setting` if given, else `bwrap` on `path` (a PATH value), else
+/// /usr/bin/bwrap; only an executable file counts.
+pub fn find_bwrap(setting: Option<&Path>, path: Option<&str>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if let Some(p) = setting {
+        return runnable(p).then(|| p.to_path_buf());
+    }
+    path.unwrap_or_default()
+        .split(':')
+        .filter(|d| d.starts_with('/'))
+        .map(|d| Path::new(d).join("bwrap"))
+        .chain([PathBuf::from("/usr/bin/bwrap")])
+        .find(|p| runnable(p))
+}
+
+/// What the probe runs inside the walls: the process's own view of its capabilities,
+/// seccomp and privileges, its pid (small in a PID namespace of its own), and whether the
+/// host's /run, /var and /sys are there.
+const PROBE_SCRIPT: &str = "grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; echo pid=$$; if [ -e /run ] || [ -e /var ] || [ -e /sys ]; then echo root=host; else echo root=minimal; fi";
+
 impl ShellSandbox {
-    /// The sandbox started through the `patchflow-sandbox-exec` beside this executable
-    /// (the agent binaries, the benchmarks: `cargo build --workspace` builds them all into
-    /// one directory, and the image ships them side by side).
-    pub fn beside_current_exe(scratch: &Path, mode: SandboxMode) -> std::io::Result<Self> {
-        Ok(Self {
-            program: std::env::current_exe()?.with_file_name(SANDBOX_BINARY),
+    /// A sandbox with the default limits, started through `program`.
+    pub fn new(program: PathBuf, scratch: &Path, mode: SandboxMode) -> Self {
+        Self {
+            program,
             mode,
             network: false,
             scratch: scratch.to_path_buf(),
             max_processes: 256,
             max_memory_bytes: 8 << 30,
             max_file_bytes: 1 << 30,
-        })
+            max_disk_bytes: 8 << 30,
+            tmp_bytes: 512 << 20,
+            bwrap: find_bwrap(None, std::env::var("PATH").ok().as_deref()),
+            toolchains: Vec::new(),
+            walls: Arc::default(),
+        }
     }
 
-    /// The arguments of `patchflow-sandbox-exec` for one command (then `--` and the
-    /// command), as [`ExecRequest::parse`] reads them.
+    /// The sandbox started through the `patchflow-sandbox-exec` beside this executable
+    /// (the agent binaries, the benchmarks: `cargo build --workspace` builds them all into
+    /// one directory, and the image ships them side by side).
+    pub fn beside_current_exe(scratch: &Path, mode: SandboxMode) -> std::io::Result<Self> {
+        let program = std::env::current_exe()?.with_file_name(SANDBOX_BINARY);
+        Ok(Self::new(program, scratch, mode))
+    }
+
+    /// The arguments of `patchflow-sandbox-exec` for one command under `walls` (then `--`
+    /// and the command), as [`ExecRequest::parse`] reads them.
     pub fn exec_args(
         &self,
         workspace: &Path,
         cgroup: &str,
         cpu_seconds: u64,
+        walls: &Walls,
         probe: bool,
     ) -> Vec<std::ffi::OsString> {
         let mut a: Vec<std::ffi::OsString> = vec![
@@ -121,7 +163,20 @@ impl ShellSandbox {
             self.max_memory_bytes.to_string().into(),
             "--max-file-bytes".into(),
             self.max_file_bytes.to_string().into(),
+            "--tmp-bytes".into(),
+            self.tmp_bytes.to_string().into(),
         ];
+        for t in &self.toolchains {
+            a.extend(["--ro".into(), t.path.clone().into()]);
+        }
+        if walls.namespaces
+            && let Some(bwrap) = &self.bwrap
+        {
+            a.extend(["--bwrap".into(), bwrap.clone().into()]);
+            for m in self.masks() {
+                a.extend(["--mask".into(), m.clone().into()]);
+            }
+        }
         if self.network {
             a.push("--network".into());
         }
@@ -131,84 +186,173 @@ impl ShellSandbox {
         a
     }
 
-    /// Starts a sandboxed process that reports what it got, once at agent start-up. In
-    /// strict mode anything missing is an error; in best-effort mode it is logged.
+    /// What to hide inside the read-only binds, found once per process.
+    fn masks(&self) -> &'static [PathBuf] {
+        static MASKS: std::sync::OnceLock<Vec<PathBuf>> = std::sync::OnceLock::new();
+        MASKS.get_or_init(|| {
+            let homes: Vec<PathBuf> = self.toolchains.iter().map(|t| t.path.clone()).collect();
+            bwrap::masks(&homes)
+        })
+    }
+
+    /// The walls of this run, decided by the first caller (the probe runs once): the
+    /// namespace walls if they work here; else, in best-effort mode, the fallback walls,
+    /// with a loud warning; in strict mode, a refusal every command reports.
+    pub async fn walls(&self, workspace: &Path) -> &Walls {
+        self.walls
+            .get_or_init(|| async { self.decide(workspace).await })
+            .await
+    }
+
+    /// The walls, if the probe has run.
+    pub fn decided(&self) -> Option<&Walls> {
+        self.walls.get()
+    }
+
+    /// Probes and returns the report; in strict mode anything missing is an error.
     pub async fn probe(&self, workspace: &Path) -> Result<SandboxReport, SandboxError> {
-        let name = format!("probe-{}", std::process::id());
+        let walls = self.walls(workspace).await;
+        match &walls.refused {
+            Some(why) => Err(SandboxError::Strict(why.clone())),
+            None => Ok(walls.report.clone()),
+        }
+    }
+
+    async fn decide(&self, workspace: &Path) -> Walls {
+        let mut lost = Vec::new();
+        if self.bwrap.is_some() {
+            let masks_of = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                masks_of.masks();
+            })
+            .await;
+            // Once bubblewrap works, its walls stay, whatever else is missing (strict mode
+            // then refuses; best-effort runs under them and warns).
+            match self.probe_walls(workspace, true).await {
+                Ok(report) => return self.walls_of(true, report),
+                Err(e) => lost.push(format!("namespaces ({e})")),
+            }
+        } else {
+            lost.push(
+                "namespaces (bubblewrap is not installed: apt-get install bubblewrap, or name it in sandbox_bwrap)"
+                    .to_string(),
+            );
+        }
+        let mut report = match self.probe_walls(workspace, false).await {
+            Ok(report) => report,
+            Err(e) => SandboxReport {
+                walls: WALLS_FALLBACK.into(),
+                missing: vec![format!("the fallback walls ({e})")],
+                ..SandboxReport::default()
+            },
+        };
+        // The fallback names "namespaces" generically; say why they are missing here.
+        report.missing.retain(|m| !m.starts_with("namespaces"));
+        lost.append(&mut report.missing);
+        report.missing = lost;
+        self.walls_of(false, report)
+    }
+
+    fn walls_of(&self, namespaces: bool, report: SandboxReport) -> Walls {
+        let refused = (!report.missing.is_empty() && self.mode == SandboxMode::Strict)
+            .then(|| report.missing.join("; "));
+        if !report.missing.is_empty() && self.mode == SandboxMode::BestEffort {
+            tracing::warn!(
+                walls = %report.walls,
+                missing = %report.missing.join("; "),
+                "SHELL SANDBOX IS BEST-EFFORT: these layers are NOT in force for this task's commands (sandbox_mode=strict refuses instead)"
+            );
+        }
+        Walls {
+            namespaces,
+            report,
+            refused,
+        }
+    }
+
+    /// Runs the probe script under the namespace walls or the fallback, and checks what
+    /// `patchflow-sandbox-exec` says it put up against what the script saw from inside.
+    async fn probe_walls(
+        &self,
+        workspace: &Path,
+        namespaces: bool,
+    ) -> Result<SandboxReport, String> {
+        let name = format!("probe-{}-{}", std::process::id(), u8::from(namespaces));
+        let walls = Walls {
+            namespaces,
+            report: SandboxReport::default(),
+            refused: None,
+        };
+        // Best-effort here so the probe reports rather than refuses.
+        let mut probe = self.clone();
+        probe.mode = SandboxMode::BestEffort;
         let out = tokio::process::Command::new(&self.program)
-            .args(self.exec_args(workspace, &name, 5, true))
+            .args(probe.exec_args(workspace, &name, 5, &walls, true))
+            .args(["--", "/bin/sh", "-c", PROBE_SCRIPT])
+            .current_dir(workspace)
             .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .stdin(std::process::Stdio::null())
             .output()
             .await
-            .map_err(|e| SandboxError::Probe(format!("{}: {e}", self.program.display())))?;
-        remove_cgroup(&name);
-        let report: SandboxReport = serde_json::from_slice(&out.stdout).map_err(|_| {
-            SandboxError::Probe(format!(
-                "{} answered: {}",
-                self.program.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        })?;
-        if !report.missing.is_empty() {
-            let missing = report.missing.join("; ");
-            if self.mode == SandboxMode::Strict {
-                return Err(SandboxError::Strict(missing));
-            }
-            tracing::warn!(
-                missing = %missing,
-                "shell sandbox is best-effort: these layers are not in force (set sandbox_mode=strict to refuse instead)"
-            );
+            .map_err(|e| format!("{}: {e}", self.program.display()))?;
+        let _ = tokio::task::spawn_blocking(move || cgroup::remove(&name)).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let mut lines = stdout.lines();
+        let mut report: SandboxReport = lines
+            .next()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .ok_or_else(|| format!("{} answered: {}", self.program.display(), stderr.trim()))?;
+        if !out.status.success() {
+            return Err(stderr.trim().to_string());
         }
+        let inside: std::collections::HashMap<&str, &str> = lines
+            .filter_map(|l| l.split_once([':', '=']))
+            .map(|(k, v)| (k.trim(), v.trim()))
+            .collect();
+        let zero = |k: &str| inside.get(k).is_some_and(|v| v.bytes().all(|b| b == b'0'));
+        let check = |claimed: &mut bool, seen: bool, what: &str| {
+            if *claimed && !seen {
+                *claimed = false;
+                report_missing(what)
+            } else {
+                None
+            }
+        };
+        let mut missing = Vec::new();
+        missing.extend(check(
+            &mut report.no_capabilities,
+            zero("CapEff") && zero("CapPrm") && zero("CapBnd"),
+            "an empty capability set",
+        ));
+        missing.extend(check(
+            &mut report.no_new_privs,
+            inside.get("NoNewPrivs") == Some(&"1"),
+            "PR_SET_NO_NEW_PRIVS",
+        ));
+        missing.extend(check(
+            &mut report.seccomp,
+            inside.get("Seccomp") == Some(&"2"),
+            "the seccomp filters",
+        ));
+        let pid: u32 = inside.get("pid").and_then(|p| p.parse().ok()).unwrap_or(u32::MAX);
+        missing.extend(check(&mut report.pid_namespace, pid <= 3, "a PID namespace"));
+        missing.extend(check(
+            &mut report.mount_namespace,
+            inside.get("root") == Some(&"minimal"),
+            "a minimal root",
+        ));
+        report.missing.extend(missing);
         Ok(report)
     }
 }
 
-/// The pids cgroup a command runs in: v2 under the unified root, v1 under the pids
-/// hierarchy. `None` where neither is mounted.
-pub fn cgroup_dir(name: &str) -> Option<PathBuf> {
-    let v2 = Path::new("/sys/fs/cgroup");
-    if v2.join("cgroup.controllers").exists() {
-        return Some(v2.join("patchflow").join(name));
-    }
-    let v1 = v2.join("pids");
-    v1.join("cgroup.procs")
-        .exists()
-        .then(|| v1.join("patchflow").join(name))
+fn report_missing(what: &str) -> Option<String> {
+    Some(format!("{what} (claimed, but not seen from inside)"))
 }
 
-/// Kills whatever still runs in a command's cgroup and removes it. Processes that left
-/// the process group (`setsid`) are still in here.
+/// Kills whatever still runs in a command's cgroup and removes it.
 pub fn remove_cgroup(name: &str) {
-    let Some(dir) = cgroup_dir(name) else { return };
-    if !dir.exists() {
-        return;
-    }
-    if std::fs::write(dir.join("cgroup.kill"), "1").is_err() {
-        // cgroup v1 has no cgroup.kill: signal every member until none is left.
-        for _ in 0..50 {
-            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-            let pids: Vec<i32> = procs
-                .lines()
-                .filter_map(|l| l.trim().parse().ok())
-                .collect();
-            if pids.is_empty() {
-                break;
-            }
-            for pid in pids {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-    }
-    for _ in 0..50 {
-        if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    tracing::warn!(cgroup = %dir.display(), "cannot remove a shell command's cgroup");
+    cgroup::remove(name);
 }

@@ -69,6 +69,11 @@ impl From<Result<Value, ToolError>> for ToolOutput {
 pub trait ToolDispatch: Send + Sync {
     /// Runs tool `name` with the model's JSON `arguments`.
     async fn call(&self, name: &str, arguments: &str) -> ToolOutput;
+
+    /// The walls shell commands ran under, once the sandbox probe has decided them.
+    fn sandbox_report(&self) -> Option<patchflow_core::SandboxReport> {
+        None
+    }
 }
 
 pub const RUN_SHELL_COMMAND: &str = "run_shell_command";

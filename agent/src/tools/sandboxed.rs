@@ -278,6 +278,10 @@ struct ApiArgs {
 
 #[async_trait]
 impl ToolDispatch for SandboxedTools {
+    fn sandbox_report(&self) -> Option<patchflow_core::SandboxReport> {
+        self.sandbox.decided().map(|w| w.report.clone())
+    }
+
     async fn call(&self, name: &str, arguments: &str) -> ToolOutput {
         let result = match name {
             RUN_SHELL_COMMAND => match parse_args::<ShellArgs>(name, arguments) {

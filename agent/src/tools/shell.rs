@@ -42,6 +42,22 @@ pub struct ShellEnv {
 }
 
 impl ShellEnv {
+    /// PATH and locale from the agent's own environment, HOME and TMPDIR in `scratch`, and
+    /// the variables naming the toolchain homes (HOME moved, so rustup and pyenv find
+    /// theirs only through them).
+    pub fn with_toolchains(
+        scratch: &std::path::Path,
+        toolchains: &[crate::sandbox::Toolchain],
+    ) -> Self {
+        let mut env = Self::minimal(scratch);
+        for t in toolchains {
+            if let Some(var) = &t.var {
+                env.vars.push((var.clone(), t.path.display().to_string()));
+            }
+        }
+        env
+    }
+
     /// PATH and locale from the agent's own environment, HOME and TMPDIR in `scratch`.
     pub fn minimal(scratch: &std::path::Path) -> Self {
         let shell = ["/bin/bash", "/usr/bin/bash", "/bin/sh"]
@@ -95,6 +111,12 @@ pub async fn run(
         .clamp(1, MAX_TIMEOUT_SECS);
     let timeout = Duration::from_secs(requested).min(budget.max(Duration::from_secs(1)));
 
+    let walls = sandbox.walls(ws.root()).await;
+    if let Some(why) = &walls.refused {
+        return Err(ToolError::new(format!(
+            "strict sandbox mode: this machine cannot confine commands ({why}); no command runs. Install bubblewrap, or set sandbox_mode=best-effort to accept weaker walls"
+        )));
+    }
     let cgroup = format!(
         "cmd-{}-{}",
         std::process::id(),
@@ -103,7 +125,7 @@ pub async fn run(
     let mut cmd = Command::new(&sandbox.program);
     // The CPU limit is a backstop behind the timeout: a command cannot burn more CPU
     // seconds than it has wall seconds.
-    cmd.args(sandbox.exec_args(ws.root(), &cgroup, timeout.as_secs() + 1, false))
+    cmd.args(sandbox.exec_args(ws.root(), &cgroup, timeout.as_secs() + 1, walls, false))
         .arg("--")
         .arg(&env.shell)
         .arg("-c")
@@ -129,9 +151,10 @@ pub async fn run(
     let out_task = tokio::spawn(async move { drain(stdout.as_mut()).await });
     let err_task = tokio::spawn(async move { drain(stderr.as_mut()).await });
 
-    let (status, timed_out) = tokio::select! {
-        s = child.wait() => (s.ok(), false),
-        _ = tokio::time::sleep(timeout) => (None, true),
+    let (status, timed_out, over_disk) = tokio::select! {
+        s = child.wait() => (s.ok(), false, None),
+        _ = tokio::time::sleep(timeout) => (None, true, None),
+        used = watch_disk(ws, sandbox) => (None, false, Some(used)),
     };
     // Kill the whole group: on timeout the command itself, otherwise anything it left
     // behind in the background (which would also hold our pipes open).
@@ -177,6 +200,8 @@ pub async fn run(
             "command timed out after {} s and was killed",
             timeout.as_secs()
         ));
+    } else if let Some(used) = over_disk {
+        v["error"] = json!(disk_error(used, sandbox.max_disk_bytes));
     } else if let Some(sig) = signal {
         v["signal"] = json!(sig);
     }
@@ -194,4 +219,51 @@ async fn drain<R: tokio::io::AsyncRead + Unpin>(r: Option<&mut R>) -> String {
         }
     }
     buf.into_string()
+}
+
+fn disk_error(used: u64, cap: u64) -> String {
+    let (used, cap) = (used >> 20, cap >> 20);
+    format!(
+        "the command was killed: the workspace and temp dir grew to {used} MiB, over the {cap} MiB cap (shell_max_disk_mb); remove what it wrote (a quick `rm` runs before the next check) before going on"
+    )
+}
+
+/// Bytes of disk the workspace and temp dir take (allocated blocks, so sparse files count
+/// for what they hold), stopping early once past `stop_at`.
+fn disk_usage(dirs: &[std::path::PathBuf], stop_at: u64) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0u64;
+    for dir in dirs {
+        for entry in walkdir::WalkDir::new(dir).follow_links(false).into_iter().flatten() {
+            if let Ok(meta) = entry.metadata() {
+                total = total.saturating_add(meta.blocks().saturating_mul(512));
+                if total > stop_at {
+                    return total;
+                }
+            }
+        }
+    }
+    total
+}
+
+/// Resolves (with the usage) once the workspace and temp dir are past the cap while a
+/// command runs; never otherwise. The first check is 200 ms in, so short commands (an
+/// `rm` of what a killed one left) never pay for it. Each check is a walk of both trees, so they are spaced
+/// at least four walks apart (a quarter of one core at most) and never under 200 ms.
+async fn watch_disk(ws: &Workspace, sandbox: &ShellSandbox) -> u64 {
+    let dirs = vec![ws.root().to_path_buf(), sandbox.scratch.clone()];
+    let cap = sandbox.max_disk_bytes;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        tokio::time::sleep(pause).await;
+        let dirs = dirs.clone();
+        let started = Instant::now();
+        let used = tokio::task::spawn_blocking(move || disk_usage(&dirs, cap))
+            .await
+            .unwrap_or(0);
+        if used > cap {
+            return used;
+        }
+        pause = (started.elapsed() * 4).max(Duration::from_millis(200));
+    }
 }

@@ -21,20 +21,52 @@ async fn every_layer_is_in_force_on_this_kernel() {
         .await
         .unwrap();
     assert!(report.missing.is_empty(), "{:?}", report.missing);
-    assert!(report.landlock && report.network_confined && report.pids_cgroup);
-    assert!(report.no_new_privs && report.rlimits && report.seccomp);
+    assert_eq!(report.walls, "namespaces");
+    assert!(report.mount_namespace && report.pid_namespace && report.user_namespace);
+    assert!(report.no_capabilities && report.new_session && report.network_confined);
+    assert!(report.no_new_privs && report.rlimits && report.seccomp && report.pids_cgroup);
 }
 
-/// Runs `cmd` through `sandbox-exec` without the network namespace, so only seccomp
-/// and Landlock's TCP rules stand between it and the network.
+#[tokio::test]
+async fn strict_mode_refuses_commands_where_bubblewrap_is_missing_and_best_effort_falls_back() {
+    let scratch = tempfile::tempdir().unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    let mut strict = sandbox(scratch.path(), false, 64);
+    strict.bwrap = None;
+    let e = strict.probe(ws.path()).await.unwrap_err().to_string();
+    assert!(e.contains("bubblewrap is not installed"), "{e}");
+    let mut lax = sandbox(scratch.path(), false, 64);
+    lax.bwrap = None;
+    lax.mode = patchflow_agent::sandbox::SandboxMode::BestEffort;
+    let report = lax.probe(ws.path()).await.unwrap();
+    assert_eq!(report.walls, "landlock");
+    assert!(report.landlock && report.seccomp && report.no_capabilities, "{report:?}");
+    assert!(!report.mount_namespace && !report.pid_namespace);
+    assert!(report.missing.iter().any(|m| m.contains("bubblewrap")), "{report:?}");
+}
+
+/// Runs `cmd` through `sandbox-exec` under the fallback walls and without the network
+/// namespace, so only seccomp and Landlock's TCP rules stand between it and the network.
 #[allow(clippy::unwrap_used)]
-fn without_netns(cmd: &str) -> std::process::Output {
+fn without_netns(cmd: &str, files: &[(&str, &str)]) -> std::process::Output {
     let (scratch, ws) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let sb = sandbox(scratch.path(), false, 64);
+    // The fallback's Landlock rules let the command read only the workspace (and the
+    // system), so what it runs goes there.
+    for (name, text) in files {
+        std::fs::write(ws.path().join(name), text).unwrap();
+    }
+    let mut sb = sandbox(scratch.path(), false, 64);
+    sb.mode = patchflow_agent::sandbox::SandboxMode::BestEffort;
+    let walls = patchflow_agent::sandbox::Walls {
+        namespaces: false,
+        report: Default::default(),
+        refused: None,
+    };
     let name = format!("skip-netns-{}-{}", std::process::id(), cmd.len());
     let out = std::process::Command::new(&sb.program)
-        .args(sb.exec_args(ws.path(), &name, 10, false))
+        .args(sb.exec_args(ws.path(), &name, 10, &walls, false))
         .args(["--skip-netns", "--", "/bin/bash", "-c", cmd])
+        .current_dir(ws.path())
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .output()
@@ -49,7 +81,7 @@ async fn seccomp_refuses_ip_sockets_even_without_a_network_namespace() {
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     udp.set_nonblocking(true).unwrap();
     let port = udp.local_addr().unwrap().port();
-    let out = without_netns(&format!("echo leak > /dev/udp/127.0.0.1/{port}"));
+    let out = without_netns(&format!("echo leak > /dev/udp/127.0.0.1/{port}"), &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("Permission denied"), "{stderr}");
@@ -70,13 +102,10 @@ async fn seccomp_refuses_ip_sockets_even_without_a_network_namespace() {
          a, b = socket.socketpair()\n\
          a.send(b'unix ok')\n\
          print(b.recv(16).decode())\n";
-    let dir = tempfile::tempdir().unwrap();
-    let py = dir.path().join("sockets.py");
-    std::fs::write(&py, script).unwrap();
-    let out = without_netns(&format!(
-        "python3 {}; exec 3<>/dev/tcp/127.0.0.1/{port}",
-        py.display()
-    ));
+    let out = without_netns(
+        &format!("python3 sockets.py; exec 3<>/dev/tcp/127.0.0.1/{port}"),
+        &[("sockets.py", script)],
+    );
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -89,28 +118,72 @@ async fn seccomp_refuses_ip_sockets_even_without_a_network_namespace() {
 #[tokio::test]
 async fn shell_writes_only_inside_the_workspace_and_temp_dir() {
     let fx = fixture(Setup::default());
+    // A directory of the host the command does not see at all (under /tmp, which is a
+    // private tmpfs inside), and one it sees read-only (a toolchain home, /usr).
     let outside = tempfile::tempdir().unwrap();
     let target = outside.path().join("escaped");
     let out = sh(&fx, &format!("touch {}", target.display()), 10).await;
     assert_ne!(out["exit_code"], 0, "{out}");
+    assert!(!target.exists());
+    let out = sh(&fx, "touch /usr/escaped", 10).await;
     assert!(
-        out["stderr"]
-            .as_str()
-            .unwrap()
-            .contains("Permission denied"),
+        out["stderr"].as_str().unwrap().contains("Read-only file system"),
         "{out}"
     );
-    assert!(!target.exists());
     let out = sh(
         &fx,
-        "touch inside.txt && echo hi > \"$TMPDIR/t\" && cat \"$TMPDIR/t\"",
+        "touch inside.txt && echo hi > \"$TMPDIR/t\" && cat \"$TMPDIR/t\" && echo private > /tmp/own && cat /tmp/own",
         10,
     )
     .await;
     assert_eq!(out["exit_code"], 0, "{out}");
-    assert_eq!(out["stdout"], "hi\n");
+    assert_eq!(out["stdout"], "hi\nprivate\n");
     assert!(fx.ws().join("inside.txt").exists());
     assert!(fx.scratch.path().join("t").exists());
+    assert!(!std::path::Path::new("/tmp/own").exists());
+}
+
+#[tokio::test]
+async fn a_command_sees_a_minimal_root_its_own_processes_and_no_privilege() {
+    let fx = fixture(Setup::default());
+    // The host's home, data and run directories are not there; /etc is, with what only
+    // root may read hidden.
+    let out = sh(&fx, "ls -a /; ls /run /var /sys /root/.ssh /home 2>&1; cat /etc/shadow 2>&1 | head -c 40; echo", 10).await;
+    let stdout = out["stdout"].as_str().unwrap();
+    for gone in ["/run", "/var", "/sys", "/root/.ssh", "/home"] {
+        assert!(
+            stdout.contains(&format!("cannot access '{gone}'")),
+            "{gone} is visible: {out}"
+        );
+    }
+    assert!(!stdout.contains("root:"), "/etc/shadow was read: {out}");
+    // Only its own processes: `kill -9 -1` ends nothing outside, and the test (the agent's
+    // stand-in) lives on to check.
+    let out = sh(&fx, "sleep 30 & ls /proc | grep -c '^[0-9]'; kill -9 -1; echo after", 10).await;
+    let lines: Vec<&str> = out["stdout"].as_str().unwrap().lines().collect();
+    let seen: u32 = lines[0].parse().unwrap();
+    assert!(seen <= 5, "the command sees {seen} processes: {out}");
+    // Capabilities, privileges, terminal, ptrace and friends.
+    let out = sh(
+        &fx,
+        "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; id -u; \
+         python3 -c 'import ctypes,os; l=ctypes.CDLL(None,use_errno=True); print(\"ptrace\", l.ptrace(16, 1, 0, 0), os.strerror(ctypes.get_errno()))'; \
+         python3 -c 'import fcntl,termios,os; fd=os.open(\"/dev/ptmx\", os.O_RDWR); fcntl.ioctl(fd, termios.TIOCSTI, b\"x\")' 2>&1 | tail -1; \
+         unshare -U true 2>&1; tty",
+        10,
+    )
+    .await;
+    let stdout = out["stdout"].as_str().unwrap();
+    assert!(stdout.contains("CapEff:\t0000000000000000"), "{out}");
+    assert!(stdout.contains("CapBnd:\t0000000000000000"), "{out}");
+    assert!(stdout.contains("NoNewPrivs:\t1") && stdout.contains("Seccomp:\t2"), "{out}");
+    if nix::unistd::Uid::effective().is_root() {
+        assert!(stdout.contains("\n1000\n"), "a root worker's command is not uid 1000: {out}");
+    }
+    assert!(stdout.contains("ptrace -1 Operation not permitted"), "{out}");
+    assert!(stdout.contains("PermissionError") || stdout.contains("Operation not permitted"), "TIOCSTI: {out}");
+    assert!(stdout.contains("unshare failed") || stdout.contains("Operation not permitted"), "{out}");
+    assert!(stdout.contains("not a tty"), "{out}");
 }
 
 #[tokio::test]
@@ -161,7 +234,7 @@ async fn shell_network_is_off_unless_the_policy_allows_it() {
             .as_str()
             .unwrap()
             // The seccomp filter refuses the socket before the empty namespace is reached.
-            .contains("socket: Permission denied"),
+            .contains("Permission denied"),
         "{out}"
     );
     assert_eq!(server.connections(), 0);

@@ -51,15 +51,18 @@ impl Fixture {
 }
 
 pub fn sandbox(scratch: &Path, network: bool, max_processes: u64) -> ShellSandbox {
-    ShellSandbox {
-        program: PathBuf::from(env!("CARGO_BIN_EXE_patchflow-sandbox-exec")),
-        mode: SandboxMode::BestEffort,
-        network,
-        scratch: scratch.to_path_buf(),
-        max_processes,
-        max_memory_bytes: 4 << 30,
-        max_file_bytes: 64 << 20,
-    }
+    let mut sb = ShellSandbox::new(
+        PathBuf::from(env!("CARGO_BIN_EXE_patchflow-sandbox-exec")),
+        scratch,
+        SandboxMode::Strict,
+    );
+    sb.network = network;
+    sb.max_processes = max_processes;
+    sb.max_memory_bytes = 4 << 30;
+    sb.max_file_bytes = 64 << 20;
+    sb.toolchains = patchflow_agent::sandbox::toolchains::resolve("auto", |k| std::env::var(k).ok())
+        .expect("toolchains");
+    sb
 }
 
 pub struct Setup {

@@ -562,6 +562,7 @@ mod tests {
                 wall_ms: 4200,
                 files_changed: vec![HOSTILE.to_string()],
                 error: Some(HOSTILE.to_string()),
+                sandbox: None,
             }),
             tenant: "default".to_string(),
             batch_id: None,

@@ -600,6 +600,7 @@ pub(crate) async fn record_keeps_what_was_stored_and_unknown_tasks_are_refused(u
         wall_ms: 9_876,
         files_changed: vec!["src/x.py".into(), "README.md".into()],
         error: Some("none really".into()),
+        sandbox: None,
     };
     // Writing the same summary twice (a retried activity) succeeds both times.
     s.set_summary(&id, &summary).await.unwrap();

@@ -270,6 +270,7 @@ fn summary() -> AgentSummary {
         wall_ms: 1000,
         files_changed: vec!["a.rs".into()],
         error: None,
+        sandbox: None,
     }
 }
 
