@@ -56,6 +56,12 @@ enum Command {
     AgentPod(agent_pod::AgentPodArgs),
     /// Print the effective configuration, secrets redacted.
     Config,
+    /// Which walls of the shell sandbox are in force on this machine, and why one is missing.
+    Doctor {
+        /// The report as JSON (what each task's summary records).
+        #[arg(long)]
+        json: bool,
+    },
     /// Bring the task store's schema up to date (also done at start-up); safe to run twice.
     Migrate,
     /// Serve a scripted OpenAI-compatible model (tests and the key-less demo).
@@ -79,6 +85,9 @@ struct ScriptedModelArgs {
 }
 
 fn main() -> ExitCode {
+    // Workers and gateways hold store and model credentials: not dumpable, so no process of
+    // the same uid (a best-effort sandboxed command) reads their memory or environment.
+    let _ = nix::sys::prctl::set_dumpable(false);
     let cli = Cli::parse();
     let config = match settings::load(&cli.global) {
         Ok(c) => c,
@@ -97,6 +106,7 @@ fn main() -> ExitCode {
             | Command::Watch(_)
             | Command::List(_)
             | Command::Config
+            | Command::Doctor { .. }
             | Command::Batch(_)
     );
     settings::init_logging(&config, quiet);
@@ -129,6 +139,14 @@ fn main() -> ExitCode {
             Command::Config => {
                 print!("{}", settings::describe(&config));
                 Ok(ExitCode::SUCCESS)
+            }
+            Command::Doctor { json } => {
+                let ok = patchflow_agent::cli::doctor(&config, json).await?;
+                Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
             }
             Command::ScriptedModel(a) => scripted_model(a).await,
             Command::Batch(b) => batch::run(config, b).await,

@@ -140,15 +140,20 @@ pub fn service(config: &Config, stores: &Stores, client: Client) -> TaskService 
 async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activities> {
     let runner: Arc<dyn AgentRunner> = match config.kube.runner {
         Runner::Kube => Arc::new(kube_runner(config).await?),
-        Runner::Local => Arc::new(LocalRunner::new(LocalRunnerConfig {
-            program: agent_program()?,
-            model: config.llm.model.clone(),
-            openai_base_url: config.llm.openai_base_url.clone(),
-            openai_api_key: config.llm.openai_api_key.clone(),
-            llm_max_retries: config.llm.llm_max_retries,
-            llm_retry_backoff_ms: config.llm.llm_retry_backoff_ms,
-            agent_env: agent_env(config),
-        })),
+        Runner::Local => {
+            patchflow_agent::cli::check_sandbox(config).await.context(
+                "the local runner's shell sandbox (`patchflow doctor` shows each layer)",
+            )?;
+            Arc::new(LocalRunner::new(LocalRunnerConfig {
+                program: agent_program()?,
+                model: config.llm.model.clone(),
+                openai_base_url: config.llm.openai_base_url.clone(),
+                openai_api_key: config.llm.openai_api_key.clone(),
+                llm_max_retries: config.llm.llm_max_retries,
+                llm_retry_backoff_ms: config.llm.llm_retry_backoff_ms,
+                agent_env: agent_env(config, true),
+            }))
+        }
     };
     Ok(Activities {
         store: stores.tasks.clone(),
@@ -163,6 +168,7 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
             ),
             max_unpacked_bytes: config.server.max_unpacked_bytes,
             max_archive_entries: config.server.max_archive_entries,
+            git_fetch_timeout: Duration::from_secs(config.server.git_fetch_timeout_secs),
             batch_lease: Duration::from_secs(config.batch.batch_lease_secs),
         },
         results: crate::kafka::results_topic(config).await?,
@@ -176,14 +182,15 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
 /// of compiled tool code (a per-stack directory would make each new stack compile the tools
 /// again).
 ///
-/// `sandbox_toolchains = "auto"` is resolved here, in the worker's own environment: the
-/// agent starts with HOME moved to its temp dir, where `~/.rustup` is not.
-fn agent_env(config: &Config) -> Vec<(String, String)> {
+/// With `local` (the agent runs on this machine), `sandbox_toolchains = "auto"` is
+/// resolved here, in the worker's own environment: the agent starts with HOME moved to its
+/// temp dir, where `~/.rustup` is not. A pod resolves it in its own image.
+fn agent_env(config: &Config, local: bool) -> Vec<(String, String)> {
     Config::section_keys("sandbox")
         .iter()
         .filter_map(|key| {
             let mut value = config.text(key)?;
-            if *key == "sandbox_toolchains" && value.trim() == "auto" {
+            if local && *key == "sandbox_toolchains" && value.trim() == "auto" {
                 let found = patchflow_agent::sandbox::toolchains::resolve(&value, |k| {
                     std::env::var(k).ok()
                 })
@@ -244,7 +251,7 @@ async fn kube_runner(config: &Config) -> anyhow::Result<KubeRunner> {
     c.presign_expiry = Duration::from_secs(config.store.presign_expiry_secs);
     // The pod's file system is its own: the image carries the precompiled tools (see
     // deploy/Dockerfile); with other limits they are compiled in the pod, in memory.
-    c.agent_env = agent_env(config)
+    c.agent_env = agent_env(config, false)
         .into_iter()
         .filter(|(k, _)| k != "PATCHFLOW_TOOL_CACHE_DIR")
         .chain([(

@@ -25,9 +25,6 @@ use tokio::process::Command;
 
 use crate::{ActivityConfig, bad_input, transient};
 
-/// Longest a git fetch may take before it is treated as a transient failure.
-const GIT_TIMEOUT: Duration = Duration::from_secs(600);
-
 pub async fn fetch(
     config: &ActivityConfig,
     objects: &dyn ObjectStore,
@@ -98,6 +95,9 @@ struct GitRun<'a> {
     url: &'a str,
     home: &'a Path,
     settings: Vec<String>,
+    timeout: Duration,
+    /// Most bytes the repository may take on disk while git downloads it.
+    max_bytes: u64,
 }
 
 impl GitRun<'_> {
@@ -122,8 +122,26 @@ impl GitRun<'_> {
                 "ssh -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new",
             )
             .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
-        run_git(cmd, args, self.url).await
+        let started = cmd
+            .spawn()
+            .map_err(|e| transient(format!("cannot run git: {e}")))?;
+        let git_dir = dir.join(".git");
+        let out = tokio::select! {
+            out = tokio::time::timeout(self.timeout, started.wait_with_output()) => out
+                .map_err(|_| transient(format!(
+                    "git {} of {} did not finish in {} s (git_fetch_timeout_secs)",
+                    args[0], self.url, self.timeout.as_secs()
+                )))?
+                .map_err(|e| transient(format!("cannot run git: {e}")))?,
+            used = over_size(&git_dir, self.max_bytes) => return Err(bad_input(format!(
+                "cannot fetch {}: the download passed {} MiB (at {} MiB), more than max_unpacked_bytes allows; git was stopped",
+                self.url, self.max_bytes >> 20, used >> 20
+            ))),
+        };
+        git_result(out, self.url)
     }
 }
 
@@ -147,11 +165,30 @@ fn git_settings(protocols: &[String], extra: Vec<String>) -> Vec<String> {
     settings
 }
 
-async fn run_git(mut cmd: Command, args: &[&str], url: &str) -> Result<String, ActivityError> {
-    let out = tokio::time::timeout(GIT_TIMEOUT, cmd.output())
+/// Resolves once `dir` takes more than `max` bytes on disk (checked every 250 ms; the
+/// dropped git child is killed), with what it took; never otherwise.
+async fn over_size(dir: &Path, max: u64) -> u64 {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let d = dir.to_path_buf();
+        let used = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::MetadataExt;
+            walkdir::WalkDir::new(d)
+                .into_iter()
+                .filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum::<u64>()
+        })
         .await
-        .map_err(|_| transient(format!("git {} of {url} timed out", args[0])))?
-        .map_err(|e| transient(format!("cannot run git: {e}")))?;
+        .unwrap_or(0);
+        if used > max {
+            return used;
+        }
+    }
+}
+
+fn git_result(out: std::process::Output, url: &str) -> Result<String, ActivityError> {
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
@@ -221,6 +258,8 @@ async fn git_fetch(
         url,
         home: &home,
         settings,
+        timeout: config.git_fetch_timeout,
+        max_bytes: config.max_unpacked_bytes,
     };
     run.git(tree, &["init", "-q"]).await?;
     run.git(tree, &["remote", "add", "origin", url]).await?;

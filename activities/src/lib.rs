@@ -53,6 +53,8 @@ pub struct ActivityConfig {
     pub git_remotes: patchflow_platform::git_remote::RemotePolicy,
     pub max_unpacked_bytes: u64,
     pub max_archive_entries: u64,
+    /// Longest a git fetch may take.
+    pub git_fetch_timeout: Duration,
     /// Lifetime of a batch slot lease; holders renew it with their heartbeats.
     pub batch_lease: Duration,
 }

@@ -16,7 +16,7 @@ use clap::Args;
 use patchflow_core::config::{DocSearchProvider, LogFormat};
 use patchflow_core::{Config, TaskSpec};
 
-use crate::sandbox::ShellSandbox;
+use crate::sandbox::{ShellSandbox, toolchains};
 use crate::tools::{DocSearch, GuestRunner, HostHandle, HttpDocs, WorkspaceDocs};
 use crate::wasm::egress::Egress;
 use crate::wasm::{CallLimits, HostOptions, TOOLS_COMPONENT};
@@ -45,6 +45,10 @@ pub struct AgentArgs {
 }
 
 pub async fn run(config: &Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
+    // This process holds the model key: not dumpable, so no process of the same uid can
+    // read its memory or /proc/<pid>/environ, nor attach to it (the fallback walls leave
+    // /proc readable; the namespace walls do not even show it).
+    let _ = nix::sys::prctl::set_dumpable(false);
     let spec_text =
         std::fs::read(&a.task).with_context(|| format!("cannot read {}", a.task.display()))?;
     let spec: TaskSpec = serde_json::from_slice(&spec_text)
@@ -206,14 +210,16 @@ pub fn shell_sandbox(
     sandbox.max_processes = s.shell_max_processes;
     sandbox.max_memory_bytes = s.shell_max_memory_mb << 20;
     sandbox.max_disk_bytes = s.shell_max_disk_mb << 20;
+    // No single file may be bigger than the whole cap (the watcher checks every 200 ms or
+    // more; a fast disk writes a gigabyte in less).
+    sandbox.max_file_bytes = sandbox.max_file_bytes.min(sandbox.max_disk_bytes);
     sandbox.tmp_bytes = s.sandbox_tmp_mb << 20;
     if s.sandbox_bwrap.is_some() {
         sandbox.bwrap = crate::sandbox::find_bwrap(s.sandbox_bwrap.as_deref(), None);
     }
-    sandbox.toolchains = crate::sandbox::toolchains::resolve(&s.sandbox_toolchains, |k| {
-        std::env::var(k).ok()
-    })
-    .map_err(anyhow::Error::msg)?;
+    sandbox.toolchains =
+        crate::sandbox::toolchains::resolve(&s.sandbox_toolchains, |k| std::env::var(k).ok())
+            .map_err(anyhow::Error::msg)?;
     Ok(sandbox)
 }
 
@@ -255,4 +261,103 @@ pub fn load_config() -> anyhow::Result<Config> {
     let config = config_from(file.as_deref())?;
     config.validate()?;
     Ok(config)
+}
+
+/// `patchflow doctor`: which walls of the shell sandbox are in force on this machine, and
+/// why one is missing; `Ok(false)` when commands would be refused (strict mode) or run
+/// with a layer missing.
+pub async fn doctor(config: &Config, json: bool) -> anyhow::Result<bool> {
+    let ws = tempfile::tempdir().context("cannot make a probe workspace")?;
+    let scratch = tempfile::tempdir().context("cannot make a probe temp dir")?;
+    let sandbox = shell_sandbox(config, false, scratch.path())?;
+    let walls = sandbox.walls(ws.path()).await;
+    let report = &walls.report;
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(report.missing.is_empty());
+    }
+    let mark = |on: bool| if on { "[x]" } else { "[ ]" };
+    println!(
+        "shell sandbox (sandbox_mode = {}): {} walls{}",
+        config.sandbox.sandbox_mode.as_str(),
+        report.walls,
+        match &sandbox.bwrap {
+            Some(b) if walls.namespaces => format!(", by {}", b.display()),
+            _ => String::new(),
+        }
+    );
+    let rows = [
+        (
+            report.mount_namespace,
+            "a minimal root of its own (mount namespace)",
+        ),
+        (
+            report.pid_namespace,
+            "its own processes only, under a reaper (PID namespace)",
+        ),
+        (
+            report.user_namespace,
+            "an unprivileged uid (user namespace)",
+        ),
+        (report.no_capabilities, "no capabilities"),
+        (
+            report.new_session,
+            "no controlling terminal (a session of its own)",
+        ),
+        (
+            report.seccomp,
+            "seccomp: socket families allow-listed; ptrace, keyctl, bpf, mount, namespaces, io_uring, TIOCSTI refused",
+        ),
+        (
+            report.network_confined,
+            "no network unless the task's policy allows it",
+        ),
+        (
+            report.pids_cgroup,
+            "a pids cgroup (fork bombs end at shell_max_processes)",
+        ),
+        (
+            report.memory_cgroup,
+            "a memory cgroup (shell_max_memory_mb)",
+        ),
+        (
+            report.rlimits,
+            "rlimits: CPU seconds, address space, file size, no core dumps",
+        ),
+        (
+            report.no_new_privs,
+            "no new privileges (setuid binaries gain nothing)",
+        ),
+        (report.landlock, "Landlock (the fallback walls)"),
+    ];
+    for (on, what) in rows {
+        println!("  {} {what}", mark(on));
+    }
+    let toolchains = toolchains::to_setting(&sandbox.toolchains);
+    println!("  toolchains (read-only): {toolchains}");
+    for m in &report.missing {
+        println!("  missing: {m}");
+    }
+    match &walls.refused {
+        Some(_) => println!(
+            "strict mode: commands would be REFUSED here (install bubblewrap, or set sandbox_mode=best-effort)"
+        ),
+        None if !report.missing.is_empty() => {
+            println!("best-effort mode: commands run WITHOUT the layers above marked missing")
+        }
+        None => println!("every layer is in force"),
+    }
+    Ok(report.missing.is_empty())
+}
+
+/// What a worker with the local runner checks at start-up: in strict mode, an error when
+/// commands would be refused (better than every task failing at its first command); in
+/// best-effort mode the probe's loud warning.
+pub async fn check_sandbox(config: &Config) -> anyhow::Result<patchflow_core::SandboxReport> {
+    let ws = tempfile::tempdir().context("cannot make a probe workspace")?;
+    let scratch = tempfile::tempdir().context("cannot make a probe temp dir")?;
+    let sandbox = shell_sandbox(config, false, scratch.path())?;
+    let report = sandbox.probe(ws.path()).await?;
+    tracing::info!(walls = %report.walls, missing = report.missing.len(), "shell sandbox");
+    Ok(report)
 }

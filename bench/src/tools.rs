@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use patchflow_agent::Workspace;
-use patchflow_agent::sandbox::{SandboxMode, ShellSandbox};
+use patchflow_agent::sandbox::{SandboxMode, ShellSandbox, Walls};
 use patchflow_agent::tools::search::{candidate_files, search_code_in};
 use patchflow_agent::wasm::egress::Egress;
 use patchflow_agent::wasm::{HostOptions, TOOLS_COMPONENT, ToolHost};
@@ -137,32 +137,97 @@ fn measure(iterations: usize) -> anyhow::Result<ExitCode> {
     })?;
 
     let scratch = tempfile::tempdir()?;
-    let sandbox = ShellSandbox::beside_current_exe(scratch.path(), SandboxMode::BestEffort)?;
+    let mut sandbox = ShellSandbox::beside_current_exe(scratch.path(), SandboxMode::BestEffort)?;
+    sandbox.toolchains =
+        patchflow_agent::sandbox::toolchains::resolve("auto", |k| std::env::var(k).ok())
+            .map_err(anyhow::Error::msg)?;
     let spawns = (n / 10).max(10);
+    let python = which_python();
+    let walls = |namespaces: bool| Walls {
+        namespaces,
+        report: Default::default(),
+        refused: None,
+    };
+    let (namespaces, fallback) = (walls(true), walls(false));
     let mut k = 0u64;
-    let shell_sandboxed = time_n(spawns, || {
-        k += 1;
-        let name = format!("bench-{}-{k}", std::process::id());
-        let status = std::process::Command::new(&sandbox.program)
-            .args(sandbox.exec_args(&root, &name, 5, false))
-            .arg("--")
-            .args(["/bin/bash", "-c", "true"])
-            .env_clear()
-            .current_dir(&root)
-            .status()?;
-        patchflow_agent::sandbox::remove_cgroup(&name);
-        anyhow::ensure!(status.success(), "sandboxed true failed: {status}");
-        Ok(())
-    })?;
-    let shell_plain = time_n(spawns, || {
-        let status = std::process::Command::new("/bin/bash")
-            .args(["-c", "true"])
-            .env_clear()
-            .current_dir(&root)
-            .status()?;
-        anyhow::ensure!(status.success(), "true failed");
-        Ok(())
-    })?;
+    let mut sandboxed = |walls: &Walls, cmd: &[&str]| {
+        time_n(spawns, || {
+            k += 1;
+            // One cgroup for the run, as the agent does.
+            let name = sandbox.cgroup_name();
+            let status = std::process::Command::new(&sandbox.program)
+                .args(sandbox.exec_args(&root, name, 5, walls, false))
+                .arg("--")
+                .args(cmd)
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .current_dir(&root)
+                .stdout(std::process::Stdio::null())
+                .status()?;
+            patchflow_agent::sandbox::cgroup::kill_members(name);
+            anyhow::ensure!(status.success(), "sandboxed {cmd:?} failed: {status} ({k})");
+            Ok(())
+        })
+    };
+    let plain = |cmd: &[&str]| {
+        time_n(spawns, || {
+            let status = std::process::Command::new(cmd[0])
+                .args(&cmd[1..])
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .current_dir(&root)
+                .status()?;
+            anyhow::ensure!(status.success(), "{cmd:?} failed");
+            Ok(())
+        })
+    };
+    let true_cmd: &[&str] = &["/bin/bash", "-c", "true"];
+    let py_cmd: Vec<&str> = vec![python.as_str(), "-c", "pass"];
+    let shell_plain = plain(true_cmd)?;
+    let py_plain = plain(&py_cmd)?;
+    let shell_fallback = sandboxed(&fallback, true_cmd)?;
+    let py_fallback = sandboxed(&fallback, &py_cmd)?;
+    let ns = sandbox.bwrap.is_some();
+    let (shell_ns, py_ns) = if ns {
+        (
+            Some(sandboxed(&namespaces, true_cmd)?),
+            Some(sandboxed(&namespaces, &py_cmd)?),
+        )
+    } else {
+        (None, None)
+    };
+    // bubblewrap alone with the same namespaces and binds (no cgroup, seccomp or rlimits):
+    // what the namespaces cost to set up.
+    let bwrap_alone = match &sandbox.bwrap {
+        Some(b) => {
+            let layout = patchflow_agent::sandbox::bwrap::Layout {
+                workspace: &root,
+                scratch: scratch.path(),
+                read_only: &sandbox
+                    .toolchains
+                    .iter()
+                    .map(|t| t.path.clone())
+                    .collect::<Vec<_>>(),
+                masks: &[],
+                network: false,
+                tmp_bytes: 64 << 20,
+                cwd: &root,
+            };
+            let args = patchflow_agent::sandbox::bwrap::args(&layout, &[]);
+            Some(time_n(spawns, || {
+                let status = std::process::Command::new(b)
+                    .args(&args)
+                    .arg("--")
+                    .arg("/bin/true")
+                    .env_clear()
+                    .status()?;
+                anyhow::ensure!(status.success(), "bwrap true failed: {status}");
+                Ok(())
+            })?)
+        }
+        None => None,
+    };
+    let true_alone = plain(&["/bin/true"])?;
 
     println!(
         "patchflow tool benchmark ({n} calls per file measure, {searches} searches over 2,000 files, {spawns} spawns); times in microseconds"
@@ -185,15 +250,40 @@ fn measure(iterations: usize) -> anyhow::Result<ExitCode> {
         search_native,
         "<= 2x native",
     );
-    row(
-        "shell `true`: sandboxed vs plain",
-        shell_sandboxed,
-        shell_plain,
-        "overhead <= 5 ms",
-    );
+    let ms = |t: (f64, f64)| t.0 / 1000.0;
     println!(
-        "sandbox start-up overhead p50: {:.2} ms",
-        (shell_sandboxed.0 - shell_plain.0) / 1000.0
+        "shell commands, p50 ms ({spawns} spawns each): plain, fallback walls (Landlock, netns, seccomp: the walls before namespaces), namespace walls (bubblewrap)"
     );
+    let line = |what: &str, p: (f64, f64), f: (f64, f64), n: Option<(f64, f64)>| {
+        let n_text = n.map_or("n/a".to_string(), |n| format!("{:.2}", ms(n)));
+        let over = n.map_or("n/a".to_string(), |n| format!("{:+.2}", ms(n) - ms(p)));
+        let vs = n.map_or("n/a".to_string(), |n| format!("{:+.2}", ms(n) - ms(f)));
+        println!(
+            "  {what:<18} plain {:>6.2}  fallback {:>6.2}  namespaces {n_text:>6}  overhead {over:>6} (vs fallback {vs})",
+            ms(p),
+            ms(f)
+        );
+    };
+    line("`true`", shell_plain, shell_fallback, shell_ns);
+    line("`python3 -c pass`", py_plain, py_fallback, py_ns);
+    if let Some(b) = bwrap_alone {
+        println!(
+            "  namespace set-up alone (bubblewrap, same binds, `/bin/true`): {:.2} ms over a plain /bin/true ({:.2} ms)",
+            ms(b) - ms(true_alone),
+            ms(true_alone)
+        );
+    }
+    println!("  targets: sandbox overhead <= 5 ms; the namespace walls <= 2 ms over the fallback");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The real `python3` binary (not a version manager's shim, which would time the shim).
+fn which_python() -> String {
+    std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "/usr/bin/python3".to_string())
 }

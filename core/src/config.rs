@@ -170,6 +170,9 @@ settings! {
         /// checked: without an entry, a host that resolves to a loopback, private,
         /// link-local or other non-public address is refused before git runs.
         git_allowed_hosts: String = String::new(),
+        /// Longest a git fetch may take, in seconds, before it is stopped (and retried as a
+        /// transient failure). What it downloads is bounded by `max_unpacked_bytes`.
+        git_fetch_timeout_secs: u64 = 600,
         /// Largest upload (ZIP) accepted by the gateway, in bytes.
         max_upload_bytes: u64 = 100 * 1024 * 1024,
         /// Largest unpacked size of a ZIP or repository, in bytes.

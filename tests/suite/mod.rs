@@ -7,6 +7,7 @@ mod e2e;
 mod failures;
 mod git_fetch;
 mod grpc;
+mod isolation;
 mod kafka;
 mod kube_pod;
 mod retry;

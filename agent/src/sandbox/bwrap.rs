@@ -92,14 +92,7 @@ pub fn args(layout: &Layout<'_>, seccomp: &[OwnedFd]) -> Vec<OsString> {
     push(
         &mut a,
         &[
-            &"--dev",
-            &"/dev",
-            &"--proc",
-            &"/proc",
-            &"--size",
-            &size,
-            &"--tmpfs",
-            &"/tmp",
+            &"--dev", &"/dev", &"--proc", &"/proc", &"--size", &size, &"--tmpfs", &"/tmp",
         ],
     );
     // After /tmp, so a workspace or temp dir under /tmp is bound over the tmpfs.
@@ -136,8 +129,11 @@ pub fn seccomp_pipes(network: bool) -> Result<Vec<OwnedFd>, String> {
             .map_err(|e| format!("cannot write a seccomp filter: {e}"))?;
         drop(writer);
         let fd: OwnedFd = reader.into();
-        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))
-            .map_err(|e| format!("fcntl: {e}"))?;
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .map_err(|e| format!("fcntl: {e}"))?;
         fds.push(fd);
     }
     Ok(fds)

@@ -7,13 +7,15 @@ use std::path::{Path, PathBuf};
 
 const ROOT: &str = "/sys/fs/cgroup";
 
-/// The directories of cgroup `name`: one under v2, one per controller under v1.
+/// The directories of cgroup `name`: one under v2, the `pids` one under v1. (Not v1's
+/// `memory`: each v1 hierarchy joined is one more migration, which can wait a whole RCU
+/// grace period; RLIMIT_AS bounds memory there.)
 fn dirs(name: &str) -> Vec<(PathBuf, &'static str)> {
     let root = Path::new(ROOT);
     if root.join("cgroup.controllers").exists() {
         return vec![(root.join("patchflow").join(name), "unified")];
     }
-    ["pids", "memory"]
+    ["pids"]
         .into_iter()
         .filter(|c| root.join(c).join("cgroup.procs").exists())
         .map(|c| (root.join(c).join("patchflow").join(name), c))
@@ -45,7 +47,10 @@ pub fn join(name: &str, max_pids: u64, max_memory_bytes: u64) -> Joined {
             let parent = dir.parent().ok_or("bad cgroup path")?;
             if kind == "unified" {
                 // The controllers must be enabled for the children of each level.
-                let _ = std::fs::write(Path::new(ROOT).join("cgroup.subtree_control"), "+pids +memory");
+                let _ = std::fs::write(
+                    Path::new(ROOT).join("cgroup.subtree_control"),
+                    "+pids +memory",
+                );
                 std::fs::create_dir_all(parent)
                     .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
                 let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+pids +memory");
@@ -55,14 +60,18 @@ pub fn join(name: &str, max_pids: u64, max_memory_bytes: u64) -> Joined {
             Ok(())
         })();
         if let Err(e) = made {
-            joined.missing.push(format!("a cgroup for the command ({e})"));
+            joined
+                .missing
+                .push(format!("a cgroup for the command ({e})"));
             continue;
         }
         let write = |file: &str, value: String| std::fs::write(dir.join(file), value);
         if (kind == "unified" || kind == "pids") && dir.join("pids.max").exists() {
             match write("pids.max", max_pids.to_string()) {
                 Ok(()) => joined.pids = true,
-                Err(e) => joined.missing.push(format!("a pids cgroup (pids.max: {e})")),
+                Err(e) => joined
+                    .missing
+                    .push(format!("a pids cgroup (pids.max: {e})")),
             }
         }
         if kind == "unified" && dir.join("memory.max").exists() {
@@ -71,20 +80,14 @@ pub fn join(name: &str, max_pids: u64, max_memory_bytes: u64) -> Joined {
                     let _ = write("memory.swap.max", "0".into());
                     joined.memory = true;
                 }
-                Err(e) => joined.missing.push(format!("a memory cgroup (memory.max: {e})")),
-            }
-        }
-        if kind == "memory" {
-            match write("memory.limit_in_bytes", max_memory_bytes.to_string()) {
-                Ok(()) => joined.memory = true,
                 Err(e) => joined
                     .missing
-                    .push(format!("a memory cgroup (memory.limit_in_bytes: {e})")),
+                    .push(format!("a memory cgroup (memory.max: {e})")),
             }
         }
         if let Err(e) = write("cgroup.procs", me.clone()) {
-            joined.pids &= kind == "memory";
-            joined.memory &= kind == "pids";
+            joined.pids = false;
+            joined.memory = false;
             joined
                 .missing
                 .push(format!("cannot join {}: {e}", dir.display()));
@@ -99,13 +102,19 @@ pub fn join(name: &str, max_pids: u64, max_memory_bytes: u64) -> Joined {
     joined
 }
 
-/// Kills whatever still runs in cgroup `name` and removes it. Processes that left the
-/// command's process group (`setsid`) are still in here.
-pub fn remove(name: &str) {
+/// Kills whatever runs in cgroup `name`: what a command left behind, including processes
+/// that left its process group (`setsid`). The cgroup stays for the task's next command
+/// (joining an existing one is cheaper than making one per command).
+pub fn kill_members(name: &str) {
     for (dir, _) in dirs(name) {
-        if !dir.exists() {
-            continue;
+        if dir.exists() {
+            kill_in(&dir);
         }
+    }
+}
+
+fn kill_in(dir: &Path) {
+    {
         if std::fs::write(dir.join("cgroup.kill"), "1").is_err() {
             // cgroup v1 has no cgroup.kill: signal every member until none is left.
             for _ in 0..50 {
@@ -126,6 +135,16 @@ pub fn remove(name: &str) {
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
         }
+    }
+}
+
+/// Kills whatever still runs in cgroup `name` and removes it.
+pub fn remove(name: &str) {
+    for (dir, _) in dirs(name) {
+        if !dir.exists() {
+            continue;
+        }
+        kill_in(&dir);
         let mut removed = false;
         for _ in 0..50 {
             if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {

@@ -237,7 +237,10 @@ pub fn exec_sandboxed(req: &ExecRequest) -> Result<std::convert::Infallible, Str
             report.seccomp = true;
             report.network_confined = true;
             let mut c = std::process::Command::new(bwrap_program);
-            c.args(bwrap::args(&layout, &pipes)).arg("--").arg(program).args(args);
+            c.args(bwrap::args(&layout, &pipes))
+                .arg("--")
+                .arg(program)
+                .args(args);
             // The pipes' read ends must live until bubblewrap has read them, past exec.
             std::mem::forget(pipes);
             c
@@ -251,7 +254,11 @@ pub fn exec_sandboxed(req: &ExecRequest) -> Result<std::convert::Infallible, Str
     };
     if req.probe {
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{}", serde_json::to_string(&report).unwrap_or_default());
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string(&report).unwrap_or_default()
+        );
         let _ = out.flush();
     }
     if req.mode == SandboxMode::Strict && !report.missing.is_empty() {
@@ -300,9 +307,9 @@ fn fallback(req: &ExecRequest, report: &mut SandboxReport) {
         Err(e) => report.missing.push(e),
     }
     match super::landlock::restrict(&req.workspace, &req.scratch, &req.read_only, deny_tcp) {
-        Ok(RulesetStatus::NotEnforced) => report
-            .missing
-            .push("Landlock (this kernel does not offer it; reads and writes are not confined)".into()),
+        Ok(RulesetStatus::NotEnforced) => report.missing.push(
+            "Landlock (this kernel does not offer it; reads and writes are not confined)".into(),
+        ),
         Ok(_) => {
             report.landlock = true;
             if deny_tcp {

@@ -47,7 +47,9 @@ pub const WALLS_FALLBACK: &str = "landlock";
 pub enum SandboxError {
     #[error("cannot probe the shell sandbox: {0}")]
     Probe(String),
-    #[error("strict sandbox mode: {0}; refusing to run commands (install bubblewrap, or set sandbox_mode=best-effort to run with weaker walls)")]
+    #[error(
+        "strict sandbox mode: {0}; refusing to run commands (install bubblewrap, or set sandbox_mode=best-effort to run with weaker walls)"
+    )]
     Strict(String),
 }
 
@@ -84,6 +86,18 @@ pub struct ShellSandbox {
     /// Toolchain homes bound read-only.
     pub toolchains: Vec<Toolchain>,
     walls: Arc<tokio::sync::OnceCell<Walls>>,
+    /// The cgroup every command of this run joins, removed with the last clone.
+    cgroup: Arc<TaskCgroup>,
+}
+
+/// The run's cgroup, by name; removed (with anything left in it) when dropped.
+#[derive(Debug)]
+pub struct TaskCgroup(pub String);
+
+impl Drop for TaskCgroup {
+    fn drop(&mut self) {
+        cgroup::remove(&self.0);
+    }
 }
 
 /// The bubblewrap program: `setting` if given, else `bwrap` on `path` (a PATH value), else
@@ -125,7 +139,17 @@ impl ShellSandbox {
             bwrap: find_bwrap(None, std::env::var("PATH").ok().as_deref()),
             toolchains: Vec::new(),
             walls: Arc::default(),
+            cgroup: Arc::new(TaskCgroup(format!(
+                "task-{}-{}",
+                std::process::id(),
+                next_run()
+            ))),
         }
+    }
+
+    /// The name of the cgroup the commands of this run join.
+    pub fn cgroup_name(&self) -> &str {
+        &self.cgroup.0
     }
 
     /// The sandbox started through the `patchflow-sandbox-exec` beside this executable
@@ -336,8 +360,15 @@ impl ShellSandbox {
             inside.get("Seccomp") == Some(&"2"),
             "the seccomp filters",
         ));
-        let pid: u32 = inside.get("pid").and_then(|p| p.parse().ok()).unwrap_or(u32::MAX);
-        missing.extend(check(&mut report.pid_namespace, pid <= 3, "a PID namespace"));
+        let pid: u32 = inside
+            .get("pid")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(u32::MAX);
+        missing.extend(check(
+            &mut report.pid_namespace,
+            pid <= 3,
+            "a PID namespace",
+        ));
         missing.extend(check(
             &mut report.mount_namespace,
             inside.get("root") == Some(&"minimal"),
@@ -355,4 +386,10 @@ fn report_missing(what: &str) -> Option<String> {
 /// Kills whatever still runs in a command's cgroup and removes it.
 pub fn remove_cgroup(name: &str) {
     cgroup::remove(name);
+}
+
+/// Numbers the sandboxes of this process (tests and benchmarks make several).
+fn next_run() -> u64 {
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }

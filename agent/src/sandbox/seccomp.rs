@@ -88,7 +88,12 @@ fn compile(
         .map_err(err)
 }
 
-fn cond(arg: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, String> {
+fn cond(
+    arg: u8,
+    len: SeccompCmpArgLen,
+    op: SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompCondition, String> {
     SeccompCondition::new(arg, len, op, value).map_err(err)
 }
 
@@ -118,7 +123,7 @@ pub fn filters(network: bool) -> Result<Vec<BpfProgram>, String> {
                 1,
                 SeccompCmpArgLen::Dword,
                 SeccompCmpOp::Eq,
-                req as u64,
+                req,
             )?])
             .map_err(err)
         })

@@ -31,7 +31,10 @@ pub const CREDENTIAL_FILES: [&str; 4] = [
 /// The toolchains a `sandbox_toolchains` value names, with `env` the environment `auto`
 /// looks in. Only absolute paths to existing directories are kept; `/` and the system
 /// directories (bound anyway) are refused, so a setting cannot widen the root.
-pub fn resolve(setting: &str, env: impl Fn(&str) -> Option<String>) -> Result<Vec<Toolchain>, String> {
+pub fn resolve(
+    setting: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Vec<Toolchain>, String> {
     let setting = setting.trim();
     let mut out = Vec::new();
     match setting {
@@ -162,6 +165,10 @@ mod tests {
             assert!(resolve(bad, |_| None).is_err(), "{bad} was accepted");
         }
         // A path that does not exist is left out, not an error (a machine without nvm).
-        assert!(resolve("NVM_DIR=/nonexistent/nvm", |_| None).unwrap().is_empty());
+        assert!(
+            resolve("NVM_DIR=/nonexistent/nvm", |_| None)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -59,6 +59,11 @@ impl SandboxedTools {
         }
     }
 
+    /// The shell sandbox the commands run in.
+    pub fn sandbox(&self) -> &ShellSandbox {
+        &self.sandbox
+    }
+
     async fn read_file(&self, args: ReadArgs) -> Result<Value, ToolError> {
         let (start, end) = (to_u32(args.start_line), to_u32(args.end_line));
         let rel = args.file_path.clone();

@@ -5,7 +5,6 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
@@ -85,9 +84,6 @@ impl ShellEnv {
     }
 }
 
-/// Names each command's cgroup uniquely within this agent.
-static COMMANDS: AtomicU64 = AtomicU64::new(0);
-
 pub async fn run(
     ws: &Workspace,
     env: &ShellEnv,
@@ -117,11 +113,7 @@ pub async fn run(
             "strict sandbox mode: this machine cannot confine commands ({why}); no command runs. Install bubblewrap, or set sandbox_mode=best-effort to accept weaker walls"
         )));
     }
-    let cgroup = format!(
-        "cmd-{}-{}",
-        std::process::id(),
-        COMMANDS.fetch_add(1, Ordering::Relaxed)
-    );
+    let cgroup = sandbox.cgroup_name().to_string();
     let mut cmd = Command::new(&sandbox.program);
     // The CPU limit is a backstop behind the timeout: a command cannot burn more CPU
     // seconds than it has wall seconds.
@@ -162,7 +154,7 @@ pub async fn run(
         let _ = killpg(pgid, Signal::SIGKILL);
     }
     // And everything that left the group (`setsid`) but not the cgroup.
-    let _ = tokio::task::spawn_blocking(move || sandbox::remove_cgroup(&cgroup)).await;
+    let _ = tokio::task::spawn_blocking(move || sandbox::cgroup::kill_members(&cgroup)).await;
     let status = match status {
         Some(s) => Some(s),
         None => child.wait().await.ok(),
@@ -234,7 +226,11 @@ fn disk_usage(dirs: &[std::path::PathBuf], stop_at: u64) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0u64;
     for dir in dirs {
-        for entry in walkdir::WalkDir::new(dir).follow_links(false).into_iter().flatten() {
+        for entry in walkdir::WalkDir::new(dir)
+            .follow_links(false)
+            .into_iter()
+            .flatten()
+        {
             if let Ok(meta) = entry.metadata() {
                 total = total.saturating_add(meta.blocks().saturating_mul(512));
                 if total > stop_at {

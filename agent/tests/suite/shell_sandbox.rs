@@ -40,9 +40,15 @@ async fn strict_mode_refuses_commands_where_bubblewrap_is_missing_and_best_effor
     lax.mode = patchflow_agent::sandbox::SandboxMode::BestEffort;
     let report = lax.probe(ws.path()).await.unwrap();
     assert_eq!(report.walls, "landlock");
-    assert!(report.landlock && report.seccomp && report.no_capabilities, "{report:?}");
+    assert!(
+        report.landlock && report.seccomp && report.no_capabilities,
+        "{report:?}"
+    );
     assert!(!report.mount_namespace && !report.pid_namespace);
-    assert!(report.missing.iter().any(|m| m.contains("bubblewrap")), "{report:?}");
+    assert!(
+        report.missing.iter().any(|m| m.contains("bubblewrap")),
+        "{report:?}"
+    );
 }
 
 /// Runs `cmd` through `sandbox-exec` under the fallback walls and without the network
@@ -127,7 +133,10 @@ async fn shell_writes_only_inside_the_workspace_and_temp_dir() {
     assert!(!target.exists());
     let out = sh(&fx, "touch /usr/escaped", 10).await;
     assert!(
-        out["stderr"].as_str().unwrap().contains("Read-only file system"),
+        out["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("Read-only file system"),
         "{out}"
     );
     let out = sh(
@@ -148,7 +157,12 @@ async fn a_command_sees_a_minimal_root_its_own_processes_and_no_privilege() {
     let fx = fixture(Setup::default());
     // The host's home, data and run directories are not there; /etc is, with what only
     // root may read hidden.
-    let out = sh(&fx, "ls -a /; ls /run /var /sys /root/.ssh /home 2>&1; cat /etc/shadow 2>&1 | head -c 40; echo", 10).await;
+    let out = sh(
+        &fx,
+        "ls -a /; ls /run /var /sys /root/.ssh /home 2>&1; cat /etc/shadow 2>&1 | head -c 40; echo",
+        10,
+    )
+    .await;
     let stdout = out["stdout"].as_str().unwrap();
     for gone in ["/run", "/var", "/sys", "/root/.ssh", "/home"] {
         assert!(
@@ -159,7 +173,12 @@ async fn a_command_sees_a_minimal_root_its_own_processes_and_no_privilege() {
     assert!(!stdout.contains("root:"), "/etc/shadow was read: {out}");
     // Only its own processes: `kill -9 -1` ends nothing outside, and the test (the agent's
     // stand-in) lives on to check.
-    let out = sh(&fx, "sleep 30 & ls /proc | grep -c '^[0-9]'; kill -9 -1; echo after", 10).await;
+    let out = sh(
+        &fx,
+        "sleep 30 & ls /proc | grep -c '^[0-9]'; kill -9 -1; echo after",
+        10,
+    )
+    .await;
     let lines: Vec<&str> = out["stdout"].as_str().unwrap().lines().collect();
     let seen: u32 = lines[0].parse().unwrap();
     assert!(seen <= 5, "the command sees {seen} processes: {out}");
@@ -176,13 +195,28 @@ async fn a_command_sees_a_minimal_root_its_own_processes_and_no_privilege() {
     let stdout = out["stdout"].as_str().unwrap();
     assert!(stdout.contains("CapEff:\t0000000000000000"), "{out}");
     assert!(stdout.contains("CapBnd:\t0000000000000000"), "{out}");
-    assert!(stdout.contains("NoNewPrivs:\t1") && stdout.contains("Seccomp:\t2"), "{out}");
+    assert!(
+        stdout.contains("NoNewPrivs:\t1") && stdout.contains("Seccomp:\t2"),
+        "{out}"
+    );
     if nix::unistd::Uid::effective().is_root() {
-        assert!(stdout.contains("\n1000\n"), "a root worker's command is not uid 1000: {out}");
+        assert!(
+            stdout.contains("\n1000\n"),
+            "a root worker's command is not uid 1000: {out}"
+        );
     }
-    assert!(stdout.contains("ptrace -1 Operation not permitted"), "{out}");
-    assert!(stdout.contains("PermissionError") || stdout.contains("Operation not permitted"), "TIOCSTI: {out}");
-    assert!(stdout.contains("unshare failed") || stdout.contains("Operation not permitted"), "{out}");
+    assert!(
+        stdout.contains("ptrace -1 Operation not permitted"),
+        "{out}"
+    );
+    assert!(
+        stdout.contains("PermissionError") || stdout.contains("Operation not permitted"),
+        "TIOCSTI: {out}"
+    );
+    assert!(
+        stdout.contains("unshare failed") || stdout.contains("Operation not permitted"),
+        "{out}"
+    );
     assert!(stdout.contains("not a tty"), "{out}");
 }
 
@@ -271,16 +305,14 @@ async fn fork_bomb_and_sleeper_end_at_their_limits_and_the_workspace_survives() 
         std::fs::read_to_string(fx.ws().join("a.py")).unwrap(),
         before
     );
-    let leftovers: Vec<_> = std::fs::read_dir("/sys/fs/cgroup/pids/patchflow")
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .starts_with(&format!("cmd-{}-", std::process::id()))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(leftovers.is_empty(), "cgroups left behind: {leftovers:?}");
+    // Nothing is left running in the run's cgroup, and it goes with the sandbox.
+    let dir = ["/sys/fs/cgroup/patchflow", "/sys/fs/cgroup/pids/patchflow"]
+        .iter()
+        .map(|d| std::path::Path::new(d).join(fx.tools.sandbox().cgroup_name()))
+        .find(|d| d.exists())
+        .expect("the run's cgroup");
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+    assert!(procs.trim().is_empty(), "left running: {procs}");
+    drop(fx);
+    assert!(!dir.exists(), "the run's cgroup outlived it");
 }

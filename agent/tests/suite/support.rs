@@ -60,8 +60,9 @@ pub fn sandbox(scratch: &Path, network: bool, max_processes: u64) -> ShellSandbo
     sb.max_processes = max_processes;
     sb.max_memory_bytes = 4 << 30;
     sb.max_file_bytes = 64 << 20;
-    sb.toolchains = patchflow_agent::sandbox::toolchains::resolve("auto", |k| std::env::var(k).ok())
-        .expect("toolchains");
+    sb.toolchains =
+        patchflow_agent::sandbox::toolchains::resolve("auto", |k| std::env::var(k).ok())
+            .expect("toolchains");
     sb
 }
 
