@@ -141,7 +141,7 @@ impl GitRun<'_> {
                 self.url, self.max_bytes >> 20, used >> 20
             ))),
         };
-        git_result(out, self.url)
+        git_result(&out, self.url)
     }
 }
 
@@ -188,7 +188,7 @@ async fn over_size(dir: &Path, max: u64) -> u64 {
     }
 }
 
-fn git_result(out: std::process::Output, url: &str) -> Result<String, ActivityError> {
+fn git_result(out: &std::process::Output, url: &str) -> Result<String, ActivityError> {
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
