@@ -1,5 +1,6 @@
 //! Wiring: stores, Temporal, the worker and the gateway, alone or together (`up`).
 
+use patchflow_platform::secret_box::SecretBox;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +43,8 @@ pub struct Stores {
     pub tasks: Arc<dyn TaskStore>,
     pub objects: Arc<dyn ObjectStore>,
     pub hot: Hot,
+    /// Seals and opens task credentials (`secrets_key`).
+    pub secrets: Arc<SecretBox>,
 }
 
 pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
@@ -95,6 +98,11 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
         tasks,
         objects,
         hot,
+        secrets: Arc::new(
+            SecretBox::from_settings(config.server.secrets_key.as_ref(), &config.server.data_dir)
+                .map_err(anyhow::Error::msg)
+                .context("the secrets key (secrets_key)")?,
+        ),
     })
 }
 
@@ -126,6 +134,7 @@ pub fn service(config: &Config, stores: &Stores, client: Client) -> TaskService 
             idempotency_ttl: Duration::from_secs(config.store.idempotency_ttl_secs),
             rate_limited: config.server.submit_rate_capacity > 0,
             presign_expiry: Duration::from_secs(config.store.presign_expiry_secs),
+            secrets: stores.secrets.clone(),
             workflow_ui_base: config.temporal_ui().map(|ui| {
                 format!(
                     "{}/namespaces/{}/workflows",
@@ -169,6 +178,7 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
             max_unpacked_bytes: config.server.max_unpacked_bytes,
             max_archive_entries: config.server.max_archive_entries,
             git_fetch_timeout: Duration::from_secs(config.server.git_fetch_timeout_secs),
+            secrets: stores.secrets.clone(),
             batch_lease: Duration::from_secs(config.batch.batch_lease_secs),
         },
         results: crate::kafka::results_topic(config).await?,

@@ -104,6 +104,7 @@ async fn main() {
         TaskSource::Git {
             url: "https://git.example/r.git".into(),
             git_ref: None,
+            git_token: None,
         },
         "bench",
     );

@@ -16,7 +16,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use patchflow_core::{TaskId, TaskSource};
+use patchflow_core::{GitToken, Secret, TaskId, TaskSource};
 use patchflow_platform::git_remote::GitRemote;
 use patchflow_platform::{ObjectStore, archive};
 use patchflow_workflows::io::FetchOutput;
@@ -39,8 +39,21 @@ pub async fn fetch(
     }
     tokio::fs::create_dir_all(&tree).await.map_err(transient)?;
     let commit = match source {
-        TaskSource::Git { url, git_ref } => {
-            Some(git_fetch(config, url, git_ref.as_deref(), &tree).await?)
+        TaskSource::Git {
+            url,
+            git_ref,
+            git_token,
+        } => {
+            let token = match git_token {
+                None => None,
+                Some(GitToken::Sealed(sealed)) => {
+                    Some(config.secrets.open(sealed, task).map_err(bad_input)?)
+                }
+                Some(GitToken::Plain(_)) => {
+                    return Err(bad_input("the task's git_token was never sealed"));
+                }
+            };
+            Some(git_fetch(config, url, git_ref.as_deref(), token.as_ref(), &tree).await?)
         }
         TaskSource::Archive { key } => {
             let zip_path = work.join("source.zip");
@@ -98,6 +111,9 @@ struct GitRun<'a> {
     timeout: Duration,
     /// Most bytes the repository may take on disk while git downloads it.
     max_bytes: u64,
+    /// The `Authorization` header git sends (from the task's git_token), through the
+    /// environment's config (never the command line).
+    auth_header: Option<Secret>,
 }
 
 impl GitRun<'_> {
@@ -121,8 +137,13 @@ impl GitRun<'_> {
                 "GIT_SSH_COMMAND",
                 "ssh -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new",
             )
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
+            .stdin(std::process::Stdio::null());
+        if let Some(header) = &self.auth_header {
+            cmd.env("GIT_CONFIG_COUNT", "1")
+                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+                .env("GIT_CONFIG_VALUE_0", header.expose());
+        }
+        cmd.stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
         let started = cmd
@@ -228,9 +249,15 @@ async fn git_fetch(
     config: &ActivityConfig,
     url: &str,
     git_ref: Option<&str>,
+    token: Option<&Secret>,
     tree: &Path,
 ) -> Result<String, ActivityError> {
     let local = is_local(url);
+    if token.is_some() && !(url.starts_with("https://") || url.starts_with("http://")) {
+        return Err(bad_input(format!(
+            "cannot fetch {url}: a git_token is sent over HTTP(S) only"
+        )));
+    }
     let settings = if local {
         if !config.allow_local_sources {
             return Err(bad_input(format!(
@@ -260,6 +287,7 @@ async fn git_fetch(
         settings,
         timeout: config.git_fetch_timeout,
         max_bytes: config.max_unpacked_bytes,
+        auth_header: token.map(patchflow_platform::secret_box::basic_auth_header),
     };
     run.git(tree, &["init", "-q"]).await?;
     run.git(tree, &["remote", "add", "origin", url]).await?;

@@ -55,6 +55,8 @@ pub struct ActivityConfig {
     pub max_archive_entries: u64,
     /// Longest a git fetch may take.
     pub git_fetch_timeout: Duration,
+    /// Opens the sealed `git_token` of a task.
+    pub secrets: Arc<patchflow_platform::secret_box::SecretBox>,
     /// Lifetime of a batch slot lease; holders renew it with their heartbeats.
     pub batch_lease: Duration,
 }

@@ -4,7 +4,7 @@
 //! [`TaskSpec`], so every door accepts and refuses alike. [`StatusAnswer`] is the short
 //! answer of submit (and of cancel).
 
-use patchflow_core::{Limits, Secret, TaskId, TaskSource, TaskSpec, TaskStatus};
+use patchflow_core::{GitToken, Limits, Secret, TaskId, TaskSource, TaskSpec, TaskStatus};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Map, Value, json};
 
@@ -38,6 +38,14 @@ pub struct SubmitBody {
         serialize_with = "expose_secret"
     )]
     pub github_token: Option<Secret>,
+    /// The credential for a private `git_url` (a token: GitHub's, GitLab's, a forge's
+    /// PAT), sent as HTTP Basic auth by the fetch; sealed by the gateway, never stored or
+    /// shown in plain text. Credentials in the URL itself are refused.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "expose_secret"
+    )]
+    pub git_token: Option<Secret>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub branch_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -105,6 +113,26 @@ fn given(o: Option<String>) -> Option<String> {
     o.filter(|s| !s.trim().is_empty())
 }
 
+/// Longest `git_token` accepted (forge tokens are under 300 characters).
+pub const MAX_GIT_TOKEN_CHARS: usize = 4096;
+
+fn git_token(t: Option<Secret>) -> Result<Option<GitToken>, InvalidBody> {
+    let Some(t) = t else { return Ok(None) };
+    let v = t.expose();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    if v.len() > MAX_GIT_TOKEN_CHARS {
+        return Err(InvalidBody::GitToken("longer than 4096 characters"));
+    }
+    if !v.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(InvalidBody::GitToken(
+            "must be printable ASCII without spaces or line breaks",
+        ));
+    }
+    Ok(Some(GitToken::Plain(t)))
+}
+
 impl SubmitBody {
     /// The spec this body asks for. `has_upload` says a ZIP came with it (its key is set
     /// once it is stored). Checks that need no I/O beyond the source are
@@ -113,10 +141,14 @@ impl SubmitBody {
         let url = given(self.git_url);
         let source = match (url, has_upload) {
             (Some(_), true) => return Err(InvalidBody::TwoSources),
+            (None, true) if self.git_token.is_some() => {
+                return Err(InvalidBody::GitToken("only with a git_url"));
+            }
             (None, true) => TaskSource::Archive { key: String::new() },
             (Some(url), false) => TaskSource::Git {
                 url: url.trim().to_string(),
                 git_ref: given(self.git_ref),
+                git_token: git_token(self.git_token)?,
             },
             (None, false) => return Err(InvalidBody::NoSource),
         };

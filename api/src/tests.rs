@@ -90,7 +90,8 @@ fn a_submit_body_becomes_a_spec_in_one_way() {
         spec.source,
         TaskSource::Git {
             url: "https://example.com/r.git".into(),
-            git_ref: None
+            git_ref: None,
+            git_token: None,
         }
     );
     assert_eq!(spec.target_file, None);
@@ -302,6 +303,7 @@ fn record() -> TaskRecord {
         TaskSource::Git {
             url: "https://example.com/r.git".into(),
             git_ref: Some("main".into()),
+            git_token: None,
         },
         "fix it",
     );
@@ -637,4 +639,46 @@ fn bad_batch_lines_say_what_is_wrong() {
     assert_eq!(b.model.as_deref(), Some("m"));
     let b = line(r#"{"git_url":"https://x/r.git","task_description":"t"}"#).unwrap();
     assert_eq!(b.idempotency_key.as_deref(), Some("r/3"));
+}
+
+#[test]
+fn a_git_token_is_checked_kept_plain_only_in_memory_and_never_serialized() {
+    let spec = body(json!({"git_url": "https://example.com/r.git", "task_description": "t", "git_token": "ghp_Secret123"}))
+        .unwrap()
+        .into_spec(false)
+        .unwrap();
+    let TaskSource::Git {
+        git_token: Some(patchflow_core::GitToken::Plain(t)),
+        ..
+    } = &spec.source
+    else {
+        panic!("{:?}", spec.source)
+    };
+    assert_eq!(t.expose(), "ghp_Secret123");
+    assert!(!format!("{spec:?}").contains("ghp_Secret123"));
+    let e = serde_json::to_string(&spec).unwrap_err().to_string();
+    assert!(e.contains("must be sealed"), "{e}");
+    for bad in ["has space", "line\nbreak", "tab\there", "caf\u{e9}"] {
+        let e =
+            body(json!({"git_url": "https://x/r.git", "task_description": "t", "git_token": bad}))
+                .unwrap()
+                .into_spec(false)
+                .unwrap_err()
+                .to_string();
+        assert!(e.starts_with("git_token:"), "{bad}: {e}");
+    }
+    let long = "a".repeat(5000);
+    let e = body(json!({"git_url": "https://x/r.git", "task_description": "t", "git_token": long}))
+        .unwrap()
+        .into_spec(false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("longer than"), "{e}");
+    // With a ZIP there is nothing to fetch: refused rather than dropped.
+    let e = body(json!({"task_description": "t", "git_token": "abc"}))
+        .unwrap()
+        .into_spec(true)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "git_token: only with a git_url");
 }

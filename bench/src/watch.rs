@@ -121,6 +121,7 @@ async fn measure(
         TaskSource::Git {
             url: "https://example.com/bench.git".into(),
             git_ref: None,
+            git_token: None,
         },
         "watch benchmark",
     );

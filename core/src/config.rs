@@ -173,6 +173,10 @@ settings! {
         /// Longest a git fetch may take, in seconds, before it is stopped (and retried as a
         /// transient failure). What it downloads is bounded by `max_unpacked_bytes`.
         git_fetch_timeout_secs: u64 = 600,
+        /// The key (32 bytes, base64) task credentials (`git_token`) are sealed with, the
+        /// same on every gateway and worker; unset: one generated into
+        /// `<data_dir>/secrets.key` (one machine).
+        secrets_key: Option<Secret> = None,
         /// Largest upload (ZIP) accepted by the gateway, in bytes.
         max_upload_bytes: u64 = 100 * 1024 * 1024,
         /// Largest unpacked size of a ZIP or repository, in bytes.

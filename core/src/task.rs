@@ -179,16 +179,56 @@ pub enum TaskSource {
         url: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         git_ref: Option<String>,
+        /// The credential for this repository (a token; `git_token` in a submission),
+        /// sealed by the gateway before anything stores or sends it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        git_token: Option<GitToken>,
     },
     /// A ZIP archive already uploaded to the object store under `key`.
     Archive { key: String },
+}
+
+/// A task's git credential. Plain only between the door that received it and the
+/// gateway's submit, which seals it ([`Self::Sealed`]: AEAD ciphertext bound to the task id,
+/// base64) before the task is stored or its workflow started; a plain one refuses to be
+/// serialized, so it can reach neither the database nor Temporal's history by mistake.
+#[derive(Clone, PartialEq, Eq)]
+pub enum GitToken {
+    Plain(crate::Secret),
+    Sealed(String),
+}
+
+impl std::fmt::Debug for GitToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Plain(_) => "GitToken::Plain(***)",
+            Self::Sealed(_) => "GitToken::Sealed(***)",
+        })
+    }
+}
+
+impl Serialize for GitToken {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Sealed(sealed) => s.serialize_str(sealed),
+            Self::Plain(_) => Err(serde::ser::Error::custom(
+                "a git_token must be sealed before the task is stored or sent",
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GitToken {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self::Sealed)
+    }
 }
 
 impl TaskSource {
     /// A short human name of the source, for lists and logs.
     pub fn display_name(&self) -> String {
         match self {
-            Self::Git { url, git_ref } => match git_ref {
+            Self::Git { url, git_ref, .. } => match git_ref {
                 Some(r) => format!("{url}@{r}"),
                 None => url.clone(),
             },
@@ -459,7 +499,7 @@ impl TaskSource {
     /// workflow can be started in Temporal without passing a gateway.
     pub fn validate(&self, allow_local: bool) -> Result<(), ValidationError> {
         match self {
-            TaskSource::Git { url, git_ref } => {
+            TaskSource::Git { url, git_ref, .. } => {
                 validate_git_url(url, allow_local)?;
                 if let Some(r) = git_ref {
                     validate_git_ref(r)?;
@@ -499,7 +539,8 @@ fn validate_git_url(url: &str, allow_local: bool) -> Result<(), ValidationError>
             return Err(ValidationError::new(
                 "git_url",
                 "must not carry credentials (`user:password@` or a token before `@`): they \
-                 would be stored and shown with the task",
+                 would be stored and shown with the task; give the token as `git_token`, \
+                 which is sealed and never stored or shown in plain text",
             ));
         }
         return Ok(());
@@ -634,6 +675,7 @@ mod tests {
             TaskSource::Git {
                 url: url.into(),
                 git_ref: None,
+                git_token: None,
             },
             "fix it",
         )

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 
-use patchflow_core::{TaskEvent, TaskId, TaskRecord, TaskSource, TaskSpec, TaskStatus, layout};
+use patchflow_core::{
+    GitToken, TaskEvent, TaskId, TaskRecord, TaskSource, TaskSpec, TaskStatus, layout,
+};
 use patchflow_platform::cache::{CacheError, Claim, Hot};
 use patchflow_platform::db::{Inserted, ListCursor, ListFilter};
 use patchflow_platform::objectstore::ObjectReader;
@@ -45,6 +47,8 @@ pub struct ServiceConfig {
     pub rate_limited: bool,
     /// Lifetime of presigned result URLs.
     pub presign_expiry: Duration,
+    /// Seals a submission's `git_token` before anything stores or sends it.
+    pub secrets: Arc<patchflow_platform::secret_box::SecretBox>,
 }
 
 /// Where a result file is read from.
@@ -188,6 +192,20 @@ impl TaskService {
             };
         }
         spec.validate(self.config.allow_local_sources)?;
+        // The token is sealed for this task id before the spec is stored or sent anywhere.
+        if let TaskSource::Git {
+            git_token: Some(token),
+            ..
+        } = &mut spec.source
+            && let GitToken::Plain(plain) = token
+        {
+            let sealed = self
+                .config
+                .secrets
+                .seal(plain, &task_id)
+                .map_err(ServiceError::Internal)?;
+            *token = GitToken::Sealed(sealed);
+        }
         if let Some(u) = upload {
             // Refuse a hostile or oversized ZIP now, before it is stored or a task exists.
             let (path, entries, bytes) = (

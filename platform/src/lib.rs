@@ -21,6 +21,7 @@ pub mod db;
 pub mod git_remote;
 pub mod objectstore;
 pub mod process;
+pub mod secret_box;
 pub mod status;
 
 pub use db::{StatusChange, StoreError, TaskStore};

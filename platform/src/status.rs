@@ -99,6 +99,7 @@ mod tests {
             TaskSource::Git {
                 url: "https://example.com/r.git".into(),
                 git_ref: None,
+                git_token: None,
             },
             "fix it",
         )

@@ -143,3 +143,123 @@ async fn private_git_hosts_are_refused_before_any_packet_and_credentials_never_s
     assert_eq!(list["tasks"].as_array().unwrap().len(), spellings.len() + 2);
     assert!(!stack.logs().contains("hunter2"));
 }
+
+/// A loopback HTTP listener that keeps the head of every request git sends and answers 404.
+async fn recording_listener() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 16 * 1024];
+            let n = conn.read(&mut buf).await.unwrap_or(0);
+            keep.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&buf[..n]).to_string());
+            let _ = conn
+                .write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )
+                .await;
+        }
+    });
+    (port, heads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_git_token_reaches_only_the_git_server_and_is_stored_sealed() {
+    use base64::Engine as _;
+    const TOKEN: &str = "ghp_isolationTestToken9d3c";
+    let (port, heads) = recording_listener().await;
+    let allow = format!("127.0.0.1:{port}");
+    let stack = Stack::start(
+        Mode::Up,
+        demo_script(),
+        &[
+            ("PATCHFLOW_GIT_ALLOWED_PROTOCOLS", "https,http"),
+            ("PATCHFLOW_GIT_ALLOWED_HOSTS", allow.as_str()),
+        ],
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{port}/private.git");
+    let (c, v) = stack
+        .post_json(
+            "/api/tasks",
+            &json!({"git_url": url, "task_description": "fix", "git_token": TOKEN}),
+        )
+        .await;
+    assert_eq!(c, 202, "{v}");
+    let id = v["task_id"].as_str().unwrap().to_string();
+    let r = stack.wait_terminal(&id).await;
+    assert_eq!(r["status"], "FAILED", "{r}");
+
+    // git sent it, as Basic auth, to the repository's host.
+    let expected = format!(
+        "authorization: basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{TOKEN}"))
+    )
+    .to_lowercase();
+    let seen = heads.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "git never asked the server");
+    assert!(
+        seen.iter().all(|h| h.to_lowercase().contains(&expected)),
+        "{seen:?}"
+    );
+    // Nowhere else in plain text: the record, the database file, the workflow history, the logs.
+    assert!(!r.to_string().contains(TOKEN), "{r}");
+    for entry in std::fs::read_dir(&stack.data_dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with("patchflow.db") || name.ends_with(".db") {
+            let bytes = std::fs::read(entry.path()).unwrap();
+            assert!(
+                !bytes.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()),
+                "{name} holds the token"
+            );
+        }
+    }
+    // Payloads are base64 JSON in the CLI's output: decode them all.
+    fn decoded(v: &serde_json::Value, out: &mut String) {
+        use base64::Engine as _;
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    if let (true, Some(text)) = (k == "data", x.as_str())
+                        && let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(text)
+                    {
+                        out.push_str(&String::from_utf8_lossy(&bytes));
+                    }
+                    decoded(x, out);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| decoded(x, out)),
+            serde_json::Value::String(s) => out.push_str(s),
+            _ => {}
+        }
+    }
+    let mut history = String::new();
+    decoded(&stack.history(&id), &mut history);
+    assert!(
+        history.contains("git_token"),
+        "the sealed token is not in the workflow input"
+    );
+    assert!(
+        !history.contains(TOKEN),
+        "the workflow history holds the token"
+    );
+    assert!(!stack.logs().contains(TOKEN), "the logs hold the token");
+
+    // A token is sent over HTTP(S) only, and a token with a ZIP is refused.
+    let (c, v) = stack
+        .post_json(
+            "/api/tasks",
+            &json!({"git_url": "https://x.example/r.git", "task_description": "fix", "git_token": "two words"}),
+        )
+        .await;
+    assert_eq!(c, 400, "{v}");
+    assert!(
+        v.to_string().contains("git_token: must be printable"),
+        "{v}"
+    );
+}

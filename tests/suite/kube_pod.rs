@@ -96,6 +96,7 @@ async fn the_pod_steps_move_code_and_results_by_presigned_urls_only() {
         TaskSource::Git {
             url: "https://git.example/demo.git".into(),
             git_ref: None,
+            git_token: None,
         },
         "Fix add() so the tests pass",
     );

@@ -345,6 +345,7 @@ mod tests {
             TaskSource::Git {
                 url: "https://git.example/r.git".into(),
                 git_ref: None,
+                git_token: None,
             },
             "x",
         );

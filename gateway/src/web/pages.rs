@@ -538,6 +538,7 @@ mod tests {
             TaskSource::Git {
                 url: format!("https://example.com/{HOSTILE}.git"),
                 git_ref: Some(HOSTILE.to_string()),
+                git_token: None,
             },
             format!("{HOSTILE}\nsecond line {HOSTILE}"),
         );

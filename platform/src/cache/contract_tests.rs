@@ -186,6 +186,7 @@ fn record(task_id: &TaskId, status: TaskStatus, message: &str) -> TaskRecord {
         TaskSource::Git {
             url: "https://example.com/o/r.git".into(),
             git_ref: Some("main".into()),
+            git_token: None,
         },
         "Fix the flaky test",
     );

@@ -212,6 +212,7 @@ fn spec(key: Option<&str>) -> TaskSpec {
         TaskSource::Git {
             url: "https://example.com/r.git".into(),
             git_ref: None,
+            git_token: None,
         },
         "fix",
     );

@@ -248,6 +248,7 @@ fn spec() -> TaskSpec {
         TaskSource::Git {
             url: "https://git.test/r.git".into(),
             git_ref: None,
+            git_token: None,
         },
         "Fix it",
     );

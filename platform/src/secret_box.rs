@@ -1,0 +1,173 @@
+//! Sealing the credentials a task carries (`git_token`), so the task record, the workflow
+//! history and the events only ever hold ciphertext: ChaCha20-Poly1305 (ring) under the
+//! `secrets_key` setting, with the task id as associated data, so a sealed value opens only
+//! for the task it was sealed for. The gateway seals at submit; the worker's fetch opens.
+//!
+//! Key: `secrets_key` (32 bytes, base64), the same on every gateway and worker; unset, a
+//! key generated once into `<data_dir>/secrets.key` (mode 0600), which serves one machine
+//! (`patchflow up`, or a gateway and worker sharing the data dir).
+
+use std::path::Path;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use patchflow_core::{Secret, TaskId};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+
+pub const KEY_FILE: &str = "secrets.key";
+
+pub struct SecretBox {
+    key: LessSafeKey,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for SecretBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretBox(***)")
+    }
+}
+
+fn aad(task: &TaskId) -> String {
+    format!("patchflow task credential for {}", task.as_str())
+}
+
+impl SecretBox {
+    /// A box over a 32-byte key given as base64.
+    pub fn from_key_text(text: &str) -> Result<Self, String> {
+        let bytes = STANDARD
+            .decode(text.trim())
+            .map_err(|_| "secrets_key is not base64".to_string())?;
+        let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes)
+            .map_err(|_| format!("secrets_key must be 32 bytes, not {}", bytes.len()))?;
+        Ok(Self {
+            key: LessSafeKey::new(key),
+            rng: SystemRandom::new(),
+        })
+    }
+
+    /// The box of the settings: `secrets_key` if set, else the data dir's key file (made
+    /// on first use).
+    pub fn from_settings(key: Option<&Secret>, data_dir: &Path) -> Result<Self, String> {
+        match key {
+            Some(k) => Self::from_key_text(k.expose()),
+            None => Self::load_or_create(&data_dir.join(KEY_FILE)),
+        }
+    }
+
+    /// Reads the key file, or writes a new random key there (0600) if there is none.
+    pub fn load_or_create(path: &Path) -> Result<Self, String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return Self::from_key_text(&text).map_err(|e| format!("{}: {e}", path.display()));
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let mut key = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut key)
+            .map_err(|_| "no randomness for a secrets key".to_string())?;
+        let text = STANDARD.encode(key);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(mut f) => f
+                .write_all(text.as_bytes())
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+            // Another process of this machine made it first: use theirs.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::from_key_text(&text)
+    }
+
+    /// `plain` sealed for `task`: base64 of nonce, ciphertext and tag.
+    pub fn seal(&self, plain: &Secret, task: &TaskId) -> Result<String, String> {
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng
+            .fill(&mut nonce)
+            .map_err(|_| "no randomness for a nonce".to_string())?;
+        let mut data = plain.expose().as_bytes().to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad(task)),
+                &mut data,
+            )
+            .map_err(|_| "cannot seal".to_string())?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&data);
+        Ok(STANDARD.encode(out))
+    }
+
+    /// What [`Self::seal`] sealed for `task`; an error for anything else (another task,
+    /// another key, a changed byte).
+    pub fn open(&self, sealed: &str, task: &TaskId) -> Result<Secret, String> {
+        const REFUSED: &str = "cannot open the task's git_token: it was sealed for another task or under another secrets_key";
+        let bytes = STANDARD.decode(sealed).map_err(|_| REFUSED.to_string())?;
+        if bytes.len() < NONCE_LEN {
+            return Err(REFUSED.into());
+        }
+        let (nonce, data) = bytes.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| REFUSED.to_string())?;
+        let mut data = data.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(aad(task)), &mut data)
+            .map_err(|_| REFUSED.to_string())?;
+        String::from_utf8(plain.to_vec())
+            .map(Secret::new)
+            .map_err(|_| REFUSED.to_string())
+    }
+}
+
+/// The `Authorization` header value of HTTP Basic auth with a forge token as password
+/// (`x-access-token` is the user GitHub expects; GitLab and Gitea take any user name).
+pub fn basic_auth_header(token: &Secret) -> Secret {
+    Secret::new(format!(
+        "Authorization: Basic {}",
+        STANDARD.encode(format!("x-access-token:{}", token.expose()))
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_values_open_only_for_their_task_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(KEY_FILE);
+        let a = SecretBox::load_or_create(&path).unwrap();
+        let again = SecretBox::load_or_create(&path).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let (t1, t2) = (TaskId::generate(), TaskId::generate());
+        let token = Secret::new("ghp_abc123");
+        let sealed = a.seal(&token, &t1).unwrap();
+        assert!(!sealed.contains("abc123"));
+        assert_ne!(sealed, a.seal(&token, &t1).unwrap(), "nonces repeat");
+        assert_eq!(again.open(&sealed, &t1).unwrap().expose(), "ghp_abc123");
+        // Another task, another key, a flipped byte, garbage: all refused.
+        assert!(a.open(&sealed, &t2).is_err());
+        let other = SecretBox::load_or_create(&dir.path().join("other.key")).unwrap();
+        assert!(other.open(&sealed, &t1).is_err());
+        let mut raw = STANDARD.decode(&sealed).unwrap();
+        raw[20] ^= 1;
+        assert!(a.open(&STANDARD.encode(raw), &t1).is_err());
+        for junk in ["", "!!", "AAAA"] {
+            assert!(a.open(junk, &t1).is_err());
+        }
+        assert!(SecretBox::from_key_text("c2hvcnQ=").is_err());
+        assert!(SecretBox::from_key_text("not base64 at all").is_err());
+    }
+}
