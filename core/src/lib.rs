@@ -2,6 +2,7 @@
 //! reports, and the typed configuration. No I/O lives here, so every other crate (gateway,
 //! workflows, activities, agent) can share these types without pulling infrastructure.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod event;

@@ -23,6 +23,7 @@ mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use patchflow_core::auth::ApiToken;
 use patchflow_core::{
     AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus,
 };
@@ -166,6 +167,26 @@ pub trait TaskStore: Send + Sync + 'static {
 
     /// Cheap liveness check for `/healthz`.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Stores a new API token by its hash ([`patchflow_core::auth::token_hash`]); the
+    /// token itself is never given to the store.
+    async fn create_token(&self, token: &ApiToken, hash: &str) -> Result<(), StoreError>;
+
+    /// The token with this hash, live or not (the caller checks [`ApiToken::is_live`]).
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<ApiToken>, StoreError>;
+
+    /// Every token, newest first.
+    async fn list_tokens(&self) -> Result<Vec<ApiToken>, StoreError>;
+
+    /// Marks a token revoked (now); `false` if there is no such token or it was revoked
+    /// already.
+    async fn revoke_token(&self, token_id: &str) -> Result<bool, StoreError>;
+
+    /// Records that a token was used now.
+    async fn touch_token(&self, token_id: &str) -> Result<(), StoreError>;
+
+    /// How many tokens exist (revoked ones too): zero means a new deployment to bootstrap.
+    async fn count_tokens(&self) -> Result<u64, StoreError>;
 }
 
 /// Opens the store a URL names and brings its schema up to date: `sqlite:`,

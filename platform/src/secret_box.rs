@@ -127,6 +127,26 @@ impl SecretBox {
     }
 }
 
+/// A new API token and its public id: `pf_` and 32 random bytes (base64url, 43 characters),
+/// and `tok_` and 9 random bytes. The token is shown once; the store keeps its hash.
+pub fn new_token() -> Result<(String, Secret), String> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let rng = SystemRandom::new();
+    let mut secret = [0u8; 32];
+    let mut id = [0u8; 9];
+    rng.fill(&mut secret)
+        .and_then(|()| rng.fill(&mut id))
+        .map_err(|_| "no randomness for a token".to_string())?;
+    Ok((
+        format!("tok_{}", URL_SAFE_NO_PAD.encode(id)),
+        Secret::new(format!(
+            "{}{}",
+            patchflow_core::auth::TOKEN_PREFIX,
+            URL_SAFE_NO_PAD.encode(secret)
+        )),
+    ))
+}
+
 /// The `Authorization` header value of HTTP Basic auth with a forge token as password
 /// (`x-access-token` is the user GitHub expects; GitLab and Gitea take any user name).
 pub fn basic_auth_header(token: &Secret) -> Secret {
@@ -139,6 +159,21 @@ pub fn basic_auth_header(token: &Secret) -> Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_tokens_have_the_contract_shape_and_never_repeat() {
+        let (id1, t1) = new_token().unwrap();
+        let (id2, t2) = new_token().unwrap();
+        assert!(
+            patchflow_core::auth::looks_like_token(t1.expose()),
+            "{}",
+            t1.expose()
+        );
+        assert_eq!(t1.expose().len(), 3 + 43);
+        assert!(id1.starts_with("tok_") && id1.len() == 16, "{id1}");
+        assert_ne!(t1, t2);
+        assert_ne!(id1, id2);
+    }
 
     #[test]
     fn sealed_values_open_only_for_their_task_and_key() {

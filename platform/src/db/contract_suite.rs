@@ -19,6 +19,7 @@ macro_rules! tests_for {
                 list_pages_newest_first_with_filters,
                 record_keeps_what_was_stored_and_unknown_tasks_are_refused,
                 attempts_are_numbered_kept_and_old_runs_ignored,
+                tokens_are_kept_by_hash_revoked_once_and_listed_newest_first,
             ],
             // Cases whose writers race each other need threads to race on.
             two_threads: [

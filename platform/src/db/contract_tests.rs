@@ -780,3 +780,82 @@ pub(crate) async fn attempts_are_numbered_kept_and_old_runs_ignored(url: String)
         ]
     );
 }
+
+/// API tokens: stored by hash only, found by it, listed newest first, revoked once, touched;
+/// a second token with the same hash is refused by the database.
+pub(crate) async fn tokens_are_kept_by_hash_revoked_once_and_listed_newest_first(url: String) {
+    use chrono::{TimeZone, Utc};
+    use patchflow_core::auth::{ApiToken, Role, token_hash};
+    let s = open_store(&url).await;
+    assert_eq!(s.count_tokens().await.unwrap(), 0);
+    let make = |n: i64, role: Role, expires: Option<i64>| {
+        let (id, token) = crate::secret_box::new_token().unwrap();
+        let t = ApiToken {
+            token_id: id,
+            tenant: format!("tenant-{n}"),
+            role,
+            name: format!("name {n} with 'quotes'"),
+            created_at: Utc.timestamp_millis_opt(1_700_000_000_000 + n).unwrap(),
+            expires_at: expires.map(|e| Utc.timestamp_millis_opt(e).unwrap()),
+            revoked_at: None,
+            last_used_at: None,
+        };
+        (t, token)
+    };
+    let (a, a_token) = make(1, Role::Admin, None);
+    let (b, b_token) = make(2, Role::Viewer, Some(1_900_000_000_000));
+    s.create_token(&a, &token_hash(&a_token)).await.unwrap();
+    s.create_token(&b, &token_hash(&b_token)).await.unwrap();
+    assert_eq!(s.count_tokens().await.unwrap(), 2);
+    // Same hash, another id: the unique key refuses it.
+    let (mut c, _) = make(3, Role::Member, None);
+    c.token_id.push('x');
+    assert!(s.create_token(&c, &token_hash(&a_token)).await.is_err());
+
+    assert_eq!(
+        s.token_by_hash(&token_hash(&a_token)).await.unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(
+        s.token_by_hash(&token_hash(&b_token)).await.unwrap(),
+        Some(b.clone())
+    );
+    assert!(
+        s.token_by_hash(&token_hash(&patchflow_core::Secret::new("pf_other")))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The token itself is nowhere in what the store hands back.
+    let listed = s.list_tokens().await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|t| t.token_id.as_str())
+            .collect::<Vec<_>>(),
+        [b.token_id.as_str(), a.token_id.as_str()]
+    );
+    assert!(!format!("{listed:?}").contains(a_token.expose()));
+
+    s.touch_token(&a.token_id).await.unwrap();
+    let touched = s
+        .token_by_hash(&token_hash(&a_token))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(touched.last_used_at.is_some());
+    assert!(s.revoke_token(&a.token_id).await.unwrap());
+    assert!(!s.revoke_token(&a.token_id).await.unwrap(), "revoked twice");
+    assert!(!s.revoke_token("tok_nonexistent").await.unwrap());
+    let revoked = s
+        .token_by_hash(&token_hash(&a_token))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(revoked.revoked_at.is_some() && !revoked.is_live(Utc::now()));
+    assert_eq!(
+        s.count_tokens().await.unwrap(),
+        2,
+        "revoked tokens still count"
+    );
+}

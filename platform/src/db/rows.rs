@@ -125,3 +125,32 @@ where
         at: time_of(row.try_get("at")?),
     })
 }
+
+/// The columns of `api_tokens` that [`token_of`] reads.
+pub(super) const TOKEN_COLUMNS: &str =
+    "token_id, tenant, role, name, created_at, expires_at, revoked_at, last_used_at";
+
+pub(super) fn token_of<R, DB>(row: &R) -> Result<patchflow_core::auth::ApiToken, StoreError>
+where
+    R: Row<Database = DB>,
+    DB: Database,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, DB> + Type<DB>,
+    for<'r> i64: Decode<'r, DB> + Type<DB>,
+{
+    let token_id: String = row.try_get("token_id")?;
+    let role: String = row.try_get("role")?;
+    let at = |col: &str| -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(row.try_get::<Option<i64>, _>(col)?.map(time_of))
+    };
+    Ok(patchflow_core::auth::ApiToken {
+        role: role.parse().map_err(|e| corrupt(&token_id, &e))?,
+        tenant: row.try_get("tenant")?,
+        name: row.try_get("name")?,
+        created_at: time_of(row.try_get("created_at")?),
+        expires_at: at("expires_at")?,
+        revoked_at: at("revoked_at")?,
+        last_used_at: at("last_used_at")?,
+        token_id,
+    })
+}

@@ -5,6 +5,7 @@
 //! milliseconds, the spec and summary as JSON text, statuses by name (see `rows.rs`).
 
 use async_trait::async_trait;
+use patchflow_core::auth::ApiToken;
 use patchflow_core::{
     AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus,
 };
@@ -13,7 +14,8 @@ use sqlx::{ColumnIndex, Decode, Encode, Executor, IntoArguments, Pool, QueryBuil
 use super::attempts::{self, Current, Plan};
 use super::dialect::{Dialect, NewSeq, TaskLock};
 use super::rows::{
-    ATTEMPT_COLUMNS, COLUMNS, attach_attempts, attempt_of, corrupt, event_of, now_ms, record_of,
+    ATTEMPT_COLUMNS, COLUMNS, TOKEN_COLUMNS, attach_attempts, attempt_of, corrupt, event_of,
+    now_ms, record_of, token_of,
 };
 use super::{Inserted, ListFilter, StatusChange, StoreError, TaskStore};
 
@@ -466,5 +468,77 @@ where
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn create_token(&self, token: &ApiToken, hash: &str) -> Result<(), StoreError> {
+        let mut q = QueryBuilder::<DB>::new(
+            "INSERT INTO api_tokens (token_id, token_hash, tenant, role, name, created_at, expires_at) VALUES (",
+        );
+        q.push_bind(token.token_id.as_str())
+            .push(", ")
+            .push_bind(hash)
+            .push(", ")
+            .push_bind(token.tenant.as_str())
+            .push(", ")
+            .push_bind(token.role.as_str())
+            .push(", ")
+            .push_bind(token.name.as_str())
+            .push(", ")
+            .push_bind(token.created_at.timestamp_millis())
+            .push(", ")
+            .push_bind(token.expires_at.map(|e| e.timestamp_millis()))
+            .push(")");
+        q.build().execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<ApiToken>, StoreError> {
+        let mut q = QueryBuilder::<DB>::new(format!(
+            "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE token_hash = "
+        ));
+        q.push_bind(hash);
+        q.build()
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| token_of(&row))
+            .transpose()
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        let mut q = QueryBuilder::<DB>::new(format!(
+            "SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at DESC, token_id DESC"
+        ));
+        q.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(token_of)
+            .collect()
+    }
+
+    async fn revoke_token(&self, token_id: &str) -> Result<bool, StoreError> {
+        let mut q = QueryBuilder::<DB>::new("UPDATE api_tokens SET revoked_at = ");
+        q.push_bind(now_ms())
+            .push(" WHERE token_id = ")
+            .push_bind(token_id)
+            .push(" AND revoked_at IS NULL");
+        let done = q.build().execute(&self.pool).await?;
+        Ok(DB::rows_affected(&done) == 1)
+    }
+
+    async fn touch_token(&self, token_id: &str) -> Result<(), StoreError> {
+        let mut q = QueryBuilder::<DB>::new("UPDATE api_tokens SET last_used_at = ");
+        q.push_bind(now_ms())
+            .push(" WHERE token_id = ")
+            .push_bind(token_id);
+        q.build().execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn count_tokens(&self) -> Result<u64, StoreError> {
+        let mut q = QueryBuilder::<DB>::new("SELECT COUNT(*) FROM api_tokens");
+        let row = q.build().fetch_one(&self.pool).await?;
+        let n: i64 = sqlx::Row::try_get(&row, 0usize)?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 }
