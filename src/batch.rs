@@ -103,11 +103,8 @@ pub async fn run(config: Config, cmd: BatchCommand) -> anyhow::Result<ExitCode> 
     }
 }
 
-fn client() -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .context("cannot build the HTTP client")
+fn client(config: &Config) -> anyhow::Result<reqwest::Client> {
+    crate::client::http(config)
 }
 
 /// The refusal's message, or `fallback` when the answer is not an error body.
@@ -181,7 +178,7 @@ async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> {
 async fn submit_http(config: &Config, a: &SubmitArgs, bodies: &[SubmitBody]) -> anyhow::Result<()> {
     use futures::StreamExt;
     let base = a.server.base(config);
-    let client = client()?;
+    let client = client(config)?;
     let results: Vec<anyhow::Result<()>> = futures::stream::iter(bodies.iter())
         .map(|b| {
             let client = client.clone();
@@ -309,7 +306,7 @@ fn line(tasks: &[TaskView]) -> (String, usize) {
 
 async fn status(config: &Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
     let base = a.server.base(config);
-    let client = client()?;
+    let client = client(config)?;
     let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
     loop {
@@ -361,7 +358,7 @@ async fn status(config: &Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
 
 async fn export(config: &Config, a: ExportArgs) -> anyhow::Result<ExitCode> {
     let base = a.server.base(config);
-    let client = client()?;
+    let client = client(config)?;
     let tasks = batch_tasks(&client, &base, &a.batch_id).await?;
     if tasks.is_empty() {
         bail!("batch {} has no tasks", a.batch_id);

@@ -155,9 +155,19 @@ pub struct ListArgs {
     pub server: ServerOpt,
 }
 
-fn http() -> anyhow::Result<reqwest::Client> {
+/// The HTTP client of the CLI, sending the caller's token ([`crate::settings::client_token`])
+/// with every request.
+pub fn http(config: &Config) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = crate::settings::client_token(config) {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("the token has characters a header cannot carry")?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
+        .default_headers(headers)
         .build()
         .context("cannot build the HTTP client")
 }
@@ -255,7 +265,7 @@ fn submit_body(a: &SubmitArgs) -> SubmitBody {
 /// `patchflow submit` over HTTP (`--grpc` is crate::grpc_client's).
 pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> {
     let base = a.server.base(config);
-    let client = http()?;
+    let client = http(config)?;
     let mut body = submit_body(&a);
     let mut req = client.post(format!("{base}/api/tasks"));
     if let Some(k) = &a.idempotency_key {
@@ -382,7 +392,7 @@ async fn follow(
 
 pub async fn status(config: &Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
     let base = a.server.base(config);
-    let client = http()?;
+    let client = http(config)?;
     if a.wait {
         return follow(&client, &base, &a.task_id, a.json).await;
     }
@@ -426,7 +436,7 @@ struct ResultDocument<'a> {
 
 pub async fn result(config: &Config, a: ResultArgs) -> anyhow::Result<ExitCode> {
     let base = a.server.base(config);
-    let client = http()?;
+    let client = http(config)?;
     let id = &a.task_id;
     if a.json {
         let record = get_record(&client, &base, id).await?;
@@ -466,7 +476,7 @@ pub async fn result(config: &Config, a: ResultArgs) -> anyhow::Result<ExitCode> 
 /// Asks for a new attempt of an ended task (`POST /api/tasks/{task_id}/retry`).
 pub async fn retry(config: &Config, a: RetryArgs) -> anyhow::Result<ExitCode> {
     let base = a.server.base(config);
-    let client = http()?;
+    let client = http(config)?;
     let body = RetryBody {
         mode: a.mode.parse()?,
     };
@@ -492,7 +502,7 @@ pub async fn retry(config: &Config, a: RetryArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn cancel(config: &Config, a: CancelArgs) -> anyhow::Result<ExitCode> {
     let base = a.server.base(config);
-    let client = http()?;
+    let client = http(config)?;
     send(
         client
             .post(format!("{base}/api/tasks/{}/cancel", a.task_id))
@@ -508,7 +518,7 @@ pub async fn cancel(config: &Config, a: CancelArgs) -> anyhow::Result<ExitCode> 
 
 pub async fn list(config: &Config, a: ListArgs) -> anyhow::Result<ExitCode> {
     let base = a.server.base(config);
-    let client = http()?;
+    let client = http(config)?;
     let mut url = format!("{base}/api/tasks?limit={}", a.limit);
     if let Some(s) = &a.status {
         url.push_str(&format!("&status={s}"));

@@ -13,6 +13,7 @@ use clap::Args;
 use patchflow_core::Config;
 use patchflow_gateway::grpc::proto;
 use proto::tasks_client::TasksClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::client::{GrpcServerOpt, SubmitArgs, zip_directory};
@@ -33,7 +34,35 @@ pub struct WatchArgs {
     pub server: GrpcServerOpt,
 }
 
-pub async fn connect(url: &str) -> anyhow::Result<TasksClient<Channel>> {
+/// Adds the caller's `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
+        token
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .context("the token has characters gRPC metadata cannot carry")
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type Client = TasksClient<InterceptedService<Channel, Bearer>>;
+
+pub async fn connect(url: &str, token: Option<&str>) -> anyhow::Result<Client> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("`{url}` is not a gRPC URL"))?
         .connect_timeout(Duration::from_secs(5))
@@ -42,7 +71,8 @@ pub async fn connect(url: &str) -> anyhow::Result<TasksClient<Channel>> {
         .with_context(|| {
             format!("cannot reach the patchflow gRPC API at {url}: is `patchflow up` running?")
         })?;
-    Ok(TasksClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    Ok(TasksClient::with_interceptor(channel, Bearer::new(token)?)
+        .max_decoding_message_size(64 * 1024 * 1024))
 }
 
 /// A gRPC error as the CLI shows it: the server's message and the code.
@@ -71,7 +101,8 @@ fn options(a: &SubmitArgs) -> proto::TaskOptions {
 /// the chunked `UploadTask`.
 pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> {
     let url = a.grpc_server.url(config);
-    let mut client = connect(&url).await?;
+    let token = crate::settings::client_token(config);
+    let mut client = connect(&url, token.as_deref()).await?;
     let local = PathBuf::from(&a.source);
     let response = if local.exists() {
         let _guard;
@@ -113,22 +144,36 @@ pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> 
     if !a.wait {
         return Ok(ExitCode::SUCCESS);
     }
-    watch_task(&url, &response.task_id, 0, a.json).await
+    watch_task(&url, token.as_deref(), &response.task_id, 0, a.json).await
 }
 
 pub async fn watch(config: &Config, a: WatchArgs) -> anyhow::Result<ExitCode> {
-    watch_task(&a.server.url(config), &a.task_id, a.after, a.json).await
+    let token = crate::settings::client_token(config);
+    watch_task(
+        &a.server.url(config),
+        token.as_deref(),
+        &a.task_id,
+        a.after,
+        a.json,
+    )
+    .await
 }
 
 /// Prints a task's events until the final record; exits 0 only if it COMPLETED.
-async fn watch_task(url: &str, id: &str, after: i64, json: bool) -> anyhow::Result<ExitCode> {
+async fn watch_task(
+    url: &str,
+    token: Option<&str>,
+    id: &str,
+    after: i64,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     use proto::watch_task_response::Item;
     let mut after = after;
     let mut failures = 0u32;
     let mut stderr = std::io::stderr();
     loop {
         let stream = async {
-            let mut client = connect(url).await?;
+            let mut client = connect(url, token).await?;
             client
                 .watch_task(proto::WatchTaskRequest {
                     task_id: id.to_string(),

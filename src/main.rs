@@ -7,6 +7,7 @@ mod agent_pod;
 mod batch;
 mod client;
 mod grpc_client;
+mod tokens;
 
 use patchflow::{kafka, settings, stack};
 
@@ -69,6 +70,9 @@ enum Command {
     /// Submit, follow and export batches of tasks (JSONL, SWE-bench instances).
     #[command(subcommand)]
     Batch(batch::BatchCommand),
+    /// Manage API tokens (admin): create, list, revoke.
+    #[command(subcommand)]
+    Tokens(tokens::TokensCommand),
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
             | Command::List(_)
             | Command::Config
             | Command::Doctor { .. }
+            | Command::Tokens(_)
             | Command::Batch(_)
     );
     settings::init_logging(&config, quiet);
@@ -150,6 +155,7 @@ fn main() -> ExitCode {
             }
             Command::ScriptedModel(a) => scripted_model(a).await,
             Command::Batch(b) => batch::run(config, b).await,
+            Command::Tokens(t) => tokens::run(&config, t).await,
         }
     });
     match result {

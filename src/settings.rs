@@ -46,6 +46,9 @@ pub struct GlobalOpts {
     /// `text` or `json` [PATCHFLOW_LOG_FORMAT].
     #[arg(long, global = true)]
     pub log_format: Option<String>,
+    /// API token client commands send [PATCHFLOW_TOKEN]; default: `<data_dir>/admin.token`.
+    #[arg(long, global = true)]
+    pub token: Option<String>,
 }
 
 pub fn load(opts: &GlobalOpts) -> anyhow::Result<Config> {
@@ -65,6 +68,7 @@ pub fn load(opts: &GlobalOpts) -> anyhow::Result<Config> {
         ("object_store_url", &opts.object_store_url),
         ("model", &opts.model),
         ("log_format", &opts.log_format),
+        ("token", &opts.token),
     ];
     for (key, value) in named {
         if let Some(v) = value {
@@ -153,4 +157,21 @@ pub fn describe(config: &Config) -> String {
             .unwrap_or(patchflow_agent::run::DEFAULT_BASE_URL)
     ));
     out
+}
+
+/// The token client commands send: `--token`, else `PATCHFLOW_TOKEN`, else the local
+/// `<data_dir>/admin.token` (so commands on the machine that runs `patchflow up` need no
+/// extra step). `None`: send none (a gateway with `auth = "none"`).
+pub fn client_token(config: &Config) -> Option<String> {
+    if let Some(t) = &config.server.token {
+        return Some(t.expose().trim().to_string());
+    }
+    let file = config
+        .server
+        .data_dir
+        .join(patchflow_gateway::auth::ADMIN_TOKEN_FILE);
+    std::fs::read_to_string(file)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
 }

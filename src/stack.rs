@@ -135,6 +135,7 @@ pub fn service(config: &Config, stores: &Stores, client: Client) -> TaskService 
             rate_limited: config.server.submit_rate_capacity > 0,
             presign_expiry: Duration::from_secs(config.store.presign_expiry_secs),
             secrets: stores.secrets.clone(),
+            auth: config.server.auth,
             workflow_ui_base: config.temporal_ui().map(|ui| {
                 format!(
                     "{}/namespaces/{}/workflows",
@@ -414,11 +415,47 @@ pub async fn worker(config: Config, kafka: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Who may call this gateway: with `auth = "tokens"` and no token yet, an admin token is
+/// made (`PATCHFLOW_BOOTSTRAP_TOKEN`, or a new one into `<data_dir>/admin.token`, whose
+/// path, never the token, is printed); with `auth = "none"`, a loud warning.
+async fn bootstrap_auth(config: &Config, service: &TaskService) -> anyhow::Result<()> {
+    use patchflow_core::config::AuthMode;
+    match config.server.auth {
+        AuthMode::None => {
+            tracing::warn!(
+                "auth = none: ANYONE WHO REACHES THIS GATEWAY MAY READ, SUBMIT AND CANCEL EVERY TASK (loopback only)"
+            );
+            eprintln!(
+                "patchflow: WARNING: auth is off (auth = none); every task is open to anyone on this machine"
+            );
+        }
+        AuthMode::Tokens => {
+            let preset = std::env::var(patchflow_gateway::auth::BOOTSTRAP_TOKEN_ENV)
+                .ok()
+                .filter(|t| !t.trim().is_empty())
+                .map(|t| patchflow_core::Secret::new(t.trim()));
+            if let Some(path) = service
+                .bootstrap_admin(&config.server.data_dir, preset)
+                .await
+                .context("cannot make the first admin token")?
+            {
+                eprintln!(
+                    "patchflow: an admin token was written to {} (mode 0600); clients on this machine use it",
+                    path.display()
+                );
+            }
+        }
+        AuthMode::Jwt => {}
+    }
+    Ok(())
+}
+
 pub async fn gateway(config: Config) -> anyhow::Result<ExitCode> {
     let stores = open_stores(&config).await?;
     let client = devserver::connect(&config).await?;
     let (_tx, rx) = stop_channel();
     let service = service(&config, &stores, client);
+    bootstrap_auth(&config, &service).await?;
     let trigger = crate::kafka::start_trigger(&config, service.clone(), rx.clone()).await?;
     let (http, _) = serve_http(&config, service.clone(), stopped(&rx)).await?;
     let (grpc, _) = serve_grpc(&config, service, stopped(&rx)).await?;
@@ -444,6 +481,7 @@ pub async fn up(config: Config) -> anyhow::Result<ExitCode> {
         let client = devserver::connect(&config).await?;
         let (tx, rx) = stop_channel();
         let service = service(&config, &stores, client.clone());
+        bootstrap_auth(&config, &service).await?;
         let trigger = crate::kafka::start_trigger(&config, service.clone(), rx.clone()).await?;
         let (http, _) = serve_http(&config, service.clone(), stopped(&rx)).await?;
         let (grpc, _) = serve_grpc(&config, service, stopped(&rx)).await?;

@@ -127,7 +127,13 @@ async fn run(config: Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
                 sequential,
                 concurrent,
             };
-            pipeline::with_stack(&config, None, mode).await
+            pipeline::with_stack(
+                &config,
+                None,
+                mode,
+                patchflow_core::config::AuthMode::Tokens,
+            )
+            .await
         }
         BenchCommand::Status {
             readers,
@@ -144,13 +150,18 @@ async fn run(config: Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             println!(
                 "status reads: {readers} concurrent readers for {seconds} s; task store {store}"
             );
-            println!("without the cache:");
-            pipeline::with_stack(&config, None, mode).await?;
-            println!(
-                "with the Redis status cache ({}):",
-                patchflow_core::config::redact_url(&redis_url)
-            );
-            pipeline::with_stack(&config, Some(redis_url), mode).await
+            use patchflow_core::config::AuthMode;
+            for auth in [AuthMode::None, AuthMode::Tokens] {
+                println!("without the cache, auth = {}:", auth.as_str());
+                pipeline::with_stack(&config, None, mode, auth).await?;
+                println!(
+                    "with the Redis status cache ({}), auth = {}:",
+                    patchflow_core::config::redact_url(&redis_url),
+                    auth.as_str()
+                );
+                pipeline::with_stack(&config, Some(redis_url.clone()), mode, auth).await?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Store { mib, s3_url } => store::run(mib, s3_url).await,
         BenchCommand::Watch {

@@ -42,10 +42,13 @@ pub enum Drive {
 
 /// Runs `drive` against an embedded stack (dev server, worker, gateway, instant model),
 /// on `base`'s task store if it names one, with Redis when `redis_url` is given.
+/// `auth`: `tokens` (every request sends the bootstrap admin token, checked against the
+/// task store) or `none`, to measure what the check costs.
 pub async fn with_stack(
     base: &Config,
     redis_url: Option<String>,
     drive_mode: Drive,
+    auth: patchflow_core::config::AuthMode,
 ) -> anyhow::Result<ExitCode> {
     let dir = tempfile::tempdir()?;
     let repo = dir.path().join("repo");
@@ -81,6 +84,7 @@ pub async fn with_stack(
     config.llm.model = "bench".into();
     config.temporal.task_queue = "bench".into();
     config.server.submit_rate_capacity = 0;
+    config.server.auth = auth;
     config.store.database_url = base.store.database_url.clone();
     if let Some(r) = redis_url {
         config.store.redis_url = Some(r);
@@ -92,12 +96,18 @@ pub async fn with_stack(
     }
     on_stack(&config, async |stores, client| {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let (http, addr) = patchflow::stack::serve_http(
-            &config,
-            patchflow::stack::service(&config, &stores, client.clone()),
-            patchflow::stack::stopped(&stop_rx),
-        )
-        .await?;
+        let service = patchflow::stack::service(&config, &stores, client.clone());
+        let token = match service
+            .bootstrap_admin(&config.server.data_dir, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+        {
+            Some(path) => Some(std::fs::read_to_string(path)?.trim().to_string()),
+            None => None,
+        };
+        let (http, addr) =
+            patchflow::stack::serve_http(&config, service, patchflow::stack::stopped(&stop_rx))
+                .await?;
         let url = format!("http://{addr}");
         let repo_url = format!("file://{}", repo.display());
         let driver = async {
@@ -105,9 +115,9 @@ pub async fn with_stack(
                 Drive::Pipeline {
                     sequential,
                     concurrent,
-                } => drive(&url, &repo_url, sequential, concurrent).await,
+                } => drive(&url, token.as_deref(), &repo_url, sequential, concurrent).await,
                 Drive::Status { readers, seconds } => {
-                    read_status(&url, &repo_url, readers, seconds).await
+                    read_status(&url, token.as_deref(), &repo_url, readers, seconds).await
                 }
             };
             let _ = stop_tx.send(true);
@@ -198,13 +208,28 @@ async fn stage_times(
     ])
 }
 
+/// Default headers carrying `token`, if any.
+fn auth_headers(token: Option<&str>) -> anyhow::Result<reqwest::header::HeaderMap> {
+    let mut h = reqwest::header::HeaderMap::new();
+    if let Some(t) = token {
+        h.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {t}").parse()?,
+        );
+    }
+    Ok(h)
+}
+
 async fn drive(
     url: &str,
+    token: Option<&str>,
     repo_url: &str,
     sequential: usize,
     concurrent: usize,
 ) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .default_headers(auth_headers(token)?)
+        .build()?;
     // Warm-up: first workflow, first agent spawn.
     submit_and_wait(&http, url, repo_url).await?;
     let mut latencies = Vec::new();
@@ -255,12 +280,14 @@ async fn drive(
 /// Many readers polling one task's record; prints latency percentiles and reads/s.
 async fn read_status(
     url: &str,
+    token: Option<&str>,
     repo_url: &str,
     readers: usize,
     seconds: u64,
 ) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(readers)
+        .default_headers(auth_headers(token)?)
         .build()?;
     let (id, _) = submit_and_wait(&http, url, repo_url).await?;
     let deadline = Instant::now() + Duration::from_secs(seconds);

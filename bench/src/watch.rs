@@ -44,6 +44,8 @@ pub async fn run(
     config.temporal.temporal_port = free_port()?;
     config.temporal.temporal_ui_port = free_port()?;
     config.server.submit_rate_capacity = 0;
+    // Loopback only; this measures the fan-out, not the token check (`bench status` does).
+    config.server.auth = patchflow_core::config::AuthMode::None;
     if let Some(addr) = &base.temporal.temporal_address {
         config.temporal.temporal_address = Some(addr.clone());
     }

@@ -53,7 +53,17 @@ macro_rules! settings {
             $(pub $section: $Section,)*
         }
 
-        impl Config {
+        /// Whether a listening address (`host:port`) is on loopback only.
+fn is_loopback_addr(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl Config {
             /// The sections and their keys, in the order `patchflow config` prints them.
             pub const SECTIONS: &'static [(&'static str, &'static [&'static str])] =
                 &[$((stringify!($section), &[$(stringify!($key)),*])),*];
@@ -136,6 +146,18 @@ choice_setting! {
 }
 
 choice_setting! {
+    /// How the gateway knows who is asking.
+    AuthMode {
+        /// Opaque API tokens (`pf_…`), stored as hashes in the task store.
+        Tokens = "tokens",
+        /// Bearer JWTs from an OIDC provider.
+        Jwt = "jwt",
+        /// Nobody is asked (refused unless every listening address is loopback).
+        None = "none",
+    }
+}
+
+choice_setting! {
     /// Where `web_search_doc_and_reference` looks.
     DocSearchProvider {
         /// Offline: the repository's own documentation.
@@ -152,6 +174,12 @@ settings! {
         http_addr: String = "127.0.0.1:8787".into(),
         /// gRPC API address.
         grpc_addr: String = "127.0.0.1:8788".into(),
+        /// `tokens` (default: `Authorization: Bearer pf_…` on every API call), `jwt`, or
+        /// `none` (only when every listening address is loopback).
+        auth: AuthMode = AuthMode::Tokens,
+        /// The token client commands send (`--token`); unset: `<data_dir>/admin.token`
+        /// when it is readable (one machine).
+        token: Option<Secret> = None,
         /// Where the embedded defaults keep their files: task database, object store,
         /// workspaces, the dev server's database.
         data_dir: PathBuf = PathBuf::from(".patchflow"),
@@ -392,6 +420,23 @@ impl Config {
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), CoreError> {
         let bad = |k: &str, r: &str| Err(invalid(k, r));
+        if self.server.auth == AuthMode::None
+            && ![&self.server.http_addr, &self.server.grpc_addr]
+                .iter()
+                .all(|a| is_loopback_addr(a))
+        {
+            return bad(
+                "auth",
+                "`none` lets anyone who reaches the gateway read and cancel every task: it is \
+                 refused unless http_addr and grpc_addr are both loopback addresses",
+            );
+        }
+        if self.server.auth == AuthMode::Jwt {
+            return bad(
+                "auth",
+                "`jwt` is not in this build yet; use `tokens` (the default)",
+            );
+        }
         if self.kube.runner == Runner::Kube {
             if self.kube.kube_image.is_empty() {
                 return bad("kube_image", "the kube runner needs an image");

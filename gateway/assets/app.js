@@ -142,7 +142,7 @@
         try {
           const r = await fetch(form.dataset.api, {
             method: "POST",
-            headers: { "Content-Type": "application/json" },
+            headers: { "Content-Type": "application/json", "X-CSRF-Token": form.elements.csrf?.value || "" },
             body: JSON.stringify(mode ? { mode } : {}),
           });
           if (!r.ok) {

@@ -28,6 +28,12 @@ pub enum ServiceError {
         tenant: String,
         retry_after_secs: u64,
     },
+    /// No token, or one that is unknown, expired or revoked.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's role may not do this.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -44,6 +50,8 @@ impl ServiceError {
             Self::Finished { .. } | Self::StillRunning { .. } | Self::Conflict(_) => "conflict",
             Self::TooLarge { .. } => "payload_too_large",
             Self::RateLimited { .. } => "rate_limited",
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::Forbidden(_) => "forbidden",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
         }
@@ -56,6 +64,8 @@ impl ServiceError {
             Self::Finished { .. } | Self::StillRunning { .. } | Self::Conflict(_) => 409,
             Self::TooLarge { .. } => 413,
             Self::RateLimited { .. } => 429,
+            Self::Unauthenticated(_) => 401,
+            Self::Forbidden(_) => 403,
             Self::Unavailable(_) => 503,
             Self::Internal(_) => 500,
         }

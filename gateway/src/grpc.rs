@@ -20,6 +20,7 @@ use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::Principal;
 use crate::error::ServiceError;
 use crate::service::{RetryMode, SubmitOutcome, TaskService, Upload};
 use crate::submit::{spec_of, temp_upload_path};
@@ -51,6 +52,8 @@ pub fn status_of(e: &ServiceError) -> Status {
             Status::resource_exhausted(message)
         }
         ServiceError::Unavailable(_) => Status::unavailable(message),
+        ServiceError::Unauthenticated(_) => Status::unauthenticated(message),
+        ServiceError::Forbidden(_) => Status::permission_denied(message),
         ServiceError::Internal(_) => Status::internal(message),
     };
     if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Internal {
@@ -189,6 +192,27 @@ impl TasksApi {
         Self { service }
     }
 
+    /// The caller of an RPC, from its `authorization: Bearer <token>` metadata; or
+    /// `UNAUTHENTICATED`.
+    async fn who<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        self.service
+            .authenticate(authorization)
+            .await
+            .map_err(|e| status_of(&e))
+    }
+
+    /// A task the caller may see (another tenant's is `NOT_FOUND`, as a missing one).
+    async fn task_for(&self, who: &Principal, id: &TaskId) -> Result<TaskRecord, Status> {
+        self.service
+            .get_for(who, id)
+            .await
+            .map_err(|e| status_of(&e))
+    }
+
     /// Buffers an upload's chunks to a temporary file, refusing it the moment it crosses
     /// the upload limit.
     async fn receive_upload(
@@ -253,8 +277,14 @@ impl Tasks for TasksApi {
         &self,
         request: Request<proto::SubmitTaskRequest>,
     ) -> Result<Response<proto::SubmitTaskResponse>, Status> {
+        let who = self.who(&request).await?;
+        who.must_write().map_err(|e| status_of(&e))?;
         let r = request.into_inner();
-        let body = submit_body(Some(r.git_url), r.git_ref, r.options.unwrap_or_default());
+        let mut body = submit_body(Some(r.git_url), r.git_ref, r.options.unwrap_or_default());
+        body.tenant = Some(
+            who.tenant_for_submit(body.tenant.as_deref())
+                .map_err(|e| status_of(&e))?,
+        );
         let spec = body.into_spec(false).map_err(|e| status_of(&e.into()))?;
         let outcome = self
             .service
@@ -268,9 +298,20 @@ impl Tasks for TasksApi {
         &self,
         request: Request<Streaming<proto::UploadTaskRequest>>,
     ) -> Result<Response<proto::SubmitTaskResponse>, Status> {
+        // Before a byte of the upload is read.
+        let who = self.who(&request).await?;
+        who.must_write().map_err(|e| status_of(&e))?;
         let mut stream = request.into_inner();
         let (options, upload) = self.receive_upload(&mut stream).await?;
-        let spec = spec_of(submit_body(None, None, options), Some(&upload))
+        let mut body = submit_body(None, None, options);
+        body.tenant = match who.tenant_for_submit(body.tenant.as_deref()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&upload.path).await;
+                return Err(status_of(&e));
+            }
+        };
+        let spec = spec_of(body, Some(&upload))
             .await
             .map_err(|e| status_of(&e))?;
         let outcome = self
@@ -285,8 +326,9 @@ impl Tasks for TasksApi {
         &self,
         request: Request<proto::GetTaskRequest>,
     ) -> Result<Response<proto::Task>, Status> {
+        let who = self.who(&request).await?;
         let id = parse_id(&request.into_inner().task_id)?;
-        let r = self.service.get(&id).await.map_err(|e| status_of(&e))?;
+        let r = self.task_for(&who, &id).await?;
         Ok(Response::new(task_message(&self.service, &r)))
     }
 
@@ -294,6 +336,7 @@ impl Tasks for TasksApi {
         &self,
         request: Request<proto::ListTasksRequest>,
     ) -> Result<Response<proto::ListTasksResponse>, Status> {
+        let who = self.who(&request).await?;
         let r = request.into_inner();
         let status = non_empty(Some(r.status))
             .map(|s| s.parse::<TaskStatus>())
@@ -307,7 +350,11 @@ impl Tasks for TasksApi {
         };
         let filter = ListFilter {
             status,
-            tenant: non_empty(Some(r.tenant)),
+            tenant: if who.is_admin() {
+                non_empty(Some(r.tenant))
+            } else {
+                Some(who.tenant.clone())
+            },
             batch_id: non_empty(Some(r.batch_id)),
             cursor,
             limit: if r.page_size == 0 { 50 } else { r.page_size },
@@ -326,8 +373,11 @@ impl Tasks for TasksApi {
         &self,
         request: Request<proto::CancelTaskRequest>,
     ) -> Result<Response<proto::Task>, Status> {
+        let who = self.who(&request).await?;
+        who.must_write().map_err(|e| status_of(&e))?;
         let r = request.into_inner();
         let id = parse_id(&r.task_id)?;
+        self.task_for(&who, &id).await?;
         let rec = self
             .service
             .cancel(&id, &r.reason)
@@ -340,8 +390,11 @@ impl Tasks for TasksApi {
         &self,
         request: Request<proto::RetryTaskRequest>,
     ) -> Result<Response<proto::Task>, Status> {
+        let who = self.who(&request).await?;
+        who.must_write().map_err(|e| status_of(&e))?;
         let r = request.into_inner();
         let id = parse_id(&r.task_id)?;
+        self.task_for(&who, &id).await?;
         let mode = match proto::RetryMode::try_from(r.mode) {
             Ok(proto::RetryMode::FromStart) => RetryMode::FromStart,
             Ok(proto::RetryMode::FromFailedStep | proto::RetryMode::Unspecified) => {
@@ -368,6 +421,7 @@ impl Tasks for TasksApi {
         &self,
         request: Request<proto::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let who = self.who(&request).await?;
         let r = request.into_inner();
         let id = parse_id(&r.task_id)?;
         if r.after_seq < 0 {
@@ -376,7 +430,7 @@ impl Tasks for TasksApi {
             )));
         }
         // NOT_FOUND now, before the stream starts.
-        self.service.get(&id).await.map_err(|e| status_of(&e))?;
+        self.task_for(&who, &id).await?;
         let service = self.service.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
@@ -413,8 +467,9 @@ impl Tasks for TasksApi {
         &self,
         request: Request<proto::GetResultRequest>,
     ) -> Result<Response<proto::TaskResult>, Status> {
+        let who = self.who(&request).await?;
         let id = parse_id(&request.into_inner().task_id)?;
-        let rec = self.service.get(&id).await.map_err(|e| status_of(&e))?;
+        let rec = self.task_for(&who, &id).await?;
         let not_ready = || {
             status_of(&ServiceError::NotReady(format!(
                 "the result of task {id} is not available (status {})",

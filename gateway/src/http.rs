@@ -10,17 +10,25 @@
 //! | `GET /api/tasks/{task_id}/events` | history as JSON, or live as Server-Sent Events |
 //! | `POST /api/tasks/{task_id}/cancel` | ask a running task to stop |
 //! | `POST /api/tasks/{task_id}/retry` | a new attempt of an ended task (`{"mode": "from_start" \| "from_failed_step"}`) |
+//! | `POST /api/tokens`, `GET /api/tokens`, `DELETE /api/tokens/{token_id}` | token management (admin) |
+//! | `GET /api/whoami` | the caller's tenant, role and token id |
 //! | `GET /healthz` | liveness of the stores |
+//!
+//! Every `/api/*` route wants `Authorization: Bearer <token>` ([`crate::auth`]), checked
+//! before any body is read; a task of another tenant answers 404, as a missing one.
 //! | `GET /`, `/tasks/{task_id}`, `POST /tasks…` | the web page ([`crate::web`]) |
 
 use std::convert::Infallible;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, Extension, FromRequest, Multipart, Path, Query, Request, State,
+};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
 use patchflow_api::error::from_json;
@@ -32,6 +40,7 @@ use patchflow_core::{TaskId, TaskRecord, TaskStatus, layout};
 use patchflow_platform::db::{ListCursor, ListFilter};
 use serde::Deserialize;
 
+use crate::auth::{Principal, TokenRequest};
 use crate::error::ServiceError;
 use crate::service::{ResultFile, TaskService};
 use crate::submit::{read_multipart, spec_of};
@@ -80,7 +89,7 @@ fn view(service: &TaskService, r: TaskRecord) -> TaskView {
 /// The API's routes over a service.
 pub fn router(service: TaskService) -> Router {
     let upload_limit = service.config().max_upload_bytes as usize + MAX_JSON_BYTES;
-    Router::new()
+    let api = Router::new()
         .route(
             "/api/tasks",
             post(submit)
@@ -94,10 +103,112 @@ pub fn router(service: TaskService) -> Router {
         .route("/api/tasks/{task_id}/events", get(events))
         .route("/api/tasks/{task_id}/cancel", post(cancel))
         .route("/api/tasks/{task_id}/retry", post(retry))
+        .route("/api/tokens", post(create_token).get(list_tokens))
+        .route("/api/tokens/{token_id}", delete(revoke_token))
+        .route("/api/whoami", get(whoami))
+        .route_layer(axum::middleware::from_fn_with_state(
+            service.clone(),
+            require_token,
+        ));
+    Router::new()
+        .merge(api)
         .route("/healthz", get(healthz))
-        .merge(crate::web::routes(upload_limit))
+        .merge(crate::web::routes(upload_limit, service.clone()))
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(service)
+}
+
+/// The token check in front of every `/api/*` route: the caller becomes a [`Principal`]
+/// in the request's extensions, or the answer is `401` with `WWW-Authenticate: Bearer`.
+async fn require_token(
+    State(service): State<TaskService>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let bearer_header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    // The web page's script calls the API with the session cookie; a write by cookie must
+    // carry the session's CSRF token too (the cookie is SameSite=Strict as well).
+    let authorization = match (bearer_header, crate::auth::session_token(req.headers())) {
+        (Some(h), _) => Some(h),
+        (None, Some(token)) => {
+            let safe = matches!(
+                *req.method(),
+                axum::http::Method::GET | axum::http::Method::HEAD
+            );
+            let sent = req
+                .headers()
+                .get("x-csrf-token")
+                .and_then(|v| v.to_str().ok());
+            if !safe && sent != Some(crate::auth::csrf_of(&token).as_str()) {
+                return ApiError(ServiceError::Forbidden(
+                    "a write with the session cookie needs the page's X-CSRF-Token".into(),
+                ))
+                .into_response();
+            }
+            Some(format!("Bearer {token}"))
+        }
+        (None, None) => None,
+    };
+    match service.authenticate(authorization.as_deref()).await {
+        Ok(who) => {
+            req.extensions_mut().insert(who);
+            next.run(req).await
+        }
+        Err(e) => {
+            let mut response = ApiError(e).into_response();
+            if response.status() == StatusCode::UNAUTHORIZED {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Bearer realm=\"patchflow\""),
+                );
+            }
+            response
+        }
+    }
+}
+
+async fn create_token(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    who.must_admin()?;
+    let req: TokenRequest = serde_json::from_slice(&body)
+        .map_err(|e| ServiceError::BadRequest(format!("invalid JSON body: {e}")))?;
+    let made = service.create_token(&who, req).await?;
+    Ok((StatusCode::CREATED, Json(made)).into_response())
+}
+
+async fn list_tokens(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    let tokens = service.list_tokens(&who).await?;
+    Ok(Json(serde_json::json!({ "tokens": tokens })).into_response())
+}
+
+async fn revoke_token(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    Path(token_id): Path<String>,
+) -> Result<Response, ApiError> {
+    if service.revoke_token(&who, &token_id).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Ok(error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no live token {token_id}"),
+        ))
+    }
+}
+
+async fn whoami(Extension(who): Extension<Principal>) -> Json<Principal> {
+    Json(who)
 }
 
 fn parse_id(s: &str) -> Result<TaskId, ApiError> {
@@ -107,9 +218,11 @@ fn parse_id(s: &str) -> Result<TaskId, ApiError> {
 
 async fn submit(
     State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     req: Request,
 ) -> Result<Response, ApiError> {
+    who.must_write()?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -119,7 +232,8 @@ async fn submit(
         let multipart = Multipart::from_request(req, &())
             .await
             .map_err(|e| ApiError(ServiceError::BadRequest(e.body_text())))?;
-        read_multipart(&service, multipart).await?
+        let (body, upload, _csrf) = read_multipart(&service, multipart).await?;
+        (body, upload)
     } else if content_type.starts_with("application/json") || content_type.is_empty() {
         let bytes = axum::body::to_bytes(req.into_body(), MAX_JSON_BYTES)
             .await
@@ -141,6 +255,7 @@ async fn submit(
     if let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
         body.idempotency_key = Some(key.to_string());
     }
+    body.tenant = Some(who.tenant_for_submit(body.tenant.as_deref())?);
     let spec = spec_of(body, upload.as_ref()).await?;
     let outcome = service.submit(spec, upload).await?;
     let status = if outcome.created {
@@ -168,6 +283,7 @@ struct ListQuery {
 
 async fn list(
     State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     let status = q
@@ -186,7 +302,12 @@ async fn list(
         };
     let filter = ListFilter {
         status,
-        tenant: q.tenant,
+        // Only an admin lists another tenant (or every tenant).
+        tenant: if who.is_admin() {
+            q.tenant.filter(|t| !t.is_empty())
+        } else {
+            Some(who.tenant.clone())
+        },
         batch_id: q.batch_id,
         cursor,
         limit: q.limit.unwrap_or(50),
@@ -202,20 +323,23 @@ async fn list(
 
 async fn get_task(
     State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
     let id = parse_id(&id)?;
-    let r = service.get(&id).await?;
+    let r = service.get_for(&who, &id).await?;
     Ok(Json(view(&service, r)))
 }
 
 async fn result_file(
     service: &TaskService,
+    who: &Principal,
     id: &str,
     file: &str,
     content_type: &str,
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
+    service.get_for(who, &id).await?;
     match service.open_result(&id, file).await? {
         ResultFile::Redirect(url) => {
             Ok((StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, url)]).into_response())
@@ -236,24 +360,42 @@ async fn result_file(
 
 async fn diff(
     State(service): State<TaskService>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    result_file(&service, &id, layout::DIFF, "text/x-diff; charset=utf-8").await
-}
-
-async fn transcript(
-    State(service): State<TaskService>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    result_file(&service, &id, layout::TRANSCRIPT, "application/x-ndjson").await
-}
-
-async fn agent_log(
-    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     result_file(
         &service,
+        &who,
+        &id,
+        layout::DIFF,
+        "text/x-diff; charset=utf-8",
+    )
+    .await
+}
+
+async fn transcript(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    result_file(
+        &service,
+        &who,
+        &id,
+        layout::TRANSCRIPT,
+        "application/x-ndjson",
+    )
+    .await
+}
+
+async fn agent_log(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    result_file(
+        &service,
+        &who,
         &id,
         layout::AGENT_LOG,
         "text/plain; charset=utf-8",
@@ -269,11 +411,13 @@ struct EventsQuery {
 
 async fn events(
     State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
     Query(q): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    service.get_for(&who, &id).await?;
     let wants_stream = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -311,10 +455,13 @@ async fn events(
 
 async fn cancel(
     State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    who.must_write()?;
+    service.get_for(&who, &id).await?;
     let body = CancelBody::from_bytes(&body).map_err(ServiceError::from)?;
     let r = service.cancel(&id, &body.reason).await?;
     let answer = StatusAnswer {
@@ -328,10 +475,13 @@ async fn cancel(
 /// `202` with the task record (its `attempt` is the new one); `409` while the task runs.
 async fn retry(
     State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    who.must_write()?;
+    service.get_for(&who, &id).await?;
     let body = RetryBody::from_bytes(&body).map_err(ServiceError::from)?;
     let r = service.retry(&id, body.mode).await?;
     Ok((StatusCode::ACCEPTED, Json(view(&service, r))).into_response())

@@ -4,6 +4,7 @@
 //! same service, and read submissions with the same types (patchflow-api, [`submit`]), so
 //! they answer alike.
 
+pub mod auth;
 pub mod error;
 pub mod grpc;
 pub mod http;

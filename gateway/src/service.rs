@@ -49,6 +49,8 @@ pub struct ServiceConfig {
     pub presign_expiry: Duration,
     /// Seals a submission's `git_token` before anything stores or sends it.
     pub secrets: Arc<patchflow_platform::secret_box::SecretBox>,
+    /// How callers are authenticated (`auth`).
+    pub auth: patchflow_core::config::AuthMode,
 }
 
 /// Where a result file is read from.
@@ -83,6 +85,7 @@ pub struct TaskService {
     /// When the last cache warning was logged (ms), so an outage logs once in a while,
     /// not once per request.
     last_cache_warning: Arc<AtomicI64>,
+    use_clock: crate::auth::SharedUseClock,
 }
 
 /// Pause between database polls when following a task without a live stream.
@@ -103,7 +106,17 @@ impl TaskService {
             temporal,
             config: Arc::new(config),
             last_cache_warning: Arc::new(AtomicI64::new(0)),
+            use_clock: Arc::default(),
         }
+    }
+
+    /// The task store (the token checks read it too).
+    pub fn store(&self) -> &Arc<dyn TaskStore> {
+        &self.store
+    }
+
+    pub(crate) fn use_clock(&self) -> &crate::auth::UseClock {
+        &self.use_clock
     }
 
     /// Logs a cache problem at most every 10 s: the request itself goes on from the database.

@@ -50,13 +50,15 @@ fn cannot_buffer(e: &std::io::Error) -> ServiceError {
 /// Reads multipart fields; the `zip_file` part streams to a temporary file, bounded by the
 /// upload limit. A browser form sends every field: an empty file part (no file chosen)
 /// means "not given". When a later field is refused, the buffered upload is removed.
+/// A `csrf` field (the web page's form) is handed back beside the body.
 pub async fn read_multipart(
     service: &TaskService,
     mp: Multipart,
-) -> Result<(SubmitBody, Option<Upload>), ServiceError> {
+) -> Result<(SubmitBody, Option<Upload>, Option<String>), ServiceError> {
     let mut upload: Option<Upload> = None;
-    match read_parts(service, mp, &mut upload).await {
-        Ok(body) => Ok((body, upload)),
+    let mut csrf = None;
+    match read_parts(service, mp, &mut upload, &mut csrf).await {
+        Ok(body) => Ok((body, upload, csrf)),
         Err(e) => {
             if let Some(u) = &upload {
                 discard(u).await;
@@ -70,6 +72,7 @@ async fn read_parts(
     service: &TaskService,
     mut mp: Multipart,
     upload: &mut Option<Upload>,
+    csrf: &mut Option<String>,
 ) -> Result<SubmitBody, ServiceError> {
     let limit = service.config().max_upload_bytes;
     let mut fields = FormFields::default();
@@ -140,6 +143,10 @@ async fn read_parts(
             .text()
             .await
             .map_err(|e| ServiceError::BadRequest(format!("field `{name}`: {}", e.body_text())))?;
+        if name == "csrf" {
+            *csrf = Some(text);
+            continue;
+        }
         fields.add(&name, &text)?;
     }
     Ok(fields.finish()?)

@@ -17,7 +17,9 @@ pub mod transcript;
 use std::sync::LazyLock;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, Extension, FromRequest, Multipart, Path, Query, Request, State,
+};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -26,10 +28,13 @@ use patchflow_core::{TaskId, TaskStatus, layout};
 use patchflow_platform::db::{ListCursor, ListFilter};
 use serde::Deserialize;
 
+use crate::auth::Principal;
 use crate::error::ServiceError;
 use crate::service::TaskService;
 use crate::submit::{read_multipart, spec_of};
+use html::SignedIn;
 use pages::{FormState, ListFilterView, TaskPageData};
+use patchflow_core::config::AuthMode;
 
 const APP_CSS: &str = include_str!("../assets/app.css");
 const APP_JS: &str = include_str!("../assets/app.js");
@@ -57,8 +62,8 @@ connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 
 /// The page routes, to merge into the API router. `upload_limit` bounds the submit form's
 /// body as it bounds `POST /api/tasks` (the ZIP plus the other fields).
-pub fn routes(upload_limit: usize) -> Router<TaskService> {
-    Router::new()
+pub fn routes(upload_limit: usize, service: TaskService) -> Router<TaskService> {
+    let signed_in = Router::new()
         .route("/", get(list_page))
         .route(
             "/tasks",
@@ -67,8 +72,122 @@ pub fn routes(upload_limit: usize) -> Router<TaskService> {
         .route("/tasks/{task_id}", get(task_page))
         .route("/tasks/{task_id}/cancel", post(cancel_form))
         .route("/tasks/{task_id}/retry", post(retry_form))
+        .route("/signout", post(signout))
+        .route_layer(axum::middleware::from_fn_with_state(
+            service,
+            require_session,
+        ));
+    Router::new()
+        .merge(signed_in)
+        .route("/signin", get(signin_page).post(signin))
         .route("/assets/app.css", get(css))
         .route("/assets/app.js", get(js))
+}
+
+/// The signed-in caller of a page, with the session's CSRF token.
+#[derive(Debug, Clone)]
+struct Session {
+    who: Principal,
+    csrf: String,
+}
+
+impl Session {
+    fn signed_in(&self) -> SignedIn<'_> {
+        SignedIn {
+            tenant: &self.who.tenant,
+            role: self.who.role.as_str(),
+            csrf: &self.csrf,
+        }
+    }
+
+    /// `403` unless the form carried this session's CSRF token.
+    fn check(&self, sent: Option<&str>) -> Option<Response> {
+        (sent != Some(self.csrf.as_str())).then(|| {
+            html(
+                StatusCode::FORBIDDEN,
+                pages::error_page("Refused", "this form is stale or was not sent from patchflow's page: reload and try again"),
+            )
+        })
+    }
+}
+
+/// The session check in front of the pages: a live token in the session cookie, else a
+/// redirect to the sign-in form (`401` for a form post).
+async fn require_session(
+    State(service): State<TaskService>,
+    mut req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let token = crate::auth::session_token(req.headers());
+    let checked = match &token {
+        Some(t) => service.authenticate(Some(&format!("Bearer {t}"))).await,
+        None if service.config().auth == AuthMode::None => service.authenticate(None).await,
+        None => Err(ServiceError::Unauthenticated("sign in first".into())),
+    };
+    match checked {
+        Ok(who) => {
+            let csrf = crate::auth::csrf_of(token.as_deref().unwrap_or_default());
+            req.extensions_mut().insert(Session { who, csrf });
+            next.run(req).await
+        }
+        Err(ServiceError::Unauthenticated(_)) if req.method() == axum::http::Method::GET => {
+            Redirect::to("/signin").into_response()
+        }
+        Err(e) => error_html(&e),
+    }
+}
+
+async fn signin_page() -> Response {
+    html(StatusCode::OK, pages::signin_page(None))
+}
+
+/// `token=…` (form-encoded): a live token becomes the session cookie.
+async fn signin(
+    State(service): State<TaskService>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = same_origin(&headers) {
+        return r;
+    }
+    let token = form_value(&body, "token").unwrap_or_default();
+    match service.authenticate(Some(&format!("Bearer {token}"))).await {
+        Ok(who) => {
+            tracing::info!(tenant = %who.tenant, token_id = %who.token_id, "signed in on the web page");
+            let secure = headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                == Some("https");
+            let mut r = Redirect::to("/").into_response();
+            if let Ok(v) = HeaderValue::from_str(&crate::auth::session_cookie(Some(&token), secure))
+            {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            r
+        }
+        Err(e) => html(
+            StatusCode::UNAUTHORIZED,
+            pages::signin_page(Some(&e.to_string())),
+        ),
+    }
+}
+
+async fn signout(Extension(session): Extension<Session>, body: axum::body::Bytes) -> Response {
+    if let Some(r) = session.check(form_value(&body, "csrf").as_deref()) {
+        return r;
+    }
+    let mut r = Redirect::to("/signin").into_response();
+    if let Ok(v) = HeaderValue::from_str(&crate::auth::session_cookie(None, false)) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+/// One field of a form-encoded body.
+fn form_value(body: &[u8], name: &str) -> Option<String> {
+    url::form_urlencoded::parse(body)
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 /// An HTML answer with the security headers every page carries.
@@ -157,12 +276,17 @@ struct ListQuery {
     cursor: Option<String>,
 }
 
-async fn list_page(State(service): State<TaskService>, Query(q): Query<ListQuery>) -> Response {
-    render_list(&service, q, FormState::default(), StatusCode::OK).await
+async fn list_page(
+    State(service): State<TaskService>,
+    Extension(session): Extension<Session>,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    render_list(&service, &session, q, FormState::default(), StatusCode::OK).await
 }
 
 async fn render_list(
     service: &TaskService,
+    session: &Session,
     q: ListQuery,
     form: FormState,
     status_code: StatusCode,
@@ -195,7 +319,8 @@ async fn render_list(
     };
     let filter = ListFilter {
         status,
-        tenant: None,
+        // The signed-in tenant's tasks; an admin sees every tenant's.
+        tenant: (!session.who.is_admin()).then(|| session.who.tenant.clone()),
         batch_id: None,
         cursor,
         limit,
@@ -214,6 +339,7 @@ async fn render_list(
         next.as_deref(),
         &form,
         chrono::Utc::now(),
+        Some(&session.signed_in()),
     );
     html(status_code, body)
 }
@@ -238,6 +364,7 @@ async fn result_text(service: &TaskService, id: &TaskId, file: &str) -> Option<(
 
 async fn task_page(
     State(service): State<TaskService>,
+    Extension(session): Extension<Session>,
     Path(id): Path<String>,
     Query(q): Query<TaskQuery>,
 ) -> Response {
@@ -245,7 +372,7 @@ async fn task_page(
         Ok(id) => id,
         Err(e) => return error_html(&ServiceError::Invalid(e)),
     };
-    let record = match service.get(&id).await {
+    let record = match service.get_for(&session.who, &id).await {
         Ok(r) => r,
         Err(e) => return error_html(&e),
     };
@@ -265,6 +392,7 @@ async fn task_page(
         transcript,
         split: q.view.as_deref() == Some("split"),
         now: chrono::Utc::now(),
+        who: Some(session.signed_in()),
     };
     html(StatusCode::OK, pages::task_page(&data))
 }
@@ -306,20 +434,25 @@ fn see_task(id: &TaskId) -> Response {
 /// answered with a redirect to the new task's page, or the form again with the error.
 async fn submit_form(
     State(service): State<TaskService>,
+    Extension(session): Extension<Session>,
     headers: HeaderMap,
     req: Request,
 ) -> Response {
     if let Some(r) = same_origin(&headers) {
         return r;
     }
+    let session = &session;
     let refused = |service: TaskService, form: FormState, e: ServiceError| async move {
         let code = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
         let form = FormState {
             error: Some(e.to_string()),
             ..form
         };
-        render_list(&service, ListQuery::default(), form, code).await
+        render_list(&service, session, ListQuery::default(), form, code).await
     };
+    if let Err(e) = session.who.must_write() {
+        return refused(service, FormState::default(), e).await;
+    }
     let is_multipart = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -335,8 +468,18 @@ async fn submit_form(
             return refused(service, FormState::default(), e).await;
         }
     };
-    let (body, upload) = match read_multipart(&service, multipart).await {
+    let (mut body, upload, csrf) = match read_multipart(&service, multipart).await {
         Ok(x) => x,
+        Err(e) => return refused(service, FormState::default(), e).await,
+    };
+    if let Some(r) = session.check(csrf.as_deref()) {
+        if let Some(u) = &upload {
+            let _ = tokio::fs::remove_file(&u.path).await;
+        }
+        return r;
+    }
+    body.tenant = match session.who.tenant_for_submit(body.tenant.as_deref()) {
+        Ok(t) => Some(t),
         Err(e) => return refused(service, FormState::default(), e).await,
     };
     let form = FormState {
@@ -363,16 +506,27 @@ async fn submit_form(
 
 async fn cancel_form(
     State(service): State<TaskService>,
+    Extension(session): Extension<Session>,
     Path(id): Path<String>,
     headers: HeaderMap,
+    body: axum::body::Bytes,
 ) -> Response {
     if let Some(r) = same_origin(&headers) {
+        return r;
+    }
+    if let Some(r) = session.check(form_value(&body, "csrf").as_deref()) {
         return r;
     }
     let id = match id.parse::<TaskId>() {
         Ok(id) => id,
         Err(e) => return error_html(&ServiceError::Invalid(e)),
     };
+    if let Err(e) = session.who.must_write() {
+        return error_html(&e);
+    }
+    if let Err(e) = service.get_for(&session.who, &id).await {
+        return error_html(&e);
+    }
     match service.cancel(&id, "cancelled from the web page").await {
         Ok(_) => see_task(&id),
         Err(e) => error_html(&e),
@@ -382,6 +536,7 @@ async fn cancel_form(
 /// The Retry form without JavaScript: `mode=from_start|from_failed_step`, form-encoded.
 async fn retry_form(
     State(service): State<TaskService>,
+    Extension(session): Extension<Session>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: axum::body::Bytes,
@@ -389,17 +544,22 @@ async fn retry_form(
     if let Some(r) = same_origin(&headers) {
         return r;
     }
+    if let Some(r) = session.check(form_value(&body, "csrf").as_deref()) {
+        return r;
+    }
     let id = match id.parse::<TaskId>() {
         Ok(id) => id,
         Err(e) => return error_html(&ServiceError::Invalid(e)),
     };
+    if let Err(e) = session.who.must_write() {
+        return error_html(&e);
+    }
+    if let Err(e) = service.get_for(&session.who, &id).await {
+        return error_html(&e);
+    }
     // The mode's values are plain words, so the form's encoding needs no decoding here;
     // anything else is refused by the mode's own parser with its message.
-    let body = String::from_utf8_lossy(&body);
-    let mode = body
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("mode="))
-        .unwrap_or(RetryMode::FromStart.as_str());
+    let mode = form_value(&body, "mode").unwrap_or_else(|| RetryMode::FromStart.as_str().into());
     let mode = match mode.parse::<RetryMode>() {
         Ok(m) => m,
         Err(e) => return error_html(&ServiceError::from(e)),

@@ -163,8 +163,14 @@ async fn demo_on(kind: Database) {
     );
 
     // Result files come from S3 through presigned URLs.
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {}", stack.token).parse().unwrap(),
+    );
     let no_redirect = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .default_headers(auth)
         .build()
         .unwrap();
     let resp = no_redirect

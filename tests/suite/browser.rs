@@ -137,6 +137,42 @@ async fn status_on_page(c: &Client) -> String {
 }
 
 /// Waits for `css` to match, with the page's state and the stack's logs on a timeout.
+/// Signs the browser in through the sign-in form: a bad token first (refused, with the
+/// reason), then the stack's admin token.
+async fn sign_in(c: &Client, stack: &Stack) {
+    c.goto(&format!("{}/", stack.base)).await.unwrap();
+    wait_for(c, stack, "#token", 10).await;
+    assert_eq!(c.title().await.unwrap(), "Sign in · patchflow");
+    c.find(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys("pf_not-a-real-token-but-long-enough-to-look-like-one")
+        .await
+        .unwrap();
+    c.find(Locator::Id("signin"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(c, stack, "#signin-error", 10).await;
+    assert!(text_of(c, "#signin-error").await.contains("unknown token"));
+    c.find(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys(&stack.token)
+        .await
+        .unwrap();
+    c.find(Locator::Id("signin"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(c, stack, "#whoami", 10).await;
+    assert!(text_of(c, "#whoami").await.contains("admin"));
+}
+
 async fn wait_for(c: &Client, stack: &Stack, css: &str, secs: u64) {
     if c.wait()
         .at_most(Duration::from_secs(secs))
@@ -181,8 +217,8 @@ async fn in_a_browser_a_task_is_submitted_followed_live_and_retried() {
     let driver = Chromedriver::start(stack.dir.path());
     let c = driver.client().await;
 
-    c.goto(&format!("{}/", stack.base)).await.unwrap();
-    assert_eq!(c.title().await.unwrap(), "Tasks · patchflow");
+    // Signed out, the page sends the browser to the sign-in form; the admin token signs in.
+    sign_in(&c, &stack).await;
     let repo = demo_git_repo(stack.dir.path());
     c.find(Locator::Id("git_url"))
         .await
@@ -339,8 +375,9 @@ async fn in_a_browser_a_task_is_submitted_followed_live_and_retried() {
 
 /// A form post as a browser with scripting off sends it: every field, empty ones too, and
 /// an empty file part when no ZIP was chosen.
-fn browser_form(git_url: &str, description: &str) -> reqwest::multipart::Form {
+fn browser_form(git_url: &str, description: &str, csrf: &str) -> reqwest::multipart::Form {
     reqwest::multipart::Form::new()
+        .text("csrf", csrf.to_string())
         .text("git_url", git_url.to_string())
         .text("git_ref", "")
         .part(
@@ -364,9 +401,56 @@ async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text()
     // A new connection per request: the refusals below answer before reading the body and
     // the server then closes the connection, which a pooled client may already have picked
     // for its next request (a client-side race, not the server's answer).
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    // Signed out: pages send the browser to the sign-in form, form posts are refused; a
+    // bad token does not sign in, the admin token does, with a cookie scripts cannot read.
+    let r = plain.get(format!("{}/", stack.base)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    assert_eq!(r.headers()["location"], "/signin");
+    let r = plain
+        .post(format!(
+            "{}/tasks/tsk_00000000000000000000000000000000/cancel",
+            stack.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let signin = |token: String| {
+        let plain = plain.clone();
+        let url = format!("{}/signin", stack.base);
+        async move {
+            plain
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("token={token}"))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = signin("pf_wrongwrongwrongwrongwrongwrongwrongwrongwrong".into()).await;
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+    let r = signin(stack.token.clone()).await;
+    assert_eq!(r.status().as_u16(), 303);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap().to_string();
+    let csrf = patchflow_gateway::auth::csrf_of(&stack.token);
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::COOKIE, session.parse().unwrap());
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .pool_max_idle_per_host(0)
+        .default_headers(headers)
         .build()
         .unwrap();
     let hostile = "Fix add() <script>alert(\"pwned\")</script> & <img src=x onerror=alert(1)>";
@@ -376,7 +460,11 @@ async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text()
     let r = http
         .post(format!("{}/tasks", stack.base))
         .header("origin", &stack.base)
-        .multipart(browser_form(&format!("file://{}", repo.display()), hostile))
+        .multipart(browser_form(
+            &format!("file://{}", repo.display()),
+            hostile,
+            &csrf,
+        ))
         .send()
         .await
         .unwrap();
@@ -457,7 +545,7 @@ async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text()
     // Refusals come back as pages that say why, and store nothing.
     let r = http
         .post(format!("{}/tasks", stack.base))
-        .multipart(browser_form("", "<b>keep me</b>"))
+        .multipart(browser_form("", "<b>keep me</b>", &csrf))
         .send()
         .await
         .unwrap();
@@ -471,7 +559,11 @@ async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text()
     let r = http
         .post(format!("{}/tasks", stack.base))
         .header("origin", "http://evil.example")
-        .multipart(browser_form(&format!("file://{}", repo.display()), "x"))
+        .multipart(browser_form(
+            &format!("file://{}", repo.display()),
+            "x",
+            &csrf,
+        ))
         .send()
         .await
         .unwrap();
@@ -490,8 +582,28 @@ async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text()
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 403);
+    // A form without the session's CSRF token is refused, even from our own origin.
     let r = http
         .post(format!("{}/tasks/{id}/cancel", stack.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let r = http
+        .post(format!("{}/tasks", stack.base))
+        .multipart(browser_form(
+            &format!("file://{}", repo.display()),
+            "x",
+            "0123456789abcdef0123456789abcdef",
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let r = http
+        .post(format!("{}/tasks/{id}/cancel", stack.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}"))
         .send()
         .await
         .unwrap();
@@ -513,12 +625,13 @@ async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text()
     // Retry without JavaScript: the form's own encoding, refusals as pages, then a redirect.
     let retry = |mode: &'static str| {
         let http = http.clone();
+        let csrf = csrf.clone();
         let url = format!("{}/tasks/{id}/retry", stack.base);
         async move {
             let r = http
                 .post(url)
                 .header("content-type", "application/x-www-form-urlencoded")
-                .body(format!("mode={mode}"))
+                .body(format!("mode={mode}&csrf={csrf}"))
                 .send()
                 .await
                 .unwrap();
@@ -549,6 +662,7 @@ async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text()
         w.finish().unwrap();
     }
     let form = reqwest::multipart::Form::new()
+        .text("csrf", csrf.clone())
         .text("git_url", "")
         .text("git_ref", "")
         .part(
@@ -582,6 +696,7 @@ async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text()
     // The form takes ZIPs as large as the API does (past axum's 2 MB default): this one is
     // refused for what it is, not for its size.
     let form = reqwest::multipart::Form::new()
+        .text("csrf", csrf.clone())
         .text("git_url", "")
         .part(
             "zip_file",
@@ -622,6 +737,7 @@ async fn in_a_browser_cancel_stops_a_running_task_and_the_page_follows() {
     let driver = Chromedriver::start(stack.dir.path());
     let c = driver.client().await;
     let id = stack.submit_demo().await;
+    sign_in(&c, &stack).await;
     c.goto(&format!("{}/tasks/{id}", stack.base)).await.unwrap();
     c.execute("window.__notReloaded = true", vec![])
         .await

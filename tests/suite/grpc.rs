@@ -5,18 +5,14 @@
 use std::io::Write;
 
 use patchflow_gateway::grpc::proto;
-use proto::tasks_client::TasksClient;
 use proto::watch_task_response::Item;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::support::{Mode, Stack, demo_git_repo, demo_script, repo_root};
+use crate::support::{Grpc, Mode, Stack, demo_git_repo, demo_script, repo_root};
 
-async fn client(stack: &Stack) -> TasksClient<Channel> {
-    TasksClient::connect(stack.grpc.clone())
-        .await
-        .unwrap()
-        .max_decoding_message_size(64 * 1024 * 1024)
+async fn client(stack: &Stack) -> Grpc {
+    stack.grpc_client().await
 }
 
 fn options(description: &str) -> proto::TaskOptions {
@@ -55,7 +51,7 @@ fn upload(options: proto::TaskOptions, zip: &[u8], chunk: usize) -> Vec<proto::U
 /// Reads a watch stream: the events until `stop_after` of them (all if None), and the final
 /// record if it came.
 async fn read_watch(
-    c: &mut TasksClient<Channel>,
+    c: &mut Grpc,
     id: &str,
     after: i64,
     stop_after: Option<usize>,

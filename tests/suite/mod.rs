@@ -11,3 +11,4 @@ mod isolation;
 mod kafka;
 mod kube_pod;
 mod retry;
+mod tenancy;

@@ -80,9 +80,7 @@ async fn retry_from_failed_step_runs_the_agent_again_without_fetching_again() {
     ));
 
     // A watcher from the beginning sees attempt 1 fail and attempt 2 through to the end.
-    let mut c = proto::tasks_client::TasksClient::connect(stack.grpc.clone())
-        .await
-        .unwrap();
+    let mut c = stack.grpc_client().await;
     let mut stream = c
         .watch_task(proto::WatchTaskRequest {
             task_id: id.clone(),
@@ -233,9 +231,7 @@ async fn retry_while_running_is_refused_with_the_reason() {
             && msg.contains("retry it once it has ended"),
         "{msg}"
     );
-    let mut client = proto::tasks_client::TasksClient::connect(stack.grpc.clone())
-        .await
-        .unwrap();
+    let mut client = stack.grpc_client().await;
     let e = client
         .retry_task(proto::RetryTaskRequest {
             task_id: id.clone(),

@@ -203,7 +203,43 @@ pub struct Stack {
     pub gateway: Option<Proc>,
     pub extra_gateways: Vec<Proc>,
     pub workers: Vec<Proc>,
+    /// Sends the admin token with every request (`admin.token`, written at start-up).
     pub http: reqwest::Client,
+    /// The bootstrap admin token of the stack.
+    pub token: String,
+}
+
+/// Adds `authorization: Bearer <token>` to every gRPC call.
+#[derive(Clone)]
+pub struct Bearer(pub Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        Ok(req)
+    }
+}
+
+pub type Grpc = patchflow_gateway::grpc::proto::tasks_client::TasksClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
+/// A reqwest client that sends `token` with every request.
+pub fn http_with(token: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = token {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {t}").parse().unwrap(),
+        );
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
 impl Stack {
@@ -244,9 +280,13 @@ impl Stack {
                 format!("127.0.0.1:{temporal_port}"),
             ));
         }
+        let mut data_dir = data_dir;
         for (k, v) in extra_env {
             env.retain(|(ek, _)| ek != k);
             env.push((k.to_string(), v.to_string()));
+            if *k == "PATCHFLOW_DATA_DIR" {
+                data_dir = PathBuf::from(v);
+            }
         }
         let mut stack = Stack {
             base: format!("http://127.0.0.1:{http_port}"),
@@ -262,6 +302,7 @@ impl Stack {
             extra_gateways: Vec::new(),
             workers: Vec::new(),
             http: reqwest::Client::new(),
+            token: String::new(),
         };
         match mode {
             Mode::Up => {
@@ -274,7 +315,30 @@ impl Stack {
             }
         }
         stack.wait_healthy().await;
+        if let Ok(t) = std::fs::read_to_string(stack.data_dir.join("admin.token")) {
+            stack.token = t.trim().to_string();
+            stack.http = http_with(Some(&stack.token));
+        }
         stack
+    }
+
+    /// A gRPC client of this stack's gateway with `token` (default: the admin token).
+    pub async fn grpc_as(&self, token: Option<&str>) -> Grpc {
+        let channel = tonic::transport::Endpoint::from_shared(self.grpc.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        patchflow_gateway::grpc::proto::tasks_client::TasksClient::with_interceptor(
+            channel,
+            Bearer(token.map(str::to_string)),
+        )
+        .max_decoding_message_size(64 * 1024 * 1024)
+    }
+
+    /// A gRPC client with the admin token.
+    pub async fn grpc_client(&self) -> Grpc {
+        self.grpc_as(Some(&self.token.clone())).await
     }
 
     pub fn command(&self, args: &[&str]) -> Command {

@@ -97,6 +97,19 @@ pub fn badge(status: TaskStatus) -> Markup {
 /// The frame around every page: one stylesheet, one deferred script, nothing inline (the
 /// Content-Security-Policy forbids inline code).
 pub fn page(title: &str, body: &Markup) -> String {
+    page_for(title, body, None)
+}
+
+/// Who is signed in, as the page header shows it: tenant, role, and the CSRF token the
+/// sign-out form carries.
+pub struct SignedIn<'a> {
+    pub tenant: &'a str,
+    pub role: &'a str,
+    pub csrf: &'a str,
+}
+
+/// [`page`] with the signed-in caller in the header (and a sign-out button).
+pub fn page_for(title: &str, body: &Markup, who: Option<&SignedIn<'_>>) -> String {
     let v = super::ASSET_VERSION.as_str();
     html! {
         (PreEscaped("<!doctype html>\n"))
@@ -112,6 +125,13 @@ pub fn page(title: &str, body: &Markup) -> String {
                 header class="top" {
                     a class="brand" href="/" { "patchflow" }
                     nav { a href="/" { "Tasks" } " " a href="/#submit" { "New task" } }
+                    @if let Some(w) = who {
+                        form class="inline who" method="post" action="/signout" {
+                            span id="whoami" { (w.tenant) " · " (w.role) }
+                            input type="hidden" name="csrf" value=(w.csrf);
+                            button type="submit" id="signout" { "Sign out" }
+                        }
+                    }
                 }
                 main { (body) }
             }

@@ -14,7 +14,9 @@ use patchflow_core::{
 };
 
 use super::diff;
-use super::html::{age, badge, clock, duration_ms, page, safe_href, thousands, time_el};
+use super::html::{
+    SignedIn, age, badge, clock, duration_ms, page, page_for, safe_href, thousands, time_el,
+};
 use super::transcript;
 
 /// First line of a text, cut to `max` characters: a title or a list cell.
@@ -98,13 +100,14 @@ fn status_options(selected: Option<TaskStatus>) -> Markup {
     }
 }
 
-fn submit_form(form: &FormState) -> Markup {
+fn submit_form(form: &FormState, csrf: Option<&str>) -> Markup {
     let num = |f: fn(&Limits) -> u64| form.limits.map(|l| f(&l).to_string()).unwrap_or_default();
     let d = Limits::default();
     html! {
         section id="submit" class="card" {
             h2 { "New task" }
             form method="post" action="/tasks" enctype="multipart/form-data" class="submit" {
+                @if let Some(c) = csrf { input type="hidden" name="csrf" value=(c); }
                 @if let Some(e) = &form.error {
                     p class="error" role="alert" { (e) }
                 }
@@ -167,6 +170,7 @@ pub fn list_page(
     next_cursor: Option<&str>,
     form: &FormState,
     now: DateTime<Utc>,
+    who: Option<&SignedIn<'_>>,
 ) -> String {
     let status = filter.status.map(|s| s.as_str()).unwrap_or_default();
     let body = html! {
@@ -194,10 +198,10 @@ pub fn list_page(
                     }
                 }
             }
-            (submit_form(form))
+            (submit_form(form, who.map(|w| w.csrf)))
         }
     };
-    page("Tasks", &body)
+    page_for("Tasks", &body, who)
 }
 
 /// Percent-encodes a query value.
@@ -223,6 +227,7 @@ pub struct TaskPageData<'a> {
     pub transcript: Option<(String, bool)>,
     pub split: bool,
     pub now: DateTime<Utc>,
+    pub who: Option<SignedIn<'a>>,
 }
 
 /// One row of the facts list.
@@ -271,6 +276,7 @@ fn actions(d: &TaskPageData<'_>) -> Markup {
             @if r.status.is_terminal() {
                 form method="post" action={ "/tasks/" (id) "/retry" } class="inline"
                     data-api={ "/api/tasks/" (id) "/retry" } {
+                    @if let Some(w) = &d.who { input type="hidden" name="csrf" value=(w.csrf); }
                     select name="mode" aria-label="Retry mode" {
                         option value="from_start" { "from the start" }
                         // A completed task has no failed step to resume from.
@@ -283,6 +289,7 @@ fn actions(d: &TaskPageData<'_>) -> Markup {
             } @else {
                 form method="post" action={ "/tasks/" (id) "/cancel" } class="inline"
                     data-api={ "/api/tasks/" (id) "/cancel" } {
+                    @if let Some(w) = &d.who { input type="hidden" name="csrf" value=(w.csrf); }
                     button type="submit" id="cancel" class="danger" { "Cancel" }
                 }
             }
@@ -510,7 +517,25 @@ pub fn task_page(d: &TaskPageData<'_>) -> String {
             (transcript_section(d))
         }
     };
-    page(&format!("{} {}", r.status, title), &body)
+    page_for(&format!("{} {}", r.status, title), &body, d.who.as_ref())
+}
+
+/// The sign-in form: a token, sent once; the answer sets the session cookie.
+pub fn signin_page(error: Option<&str>) -> String {
+    let body = html! {
+        section class="card signin" {
+            h1 { "Sign in" }
+            @if let Some(e) = error { p class="error" role="alert" id="signin-error" { (e) } }
+            form method="post" action="/signin" {
+                label for="token" { "API token" }
+                input name="token" id="token" type="password" autocomplete="off"
+                    placeholder="pf_…" required;
+                button type="submit" id="signin" { "Sign in" }
+            }
+            p class="hint" { "One machine: the token is in " code { "<data_dir>/admin.token" } "." }
+        }
+    };
+    page("Sign in", &body)
 }
 
 /// A page that says what went wrong, with a way back.
@@ -612,6 +637,7 @@ mod tests {
             Some("c&\"ursor"),
             &form,
             Utc::now(),
+            None,
         );
         assert_clean(&html);
         assert!(!html.contains("</textarea><script"));
@@ -657,6 +683,7 @@ mod tests {
                 transcript: Some((transcript.clone(), false)),
                 split,
                 now,
+                who: None,
             });
             assert_clean(&html);
             assert!(html.contains(&format!(
@@ -689,6 +716,7 @@ mod tests {
             None,
             &form,
             Utc::now(),
+            None,
         );
         let escaped = "&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt; &amp; 'quoted'";
         assert!(
@@ -717,6 +745,7 @@ mod tests {
             transcript: None,
             split: false,
             now: Utc::now(),
+            who: None,
         });
         assert!(page.contains(&format!("<h1>{escaped}</h1>")), "{page}");
         assert!(
