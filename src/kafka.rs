@@ -30,6 +30,7 @@ pub fn settings(config: &Config) -> anyhow::Result<Option<KafkaSettings>> {
         auto_create: config.kafka.kafka_auto_create,
         partitions: config.kafka.kafka_partitions,
         properties,
+        tenant: config.kafka.kafka_tenant.clone(),
     }))
 }
 

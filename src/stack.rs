@@ -136,6 +136,8 @@ pub fn service(config: &Config, stores: &Stores, client: Client) -> TaskService 
             presign_expiry: Duration::from_secs(config.store.presign_expiry_secs),
             secrets: stores.secrets.clone(),
             auth: config.server.auth,
+            tenants: config.tenancy.tenants.clone(),
+            default_model: config.llm.model.clone(),
             workflow_ui_base: config.temporal_ui().map(|ui| {
                 format!(
                     "{}/namespaces/{}/workflows",

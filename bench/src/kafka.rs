@@ -129,6 +129,7 @@ pub async fn run(
             auto_create: true,
             partitions: 3,
             properties: Vec::new(),
+            tenant: None,
         };
         println!(
             "patchflow Kafka benchmark (broker {brokers}, 3 partitions, Temporal dev server, SQLite task store, no worker)"

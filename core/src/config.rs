@@ -8,6 +8,7 @@
 //! the `settings!` table below: its type, default and doc. The file stays flat (`kube_image
 //! = "..."`, no `[kube]` table), so the keys people already use keep working.
 
+mod quota;
 mod setting;
 
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use serde::Serialize;
 use crate::error::CoreError;
 use crate::secret::Secret;
 
+pub use quota::{TenantQuota, TenantQuotas};
 pub use setting::Setting;
 use setting::{choice_setting, invalid};
 
@@ -53,17 +55,7 @@ macro_rules! settings {
             $(pub $section: $Section,)*
         }
 
-        /// Whether a listening address (`host:port`) is on loopback only.
-fn is_loopback_addr(addr: &str) -> bool {
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-impl Config {
+        impl Config {
             /// The sections and their keys, in the order `patchflow config` prints them.
             pub const SECTIONS: &'static [(&'static str, &'static [&'static str])] =
                 &[$((stringify!($section), &[$(stringify!($key)),*])),*];
@@ -350,6 +342,10 @@ settings! {
         kafka_dlq_topic: String = "patchflow.tasks.dlq".into(),
         /// Consumer group of the trigger consumers.
         kafka_group: String = "patchflow".into(),
+        /// The tenant every task from the tasks topic belongs to, whatever its message says
+        /// (a message's `tenant` is otherwise trusted as far as the topic is: secure it with
+        /// broker ACLs); unset: the message's, else `default`.
+        kafka_tenant: Option<String> = None,
         /// Move malformed messages to the DLQ topic (off: they are logged and skipped).
         kafka_dlq: bool = true,
         /// Create missing topics at start-up; off: a missing topic is an error naming it.
@@ -367,6 +363,13 @@ settings! {
         /// frees itself after this.
         batch_lease_secs: u64 = 30,
     }
+    /// What each tenant may do (kept last: its `[tenants.NAME]` tables end the file).
+    tenancy: TenancySettings {
+        /// Per-tenant quotas: `[tenants.NAME]` tables (`[tenants."*"]` for every other
+        /// tenant) with `max_running`, `models`, `max_steps`, `wall_seconds`, `max_tokens`;
+        /// as an environment variable, the same as JSON.
+        tenants: TenantQuotas = TenantQuotas::default(),
+    }
 }
 
 /// Environment variables read besides `PATCHFLOW_<KEY>`, as `(variable, key)`.
@@ -375,6 +378,16 @@ pub const ENV_ALIASES: [(&str, &str); 3] = [
     ("OPENAI_BASE_URL", "openai_base_url"),
     ("OPENAI_API_KEY", "openai_api_key"),
 ];
+
+/// Whether a listening address (`host:port`) is on loopback only.
+fn is_loopback_addr(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
 
 impl Config {
     /// Parses a TOML config file's text. Unknown keys are an error, so a typo is caught.

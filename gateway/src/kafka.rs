@@ -293,10 +293,13 @@ async fn pause_unless_stopped(shared: &LaneShared, d: Duration) -> bool {
 /// stopped first.
 async fn handle(shared: &LaneShared, msg: &OwnedMessage) -> bool {
     let origin = (msg.topic(), msg.partition(), msg.offset());
-    let spec = match parse_task_message(msg.payload(), msg.key(), origin) {
+    let mut spec = match parse_task_message(msg.payload(), msg.key(), origin) {
         Ok(s) => s,
         Err((kind, error)) => return dead_letter(shared, msg, kind, &error).await,
     };
+    if let Some(t) = shared.settings.tenant.as_deref().filter(|t| !t.is_empty()) {
+        spec.tenant = t.to_string();
+    }
     let mut delays = backoff();
     let mut attempt = 0u32;
     loop {

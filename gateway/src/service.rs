@@ -51,6 +51,10 @@ pub struct ServiceConfig {
     pub secrets: Arc<patchflow_platform::secret_box::SecretBox>,
     /// How callers are authenticated (`auth`).
     pub auth: patchflow_core::config::AuthMode,
+    /// Per-tenant quotas (`[tenants.NAME]`), checked at submit.
+    pub tenants: patchflow_core::config::TenantQuotas,
+    /// The model a task without `model` gets (`PATCHFLOW_MODEL`), for the `models` quota.
+    pub default_model: String,
 }
 
 /// Where a result file is read from.
@@ -108,6 +112,41 @@ impl TaskService {
             last_cache_warning: Arc::new(AtomicI64::new(0)),
             use_clock: Arc::default(),
         }
+    }
+
+    /// A submission over its tenant's caps, or asking for a model the tenant may not use:
+    /// a `400` naming the cap.
+    fn check_quota(&self, spec: &TaskSpec) -> Result<(), ServiceError> {
+        let t = &spec.tenant;
+        let q = self.config.tenants.for_tenant(t);
+        let model = spec.model.as_deref().unwrap_or(&self.config.default_model);
+        if let Some(models) = &q.models
+            && !models.iter().any(|m| m == model)
+        {
+            return Err(ServiceError::BadRequest(format!(
+                "model `{model}` is not allowed for tenant `{t}` (models: {})",
+                models.join(", ")
+            )));
+        }
+        let caps = [
+            (
+                "max_steps",
+                u64::from(spec.limits.max_steps),
+                q.max_steps.map(u64::from),
+            ),
+            ("wall_seconds", spec.limits.wall_seconds, q.wall_seconds),
+            ("max_tokens", spec.limits.max_tokens, q.max_tokens),
+        ];
+        for (name, asked, cap) in caps {
+            if let Some(cap) = cap
+                && asked > cap
+            {
+                return Err(ServiceError::BadRequest(format!(
+                    "limits.{name} = {asked} is over tenant `{t}`'s cap ({name} = {cap})"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The task store (the token checks read it too).
@@ -205,6 +244,7 @@ impl TaskService {
             };
         }
         spec.validate(self.config.allow_local_sources)?;
+        self.check_quota(spec)?;
         // The token is sealed for this task id before the spec is stored or sent anywhere.
         if let TaskSource::Git {
             git_token: Some(token),

@@ -70,6 +70,8 @@ pub struct KafkaSettings {
     pub partitions: u32,
     /// librdkafka settings passed through as given (SASL/SSL); may hold secrets.
     pub properties: Vec<(String, String)>,
+    /// The tenant every task of the tasks topic belongs to (`kafka_tenant`).
+    pub tenant: Option<String>,
 }
 
 impl std::fmt::Debug for KafkaSettings {
@@ -82,6 +84,7 @@ impl std::fmt::Debug for KafkaSettings {
             .field("results_topic", &self.results_topic)
             .field("dlq_topic", &self.dlq_topic)
             .field("group", &self.group)
+            .field("tenant", &self.tenant)
             .field("dlq", &self.dlq)
             .field("auto_create", &self.auto_create)
             .field("properties", &names)
@@ -334,6 +337,7 @@ mod tests {
             auto_create: true,
             partitions: 3,
             properties: vec![("sasl.password".into(), "hunter2".into())],
+            tenant: None,
         };
         let shown = format!("{s:?}");
         assert!(

@@ -462,3 +462,63 @@ fn auth_none_is_refused_unless_every_address_is_loopback() {
         String::from_utf8_lossy(&ok.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_refuse_a_model_or_limit_a_tenant_may_not_have() {
+    let quotas = r#"{"*": {"models": ["scripted-test"], "max_steps": 40}, "team-x": {"max_steps": 5, "wall_seconds": 600}}"#;
+    let stack = Stack::start(Mode::Up, demo_script(), &[("PATCHFLOW_TENANTS", quotas)]).await;
+    let repo = demo_git_repo(stack.dir.path());
+    let git_url = format!("file://{}", repo.display());
+    let submit = |body: Value| {
+        let stack = &stack;
+        async move {
+            call(
+                &stack.http,
+                "POST",
+                &format!("{}/api/tasks", stack.base),
+                Some(body),
+            )
+            .await
+        }
+    };
+    let (c, v, _) = submit(json!({"git_url": git_url, "task_description": "x", "tenant": "team-x", "limits": {"max_steps": 6}})).await;
+    assert_eq!(c, 400, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("max_steps = 5"),
+        "{v}"
+    );
+    let (c, v, _) = submit(json!({"git_url": git_url, "task_description": "x", "tenant": "team-x", "limits": {"max_steps": 5, "wall_seconds": 601}})).await;
+    assert_eq!(c, 400, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("wall_seconds = 600"),
+        "{v}"
+    );
+    // The default's model list applies to team-x too; another tenant's cap is the default's.
+    let (c, v, _) = submit(json!({"git_url": git_url, "task_description": "x", "tenant": "team-x", "model": "gpt-5", "limits": {"max_steps": 5, "wall_seconds": 60}})).await;
+    assert_eq!(c, 400, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("model `gpt-5` is not allowed"),
+        "{v}"
+    );
+    let (c, v, _) = submit(json!({"git_url": git_url, "task_description": "x", "tenant": "team-y", "limits": {"max_steps": 41}})).await;
+    assert_eq!(c, 400, "{v}");
+    // Nothing refused was stored; what fits is accepted and runs.
+    let (_, page, _) = call(
+        &stack.http,
+        "GET",
+        &format!("{}/api/tasks", stack.base),
+        None,
+    )
+    .await;
+    assert!(page["tasks"].as_array().unwrap().is_empty(), "{page}");
+    let (c, v, _) = submit(json!({"git_url": git_url, "task_description": "x", "tenant": "team-x", "limits": {"max_steps": 5, "wall_seconds": 60}})).await;
+    assert_eq!(c, 202, "{v}");
+    let done = stack.wait_terminal(v["task_id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+}
