@@ -219,27 +219,7 @@ async fn a_git_token_reaches_only_the_git_server_and_is_stored_sealed() {
             );
         }
     }
-    // Payloads are base64 JSON in the CLI's output: decode them all.
-    fn decoded(v: &serde_json::Value, out: &mut String) {
-        use base64::Engine as _;
-        match v {
-            serde_json::Value::Object(m) => {
-                for (k, x) in m {
-                    if let (true, Some(text)) = (k == "data", x.as_str())
-                        && let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(text)
-                    {
-                        out.push_str(&String::from_utf8_lossy(&bytes));
-                    }
-                    decoded(x, out);
-                }
-            }
-            serde_json::Value::Array(a) => a.iter().for_each(|x| decoded(x, out)),
-            serde_json::Value::String(s) => out.push_str(s),
-            _ => {}
-        }
-    }
-    let mut history = String::new();
-    decoded(&stack.history(&id), &mut history);
+    let history = crate::support::history_text(&stack.history(&id));
     assert!(
         history.contains("git_token"),
         "the sealed token is not in the workflow input"

@@ -397,8 +397,14 @@ async fn tenants_see_only_their_tasks_and_every_door_wants_a_live_token() {
         }
     }
     let logs = stack.logs();
-    for t in [&a, &b, &viewer] {
+    let history = crate::support::history_text(&stack.history(&id));
+    assert!(history.contains("team-a"), "the history was not decoded");
+    for t in [&a, &b, &viewer, &stack.token] {
         assert!(!logs.contains(t.as_str()), "the logs hold a token");
+        assert!(
+            !history.contains(t.as_str()),
+            "the workflow history holds a token"
+        );
     }
     // The CLI makes, lists and revokes tokens with admin.token, by itself.
     let out = stack.cli(&[

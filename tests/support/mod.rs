@@ -907,3 +907,29 @@ impl KafkaBroker {
         self.proc = Self::spawn(self.port, &self.storage, &self.log);
     }
 }
+
+/// A workflow history as text, its payloads decoded (the CLI shows them as base64 JSON),
+/// for checks that something never reached Temporal.
+pub fn history_text(history: &Value) -> String {
+    fn walk(v: &Value, out: &mut String) {
+        use base64::Engine as _;
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    if let (true, Some(text)) = (k == "data", x.as_str())
+                        && let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(text)
+                    {
+                        out.push_str(&String::from_utf8_lossy(&bytes));
+                    }
+                    walk(x, out);
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            Value::String(s) => out.push_str(s),
+            _ => {}
+        }
+    }
+    let mut out = String::new();
+    walk(history, &mut out);
+    out
+}
