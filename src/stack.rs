@@ -112,6 +112,8 @@ pub fn service(config: &Config, stores: &Stores, client: Client) -> TaskService 
         heartbeat_timeout_secs: config.temporal.heartbeat_timeout_secs,
         retry_initial_interval_ms: config.temporal.retry_initial_interval_ms,
         batch_concurrency: config.batch.batch_concurrency,
+        // Per task, from its tenant's quota (the gateway sets it when it starts one).
+        tenant_max_running: 0,
     };
     TaskService::new(
         stores.tasks.clone(),

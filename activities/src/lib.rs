@@ -110,7 +110,8 @@ impl Activities {
                     &slot.batch_id,
                     slot.task_id.as_str(),
                     slot.limit,
-                    self.config.batch_lease,
+                    slot.lease_secs
+                        .map_or(self.config.batch_lease, Duration::from_secs),
                 )
                 .await
             {
@@ -122,6 +123,22 @@ impl Activities {
                     if !logged {
                         tracing::info!(task_id = %slot.task_id, batch_id = %slot.batch_id, limit = slot.limit, "waiting for a batch slot");
                         logged = true;
+                        // A tenant's slot is taken before the task leaves QUEUED: say why it
+                        // waits, in its events.
+                        if let Some(tenant) = slot.batch_id.strip_prefix("tenant:") {
+                            let msg = format!(
+                                "waiting: tenant `{tenant}` has {} tasks running (max_running = {}); this one starts when one ends",
+                                slot.limit, slot.limit
+                            );
+                            let _ = self
+                                .store
+                                .append_event(
+                                    &slot.task_id,
+                                    patchflow_core::TaskEventKind::Agent,
+                                    &msg,
+                                )
+                                .await;
+                        }
                     }
                 }
                 Err(e) => {

@@ -317,10 +317,17 @@ impl TaskService {
     }
 
     async fn start_workflow(&self, task_id: &TaskId, spec: &TaskSpec) -> Result<(), ServiceError> {
+        let mut settings = self.config.settings.clone();
+        settings.tenant_max_running = self
+            .config
+            .tenants
+            .for_tenant(&spec.tenant)
+            .max_running
+            .unwrap_or(0);
         let input = CodeTaskInput {
             task_id: task_id.clone(),
             spec: spec.clone(),
-            settings: self.config.settings.clone(),
+            settings,
         };
         // Same id twice never runs twice: a running duplicate is joined, a finished one is
         // refused (and the stored record already answers for it).

@@ -528,3 +528,75 @@ async fn quotas_refuse_a_model_or_limit_a_tenant_may_not_have() {
     let done = stack.wait_terminal(v["task_id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "COMPLETED", "{done}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_past_max_running_waits_queued_and_starts_in_turn() {
+    let mut script = demo_script();
+    // Each task takes about two seconds in the agent, so three overlap.
+    script.delay_ms = 400;
+    let quotas = r#"{"team-q": {"max_running": 2}}"#;
+    let stack = Stack::start(Mode::Up, script, &[("PATCHFLOW_TENANTS", quotas)]).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let repo = demo_git_repo(stack.dir.path());
+        let (c, v, _) = call(
+            &stack.http,
+            "POST",
+            &format!("{}/api/tasks", stack.base),
+            Some(json!({"git_url": format!("file://{}", repo.display()), "task_description": "fix", "tenant": "team-q"})),
+        )
+        .await;
+        assert_eq!(c, 202, "{v}");
+        ids.push(v["task_id"].as_str().unwrap().to_string());
+    }
+    // Sample until all end: never more than two past QUEUED at once, and once a third
+    // waited in QUEUED while two ran.
+    let mut saw_wait = false;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let mut statuses = Vec::new();
+        for id in &ids {
+            statuses.push(
+                stack.record(id).await["status"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        let running = statuses
+            .iter()
+            .filter(|s| {
+                !matches!(
+                    s.as_str(),
+                    "PENDING" | "QUEUED" | "COMPLETED" | "FAILED" | "CANCELLED"
+                )
+            })
+            .count();
+        assert!(running <= 2, "{statuses:?}");
+        if running == 2 && statuses.iter().any(|s| s == "QUEUED") {
+            saw_wait = true;
+        }
+        if statuses.iter().all(|s| s == "COMPLETED" || s == "FAILED") {
+            assert!(statuses.iter().all(|s| s == "COMPLETED"), "{statuses:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{statuses:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(saw_wait, "no task ever waited for its tenant's slot");
+    // The one that waited says so in its events.
+    let mut waited = 0;
+    for id in &ids {
+        let (_, page, _) = call(
+            &stack.http,
+            "GET",
+            &format!("{}/api/tasks/{id}/events", stack.base),
+            None,
+        )
+        .await;
+        if page.to_string().contains("max_running = 2") {
+            waited += 1;
+        }
+    }
+    assert!(waited >= 1, "no task said why it waited");
+}

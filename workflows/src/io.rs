@@ -19,6 +19,10 @@ pub struct WorkflowSettings {
     /// Most tasks of one batch running the agent at once, across workers; 0: no limit.
     /// Only tasks with a `batch_id` take a slot.
     pub batch_concurrency: u32,
+    /// Most tasks of this task's tenant past QUEUED at once (its `max_running` quota, set
+    /// by the gateway per task); 0: no limit. (Absent from histories recorded before.)
+    #[serde(default)]
+    pub tenant_max_running: u32,
 }
 
 impl Default for WorkflowSettings {
@@ -28,6 +32,7 @@ impl Default for WorkflowSettings {
             heartbeat_timeout_secs: 10,
             retry_initial_interval_ms: 1000,
             batch_concurrency: 0,
+            tenant_max_running: 0,
         }
     }
 }
@@ -108,6 +113,11 @@ pub struct SlotInput {
     pub batch_id: String,
     /// How many tasks of the batch may hold a slot at once.
     pub limit: u32,
+    /// How long the slot is held without renewal (seconds); unset: the worker's
+    /// `batch_lease_secs`, renewed by the agent's heartbeats. A tenant's slot is held from
+    /// before the fetch to the end, so it is leased for the whole task instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

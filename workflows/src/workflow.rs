@@ -90,6 +90,26 @@ impl CodeTask {
         let settings = input.settings.clone();
         let spec = input.spec.clone();
 
+        // A tenant with `max_running` holds a slot from here to the end; the task waits in
+        // QUEUED for one (the wait says so in its events). Leased for the whole task: no
+        // step before the agent's renews it.
+        let tenant_slot = (settings.tenant_max_running > 0).then(|| SlotInput {
+            task_id: task_id.clone(),
+            batch_id: format!("tenant:{}", spec.tenant),
+            limit: settings.tenant_max_running,
+            lease_secs: Some(spec.limits.wall_seconds + 3600),
+        });
+        if let Some(s) = &tenant_slot {
+            let opts =
+                ActivityOptions::with_start_to_close_timeout(Duration::from_secs(7 * 24 * 3600))
+                    .heartbeat_timeout(Duration::from_secs(settings.heartbeat_timeout_secs.max(1)))
+                    .retry_policy(retry_policy(&settings))
+                    .build();
+            if let Err(end) = Self::step(ctx, Steps::acquire_batch_slot, s.clone(), opts).await {
+                return Self::end_early(ctx, &task_id, end, &[s]).await;
+            }
+        }
+
         Self::record(
             ctx,
             &task_id,
@@ -101,11 +121,14 @@ impl CodeTask {
             task_id: task_id.clone(),
             source: spec.source.clone(),
         };
-        let fetched =
-            match Self::step(ctx, Steps::fetch_code, fetch, io_options(&settings, 600)).await {
-                Ok(v) => v,
-                Err(end) => return Self::end_early(ctx, &task_id, end, None).await,
-            };
+        let fetched = match Self::step(ctx, Steps::fetch_code, fetch, io_options(&settings, 600))
+            .await
+        {
+            Ok(v) => v,
+            Err(end) => {
+                return Self::end_early(ctx, &task_id, end, &held(None, tenant_slot.as_ref())).await;
+            }
+        };
 
         Self::record(
             ctx,
@@ -128,17 +151,21 @@ impl CodeTask {
             source: spec.source.clone(),
             tree_dir: fetched.tree_dir.clone(),
         };
-        let staged =
-            match Self::step(ctx, Steps::stage_code, stage, io_options(&settings, 600)).await {
-                Ok(v) => v,
-                Err(end) => return Self::end_early(ctx, &task_id, end, None).await,
-            };
+        let staged = match Self::step(ctx, Steps::stage_code, stage, io_options(&settings, 600))
+            .await
+        {
+            Ok(v) => v,
+            Err(end) => {
+                return Self::end_early(ctx, &task_id, end, &held(None, tenant_slot.as_ref())).await;
+            }
+        };
 
         let slot = match (&spec.batch_id, settings.batch_concurrency) {
             (Some(batch), limit) if limit > 0 => Some(SlotInput {
                 task_id: task_id.clone(),
                 batch_id: batch.clone(),
                 limit,
+                lease_secs: None,
             }),
             _ => None,
         };
@@ -151,7 +178,13 @@ impl CodeTask {
                     .retry_policy(retry_policy(&settings))
                     .build();
             if let Err(end) = Self::step(ctx, Steps::acquire_batch_slot, s.clone(), opts).await {
-                return Self::end_early(ctx, &task_id, end, slot.as_ref()).await;
+                return Self::end_early(
+                    ctx,
+                    &task_id,
+                    end,
+                    &held(slot.as_ref(), tenant_slot.as_ref()),
+                )
+                .await;
             }
         }
 
@@ -179,7 +212,15 @@ impl CodeTask {
         .build();
         let summary: AgentSummary = match Self::step(ctx, Steps::run_agent, run, agent_opts).await {
             Ok(v) => v,
-            Err(end) => return Self::end_early(ctx, &task_id, end, slot.as_ref()).await,
+            Err(end) => {
+                return Self::end_early(
+                    ctx,
+                    &task_id,
+                    end,
+                    &held(slot.as_ref(), tenant_slot.as_ref()),
+                )
+                .await;
+            }
         };
 
         Self::record(
@@ -209,8 +250,14 @@ impl CodeTask {
         .await
         {
             Ok(v) => v,
-            Err(end) => return Self::end_early(ctx, &task_id, end, None).await,
+            Err(end) => {
+                return Self::end_early(ctx, &task_id, end, &held(None, tenant_slot.as_ref())).await;
+            }
         };
+        // The final status is stored: the tenant's next task may start.
+        if let Some(s) = &tenant_slot {
+            Self::release_slot(ctx, s).await;
+        }
         ctx.state_mut(|s| {
             s.status = Some(published.status);
             s.message = published.message.clone();
@@ -349,14 +396,19 @@ impl CodeTask {
         ctx: &WorkflowContext<Self>,
         task_id: &TaskId,
         end: EarlyEnd,
-        slot: Option<&SlotInput>,
+        slots: &[&SlotInput],
     ) -> WorkflowResult<CodeTaskOutput> {
         Self::record(ctx, task_id, end.status(), end.message()).await?;
-        if let Some(slot) = slot {
+        for slot in slots {
             Self::release_slot(ctx, slot).await;
         }
         Err(end.termination())
     }
+}
+
+/// The slots a task holds at a point: its batch's and its tenant's.
+fn held<'a>(batch: Option<&'a SlotInput>, tenant: Option<&'a SlotInput>) -> Vec<&'a SlotInput> {
+    batch.into_iter().chain(tenant).collect()
 }
 
 fn cancel_reason(ctx: &WorkflowContext<CodeTask>) -> String {
