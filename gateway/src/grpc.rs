@@ -298,9 +298,13 @@ impl Tasks for TasksApi {
         &self,
         request: Request<Streaming<proto::UploadTaskRequest>>,
     ) -> Result<Response<proto::SubmitTaskResponse>, Status> {
-        // Before a byte of the upload is read.
+        // Before a byte of the upload is read: who, and the caller's rate limit.
         let who = self.who(&request).await?;
         who.must_write().map_err(|e| status_of(&e))?;
+        self.service
+            .admit(&who.tenant)
+            .await
+            .map_err(|e| status_of(&e))?;
         let mut stream = request.into_inner();
         let (options, upload) = self.receive_upload(&mut stream).await?;
         let mut body = submit_body(None, None, options);
@@ -316,7 +320,7 @@ impl Tasks for TasksApi {
             .map_err(|e| status_of(&e))?;
         let outcome = self
             .service
-            .submit(spec, Some(upload))
+            .submit_admitted(spec, Some(upload))
             .await
             .map_err(|e| status_of(&e))?;
         Ok(Response::new(submitted(outcome)))

@@ -223,6 +223,8 @@ async fn submit(
     req: Request,
 ) -> Result<Response, ApiError> {
     who.must_write()?;
+    // The caller's rate limit, before a byte of the body is read.
+    service.admit(&who.tenant).await?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -257,7 +259,7 @@ async fn submit(
     }
     body.tenant = Some(who.tenant_for_submit(body.tenant.as_deref())?);
     let spec = spec_of(body, upload.as_ref()).await?;
-    let outcome = service.submit(spec, upload).await?;
+    let outcome = service.submit_admitted(spec, upload).await?;
     let status = if outcome.created {
         StatusCode::ACCEPTED
     } else {

@@ -180,6 +180,40 @@ impl TaskService {
     /// first submission's task and starts nothing new.
     pub async fn submit(
         &self,
+        spec: TaskSpec,
+        upload: Option<Upload>,
+    ) -> Result<SubmitOutcome, ServiceError> {
+        if let Err(e) = self.admit(&spec.tenant).await {
+            if let Some(u) = upload {
+                let _ = tokio::fs::remove_file(&u.path).await;
+            }
+            return Err(e);
+        }
+        self.submit_admitted(spec, upload).await
+    }
+
+    /// Takes one submission from `tenant`'s rate limit, or `RateLimited`: what a door
+    /// calls before it reads a body (then [`Self::submit_admitted`]), so a throttled
+    /// upload costs nothing.
+    pub async fn admit(&self, tenant: &str) -> Result<(), ServiceError> {
+        if self.config.rate_limited {
+            match self.hot.rate_limiter.try_acquire(tenant).await {
+                Ok(Ok(())) => {}
+                Ok(Err(wait)) => {
+                    return Err(ServiceError::RateLimited {
+                        tenant: tenant.to_string(),
+                        retry_after_secs: wait.header_secs(),
+                    });
+                }
+                Err(e) => self.cache_trouble("rate limit", &e),
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::submit`] for a submission [`Self::admit`] let in already.
+    pub async fn submit_admitted(
+        &self,
         mut spec: TaskSpec,
         upload: Option<Upload>,
     ) -> Result<SubmitOutcome, ServiceError> {
@@ -195,18 +229,6 @@ impl TaskService {
         spec: &mut TaskSpec,
         upload: Option<&Upload>,
     ) -> Result<SubmitOutcome, ServiceError> {
-        if self.config.rate_limited {
-            match self.hot.rate_limiter.try_acquire(&spec.tenant).await {
-                Ok(Ok(())) => {}
-                Ok(Err(wait)) => {
-                    return Err(ServiceError::RateLimited {
-                        tenant: spec.tenant.clone(),
-                        retry_after_secs: wait.header_secs(),
-                    });
-                }
-                Err(e) => self.cache_trouble("rate limit", &e),
-            }
-        }
         let task_id = match &spec.idempotency_key {
             Some(k) => TaskId::from_idempotency_key(&spec.tenant, k),
             None => TaskId::generate(),

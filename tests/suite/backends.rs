@@ -401,9 +401,20 @@ async fn submissions_past_the_tenant_rate_get_429_with_retry_after() {
     ];
     let stack = Stack::start(Mode::Up, demo_script(), &env).await;
     let repo = demo_git_repo(stack.dir.path());
+    // The bucket is the caller's tenant, as its token says (a body naming another tenant
+    // cannot move it): one member token per tenant.
+    let mut tokens = std::collections::HashMap::new();
+    for tenant in ["t1", "t2"] {
+        let (c, v) = stack
+            .post_json("/api/tokens", &json!({"tenant": tenant, "role": "member"}))
+            .await;
+        assert_eq!(c, 201, "{v}");
+        tokens.insert(tenant, crate::support::http_with(v["token"].as_str()));
+    }
     let submit = |tenant: &str| {
-        let body = json!({"git_url": format!("file://{}", repo.display()), "task_description": "fix", "tenant": tenant});
-        let http = stack.http.clone();
+        let body =
+            json!({"git_url": format!("file://{}", repo.display()), "task_description": "fix"});
+        let http = tokens[tenant].clone();
         let url = format!("{}/api/tasks", stack.base);
         async move { http.post(url).json(&body).send().await.unwrap() }
     };

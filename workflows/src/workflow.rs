@@ -121,14 +121,14 @@ impl CodeTask {
             task_id: task_id.clone(),
             source: spec.source.clone(),
         };
-        let fetched = match Self::step(ctx, Steps::fetch_code, fetch, io_options(&settings, 600))
-            .await
-        {
-            Ok(v) => v,
-            Err(end) => {
-                return Self::end_early(ctx, &task_id, end, &held(None, tenant_slot.as_ref())).await;
-            }
-        };
+        let fetched =
+            match Self::step(ctx, Steps::fetch_code, fetch, io_options(&settings, 600)).await {
+                Ok(v) => v,
+                Err(end) => {
+                    return Self::end_early(ctx, &task_id, end, &held(None, tenant_slot.as_ref()))
+                        .await;
+                }
+            };
 
         Self::record(
             ctx,
@@ -151,14 +151,14 @@ impl CodeTask {
             source: spec.source.clone(),
             tree_dir: fetched.tree_dir.clone(),
         };
-        let staged = match Self::step(ctx, Steps::stage_code, stage, io_options(&settings, 600))
-            .await
-        {
-            Ok(v) => v,
-            Err(end) => {
-                return Self::end_early(ctx, &task_id, end, &held(None, tenant_slot.as_ref())).await;
-            }
-        };
+        let staged =
+            match Self::step(ctx, Steps::stage_code, stage, io_options(&settings, 600)).await {
+                Ok(v) => v,
+                Err(end) => {
+                    return Self::end_early(ctx, &task_id, end, &held(None, tenant_slot.as_ref()))
+                        .await;
+                }
+            };
 
         let slot = match (&spec.batch_id, settings.batch_concurrency) {
             (Some(batch), limit) if limit > 0 => Some(SlotInput {
@@ -251,7 +251,8 @@ impl CodeTask {
         {
             Ok(v) => v,
             Err(end) => {
-                return Self::end_early(ctx, &task_id, end, &held(None, tenant_slot.as_ref())).await;
+                return Self::end_early(ctx, &task_id, end, &held(None, tenant_slot.as_ref()))
+                    .await;
             }
         };
         // The final status is stored: the tenant's next task may start.
