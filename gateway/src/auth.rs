@@ -95,6 +95,42 @@ pub fn bearer(value: Option<&str>) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// How long a checked token is believed without asking the store again: a token revoked
+/// through another gateway stops working within this (through this one, at once).
+pub const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most tokens remembered; past it, the cache starts over.
+const TOKEN_CACHE_MAX: usize = 10_000;
+
+/// A checked token: who it stands for, when it expires, when it was checked.
+type Checked = (Principal, Option<chrono::DateTime<Utc>>, std::time::Instant);
+
+/// Tokens checked lately, by hash.
+#[derive(Default)]
+pub struct TokenCache(Mutex<HashMap<String, Checked>>);
+
+impl TokenCache {
+    fn get(&self, hash: &str, now: chrono::DateTime<Utc>) -> Option<Principal> {
+        let m = self.0.lock().ok()?;
+        let (who, expires, at) = m.get(hash)?;
+        (at.elapsed() < TOKEN_CACHE_TTL && expires.is_none_or(|e| now < e)).then(|| who.clone())
+    }
+
+    fn put(&self, hash: String, who: Principal, expires: Option<chrono::DateTime<Utc>>) {
+        if let Ok(mut m) = self.0.lock() {
+            if m.len() >= TOKEN_CACHE_MAX {
+                m.clear();
+            }
+            m.insert(hash, (who, expires, std::time::Instant::now()));
+        }
+    }
+
+    fn forget(&self, token_id: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            m.retain(|_, (who, _, _)| who.token_id != token_id);
+        }
+    }
+}
+
 /// When each token was last recorded as used, so a busy token writes at most once a minute.
 #[derive(Default)]
 pub struct UseClock(Mutex<HashMap<String, i64>>);
@@ -160,14 +196,14 @@ impl TaskService {
         if !looks_like_token(token) {
             return Err(refused("unknown token"));
         }
-        let Some(t) = self
-            .store()
-            .token_by_hash(&token_hash(&Secret::new(token)))
-            .await?
-        else {
+        let hash = token_hash(&Secret::new(token));
+        let now = Utc::now();
+        if let Some(who) = self.token_cache().get(&hash, now) {
+            return Ok(who);
+        }
+        let Some(t) = self.store().token_by_hash(&hash).await? else {
             return Err(refused("unknown token"));
         };
-        let now = Utc::now();
         if t.revoked_at.is_some() {
             return Err(refused("this token was revoked"));
         }
@@ -182,11 +218,13 @@ impl TaskService {
                 }
             });
         }
-        Ok(Principal {
+        let who = Principal {
             tenant: t.tenant,
             role: t.role,
             token_id: t.token_id,
-        })
+        };
+        self.token_cache().put(hash, who.clone(), t.expires_at);
+        Ok(who)
     }
 
     /// A task the caller may see; another tenant's is `NotFound`, as a missing one.
@@ -287,6 +325,7 @@ impl TaskService {
         token_id: &str,
     ) -> Result<bool, ServiceError> {
         who.must_admin()?;
+        self.token_cache().forget(token_id);
         Ok(self.store().revoke_token(token_id).await?)
     }
 
@@ -436,6 +475,34 @@ mod tests {
         let c = session_cookie(Some("pf_a"), true);
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.ends_with("Secure"));
         assert!(session_cookie(None, false).contains("Max-Age=0"));
+    }
+
+    #[test]
+    fn cached_tokens_lapse_with_their_expiry_and_when_revoked_here() {
+        let c = TokenCache::default();
+        let now = Utc::now();
+        let who = Principal::anonymous_admin();
+        c.put(
+            "h".into(),
+            who.clone(),
+            Some(now + chrono::Duration::seconds(1)),
+        );
+        assert_eq!(c.get("h", now), Some(who.clone()));
+        assert_eq!(
+            c.get("h", now + chrono::Duration::seconds(2)),
+            None,
+            "expired"
+        );
+        c.put(
+            "k".into(),
+            Principal {
+                token_id: "tok_k".into(),
+                ..who
+            },
+            None,
+        );
+        c.forget("tok_k");
+        assert_eq!(c.get("k", now), None, "revoked");
     }
 
     #[test]

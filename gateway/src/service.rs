@@ -90,6 +90,7 @@ pub struct TaskService {
     /// not once per request.
     last_cache_warning: Arc<AtomicI64>,
     use_clock: crate::auth::SharedUseClock,
+    token_cache: Arc<crate::auth::TokenCache>,
 }
 
 /// Pause between database polls when following a task without a live stream.
@@ -111,6 +112,7 @@ impl TaskService {
             config: Arc::new(config),
             last_cache_warning: Arc::new(AtomicI64::new(0)),
             use_clock: Arc::default(),
+            token_cache: Arc::default(),
         }
     }
 
@@ -156,6 +158,10 @@ impl TaskService {
 
     pub(crate) fn use_clock(&self) -> &crate::auth::UseClock {
         &self.use_clock
+    }
+
+    pub(crate) fn token_cache(&self) -> &crate::auth::TokenCache {
+        &self.token_cache
     }
 
     /// Logs a cache problem at most every 10 s: the request itself goes on from the database.
