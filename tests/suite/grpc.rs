@@ -270,7 +270,10 @@ async fn grpc_errors_have_their_codes_and_the_http_messages() {
         demo_script(),
         &[
             ("PATCHFLOW_MAX_UPLOAD_BYTES", "65536"),
-            ("PATCHFLOW_SUBMIT_RATE_CAPACITY", "3"),
+            // Two refused uploads (the limit is taken before their bytes are read), one
+            // task, a blank description and a bad ref (refused by the service, after the
+            // limit): the next submission is the sixth.
+            ("PATCHFLOW_SUBMIT_RATE_CAPACITY", "5"),
             ("PATCHFLOW_SUBMIT_RATE_PER_SEC", "0.001"),
         ],
     )
@@ -407,7 +410,7 @@ async fn grpc_errors_have_their_codes_and_the_http_messages() {
         .await
         .unwrap_err();
     assert_status(&e, Code::InvalidArgument, "is not a valid branch");
-    // The fourth submission within the burst of three is rate limited.
+    // The sixth submission within the burst of five is rate limited.
     let e = c
         .submit_task(proto::SubmitTaskRequest {
             git_url: format!("file://{}", repo.display()),
