@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use chrono::Utc;
 use patchflow_core::auth::{ApiToken, Role, looks_like_token, token_hash};
@@ -184,11 +184,16 @@ impl TaskService {
         &self,
         authorization: Option<&str>,
     ) -> Result<Principal, ServiceError> {
+        self.authenticate_token(bearer(authorization)).await
+    }
+
+    /// The caller a bare token (a bearer value, a session cookie) stands for.
+    pub async fn authenticate_token(&self, token: Option<&str>) -> Result<Principal, ServiceError> {
         if self.config().auth == AuthMode::None {
             return Ok(Principal::anonymous_admin());
         }
         let refused = |why: &str| ServiceError::Unauthenticated(why.to_string());
-        let Some(token) = bearer(authorization) else {
+        let Some(token) = token else {
             return Err(refused(
                 "authentication required: send `Authorization: Bearer <token>`",
             ));
@@ -413,9 +418,6 @@ pub fn session_cookie(token: Option<&str>, secure: bool) -> String {
         None => format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}"),
     }
 }
-
-/// Shared by the service's clones.
-pub type SharedUseClock = Arc<UseClock>;
 
 #[cfg(test)]
 mod tests {

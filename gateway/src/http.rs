@@ -125,15 +125,16 @@ async fn require_token(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let bearer_header = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let header_token = crate::auth::bearer(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    )
+    .map(str::to_string);
     // The web page's script calls the API with the session cookie; a write by cookie must
     // carry the session's CSRF token too (the cookie is SameSite=Strict as well).
-    let authorization = match (bearer_header, crate::auth::session_token(req.headers())) {
-        (Some(h), _) => Some(h),
+    let token = match (header_token, crate::auth::session_token(req.headers())) {
+        (Some(t), _) => Some(t),
         (None, Some(token)) => {
             let safe = matches!(
                 *req.method(),
@@ -149,11 +150,11 @@ async fn require_token(
                 ))
                 .into_response();
             }
-            Some(format!("Bearer {token}"))
+            Some(token)
         }
         (None, None) => None,
     };
-    match service.authenticate(authorization.as_deref()).await {
+    match service.authenticate_token(token.as_deref()).await {
         Ok(who) => {
             req.extensions_mut().insert(who);
             next.run(req).await

@@ -89,7 +89,7 @@ pub struct TaskService {
     /// When the last cache warning was logged (ms), so an outage logs once in a while,
     /// not once per request.
     last_cache_warning: Arc<AtomicI64>,
-    use_clock: crate::auth::SharedUseClock,
+    use_clock: Arc<crate::auth::UseClock>,
     token_cache: Arc<crate::auth::TokenCache>,
 }
 

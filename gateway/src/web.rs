@@ -120,8 +120,8 @@ async fn require_session(
 ) -> Response {
     let token = crate::auth::session_token(req.headers());
     let checked = match &token {
-        Some(t) => service.authenticate(Some(&format!("Bearer {t}"))).await,
-        None if service.config().auth == AuthMode::None => service.authenticate(None).await,
+        Some(t) => service.authenticate_token(Some(t)).await,
+        None if service.config().auth == AuthMode::None => service.authenticate_token(None).await,
         None => Err(ServiceError::Unauthenticated("sign in first".into())),
     };
     match checked {
@@ -151,7 +151,7 @@ async fn signin(
         return r;
     }
     let token = form_value(&body, "token").unwrap_or_default();
-    match service.authenticate(Some(&format!("Bearer {token}"))).await {
+    match service.authenticate_token(Some(&token)).await {
         Ok(who) => {
             tracing::info!(tenant = %who.tenant, token_id = %who.token_id, "signed in on the web page");
             let secure = headers

@@ -86,6 +86,9 @@ pub struct ShellSandbox {
     /// Toolchain homes bound read-only.
     pub toolchains: Vec<Toolchain>,
     walls: Arc<tokio::sync::OnceCell<Walls>>,
+    /// What to hide inside the read-only binds ([`bwrap::masks`] of `toolchains`), found
+    /// once, by the probe.
+    masks: Arc<std::sync::OnceLock<Vec<PathBuf>>>,
     /// The cgroup every command of this run joins, removed with the last clone.
     cgroup: Arc<TaskCgroup>,
 }
@@ -139,6 +142,7 @@ impl ShellSandbox {
             bwrap: find_bwrap(None, std::env::var("PATH").ok().as_deref()),
             toolchains: Vec::new(),
             walls: Arc::default(),
+            masks: Arc::default(),
             cgroup: Arc::new(TaskCgroup(format!(
                 "task-{}-{}",
                 std::process::id(),
@@ -210,10 +214,8 @@ impl ShellSandbox {
         a
     }
 
-    /// What to hide inside the read-only binds, found once per process.
-    fn masks(&self) -> &'static [PathBuf] {
-        static MASKS: std::sync::OnceLock<Vec<PathBuf>> = std::sync::OnceLock::new();
-        MASKS.get_or_init(|| {
+    fn masks(&self) -> &[PathBuf] {
+        self.masks.get_or_init(|| {
             let homes: Vec<PathBuf> = self.toolchains.iter().map(|t| t.path.clone()).collect();
             bwrap::masks(&homes)
         })
