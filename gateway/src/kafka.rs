@@ -289,17 +289,29 @@ async fn pause_unless_stopped(shared: &LaneShared, d: Duration) -> bool {
     }
 }
 
+/// The task a message of the tasks topic asks for; with `kafka_tenant`, that tenant's,
+/// whatever the message says.
+fn task_of(
+    settings: &KafkaSettings,
+    payload: Option<&[u8]>,
+    key: Option<&[u8]>,
+    origin: (&str, i32, i64),
+) -> Result<patchflow_core::TaskSpec, (Malformed, String)> {
+    let mut spec = parse_task_message(payload, key, origin)?;
+    if let Some(t) = settings.tenant.as_deref().filter(|t| !t.is_empty()) {
+        spec.tenant = t.to_string();
+    }
+    Ok(spec)
+}
+
 /// Handles one message to the end (started, or dead-lettered); false if the consumer
 /// stopped first.
 async fn handle(shared: &LaneShared, msg: &OwnedMessage) -> bool {
     let origin = (msg.topic(), msg.partition(), msg.offset());
-    let mut spec = match parse_task_message(msg.payload(), msg.key(), origin) {
+    let spec = match task_of(&shared.settings, msg.payload(), msg.key(), origin) {
         Ok(s) => s,
         Err((kind, error)) => return dead_letter(shared, msg, kind, &error).await,
     };
-    if let Some(t) = shared.settings.tenant.as_deref().filter(|t| !t.is_empty()) {
-        spec.tenant = t.to_string();
-    }
     let mut delays = backoff();
     let mut attempt = 0u32;
     loop {
@@ -397,5 +409,39 @@ async fn dead_letter(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_tenant_overrides_the_tenant_a_message_names() {
+        let mut settings = KafkaSettings {
+            brokers: "127.0.0.1:9092".into(),
+            tasks_topic: "t".into(),
+            results_topic: "r".into(),
+            dlq_topic: "d".into(),
+            group: "g".into(),
+            dlq: true,
+            auto_create: false,
+            partitions: 1,
+            properties: Vec::new(),
+            tenant: None,
+        };
+        let msg = br#"{"schema": "patchflow.task.v1", "git_url": "https://example.com/r.git", "task_description": "x", "tenant": "someone-else"}"#;
+        let origin = ("t", 0, 1);
+        assert_eq!(
+            task_of(&settings, Some(msg), None, origin).unwrap().tenant,
+            "someone-else"
+        );
+        settings.tenant = Some("team-k".into());
+        assert_eq!(
+            task_of(&settings, Some(msg), None, origin).unwrap().tenant,
+            "team-k"
+        );
+        // Malformed messages are refused as before.
+        assert!(task_of(&settings, Some(b"{"), None, origin).is_err());
     }
 }

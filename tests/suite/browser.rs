@@ -609,6 +609,38 @@ async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text()
         .unwrap();
     assert_eq!(r.status().as_u16(), 409);
     assert!(r.text().await.unwrap().contains("is already COMPLETED"));
+    // The API takes the session cookie too (the page's script uses it): reads as they
+    // are, writes only with the session's X-CSRF-Token.
+    let r = http
+        .get(format!("{}/api/tasks/{id}", stack.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    for sent in [None, Some("0123456789abcdef0123456789abcdef")] {
+        let mut req = http.post(format!("{}/api/tasks/{id}/cancel", stack.base));
+        if let Some(t) = sent {
+            req = req.header("x-csrf-token", t);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 403, "with {sent:?}");
+    }
+    let r = http
+        .post(format!("{}/api/tasks/{id}/cancel", stack.base))
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    // Signing out needs the CSRF token as well (no other site logs a visitor out).
+    let r = http
+        .post(format!("{}/signout", stack.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("csrf=wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
     let (status, _, body) = get(format!("{}/tasks/bad!id", stack.base)).await;
     assert_eq!(status, 400);
     assert!(body.contains("is not a task id"), "{body}");

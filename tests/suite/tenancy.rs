@@ -600,3 +600,39 @@ async fn a_tenant_past_max_running_waits_queued_and_starts_in_turn() {
     }
     assert!(waited >= 1, "no task said why it waited");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_token_from_the_environment_is_the_admin_and_no_file_is_written() {
+    let preset = format!("pf_{}", "b".repeat(43));
+    let stack = Stack::start(
+        Mode::Up,
+        demo_script(),
+        &[("PATCHFLOW_BOOTSTRAP_TOKEN", preset.as_str())],
+    )
+    .await;
+    assert!(!stack.data_dir.join("admin.token").exists());
+    assert!(stack.token.is_empty());
+    let (c, who, _) = call(
+        &http_with(Some(&preset)),
+        "GET",
+        &format!("{}/api/whoami", stack.base),
+        None,
+    )
+    .await;
+    assert_eq!(c, 200, "{who}");
+    assert_eq!(who["role"], "admin");
+    assert!(
+        !stack.logs().contains(&preset),
+        "the log shows the bootstrap token"
+    );
+    // The preset is the only token: none was generated beside it.
+    let (c, v, _) = call(
+        &http_with(Some(&preset)),
+        "GET",
+        &format!("{}/api/tokens", stack.base),
+        None,
+    )
+    .await;
+    assert_eq!(c, 200);
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 1, "{v}");
+}
