@@ -62,6 +62,10 @@ pub struct SubmitArgs {
     /// Branch, tag or commit of a git source.
     #[arg(long = "ref")]
     pub git_ref: Option<String>,
+    /// A forge token for a private git source, sent to its host only (read from the
+    /// environment so it stays out of `ps` and shell history).
+    #[arg(skip = std::env::var("PATCHFLOW_GIT_TOKEN").ok().filter(|t| !t.is_empty()).map(patchflow_core::Secret::new))]
+    pub git_token: Option<patchflow_core::Secret>,
     #[arg(long)]
     pub target_file: Option<String>,
     #[arg(long = "task-model")]
@@ -297,6 +301,7 @@ pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> 
     } else {
         body.git_url = Some(a.source.clone());
         body.git_ref = a.git_ref.clone();
+        body.git_token = a.git_token.clone();
         req.json(&body)
     };
     let answer: StatusAnswer = send(req, &base).await?.json().await?;

@@ -135,6 +135,7 @@ pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> 
                 git_url: a.source.clone(),
                 git_ref: a.git_ref.clone(),
                 options: Some(options(&a)),
+                git_token: a.git_token.as_ref().map(|t| t.expose().to_string()),
             })
             .await
             .map_err(|s| failed(&s))?

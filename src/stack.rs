@@ -106,7 +106,7 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
     })
 }
 
-pub fn service(config: &Config, stores: &Stores, client: Client) -> TaskService {
+pub fn service(config: &Config, stores: &Stores, client: Client) -> anyhow::Result<TaskService> {
     let settings = WorkflowSettings {
         activity_max_attempts: config.temporal.activity_max_attempts,
         heartbeat_timeout_secs: config.temporal.heartbeat_timeout_secs,
@@ -115,7 +115,7 @@ pub fn service(config: &Config, stores: &Stores, client: Client) -> TaskService 
         // Per task, from its tenant's quota (the gateway sets it when it starts one).
         tenant_max_running: 0,
     };
-    TaskService::new(
+    Ok(TaskService::new(
         stores.tasks.clone(),
         stores.objects.clone(),
         stores.hot.clone(),
@@ -138,6 +138,15 @@ pub fn service(config: &Config, stores: &Stores, client: Client) -> TaskService 
             presign_expiry: Duration::from_secs(config.store.presign_expiry_secs),
             secrets: stores.secrets.clone(),
             auth: config.server.auth,
+            jwt: jwt_verifier(config)?,
+            webhooks: patchflow_gateway::webhooks::WebhookSettings {
+                github_secret: config.forge.github_webhook_secret.clone(),
+                github_label: config.forge.github_trigger_label.clone(),
+                github_tenant: config.forge.github_webhook_tenant.clone(),
+                gitlab_secret: config.forge.gitlab_webhook_secret.clone(),
+                gitlab_label: config.forge.gitlab_trigger_label.clone(),
+                gitlab_tenant: config.forge.gitlab_webhook_tenant.clone(),
+            },
             tenants: config.tenancy.tenants.clone(),
             default_model: config.llm.model.clone(),
             workflow_ui_base: config.temporal_ui().map(|ui| {
@@ -148,7 +157,52 @@ pub fn service(config: &Config, stores: &Stores, client: Client) -> TaskService 
                 )
             }),
         },
-    )
+    ))
+}
+
+/// The forges and credentials pull requests are opened with (the `forge` section).
+fn pr_settings(config: &Config) -> anyhow::Result<patchflow_activities::pull_request::PrSettings> {
+    use patchflow_platform::forge::{Forge, Forges};
+    let f = &config.forge;
+    Ok(patchflow_activities::pull_request::PrSettings {
+        forges: Forges::from_settings(
+            &f.github_hosts,
+            &f.github_api_url,
+            &f.gitlab_hosts,
+            &f.gitlab_api_url,
+        ),
+        forge: Forge::new().map_err(anyhow::Error::msg)?,
+        github_token: f.github_token.clone(),
+        gitlab_token: f.gitlab_token.clone(),
+        author_name: f.git_author_name.clone(),
+        author_email: f.git_author_email.clone(),
+        public_url: config.public_url(),
+    })
+}
+
+/// The JWT checker `auth = "jwt"` needs (validate() made sure its settings are there).
+fn jwt_verifier(
+    config: &Config,
+) -> anyhow::Result<Option<Arc<patchflow_gateway::jwt::JwtVerifier>>> {
+    use patchflow_core::config::AuthMode;
+    if config.server.auth != AuthMode::Jwt {
+        return Ok(None);
+    }
+    let s = &config.server;
+    let need = |v: &Option<String>, key: &str| {
+        v.clone()
+            .with_context(|| format!("auth = \"jwt\" needs {key}"))
+    };
+    let settings = patchflow_gateway::jwt::JwtSettings {
+        jwks_url: need(&s.auth_jwt_jwks_url, "auth_jwt_jwks_url")?,
+        issuer: need(&s.auth_jwt_issuer, "auth_jwt_issuer")?,
+        audience: need(&s.auth_jwt_audience, "auth_jwt_audience")?,
+        tenant_claim: s.auth_jwt_tenant_claim.clone(),
+        role_claim: s.auth_jwt_role_claim.clone(),
+    };
+    Ok(Some(Arc::new(
+        patchflow_gateway::jwt::JwtVerifier::new(settings).map_err(anyhow::Error::msg)?,
+    )))
 }
 
 async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activities> {
@@ -185,6 +239,7 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
             git_fetch_timeout: Duration::from_secs(config.server.git_fetch_timeout_secs),
             secrets: stores.secrets.clone(),
             batch_lease: Duration::from_secs(config.batch.batch_lease_secs),
+            pull_requests: pr_settings(config)?,
         },
         results: crate::kafka::results_topic(config).await?,
         runner,
@@ -405,7 +460,7 @@ pub async fn worker(config: Config, kafka: bool) -> anyhow::Result<ExitCode> {
     let client = devserver::connect(&config).await?;
     let (_tx, rx) = stop_channel();
     let trigger = if kafka {
-        let service = service(&config, &stores, client.clone());
+        let service = service(&config, &stores, client.clone())?;
         let t = crate::kafka::start_trigger(&config, service, rx.clone()).await?;
         if t.is_none() {
             anyhow::bail!("worker --kafka needs kafka_brokers (PATCHFLOW_KAFKA_BROKERS)");
@@ -433,7 +488,7 @@ async fn bootstrap_auth(config: &Config, service: &TaskService) -> anyhow::Resul
                 "patchflow: WARNING: auth is off (auth = none); every task is open to anyone on this machine"
             );
         }
-        AuthMode::Tokens => {
+        AuthMode::Tokens | AuthMode::Jwt => {
             let preset = std::env::var(patchflow_gateway::auth::BOOTSTRAP_TOKEN_ENV)
                 .ok()
                 .filter(|t| !t.trim().is_empty())
@@ -449,7 +504,6 @@ async fn bootstrap_auth(config: &Config, service: &TaskService) -> anyhow::Resul
                 );
             }
         }
-        AuthMode::Jwt => {}
     }
     Ok(())
 }
@@ -458,7 +512,7 @@ pub async fn gateway(config: Config) -> anyhow::Result<ExitCode> {
     let stores = open_stores(&config).await?;
     let client = devserver::connect(&config).await?;
     let (_tx, rx) = stop_channel();
-    let service = service(&config, &stores, client);
+    let service = service(&config, &stores, client)?;
     bootstrap_auth(&config, &service).await?;
     let trigger = crate::kafka::start_trigger(&config, service.clone(), rx.clone()).await?;
     let (http, _) = serve_http(&config, service.clone(), stopped(&rx)).await?;
@@ -484,7 +538,7 @@ pub async fn up(config: Config) -> anyhow::Result<ExitCode> {
         let stores = open_stores(&config).await?;
         let client = devserver::connect(&config).await?;
         let (tx, rx) = stop_channel();
-        let service = service(&config, &stores, client.clone());
+        let service = service(&config, &stores, client.clone())?;
         bootstrap_auth(&config, &service).await?;
         let trigger = crate::kafka::start_trigger(&config, service.clone(), rx.clone()).await?;
         let (http, _) = serve_http(&config, service.clone(), stopped(&rx)).await?;

@@ -103,22 +103,56 @@ fn is_local(url: &str) -> bool {
     url.starts_with("file://") || url.starts_with('/') || url.starts_with('.')
 }
 
-/// How git runs for one fetch: the `-c` settings and the private HOME.
-struct GitRun<'a> {
-    url: &'a str,
-    home: &'a Path,
-    settings: Vec<String>,
-    timeout: Duration,
+/// How git runs for one fetch (or push): the `-c` settings and the private HOME.
+pub(crate) struct GitRun<'a> {
+    pub(crate) url: &'a str,
+    pub(crate) home: &'a Path,
+    pub(crate) settings: Vec<String>,
+    pub(crate) timeout: Duration,
     /// Most bytes the repository may take on disk while git downloads it.
-    max_bytes: u64,
+    pub(crate) max_bytes: u64,
     /// The `Authorization` header git sends (from the task's git_token), through the
     /// environment's config (never the command line).
-    auth_header: Option<Secret>,
+    pub(crate) auth_header: Option<Secret>,
+    /// What the runs are, for error messages: `fetch` or `push`.
+    pub(crate) verb: &'static str,
+}
+
+/// Why a git command failed, in words that name the URL (never a token), and whether
+/// trying again could help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct GitFailure {
+    pub(crate) message: String,
+    pub(crate) permanent: bool,
+}
+
+impl GitFailure {
+    fn transient(message: String) -> Self {
+        Self {
+            message,
+            permanent: false,
+        }
+    }
+}
+
+impl From<GitFailure> for ActivityError {
+    fn from(f: GitFailure) -> Self {
+        if f.permanent {
+            bad_input(f.message)
+        } else {
+            transient(f.message)
+        }
+    }
 }
 
 impl GitRun<'_> {
     /// Runs one git command; returns stdout, or the classified error naming the URL.
-    async fn git(&self, dir: &Path, args: &[&str]) -> Result<String, ActivityError> {
+    pub(crate) async fn git(&self, dir: &Path, args: &[&str]) -> Result<String, ActivityError> {
+        self.exec(dir, args).await.map_err(ActivityError::from)
+    }
+
+    /// [`Self::git`], with the failure as words.
+    pub(crate) async fn exec(&self, dir: &Path, args: &[&str]) -> Result<String, GitFailure> {
         let mut cmd = Command::new("git");
         cmd.arg("-C").arg(dir);
         for setting in &self.settings {
@@ -148,21 +182,24 @@ impl GitRun<'_> {
             .kill_on_drop(true);
         let started = cmd
             .spawn()
-            .map_err(|e| transient(format!("cannot run git: {e}")))?;
+            .map_err(|e| GitFailure::transient(format!("cannot run git: {e}")))?;
         let git_dir = dir.join(".git");
         let out = tokio::select! {
             out = tokio::time::timeout(self.timeout, started.wait_with_output()) => out
-                .map_err(|_| transient(format!(
+                .map_err(|_| GitFailure::transient(format!(
                     "git {} of {} did not finish in {} s (git_fetch_timeout_secs)",
                     args[0], self.url, self.timeout.as_secs()
                 )))?
-                .map_err(|e| transient(format!("cannot run git: {e}")))?,
-            used = over_size(&git_dir, self.max_bytes) => return Err(bad_input(format!(
-                "cannot fetch {}: the download passed {} MiB (at {} MiB), more than max_unpacked_bytes allows; git was stopped",
-                self.url, self.max_bytes >> 20, used >> 20
-            ))),
+                .map_err(|e| GitFailure::transient(format!("cannot run git: {e}")))?,
+            used = over_size(&git_dir, self.max_bytes) => return Err(GitFailure {
+                message: format!(
+                    "cannot {} {}: the download passed {} MiB (at {} MiB), more than max_unpacked_bytes allows; git was stopped",
+                    self.verb, self.url, self.max_bytes >> 20, used >> 20
+                ),
+                permanent: true,
+            }),
         };
-        git_result(&out, self.url)
+        git_result(&out, self.url, self.verb)
     }
 }
 
@@ -209,7 +246,7 @@ async fn over_size(dir: &Path, max: u64) -> u64 {
     }
 }
 
-fn git_result(out: &std::process::Output, url: &str) -> Result<String, ActivityError> {
+fn git_result(out: &std::process::Output, url: &str, verb: &str) -> Result<String, GitFailure> {
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
@@ -220,7 +257,7 @@ fn git_result(out: &std::process::Output, url: &str) -> Result<String, ActivityE
         .map(|l| l.trim_start_matches("fatal: ").trim())
         .collect::<Vec<_>>()
         .join("; ");
-    let msg = format!("cannot fetch {url}: {reason}");
+    let msg = format!("cannot {verb} {url}: {reason}");
     let permanent = [
         "not found",
         "does not exist",
@@ -235,13 +272,15 @@ fn git_result(out: &std::process::Output, url: &str) -> Result<String, ActivityE
         "no such",
         "unable to find remote helper",
         "not allowed",
+        "denied",
+        "rejected",
+        "protected branch",
     ]
     .iter()
     .any(|p| reason.to_lowercase().contains(p));
-    Err(if permanent {
-        bad_input(msg)
-    } else {
-        transient(msg)
+    Err(GitFailure {
+        message: msg,
+        permanent,
     })
 }
 
@@ -252,29 +291,7 @@ async fn git_fetch(
     token: Option<&Secret>,
     tree: &Path,
 ) -> Result<String, ActivityError> {
-    let local = is_local(url);
-    if token.is_some() && !(url.starts_with("https://") || url.starts_with("http://")) {
-        return Err(bad_input(format!(
-            "cannot fetch {url}: a git_token is sent over HTTP(S) only"
-        )));
-    }
-    let settings = if local {
-        if !config.allow_local_sources {
-            return Err(bad_input(format!(
-                "cannot fetch {url}: local repositories are not allowed by this worker (allow_local_sources is off)"
-            )));
-        }
-        // Local fetches by commit id need the "server" side to allow it.
-        let file = ["file".to_string()];
-        git_settings(&file, vec!["uploadpack.allowAnySHA1InWant=true".into()])
-    } else {
-        let checked = GitRemote::parse(url)
-            .map_err(bad_input)?
-            .check(&config.git_remotes)
-            .await
-            .map_err(|e| bad_input(format!("cannot fetch {url}: {e}")))?;
-        git_settings(&config.git_remotes.protocols, checked.git_config())
-    };
+    let settings = remote_settings(config, url, token.is_some(), "fetch").await?;
     // The private HOME sits beside the tree, so a retry starts it afresh too.
     let home = tree.with_file_name("git-home");
     if home.exists() {
@@ -288,6 +305,7 @@ async fn git_fetch(
         timeout: config.git_fetch_timeout,
         max_bytes: config.max_unpacked_bytes,
         auth_header: token.map(patchflow_platform::secret_box::basic_auth_header),
+        verb: "fetch",
     };
     run.git(tree, &["init", "-q"]).await?;
     run.git(tree, &["remote", "add", "origin", url]).await?;
@@ -300,6 +318,49 @@ async fn git_fetch(
     run.git(tree, &["checkout", "-q", "--detach", "FETCH_HEAD"])
         .await?;
     run.git(tree, &["rev-parse", "HEAD"]).await
+}
+
+/// The `git -c` settings a run against `url` needs, once the remote passed the worker's
+/// checks (`git_allowed_protocols`, `git_allowed_hosts`, public addresses only, the
+/// connection pinned); a local repository only with `allow_local_sources`. A token goes
+/// over HTTP(S) only.
+pub(crate) async fn remote_settings(
+    config: &ActivityConfig,
+    url: &str,
+    with_token: bool,
+    verb: &str,
+) -> Result<Vec<String>, GitFailure> {
+    let local = is_local(url);
+    if with_token && !(url.starts_with("https://") || url.starts_with("http://")) {
+        return Err(refused(format!(
+            "cannot {verb} {url}: a token is sent over HTTP(S) only"
+        )));
+    }
+    let settings = if local {
+        if !config.allow_local_sources {
+            return Err(refused(format!(
+                "cannot {verb} {url}: local repositories are not allowed by this worker (allow_local_sources is off)"
+            )));
+        }
+        // Local fetches by commit id need the "server" side to allow it.
+        let file = ["file".to_string()];
+        git_settings(&file, vec!["uploadpack.allowAnySHA1InWant=true".into()])
+    } else {
+        let checked = GitRemote::parse(url)
+            .map_err(|e| refused(e.to_string()))?
+            .check(&config.git_remotes)
+            .await
+            .map_err(|e| refused(format!("cannot {verb} {url}: {e}")))?;
+        git_settings(&config.git_remotes.protocols, checked.git_config())
+    };
+    Ok(settings)
+}
+
+fn refused(message: String) -> GitFailure {
+    GitFailure {
+        message,
+        permanent: true,
+    }
 }
 
 /// Files and bytes under `dir` (without `.git`).

@@ -12,6 +12,7 @@
 //! retried by Temporal's policy.
 
 pub mod fetch;
+pub mod pull_request;
 pub mod results;
 pub mod runner;
 pub mod stage;
@@ -59,6 +60,8 @@ pub struct ActivityConfig {
     pub secrets: Arc<patchflow_platform::secret_box::SecretBox>,
     /// Lifetime of a batch slot lease; holders renew it with their heartbeats.
     pub batch_lease: Duration,
+    /// The forges and credentials pull requests are opened with.
+    pub pull_requests: pull_request::PrSettings,
 }
 
 impl ActivityConfig {
@@ -193,23 +196,112 @@ impl Activities {
         })?;
         if status.is_terminal() {
             self.publish_result_message(id).await?;
+            if matches!(change, StatusChange::Applied { .. }) {
+                self.comment_on_issue(id).await;
+            }
         }
         Ok(change)
     }
 
-    async fn record_agent_event(&self, task: &TaskId, event: &AgentEvent) {
-        let message = event.describe();
-        match self
+    /// Opens the task's pull request if it asked for one: `None` when it did not, else the
+    /// URL or why not (both stored in the record, and said in an event). Only a store that
+    /// cannot be written fails the step.
+    async fn pull_request(
+        &self,
+        id: &TaskId,
+        summary: &AgentSummary,
+        commit: Option<&str>,
+    ) -> Result<Option<Result<String, String>>, ActivityError> {
+        let record = self
             .store
-            .append_event(task, TaskEventKind::Agent, &message)
+            .get(id)
+            .await
+            .map_err(transient)?
+            .ok_or_else(|| bad_input(format!("task {id} is not in the task store")))?;
+        if !record.spec.open_pr {
+            return Ok(None);
+        }
+        let outcome = match self.diff_file(id).await {
+            Ok(diff) => pull_request::open(
+                &self.config,
+                &self.config.pull_requests,
+                &record,
+                summary,
+                commit,
+                &diff,
+            )
+            .await
+            .map_err(|e| e.0),
+            Err(e) => Err(e),
+        };
+        let (url, error) = match &outcome {
+            Ok(url) => (Some(url.as_str()), None),
+            Err(e) => (None, Some(e.as_str())),
+        };
+        self.store
+            .set_pull_request(id, url, error)
+            .await
+            .map_err(transient)?;
+        let note = match &outcome {
+            Ok(url) => format!("pull request: {url}"),
+            Err(e) => format!("pull request not opened: {e}"),
+        };
+        match &outcome {
+            Ok(url) => tracing::info!(task_id = %id, %url, "pull request opened"),
+            Err(e) => tracing::warn!(task_id = %id, error = %e, "pull request not opened"),
+        }
+        self.record_event(id, TaskEventKind::Agent, note).await;
+        Ok(Some(outcome))
+    }
+
+    /// Says on the task's issue, if it came from one, how it ended (a failure is logged:
+    /// the task's own outcome stands).
+    async fn comment_on_issue(&self, id: &TaskId) {
+        let record = match self.store.get(id).await {
+            Ok(Some(r)) if r.spec.issue.is_some() => r,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(task_id = %id, error = %e, "cannot read the task to comment on its issue");
+                return;
+            }
+        };
+        match pull_request::comment_on_issue(&self.config, &self.config.pull_requests, &record)
             .await
         {
+            Ok(()) => tracing::info!(task_id = %id, "commented on the issue"),
+            Err(e) => tracing::warn!(task_id = %id, error = %e.0, "cannot comment on the issue"),
+        }
+    }
+
+    /// The task's diff, downloaded beside its work tree.
+    async fn diff_file(&self, id: &TaskId) -> Result<PathBuf, String> {
+        let path = self.config.work_dir(id).join("pr.patch");
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+        }
+        self.objects
+            .get_to_file(&layout::result_key(id, layout::DIFF), &path)
+            .await
+            .map_err(|e| format!("cannot read the diff: {e}"))?;
+        Ok(path)
+    }
+
+    async fn record_agent_event(&self, task: &TaskId, event: &AgentEvent) {
+        self.record_event(task, TaskEventKind::Agent, event.describe())
+            .await;
+    }
+
+    /// Appends an event to the task's history and publishes it to live readers.
+    async fn record_event(&self, task: &TaskId, kind: TaskEventKind, message: String) {
+        match self.store.append_event(task, kind, &message).await {
             Ok(seq) => {
                 // Not a status change: the event goes to live readers, the cached record
                 // stays (it holds no agent events).
                 let ev = TaskEvent {
                     seq,
-                    kind: TaskEventKind::Agent,
+                    kind,
                     status: None,
                     message,
                     at: chrono::Utc::now(),
@@ -218,7 +310,7 @@ impl Activities {
                     tracing::warn!(task_id = %task, error = %e, "cannot publish a live event (readers fall back to the database)");
                 }
             }
-            Err(e) => tracing::warn!(task_id = %task, error = %e, "cannot record agent event"),
+            Err(e) => tracing::warn!(task_id = %task, error = %e, "cannot record an event"),
         }
     }
 }
@@ -413,15 +505,25 @@ impl Activities {
             .await
             .map_err(transient)?;
         let s = &input.summary;
+        let pr = if s.outcome.is_success() && !s.files_changed.is_empty() {
+            self.pull_request(&id, s, input.commit.as_deref()).await?
+        } else {
+            None
+        };
         let (status, message) = if s.outcome.is_success() {
             let changed = match s.files_changed.len() {
                 0 => "no files changed".to_string(),
                 1 => "1 file changed".to_string(),
                 n => format!("{n} files changed"),
             };
+            let pr = match pr {
+                Some(Ok(url)) => format!("; pull request {url}"),
+                Some(Err(_)) => "; no pull request (see pr_error)".to_string(),
+                None => String::new(),
+            };
             (
                 TaskStatus::Completed,
-                format!("{}; {changed}", s.outcome.describe()),
+                format!("{}; {changed}{pr}", s.outcome.describe()),
             )
         } else {
             let why = s

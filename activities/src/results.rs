@@ -73,6 +73,7 @@ impl ResultsTopic {
             idempotency_key: record.idempotency_key.clone(),
             tenant: record.tenant.clone(),
             pr_url: record.pr_url.clone(),
+            pr_error: record.pr_error.clone(),
             objects: files,
             finished_at: record.updated_at,
         };

@@ -31,8 +31,8 @@ pub enum InvalidBody {
     TwoSources,
     #[error("a source is required: git_url, or a zip_file part in a multipart upload")]
     NoSource,
-    #[error("git_token: {0}")]
-    GitToken(&'static str),
+    #[error("{0}: {1}")]
+    Token(&'static str, &'static str),
     #[error("field `limits` is not JSON: {0}")]
     LimitsNotJson(String),
     #[error("field `{0}` is not a number")]

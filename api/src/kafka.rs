@@ -155,6 +155,9 @@ pub struct ResultMessage {
     pub idempotency_key: Option<String>,
     pub tenant: String,
     pub pr_url: Option<String>,
+    /// Why the pull request asked for could not be opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr_error: Option<String>,
     /// `diff`, `transcript`, `log`, `summary` -> where each is, for the files that exist.
     pub objects: BTreeMap<String, ResultObject>,
     pub finished_at: chrono::DateTime<chrono::Utc>,

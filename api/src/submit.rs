@@ -31,7 +31,17 @@ pub struct SubmitBody {
     pub limits: Option<LimitsBody>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub open_pr: bool,
-    /// Only the step that opens a pull request may use it; it is never stored. A client
+    /// The branch the pull request merges into (default: `git_ref`, else the
+    /// repository's default branch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pr_base: Option<String>,
+    /// The branch the work is pushed to (default `patchflow/<task_id>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pr_branch: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pr_draft: bool,
+    /// The token that pushes the branch and opens the pull request (GitHub's or GitLab's);
+    /// sealed by the gateway like `git_token`, and used by that step only. A client
     /// sending this body sends the value itself (see [`expose_secret`]).
     #[serde(
         skip_serializing_if = "Option::is_none",
@@ -116,17 +126,18 @@ fn given(o: Option<String>) -> Option<String> {
 /// Longest `git_token` accepted (forge tokens are under 300 characters).
 pub const MAX_GIT_TOKEN_CHARS: usize = 4096;
 
-fn git_token(t: Option<Secret>) -> Result<Option<GitToken>, InvalidBody> {
+fn secret_token(t: Option<Secret>, field: &'static str) -> Result<Option<GitToken>, InvalidBody> {
     let Some(t) = t else { return Ok(None) };
     let v = t.expose();
     if v.is_empty() {
         return Ok(None);
     }
     if v.len() > MAX_GIT_TOKEN_CHARS {
-        return Err(InvalidBody::GitToken("longer than 4096 characters"));
+        return Err(InvalidBody::Token(field, "longer than 4096 characters"));
     }
     if !v.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(InvalidBody::GitToken(
+        return Err(InvalidBody::Token(
+            field,
             "must be printable ASCII without spaces or line breaks",
         ));
     }
@@ -142,13 +153,13 @@ impl SubmitBody {
         let source = match (url, has_upload) {
             (Some(_), true) => return Err(InvalidBody::TwoSources),
             (None, true) if self.git_token.is_some() => {
-                return Err(InvalidBody::GitToken("only with a git_url"));
+                return Err(InvalidBody::Token("git_token", "only with a git_url"));
             }
             (None, true) => TaskSource::Archive { key: String::new() },
             (Some(url), false) => TaskSource::Git {
                 url: url.trim().to_string(),
                 git_ref: given(self.git_ref),
-                git_token: git_token(self.git_token)?,
+                git_token: secret_token(self.git_token, "git_token")?,
             },
             (None, false) => return Err(InvalidBody::NoSource),
         };
@@ -157,6 +168,10 @@ impl SubmitBody {
         spec.model = given(self.model);
         spec.limits = self.limits.map(LimitsBody::resolve).unwrap_or_default();
         spec.open_pr = self.open_pr;
+        spec.pr_base = given(self.pr_base).map(|b| b.trim().to_string());
+        spec.pr_branch = given(self.pr_branch).map(|b| b.trim().to_string());
+        spec.pr_draft = self.pr_draft;
+        spec.github_token = secret_token(self.github_token, "github_token")?;
         spec.branch_name = given(self.branch_name);
         if let Some(t) = given(self.tenant) {
             spec.tenant = t;
@@ -201,7 +216,7 @@ impl FormFields {
                 serde_json::from_str(text).map_err(|e| InvalidBody::LimitsNotJson(e.to_string()))?
             }
             "open_pr" => json!(matches!(text.trim(), "true" | "on" | "1" | "yes")),
-            "max_steps" | "max_tokens" | "wall_seconds" if text.trim().is_empty() => {
+            "max_steps" | "max_tokens" | "wall_seconds" | "git_token" if text.trim().is_empty() => {
                 return Ok(());
             }
             "max_steps" | "max_tokens" | "wall_seconds" => {

@@ -191,10 +191,13 @@ fn form_fields_read_like_the_json_body() {
         ("max_tokens", ""),
         ("wall_seconds", "60"),
         ("open_pr", "on"),
+        // The page's password field, left empty: not a token.
+        ("git_token", ""),
     ] {
         f.add(name, text).unwrap();
     }
     let b = f.finish().unwrap();
+    assert!(b.git_token.is_none());
     assert_eq!(
         b.limits,
         Some(LimitsBody {
@@ -315,6 +318,7 @@ fn record() -> TaskRecord {
         created_at: at,
         updated_at: at + chrono::Duration::milliseconds(1500),
         pr_url: None,
+        pr_error: None,
         summary: Some(AgentSummary {
             outcome: AgentOutcome::Finished,
             summary: "fixed".into(),
@@ -548,6 +552,7 @@ fn a_result_message_round_trips() {
         idempotency_key: Some("k".into()),
         tenant: "default".into(),
         pr_url: None,
+        pr_error: None,
         objects: [(
             "diff".to_string(),
             ResultObject {

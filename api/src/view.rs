@@ -17,6 +17,9 @@ pub struct TaskView {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub pr_url: Option<String>,
+    /// Why the pull request asked for could not be opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr_error: Option<String>,
     pub summary: Option<AgentSummary>,
     pub source: String,
     pub task_description: String,
@@ -77,6 +80,7 @@ impl TaskView {
             created_at: r.created_at,
             updated_at: r.updated_at,
             pr_url: r.pr_url,
+            pr_error: r.pr_error,
             summary: r.summary,
             tenant: r.tenant,
             batch_id: r.batch_id,

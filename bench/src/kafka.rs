@@ -116,7 +116,7 @@ pub async fn run(
         config.temporal.temporal_address = Some(addr.clone());
     }
     crate::harness::on_stack(&config, async |stores, client| {
-        let service = patchflow::stack::service(&config, &stores, client);
+        let service = patchflow::stack::service(&config, &stores, client)?;
         let repo = "https://example.com/bench/repo.git";
         let run_id = std::process::id();
         let settings = |round: &str| KafkaSettings {

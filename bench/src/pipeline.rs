@@ -96,7 +96,7 @@ pub async fn with_stack(
     }
     on_stack(&config, async |stores, client| {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let service = patchflow::stack::service(&config, &stores, client.clone());
+        let service = patchflow::stack::service(&config, &stores, client.clone())?;
         let token = match service
             .bootstrap_admin(&config.server.data_dir, None)
             .await

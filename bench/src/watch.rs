@@ -51,7 +51,7 @@ pub async fn run(
     }
     crate::harness::on_stack(&config, async |stores, client| {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let service = patchflow::stack::service(&config, &stores, client);
+        let service = patchflow::stack::service(&config, &stores, client)?;
         let (http, http_addr) =
             patchflow::stack::serve_http(&config, service.clone(), patchflow::stack::stopped(&stop_rx))
                 .await?;

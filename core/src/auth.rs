@@ -85,6 +85,15 @@ pub fn token_hash(token: &Secret) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Whether `name` may name a tenant: 1 to 128 letters, digits, `-`, `_` or `.`.
+pub fn is_tenant_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 /// Whether `text` has a token's shape (`pf_` and at least 43 URL-safe characters): what
 /// is looked up at all.
 pub fn looks_like_token(text: &str) -> bool {

@@ -169,6 +169,19 @@ settings! {
         /// `tokens` (default: `Authorization: Bearer pf_…` on every API call), `jwt`, or
         /// `none` (only when every listening address is loopback).
         auth: AuthMode = AuthMode::Tokens,
+        /// With `auth = "jwt"`: the provider's JWKS URL (https, or http on loopback), whose
+        /// keys sign the bearer JWTs.
+        auth_jwt_jwks_url: Option<String> = None,
+        /// With `auth = "jwt"`: the `iss` a token must carry.
+        auth_jwt_issuer: Option<String> = None,
+        /// With `auth = "jwt"`: the `aud` a token must carry.
+        auth_jwt_audience: Option<String> = None,
+        /// The claim naming a JWT's tenant (a top-level name, or a dotted path such as
+        /// `org.tenant`).
+        auth_jwt_tenant_claim: String = "tenant".into(),
+        /// The claim naming a JWT's role: a string or a list; the most privileged of
+        /// `admin`, `member`, `viewer` in it counts, and none of them means `viewer`.
+        auth_jwt_role_claim: String = "role".into(),
         /// The token client commands send (`--token`); unset: `<data_dir>/admin.token`
         /// when it is readable (one machine).
         token: Option<Secret> = None,
@@ -363,6 +376,47 @@ settings! {
         /// frees itself after this.
         batch_lease_secs: u64 = 30,
     }
+    /// Pull requests, the forges they are opened on, and the webhooks that start tasks.
+    forge: ForgeSettings {
+        /// The GitHub token a task that brings no `github_token` pushes and opens its pull
+        /// request with.
+        github_token: Option<Secret> = None,
+        /// A GitHub App to act as instead of a token: its id (installation tokens are minted
+        /// per push from the app's private key).
+        github_app_id: Option<String> = None,
+        /// The GitHub App's private key (PEM).
+        github_app_private_key: Option<Secret> = None,
+        /// The GitLab token a task that brings none pushes and opens its merge request with.
+        gitlab_token: Option<Secret> = None,
+        /// Hosts (`host` or `host:port`, comma-separated) whose repositories are GitHub's.
+        github_hosts: String = "github.com".into(),
+        /// GitHub's REST API (`https://HOST/api/v3` for GitHub Enterprise Server).
+        github_api_url: String = "https://api.github.com".into(),
+        /// Hosts whose repositories are GitLab's.
+        gitlab_hosts: String = "gitlab.com".into(),
+        /// GitLab's REST API.
+        gitlab_api_url: String = "https://gitlab.com/api/v4".into(),
+        /// The author and committer of the commit a pull request carries.
+        git_author_name: String = "patchflow".into(),
+        git_author_email: String = "patchflow@localhost".into(),
+        /// The web page's address as users reach it (`https://patchflow.example`), for the
+        /// task links in pull requests and issue comments; unset: `http://<http_addr>`.
+        public_url: Option<String> = None,
+        /// The secret GitHub signs webhook deliveries with (`X-Hub-Signature-256`); unset:
+        /// `POST /api/webhooks/github` is refused.
+        github_webhook_secret: Option<Secret> = None,
+        /// The issue label that starts a task.
+        github_trigger_label: String = "patchflow".into(),
+        /// The tenant tasks from GitHub webhooks belong to.
+        github_webhook_tenant: String = "default".into(),
+        /// The token GitLab sends with webhooks (`X-Gitlab-Token`); unset:
+        /// `POST /api/webhooks/gitlab` is refused.
+        gitlab_webhook_secret: Option<Secret> = None,
+        /// The issue label that starts a task from GitLab.
+        gitlab_trigger_label: String = "patchflow".into(),
+        /// The tenant tasks from GitLab webhooks belong to.
+        gitlab_webhook_tenant: String = "default".into(),
+    }
     /// What each tenant may do (kept last: its `[tenants.NAME]` tables end the file).
     tenancy: TenancySettings {
         /// Per-tenant quotas: `[tenants.NAME]` tables (`[tenants."*"]` for every other
@@ -445,10 +499,41 @@ impl Config {
             );
         }
         if self.server.auth == AuthMode::Jwt {
-            return bad(
-                "auth",
-                "`jwt` is not in this build yet; use `tokens` (the default)",
-            );
+            let s = &self.server;
+            for (key, value) in [
+                ("auth_jwt_jwks_url", &s.auth_jwt_jwks_url),
+                ("auth_jwt_issuer", &s.auth_jwt_issuer),
+                ("auth_jwt_audience", &s.auth_jwt_audience),
+            ] {
+                if value.as_deref().is_none_or(|v| v.trim().is_empty()) {
+                    return bad(key, "`auth = \"jwt\"` needs it");
+                }
+            }
+            let url = s.auth_jwt_jwks_url.as_deref().unwrap_or_default();
+            let ok = match url::Url::parse(url) {
+                Ok(u) if u.scheme() == "https" => true,
+                Ok(u) if u.scheme() == "http" => u.host().is_some_and(|h| match h {
+                    url::Host::Domain(d) => d == "localhost",
+                    url::Host::Ipv4(a) => a.is_loopback(),
+                    url::Host::Ipv6(a) => a.is_loopback(),
+                }),
+                _ => false,
+            };
+            if !ok {
+                return bad(
+                    "auth_jwt_jwks_url",
+                    "must be an https:// URL (http:// only on a loopback address): the keys \
+                     it serves decide who may call",
+                );
+            }
+            for (key, value) in [
+                ("auth_jwt_tenant_claim", &s.auth_jwt_tenant_claim),
+                ("auth_jwt_role_claim", &s.auth_jwt_role_claim),
+            ] {
+                if value.trim().is_empty() {
+                    return bad(key, "must name a claim");
+                }
+            }
         }
         if self.kube.runner == Runner::Kube {
             if self.kube.kube_image.is_empty() {
@@ -562,6 +647,14 @@ impl Config {
             .object_store_url
             .clone()
             .unwrap_or_else(|| format!("file://{}", self.server.data_dir.join("objects").display()))
+    }
+
+    /// Where users reach the web page: `public_url`, else `http://<http_addr>`.
+    pub fn public_url(&self) -> String {
+        match &self.forge.public_url {
+            Some(u) if !u.trim().is_empty() => u.trim().trim_end_matches('/').to_string(),
+            _ => format!("http://{}", self.server.http_addr),
+        }
     }
 
     /// Whether `up` should start the Temporal dev server itself.

@@ -16,8 +16,8 @@ pub use event::{AgentEvent, TaskEvent, TaskEventKind};
 pub use secret::Secret;
 pub use summary::{AgentOutcome, AgentSummary, SandboxReport};
 pub use task::{
-    GitToken, Limits, SecretHeader, TaskAttempt, TaskId, TaskRecord, TaskSource, TaskSpec,
-    TaskStatus, ToolPolicy,
+    GitToken, IssueRef, Limits, SecretHeader, TaskAttempt, TaskId, TaskRecord, TaskSource,
+    TaskSpec, TaskStatus, ToolPolicy,
 };
 
 /// Object keys of the layout in ARCHITECTURE.md, in one place so no crate spells them twice.

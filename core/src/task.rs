@@ -386,8 +386,8 @@ impl Limits {
     }
 }
 
-/// What a user asks for. Secrets never live here: a `github_token` sent with a submission
-/// stays at the gateway edge, so a spec can be stored, logged and shown freely.
+/// What a user asks for. Secrets live here only sealed ([`GitToken::Sealed`]: `git_token`,
+/// `github_token`), so a spec can be stored, logged and shown freely.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskSpec {
     pub source: TaskSource,
@@ -398,10 +398,27 @@ pub struct TaskSpec {
     pub model: Option<String>,
     #[serde(default)]
     pub limits: Limits,
+    /// Open a pull (merge) request with the diff when the agent succeeds.
     #[serde(default)]
     pub open_pr: bool,
+    /// The branch the pull request merges into (default: `git_ref`, else the
+    /// repository's default branch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr_base: Option<String>,
+    /// The branch the work is pushed to (default `patchflow/<task_id>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr_branch: Option<String>,
+    #[serde(default)]
+    pub pr_draft: bool,
+    /// The forge token that pushes and opens the pull request, sealed like `git_token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_token: Option<GitToken>,
+    /// The blueprint's older name of `pr_branch` (used when `pr_branch` is not given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch_name: Option<String>,
+    /// The forge issue a task was started from (the resolver), commented on when it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issue: Option<IssueRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     #[serde(default = "default_tenant")]
@@ -430,7 +447,12 @@ impl TaskSpec {
             model: None,
             limits: Limits::default(),
             open_pr: false,
+            pr_base: None,
+            pr_branch: None,
+            pr_draft: false,
+            github_token: None,
             branch_name: None,
+            issue: None,
             idempotency_key: None,
             tenant: default_tenant(),
             batch_id: None,
@@ -463,11 +485,26 @@ impl TaskSpec {
         {
             return Err(ValidationError::new("model", "must be 1 to 200 characters"));
         }
-        if self.open_pr {
+        if self.open_pr && !matches!(self.source, TaskSource::Git { .. }) {
             return Err(ValidationError::new(
                 "open_pr",
-                "opening pull requests is not available in this build of patchflow",
+                "a pull request needs a git_url to push to (not a ZIP upload)",
             ));
+        }
+        for (field, branch) in [
+            ("pr_base", &self.pr_base),
+            ("pr_branch", &self.pr_branch),
+            ("branch_name", &self.branch_name),
+        ] {
+            if let Some(b) = branch
+                && !is_branch_name(b)
+            {
+                return Err(ValidationError::new(
+                    field,
+                    "must be a branch name: letters, digits, `-`, `_`, `.` and `/`, no `..`, \
+                     at most 200 characters",
+                ));
+            }
         }
         if self.tenant.is_empty()
             || self.tenant.len() > 64
@@ -605,6 +642,28 @@ pub fn validate_relative_path(field: &str, p: &str) -> Result<(), ValidationErro
     Ok(())
 }
 
+/// Whether `b` is a branch name patchflow will push to or name: conservative (a subset
+/// of what git allows), so it can go into a ref, a URL query and an API body safely.
+pub fn is_branch_name(b: &str) -> bool {
+    !b.is_empty()
+        && b.len() <= 200
+        && !b.starts_with(['-', '/', '.'])
+        && !b.ends_with(['/', '.'])
+        && !b.contains("..")
+        && !b.contains("//")
+        && !b.ends_with(".lock")
+        && b.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c))
+}
+
+/// A forge issue: the repository's web URL and the issue's number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssueRef {
+    /// The repository's git URL (the task's source).
+    pub repo_url: String,
+    pub number: u64,
+}
+
 /// What the task store keeps of a task, and what `GET /api/tasks/{task_id}` answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
@@ -614,6 +673,9 @@ pub struct TaskRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub pr_url: Option<String>,
+    /// Why the pull request asked for (`open_pr`) could not be opened, when it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr_error: Option<String>,
     pub summary: Option<AgentSummary>,
     pub tenant: String,
     pub batch_id: Option<String>,

@@ -198,11 +198,14 @@ impl TaskService {
                 "authentication required: send `Authorization: Bearer <token>`",
             ));
         };
-        if !looks_like_token(token) {
-            return Err(refused("unknown token"));
-        }
         let hash = token_hash(&Secret::new(token));
         let now = Utc::now();
+        if !looks_like_token(token) {
+            return match &self.config().jwt {
+                Some(jwt) => self.authenticate_jwt(jwt, token, hash, now).await,
+                None => Err(refused("unknown token")),
+            };
+        }
         if let Some(who) = self.token_cache().get(&hash, now) {
             return Ok(who);
         }
@@ -232,6 +235,32 @@ impl TaskService {
         Ok(who)
     }
 
+    /// The caller a bearer JWT stands for (`auth = "jwt"`); a checked JWT is remembered as
+    /// a token is, until its `exp` at the latest.
+    async fn authenticate_jwt(
+        &self,
+        jwt: &crate::jwt::JwtVerifier,
+        token: &str,
+        hash: String,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<Principal, ServiceError> {
+        if let Some(who) = self.token_cache().get(&hash, now) {
+            return Ok(who);
+        }
+        let id = jwt.verify(token).await.map_err(|e| match e {
+            crate::jwt::JwtError::KeysUnavailable(_) => ServiceError::Unavailable(e.to_string()),
+            crate::jwt::JwtError::Invalid(_) => ServiceError::Unauthenticated(e.to_string()),
+        })?;
+        let who = Principal {
+            tenant: id.tenant,
+            role: id.role,
+            token_id: format!("jwt:{}", id.subject.as_deref().unwrap_or("")),
+        };
+        let expires = chrono::DateTime::from_timestamp(id.expires_at, 0);
+        self.token_cache().put(hash, who.clone(), expires);
+        Ok(who)
+    }
+
     /// A task the caller may see; another tenant's is `NotFound`, as a missing one.
     pub async fn get_for(
         &self,
@@ -254,12 +283,7 @@ impl TaskService {
     ) -> Result<NewToken, ServiceError> {
         who.must_admin()?;
         let tenant = req.tenant.trim();
-        if tenant.is_empty()
-            || tenant.len() > 128
-            || !tenant
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
+        if !patchflow_core::auth::is_tenant_name(tenant) {
             return Err(ServiceError::BadRequest(
                 "tenant: 1 to 128 letters, digits, `-`, `_` or `.`".into(),
             ));
@@ -343,7 +367,7 @@ impl TaskService {
         data_dir: &Path,
         preset: Option<Secret>,
     ) -> Result<Option<PathBuf>, ServiceError> {
-        if self.config().auth != AuthMode::Tokens || self.store().count_tokens().await? > 0 {
+        if self.config().auth == AuthMode::None || self.store().count_tokens().await? > 0 {
             return Ok(None);
         }
         if let Some(p) = &preset

@@ -281,6 +281,7 @@ impl Tasks for TasksApi {
         who.must_write().map_err(|e| status_of(&e))?;
         let r = request.into_inner();
         let mut body = submit_body(Some(r.git_url), r.git_ref, r.options.unwrap_or_default());
+        body.git_token = non_empty(r.git_token).map(patchflow_core::Secret::new);
         body.tenant = Some(
             who.tenant_for_submit(body.tenant.as_deref())
                 .map_err(|e| status_of(&e))?,

@@ -80,6 +80,11 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A service error as the API answers it.
+pub(crate) fn error_of(e: ServiceError) -> Response {
+    ApiError(e).into_response()
+}
+
 /// The record as the API shows it, with its workflow's link.
 fn view(service: &TaskService, r: TaskRecord) -> TaskView {
     let workflow = service.workflow_link(&r.task_id);
@@ -110,8 +115,14 @@ pub fn router(service: TaskService) -> Router {
             service.clone(),
             require_token,
         ));
+    // Webhooks are authenticated by their signatures, not by API tokens.
+    let hooks = Router::new()
+        .route("/api/webhooks/github", post(crate::webhooks::github))
+        .route("/api/webhooks/gitlab", post(crate::webhooks::gitlab))
+        .layer(DefaultBodyLimit::max(crate::webhooks::MAX_WEBHOOK_BYTES));
     Router::new()
         .merge(api)
+        .merge(hooks)
         .route("/healthz", get(healthz))
         .merge(crate::web::routes(upload_limit, service.clone()))
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "not_found", "no such route") })

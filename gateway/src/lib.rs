@@ -8,10 +8,12 @@ pub mod auth;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod jwt;
 pub mod kafka;
 pub mod service;
 pub mod submit;
 pub mod web;
+pub mod webhooks;
 
 pub use error::ServiceError;
 pub use service::{RetryMode, ServiceConfig, SubmitOutcome, TaskService, Upload};

@@ -51,6 +51,10 @@ pub struct ServiceConfig {
     pub secrets: Arc<patchflow_platform::secret_box::SecretBox>,
     /// How callers are authenticated (`auth`).
     pub auth: patchflow_core::config::AuthMode,
+    /// With `auth = "jwt"`: checks bearer JWTs (API tokens are still accepted beside them).
+    pub jwt: Option<Arc<crate::jwt::JwtVerifier>>,
+    /// The webhook doors' secrets, labels and tenants.
+    pub webhooks: crate::webhooks::WebhookSettings,
     /// Per-tenant quotas (`[tenants.NAME]`), checked at submit.
     pub tenants: patchflow_core::config::TenantQuotas,
     /// The model a task without `model` gets (`PATCHFLOW_MODEL`), for the `models` quota.
@@ -117,10 +121,11 @@ impl TaskService {
     }
 
     /// A submission over its tenant's caps, or asking for a model the tenant may not use:
-    /// a `400` naming the cap.
-    fn check_quota(&self, spec: &TaskSpec) -> Result<(), ServiceError> {
-        let t = &spec.tenant;
-        let q = self.config.tenants.for_tenant(t);
+    /// a `400` naming the cap. A limit left at its default is lowered to a cap below it, so
+    /// a tenant with caps can still submit without naming limits.
+    fn check_quota(&self, spec: &mut TaskSpec) -> Result<(), ServiceError> {
+        let t = spec.tenant.clone();
+        let q = self.config.tenants.for_tenant(&t);
         let model = spec.model.as_deref().unwrap_or(&self.config.default_model);
         if let Some(models) = &q.models
             && !models.iter().any(|m| m == model)
@@ -130,14 +135,31 @@ impl TaskService {
                 models.join(", ")
             )));
         }
+        let d = patchflow_core::Limits::default();
+        let l = &mut spec.limits;
+        if let Some(cap) = q.max_steps
+            && l.max_steps == d.max_steps
+        {
+            l.max_steps = l.max_steps.min(cap);
+        }
+        if let Some(cap) = q.wall_seconds
+            && l.wall_seconds == d.wall_seconds
+        {
+            l.wall_seconds = l.wall_seconds.min(cap);
+        }
+        if let Some(cap) = q.max_tokens
+            && l.max_tokens == d.max_tokens
+        {
+            l.max_tokens = l.max_tokens.min(cap);
+        }
         let caps = [
             (
                 "max_steps",
-                u64::from(spec.limits.max_steps),
+                u64::from(l.max_steps),
                 q.max_steps.map(u64::from),
             ),
-            ("wall_seconds", spec.limits.wall_seconds, q.wall_seconds),
-            ("max_tokens", spec.limits.max_tokens, q.max_tokens),
+            ("wall_seconds", l.wall_seconds, q.wall_seconds),
+            ("max_tokens", l.max_tokens, q.max_tokens),
         ];
         for (name, asked, cap) in caps {
             if let Some(cap) = cap
@@ -273,19 +295,23 @@ impl TaskService {
         }
         spec.validate(self.config.allow_local_sources)?;
         self.check_quota(spec)?;
-        // The token is sealed for this task id before the spec is stored or sent anywhere.
-        if let TaskSource::Git {
-            git_token: Some(token),
-            ..
-        } = &mut spec.source
-            && let GitToken::Plain(plain) = token
+        // Tokens are sealed for this task id before the spec is stored or sent anywhere.
+        let git_token = match &mut spec.source {
+            TaskSource::Git { git_token, .. } => git_token.as_mut(),
+            TaskSource::Archive { .. } => None,
+        };
+        for token in [git_token, spec.github_token.as_mut()]
+            .into_iter()
+            .flatten()
         {
-            let sealed = self
-                .config
-                .secrets
-                .seal(plain, &task_id)
-                .map_err(ServiceError::Internal)?;
-            *token = GitToken::Sealed(sealed);
+            if let GitToken::Plain(plain) = token {
+                let sealed = self
+                    .config
+                    .secrets
+                    .seal(plain, &task_id)
+                    .map_err(ServiceError::Internal)?;
+                *token = GitToken::Sealed(sealed);
+            }
         }
         if let Some(u) = upload {
             // Refuse a hostile or oversized ZIP now, before it is stored or a task exists.

@@ -274,6 +274,8 @@ struct ListQuery {
     status: Option<String>,
     q: Option<String>,
     cursor: Option<String>,
+    /// An admin's narrowing to one tenant.
+    tenant: Option<String>,
 }
 
 async fn list_page(
@@ -317,10 +319,18 @@ async fn render_list(
     } else {
         SEARCH_WINDOW
     };
+    // The signed-in tenant's tasks; an admin sees every tenant's, or the one it names.
+    let tenant = q
+        .tenant
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty() && session.who.is_admin());
     let filter = ListFilter {
         status,
-        // The signed-in tenant's tasks; an admin sees every tenant's.
-        tenant: (!session.who.is_admin()).then(|| session.who.tenant.clone()),
+        tenant: if session.who.is_admin() {
+            tenant.clone()
+        } else {
+            Some(session.who.tenant.clone())
+        },
         batch_id: None,
         cursor,
         limit,
@@ -335,7 +345,11 @@ async fn render_list(
         .collect();
     let body = pages::list_page(
         &tasks,
-        &ListFilterView { status, query },
+        &ListFilterView {
+            status,
+            query,
+            tenant: tenant.unwrap_or_default(),
+        },
         next.as_deref(),
         &form,
         chrono::Utc::now(),

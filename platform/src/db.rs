@@ -149,6 +149,15 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn set_summary(&self, task_id: &TaskId, summary: &AgentSummary)
     -> Result<(), StoreError>;
 
+    /// Records the task's pull request: its URL, or why there is none (each replaces what
+    /// was there; both `None` clears them).
+    async fn set_pull_request(
+        &self,
+        task_id: &TaskId,
+        pr_url: Option<&str>,
+        pr_error: Option<&str>,
+    ) -> Result<(), StoreError>;
+
     /// Appends a progress line to the task's history; returns its sequence number.
     async fn append_event(
         &self,

@@ -7,6 +7,7 @@
 //! - [`bus`]: Kafka (rdkafka): the task trigger topic, the results topic and the DLQ.
 //! - [`cache`]: hot-path services beside the task store (status cache, idempotency keys,
 //!   rate limits, live events), in-process or on Redis, bundled in [`cache::Hot`].
+//! - [`forge`]: GitHub and GitLab REST APIs: pull (merge) requests and issue comments.
 //! - [`git_remote`]: which git remotes a worker may reach (no private addresses, no
 //!   credentials in URLs), checked before git runs.
 //! - [`status`]: the one way to change a task's status (store, then event and cache).
@@ -18,6 +19,7 @@ pub mod archive;
 pub mod bus;
 pub mod cache;
 pub mod db;
+pub mod forge;
 pub mod git_remote;
 pub mod objectstore;
 pub mod process;

@@ -150,9 +150,14 @@ pub fn new_token() -> Result<(String, Secret), String> {
 /// The `Authorization` header value of HTTP Basic auth with a forge token as password
 /// (`x-access-token` is the user GitHub expects; GitLab and Gitea take any user name).
 pub fn basic_auth_header(token: &Secret) -> Secret {
+    basic_auth_header_as("x-access-token", token)
+}
+
+/// [`basic_auth_header`] with another user name (GitLab's `oauth2`).
+pub fn basic_auth_header_as(user: &str, token: &Secret) -> Secret {
     Secret::new(format!(
         "Authorization: Basic {}",
-        STANDARD.encode(format!("x-access-token:{}", token.expose()))
+        STANDARD.encode(format!("{user}:{}", token.expose()))
     ))
 }
 

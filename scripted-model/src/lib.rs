@@ -11,6 +11,10 @@
 //! request), so a retried request, a restarted agent, or many tasks at once all get the
 //! right answer without shared cursors.
 
+pub mod forge;
+pub mod git_server;
+pub mod oidc;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -188,7 +192,7 @@ impl ScriptedModel {
     }
 }
 
-fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -230,6 +230,39 @@ async fn a_git_token_reaches_only_the_git_server_and_is_stored_sealed() {
     );
     assert!(!stack.logs().contains(TOKEN), "the logs hold the token");
 
+    // gRPC takes the token too, and treats it alike.
+    const GRPC_TOKEN: &str = "glpat-grpcDoorToken51f0";
+    let submitted = stack
+        .grpc_client()
+        .await
+        .submit_task(patchflow_gateway::grpc::proto::SubmitTaskRequest {
+            git_url: url.clone(),
+            git_token: Some(GRPC_TOKEN.into()),
+            options: Some(patchflow_gateway::grpc::proto::TaskOptions {
+                task_description: "fix".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = stack.wait_terminal(&submitted.task_id).await;
+    assert!(!r.to_string().contains(GRPC_TOKEN), "{r}");
+    let basic = base64::engine::general_purpose::STANDARD
+        .encode(format!("x-access-token:{GRPC_TOKEN}"))
+        .to_lowercase();
+    assert!(
+        heads
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|h| h.to_lowercase().contains(&basic)),
+        "git did not send the gRPC submission's token"
+    );
+    let history = crate::support::history_text(&stack.history(&submitted.task_id));
+    assert!(!history.contains(GRPC_TOKEN) && !stack.logs().contains(GRPC_TOKEN));
+
     // A token is sent over HTTP(S) only, and a token with a ZIP is refused.
     let (c, v) = stack
         .post_json(

@@ -105,6 +105,7 @@ async fn grpc_submits_git_and_zip_watches_to_the_end_and_gets_the_result() {
     let repo = demo_git_repo(stack.dir.path());
     let git = c
         .submit_task(proto::SubmitTaskRequest {
+            git_token: None,
             git_url: format!("file://{}", repo.display()),
             git_ref: Some("main".into()),
             options: Some(options("fix")),
@@ -236,6 +237,7 @@ async fn grpc_watch_resumes_after_the_last_event_exactly_once() {
     let repo = demo_git_repo(stack.dir.path());
     let id = c
         .submit_task(proto::SubmitTaskRequest {
+            git_token: None,
             git_url: format!("file://{}", repo.display()),
             git_ref: None,
             options: Some(options("fix")),
@@ -309,6 +311,7 @@ async fn grpc_errors_have_their_codes_and_the_http_messages() {
     assert_status(&e, Code::NotFound, "not found");
     let e = c
         .submit_task(proto::SubmitTaskRequest {
+            git_token: None,
             git_url: " ".into(),
             git_ref: None,
             options: Some(options("fix")),
@@ -361,6 +364,7 @@ async fn grpc_errors_have_their_codes_and_the_http_messages() {
     let repo = demo_git_repo(stack.dir.path());
     let id = c
         .submit_task(proto::SubmitTaskRequest {
+            git_token: None,
             git_url: format!("file://{}", repo.display()),
             git_ref: None,
             options: Some(options("fix")),
@@ -394,6 +398,7 @@ async fn grpc_errors_have_their_codes_and_the_http_messages() {
     // A blank description is bad input (and spends a submission).
     let e = c
         .submit_task(proto::SubmitTaskRequest {
+            git_token: None,
             git_url: format!("file://{}", repo.display()),
             git_ref: None,
             options: Some(options("  ")),
@@ -403,6 +408,7 @@ async fn grpc_errors_have_their_codes_and_the_http_messages() {
     assert_status(&e, Code::InvalidArgument, "task_description");
     let e = c
         .submit_task(proto::SubmitTaskRequest {
+            git_token: None,
             git_url: format!("file://{}", repo.display()),
             git_ref: Some("--bad".into()),
             options: Some(options("fix")),
@@ -413,6 +419,7 @@ async fn grpc_errors_have_their_codes_and_the_http_messages() {
     // The sixth submission within the burst of five is rate limited.
     let e = c
         .submit_task(proto::SubmitTaskRequest {
+            git_token: None,
             git_url: format!("file://{}", repo.display()),
             git_ref: None,
             options: Some(options("fix")),

@@ -10,5 +10,6 @@ mod grpc;
 mod isolation;
 mod kafka;
 mod kube_pod;
+mod pull_requests;
 mod retry;
 mod tenancy;

@@ -523,8 +523,13 @@ async fn quotas_refuse_a_model_or_limit_a_tenant_may_not_have() {
     )
     .await;
     assert!(page["tasks"].as_array().unwrap().is_empty(), "{page}");
-    let (c, v, _) = submit(json!({"git_url": git_url, "task_description": "x", "tenant": "team-x", "limits": {"max_steps": 5, "wall_seconds": 60}})).await;
+    // Limits left out: the defaults, lowered to team-x's caps rather than refused.
+    let (c, v, _) =
+        submit(json!({"git_url": git_url, "task_description": "x", "tenant": "team-x"})).await;
     assert_eq!(c, 202, "{v}");
+    let r = stack.record(v["task_id"].as_str().unwrap()).await;
+    assert_eq!(r["limits"]["max_steps"], 5, "{r}");
+    assert_eq!(r["limits"]["wall_seconds"], 600, "{r}");
     let done = stack.wait_terminal(v["task_id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "COMPLETED", "{done}");
 }
@@ -635,4 +640,164 @@ async fn a_bootstrap_token_from_the_environment_is_the_admin_and_no_file_is_writ
     .await;
     assert_eq!(c, 200);
     assert_eq!(v["tokens"].as_array().unwrap().len(), 1, "{v}");
+}
+
+/// `auth = "jwt"`: a provider-signed JWT names the tenant and role at the HTTP and gRPC
+/// doors; a forged, expired or foreign-audience one is a 401; API tokens (the bootstrap
+/// admin's) still work beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwts_of_an_oidc_provider_name_the_tenant_and_role_at_every_door() {
+    use patchflow_gateway::grpc::proto;
+    use patchflow_scripted_model::oidc::{AUDIENCE, ISSUER, TestIssuer};
+
+    let idp = TestIssuer::start().await.unwrap();
+    let jwks = idp.jwks_url();
+    let stack = Stack::start(
+        Mode::Up,
+        demo_script(),
+        &[
+            ("PATCHFLOW_AUTH", "jwt"),
+            ("PATCHFLOW_AUTH_JWT_JWKS_URL", &jwks),
+            ("PATCHFLOW_AUTH_JWT_ISSUER", ISSUER),
+            ("PATCHFLOW_AUTH_JWT_AUDIENCE", AUDIENCE),
+        ],
+    )
+    .await;
+    let member = idp.sign(&TestIssuer::claims("acme", "member", 600));
+    let rival = idp.sign(&TestIssuer::claims("globex", "member", 600));
+    let viewer = idp.sign(&TestIssuer::claims("acme", "viewer", 600));
+    let (c, who, _) = call(
+        &http_with(Some(&member)),
+        "GET",
+        &format!("{}/api/whoami", stack.base),
+        None,
+    )
+    .await;
+    assert_eq!(c, 200, "{who}");
+    assert_eq!(
+        who,
+        json!({"tenant": "acme", "role": "member", "token_id": "jwt:user-of-acme"})
+    );
+
+    // Refused: forged, expired, another audience, an admin claim forged onto a viewer's
+    // token, a tenant claim with a path in it.
+    let mut wrong_aud = TestIssuer::claims("acme", "member", 600);
+    wrong_aud["aud"] = json!("another-app");
+    let mut bad_tenant = TestIssuer::claims("acme", "member", 600);
+    bad_tenant["tenant"] = json!("../acme");
+    for (what, token) in [
+        (
+            "forged",
+            idp.forge(&TestIssuer::claims("acme", "admin", 600)),
+        ),
+        (
+            "expired",
+            idp.sign(&TestIssuer::claims("acme", "member", -3600)),
+        ),
+        ("audience", idp.sign(&wrong_aud)),
+        ("tenant", idp.sign(&bad_tenant)),
+    ] {
+        let (c, v, www) = call(
+            &http_with(Some(&token)),
+            "GET",
+            &format!("{}/api/tasks", stack.base),
+            None,
+        )
+        .await;
+        assert_eq!(c, 401, "{what}: {v}");
+        assert!(www.unwrap_or_default().starts_with("Bearer"), "{what}");
+    }
+
+    // The member submits; the task is acme's.
+    let repo = demo_git_repo(stack.dir.path());
+    let body = json!({"git_url": format!("file://{}", repo.display()), "task_description": "fix"});
+    let (c, _, _) = call(
+        &http_with(Some(&viewer)),
+        "POST",
+        &format!("{}/api/tasks", stack.base),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(c, 403, "a viewer's JWT only reads");
+    let (c, v, _) = call(
+        &http_with(Some(&member)),
+        "POST",
+        &format!("{}/api/tasks", stack.base),
+        Some(body),
+    )
+    .await;
+    assert_eq!(c, 202, "{v}");
+    let id = v["task_id"].as_str().unwrap().to_string();
+    let (c, r, _) = call(
+        &http_with(Some(&member)),
+        "GET",
+        &format!("{}/api/tasks/{id}", stack.base),
+        None,
+    )
+    .await;
+    assert_eq!((c, r["tenant"].as_str()), (200, Some("acme")), "{r}");
+    // Another tenant's JWT: 404, and not in its list.
+    let (c, _, _) = call(
+        &http_with(Some(&rival)),
+        "GET",
+        &format!("{}/api/tasks/{id}", stack.base),
+        None,
+    )
+    .await;
+    assert_eq!(c, 404);
+    let (_, list, _) = call(
+        &http_with(Some(&rival)),
+        "GET",
+        &format!("{}/api/tasks", stack.base),
+        None,
+    )
+    .await;
+    assert!(!list.to_string().contains(&id), "{list}");
+    // gRPC: the same tokens, the same answers.
+    let got = stack
+        .grpc_as(Some(&viewer))
+        .await
+        .get_task(proto::GetTaskRequest {
+            task_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.task_id, id);
+    let code = |r: Result<tonic::Response<proto::Task>, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(
+        code(
+            stack
+                .grpc_as(Some(&rival))
+                .await
+                .get_task(proto::GetTaskRequest {
+                    task_id: id.clone()
+                })
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            stack
+                .grpc_as(Some(&idp.forge(&TestIssuer::claims("acme", "admin", 600))))
+                .await
+                .get_task(proto::GetTaskRequest {
+                    task_id: id.clone()
+                })
+                .await
+        ),
+        Code::Unauthenticated
+    );
+    // The bootstrap admin token still works beside the JWTs, and sees acme's task.
+    let (c, _, _) = call(
+        &stack.http,
+        "GET",
+        &format!("{}/api/tasks/{id}", stack.base),
+        None,
+    )
+    .await;
+    assert_eq!(c, 200);
+    assert_eq!(stack.wait_terminal(&id).await["status"], "COMPLETED");
+    assert!(!stack.logs().contains(&member), "a JWT reached the log");
 }

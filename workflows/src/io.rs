@@ -124,6 +124,9 @@ pub struct SlotInput {
 pub struct PublishInput {
     pub task_id: TaskId,
     pub summary: AgentSummary,
+    /// The commit `fetch_code` checked out: a pull request's commit goes on top of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -240,6 +240,7 @@ impl CodeTask {
         let publish = PublishInput {
             task_id: task_id.clone(),
             summary: summary.clone(),
+            commit: fetched.commit.clone(),
         };
         let published = match Self::step(
             ctx,

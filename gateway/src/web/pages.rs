@@ -38,6 +38,8 @@ fn headline(s: &str, max: usize) -> String {
 pub struct ListFilterView {
     pub status: Option<TaskStatus>,
     pub query: String,
+    /// The tenant an admin narrowed the list to (empty: every tenant).
+    pub tenant: String,
 }
 
 /// The values a refused submission had, so the form comes back filled in with the error.
@@ -136,6 +138,11 @@ fn submit_form(form: &FormState, csrf: Option<&str>) -> Markup {
                         input name="model" id="model" type="text" value=(form.model);
                     }
                     label {
+                        "Git token " small { "(a private repository; sent to its host only)" }
+                        input name="git_token" id="git_token" type="password"
+                            autocomplete="off";
+                    }
+                    label {
                         "Target file " small { "(optional)" }
                         input name="target_file" id="target_file" type="text" value=(form.target_file);
                     }
@@ -173,6 +180,7 @@ pub fn list_page(
     who: Option<&SignedIn<'_>>,
 ) -> String {
     let status = filter.status.map(|s| s.as_str()).unwrap_or_default();
+    let admin = who.is_some_and(|w| w.role == "admin");
     let body = html! {
         div class="home" {
             section class="list card" {
@@ -184,6 +192,11 @@ pub fn list_page(
                         }
                         input type="search" name="q" id="search" placeholder="Search"
                             aria-label="Search tasks" value=(filter.query);
+                        @if admin {
+                            input type="text" name="tenant" id="tenant-filter"
+                                placeholder="Every tenant" aria-label="Tenant"
+                                value=(filter.tenant);
+                        }
                         button type="submit" { "Filter" }
                     }
                 }
@@ -193,6 +206,7 @@ pub fn list_page(
                         a href={
                             "/?status=" (url_encode(status))
                             "&q=" (url_encode(&filter.query))
+                            "&tenant=" (url_encode(&filter.tenant))
                             "&cursor=" (url_encode(c))
                         } { "Older tasks →" }
                     }
@@ -263,6 +277,9 @@ fn facts(d: &TaskPageData<'_>) -> Markup {
                         (url)
                     }
                 }))
+            }
+            @if let Some(e) = &r.pr_error {
+                (fact("Pull request", &html! { span class="err" id="pr-error" { "not opened: " (e) } }))
             }
         }
     }
@@ -576,6 +593,7 @@ mod tests {
             created_at: now,
             updated_at: now,
             pr_url: Some("javascript:alert(1)".to_string()),
+            pr_error: Some(HOSTILE.to_string()),
             summary: Some(AgentSummary {
                 outcome: AgentOutcome::Finished,
                 summary: HOSTILE.to_string(),
@@ -633,13 +651,22 @@ mod tests {
             &ListFilterView {
                 status: Some(TaskStatus::Completed),
                 query: HOSTILE.to_string(),
+                tenant: HOSTILE.to_string(),
             },
             Some("c&\"ursor"),
             &form,
             Utc::now(),
-            None,
+            Some(&SignedIn {
+                tenant: HOSTILE,
+                role: "admin",
+                csrf: "c",
+            }),
         );
         assert_clean(&html);
+        assert!(
+            html.contains("id=\"tenant-filter\""),
+            "an admin may filter by tenant"
+        );
         assert!(!html.contains("</textarea><script"));
         assert!(html.contains(&format!("<a href=\"/tasks/{}\">", r.task_id)));
         assert!(html.contains("&lt;script&gt;alert('x')&lt;/script&gt;"));

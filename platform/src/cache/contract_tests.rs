@@ -200,6 +200,7 @@ fn record(task_id: &TaskId, status: TaskStatus, message: &str) -> TaskRecord {
         created_at: now,
         updated_at: now,
         pr_url: None,
+        pr_error: None,
         summary: None,
         tenant: spec.tenant.clone(),
         batch_id: spec.batch_id.clone(),

@@ -12,7 +12,7 @@ use sqlx::{ColumnIndex, Database, Decode, Row, Type};
 use super::StoreError;
 
 /// The columns of `tasks` that [`record_of`] reads, in the order the back-ends select them.
-pub(super) const COLUMNS: &str = "task_id, tenant, idempotency_key, batch_id, status, message, spec, summary, pr_url, created_at, updated_at, attempt";
+pub(super) const COLUMNS: &str = "task_id, tenant, idempotency_key, batch_id, status, message, spec, summary, pr_url, pr_error, created_at, updated_at, attempt";
 
 pub(super) fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
@@ -49,6 +49,7 @@ where
         created_at: time_of(row.try_get("created_at")?),
         updated_at: time_of(row.try_get("updated_at")?),
         pr_url: row.try_get("pr_url")?,
+        pr_error: row.try_get("pr_error")?,
         summary: summary
             .map(|s| serde_json::from_str::<AgentSummary>(&s))
             .transpose()

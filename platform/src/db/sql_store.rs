@@ -419,6 +419,27 @@ where
         Ok(())
     }
 
+    async fn set_pull_request(
+        &self,
+        task_id: &TaskId,
+        pr_url: Option<&str>,
+        pr_error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut q = QueryBuilder::<DB>::new("UPDATE tasks SET pr_url = ");
+        q.push_bind(pr_url)
+            .push(", pr_error = ")
+            .push_bind(pr_error)
+            .push(", updated_at = ")
+            .push_bind(now_ms())
+            .push(" WHERE task_id = ")
+            .push_bind(task_id.as_str());
+        let done = q.build().execute(&self.pool).await?;
+        if DB::rows_affected(&done) == 0 {
+            return Err(StoreError::NotFound(task_id.clone()));
+        }
+        Ok(())
+    }
+
     async fn append_event(
         &self,
         task_id: &TaskId,
