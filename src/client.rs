@@ -108,6 +108,17 @@ pub struct RetryArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PrArgs {
+    pub task_id: String,
+    /// Read a token to push and open it with from standard input (instead of the task's
+    /// own or the deployment's), so it stays out of `ps` and shell history.
+    #[arg(long)]
+    pub github_token_stdin: bool,
+    #[command(flatten)]
+    pub server: ServerOpt,
+}
+
+#[derive(Debug, Args)]
 pub struct StatusArgs {
     pub task_id: String,
     #[arg(long)]
@@ -502,6 +513,31 @@ pub async fn retry(config: &Config, a: RetryArgs) -> anyhow::Result<ExitCode> {
             a.task_id, r.attempt, r.status, r.message
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `patchflow pr TASK_ID`: prints the pull request's URL, or why there is none.
+pub async fn pull_request(config: &Config, a: PrArgs) -> anyhow::Result<ExitCode> {
+    let base = a.server.base(config);
+    let client = http(config)?;
+    let mut body = serde_json::Map::new();
+    if a.github_token_stdin {
+        let mut token = String::new();
+        std::io::stdin()
+            .read_line(&mut token)
+            .context("cannot read the token from standard input")?;
+        body.insert("github_token".into(), token.trim().into());
+    }
+    let r: serde_json::Value = send(
+        client
+            .post(format!("{base}/api/tasks/{}/pull-request", a.task_id))
+            .json(&body),
+        &base,
+    )
+    .await?
+    .json()
+    .await?;
+    println!("{}", r["pr_url"].as_str().unwrap_or_default());
     Ok(ExitCode::SUCCESS)
 }
 

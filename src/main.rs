@@ -47,6 +47,8 @@ enum Command {
     Cancel(client::CancelArgs),
     /// Start a new attempt of an ended task (from the failed step, or from the start).
     Retry(client::RetryArgs),
+    /// Open (or update) the pull request of a COMPLETED task now.
+    Pr(client::PrArgs),
     /// Follow a task's events over gRPC until it ends; resumes after the last event.
     Watch(grpc_client::WatchArgs),
     /// List tasks, newest first.
@@ -107,6 +109,7 @@ fn main() -> ExitCode {
             | Command::Result(_)
             | Command::Cancel(_)
             | Command::Retry(_)
+            | Command::Pr(_)
             | Command::Watch(_)
             | Command::List(_)
             | Command::Config
@@ -136,6 +139,7 @@ fn main() -> ExitCode {
             Command::Result(a) => client::result(&config, a).await,
             Command::Cancel(a) => client::cancel(&config, a).await,
             Command::Retry(a) => client::retry(&config, a).await,
+            Command::Pr(a) => client::pull_request(&config, a).await,
             Command::Watch(a) => grpc_client::watch(&config, a).await,
             Command::List(a) => client::list(&config, a).await,
             Command::Agent(a) => patchflow_agent::cli::run(&config, a).await,

@@ -401,6 +401,7 @@ pub async fn run_worker(
     let options = WorkerOptions::new(config.temporal.task_queue.clone())
         .register_activities(activities(config, stores).await?)
         .register_workflow::<CodeTask>()?
+        .register_workflow::<patchflow_workflows::OpenPullRequest>()?
         .build();
     let mut worker =
         Worker::new(&runtime, client, options).context("cannot create the Temporal worker")?;

@@ -28,8 +28,8 @@ use patchflow_platform::cache::{CacheError, Hot};
 use patchflow_platform::status::{self, CacheDuty, StatusWrite};
 use patchflow_platform::{ObjectStore, StatusChange, StoreError, TaskStore};
 use patchflow_workflows::io::{
-    FetchInput, FetchOutput, PublishInput, PublishOutput, RunAgentInput, SlotInput, StageInput,
-    StageOutput, StatusUpdate,
+    FetchInput, FetchOutput, PublishInput, PublishOutput, PullRequestInput, PullRequestOutput,
+    RunAgentInput, SlotInput, StageInput, StageOutput, StatusUpdate,
 };
 use patchflow_workflows::steps::markers as steps;
 use temporalio_macros::activities;
@@ -221,11 +221,25 @@ impl Activities {
         if !record.spec.open_pr {
             return Ok(None);
         }
+        self.open_and_record(&record, summary, commit)
+            .await
+            .map(Some)
+    }
+
+    /// Pushes the diff and opens the pull request of `record`, and records the URL or why
+    /// not (the record's fields and an event).
+    async fn open_and_record(
+        &self,
+        record: &patchflow_core::TaskRecord,
+        summary: &AgentSummary,
+        commit: Option<&str>,
+    ) -> Result<Result<String, String>, ActivityError> {
+        let id = &record.task_id;
         let outcome = match self.diff_file(id).await {
             Ok(diff) => pull_request::open(
                 &self.config,
                 &self.config.pull_requests,
-                &record,
+                record,
                 summary,
                 commit,
                 &diff,
@@ -251,7 +265,7 @@ impl Activities {
             Err(e) => tracing::warn!(task_id = %id, error = %e, "pull request not opened"),
         }
         self.record_event(id, TaskEventKind::Agent, note).await;
-        Ok(Some(outcome))
+        Ok(outcome)
     }
 
     /// Says on the task's issue, if it came from one, how it ended (a failure is logged:
@@ -478,6 +492,55 @@ impl Activities {
             Err(RunnerError::BadInput(m)) => Err(bad_input(m)),
             Err(e) => Err(transient(e)),
         }
+    }
+
+    /// `POST /api/tasks/{id}/pull-request`: the pull request of a task that ended with
+    /// changes, opened now (with the request's token when it brought one).
+    #[activity(definition = steps::OpenPullRequest)]
+    pub async fn open_pull_request(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        input: PullRequestInput,
+    ) -> Result<PullRequestOutput, ActivityError> {
+        let id = task_id(&input.task_id)?;
+        let mut record = self
+            .store
+            .get(&id)
+            .await
+            .map_err(transient)?
+            .ok_or_else(|| bad_input(format!("task {id} is not in the task store")))?;
+        let summary = match (&record.status, &record.summary) {
+            (TaskStatus::Completed, Some(s)) if !s.files_changed.is_empty() => s.clone(),
+            (TaskStatus::Completed, _) => {
+                return Err(bad_input(format!(
+                    "task {id} changed no file: there is nothing to propose"
+                )));
+            }
+            (status, _) => {
+                return Err(bad_input(format!(
+                    "task {id} is {status}: only a COMPLETED task has a pull request to open"
+                )));
+            }
+        };
+        if input.github_token.is_some() {
+            record.spec.github_token = input.github_token;
+        }
+        // The commit the task started from is not kept; the diff goes on the source's
+        // ref as it is now (a conflict is said in pr_error).
+        let outcome = self.open_and_record(&record, &summary, None).await?;
+        if let Err(e) = self.hot.status.invalidate(&id).await {
+            tracing::warn!(task_id = %id, error = %e, "cannot invalidate the cached status");
+        }
+        Ok(match outcome {
+            Ok(url) => PullRequestOutput {
+                pr_url: Some(url),
+                pr_error: None,
+            },
+            Err(e) => PullRequestOutput {
+                pr_url: None,
+                pr_error: Some(e),
+            },
+        })
     }
 
     #[activity(definition = steps::PublishResult)]

@@ -20,7 +20,7 @@
 
 use std::convert::Infallible;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{
     DefaultBodyLimit, Extension, FromRequest, Multipart, Path, Query, Request, State,
 };
@@ -80,6 +80,44 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The body of `POST /api/tasks/{task_id}/pull-request` (all optional).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PullRequestBody {
+    /// A token to use instead of the task's own.
+    #[serde(default)]
+    github_token: Option<patchflow_core::Secret>,
+}
+
+/// Opens (or updates) an ended task's pull request now: `200 {"task_id", "pr_url"}`, or
+/// `409` with the reason (also the record's `pr_error`).
+async fn pull_request(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    Path(task_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&task_id)?;
+    let body: PullRequestBody = if body.iter().all(u8::is_ascii_whitespace) {
+        PullRequestBody::default()
+    } else {
+        from_json(&body).map_err(ServiceError::from)?
+    };
+    let out = service
+        .open_pull_request(&who, &id, body.github_token)
+        .await?;
+    match (out.pr_url, out.pr_error) {
+        (Some(url), _) => Ok((
+            StatusCode::OK,
+            Json(serde_json::json!({"task_id": id, "pr_url": url})),
+        )
+            .into_response()),
+        (None, why) => Err(ApiError(ServiceError::Conflict(
+            why.unwrap_or_else(|| "no pull request was opened".into()),
+        ))),
+    }
+}
+
 /// A service error as the API answers it.
 pub(crate) fn error_of(e: ServiceError) -> Response {
     ApiError(e).into_response()
@@ -108,6 +146,7 @@ pub fn router(service: TaskService) -> Router {
         .route("/api/tasks/{task_id}/events", get(events))
         .route("/api/tasks/{task_id}/cancel", post(cancel))
         .route("/api/tasks/{task_id}/retry", post(retry))
+        .route("/api/tasks/{task_id}/pull-request", post(pull_request))
         .route("/api/tokens", post(create_token).get(list_tokens))
         .route("/api/tokens/{token_id}", delete(revoke_token))
         .route("/api/whoami", get(whoami))

@@ -24,6 +24,7 @@ use temporalio_client::{
 
 use crate::error::ServiceError;
 
+mod pull_request;
 mod retry;
 pub use retry::{RetryMode, reset_point};
 

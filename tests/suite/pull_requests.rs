@@ -273,6 +273,7 @@ async fn a_refused_push_or_forge_leaves_the_task_completed_with_pr_error() {
     assert!(why.contains("cannot push"), "{why}");
     assert!(!why.contains("ghp_wrongToken000"), "{why}");
     assert!(!f.forge.requests().iter().any(|r| r.method == "POST"));
+    let refused_push = id;
 
     // The forge refuses (403): said as the forge said it.
     f.forge.fail_next(403, 1);
@@ -290,6 +291,53 @@ async fn a_refused_push_or_forge_leaves_the_task_completed_with_pr_error() {
         f.git(&["branch", "--list", "fix/forbidden"])
             .contains("fix/forbidden")
     );
+
+    // Later, the forge answers: `patchflow pr` opens it, and the record forgets the error.
+    let out = stack.cli(&["pr", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(printed.contains("/acme/app/pull/"), "{printed}");
+    let r = stack.record(&id).await;
+    assert_eq!(r["pr_url"], printed.as_str(), "{r}");
+    assert!(r.get("pr_error").is_none(), "{r}");
+    // The refused push, with a token that works this time, through the API.
+    let (c, v) = stack
+        .post_json(
+            &format!("/api/tasks/{refused_push}/pull-request"),
+            &json!({"github_token": TOKEN}),
+        )
+        .await;
+    assert_eq!(c, 200, "{v}");
+    assert!(
+        v["pr_url"].as_str().unwrap().contains("/acme/app/pull/"),
+        "{v}"
+    );
+    assert!(!stack.logs().contains(TOKEN) && !stack.logs().contains("ghp_wrongToken000"));
+    // Refused at the door: an unknown field, a bad token, a task that does not exist.
+    for (path, body, code) in [
+        (
+            format!("/api/tasks/{refused_push}/pull-request"),
+            json!({"colour": 1}),
+            400,
+        ),
+        (
+            format!("/api/tasks/{refused_push}/pull-request"),
+            json!({"github_token": "a b"}),
+            400,
+        ),
+        (
+            "/api/tasks/tsk_00000000000000000000000000000000/pull-request".to_string(),
+            json!({}),
+            404,
+        ),
+    ] {
+        let (c, v) = stack.post_json(&path, &body).await;
+        assert_eq!(c, code, "{path} {body}: {v}");
+    }
 
     // The forge fails twice (502), then answers: retried, and the pull request is opened.
     f.forge.fail_next(502, 2);

@@ -79,6 +79,7 @@ async fn tenants_see_only_their_tasks_and_every_door_wants_a_live_token() {
         ("GET", format!("/api/tasks/{TASK_ID}/events")),
         ("POST", format!("/api/tasks/{TASK_ID}/cancel")),
         ("POST", format!("/api/tasks/{TASK_ID}/retry")),
+        ("POST", format!("/api/tasks/{TASK_ID}/pull-request")),
         ("GET", "/api/tokens".to_string()),
         ("POST", "/api/tokens".to_string()),
         ("DELETE", "/api/tokens/tok_x".to_string()),
@@ -218,6 +219,7 @@ async fn tenants_see_only_their_tasks_and_every_door_wants_a_live_token() {
         ("GET", format!("/api/tasks/{id}/events")),
         ("POST", format!("/api/tasks/{id}/cancel")),
         ("POST", format!("/api/tasks/{id}/retry")),
+        ("POST", format!("/api/tasks/{id}/pull-request")),
     ] {
         let (c, theirs, _) = call(&http_b, method, &format!("{}{path}", stack.base), None).await;
         let missing_path = path.replace(&id, TASK_ID);
@@ -310,6 +312,7 @@ async fn tenants_see_only_their_tasks_and_every_door_wants_a_live_token() {
         ),
         ("POST", format!("/api/tasks/{id}/cancel"), None),
         ("POST", format!("/api/tasks/{id}/retry"), None),
+        ("POST", format!("/api/tasks/{id}/pull-request"), None),
     ] {
         let (c, v, _) = call(&http_v, method, &format!("{}{path}", stack.base), body).await;
         assert_eq!(c, 403, "{path}: {v}");

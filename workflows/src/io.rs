@@ -129,6 +129,21 @@ pub struct PublishInput {
     pub commit: Option<String>,
 }
 
+/// `open_pull_request`: the task, and a new token (sealed) to use instead of its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PullRequestInput {
+    pub task_id: TaskId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_token: Option<patchflow_core::GitToken>,
+}
+
+/// The pull request's URL, or why there is none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullRequestOutput {
+    pub pr_url: Option<String>,
+    pub pr_error: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PublishOutput {
     pub status: TaskStatus,

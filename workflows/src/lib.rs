@@ -4,11 +4,13 @@
 //! no randomness outside the workflow context.
 
 pub mod io;
+mod pull_request;
 pub mod steps;
 mod workflow;
 
 pub use io::{CodeTaskInput, CodeTaskOutput, StatusView, WorkflowSettings};
-pub use workflow::CodeTask;
+pub use pull_request::OpenPullRequest;
+pub use workflow::{CodeTask, root_cause};
 
 /// The workflow type name other SDKs, the CLI and the Web UI see.
 pub const WORKFLOW_TYPE: &str = "CodeTask";

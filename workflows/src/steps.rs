@@ -7,8 +7,8 @@ use temporalio_macros::activity_definitions;
 use temporalio_sdk::activities::ActivityError;
 
 use crate::io::{
-    FetchInput, FetchOutput, PublishInput, PublishOutput, RunAgentInput, SlotInput, StageInput,
-    StageOutput, StatusUpdate,
+    FetchInput, FetchOutput, PublishInput, PublishOutput, PullRequestInput, PullRequestOutput,
+    RunAgentInput, SlotInput, StageInput, StageOutput, StatusUpdate,
 };
 use patchflow_core::AgentSummary;
 
@@ -60,13 +60,19 @@ impl Steps {
     pub fn publish_result(input: PublishInput) -> Result<PublishOutput, ActivityError> {
         unimplemented!()
     }
+
+    /// Opens (or updates) an ended task's pull request.
+    #[activity(name = "open_pull_request")]
+    pub fn open_pull_request(input: PullRequestInput) -> Result<PullRequestOutput, ActivityError> {
+        unimplemented!()
+    }
 }
 
 /// The activities' marker types, for `#[activity(definition = markers::FetchCode)]` in the
 /// crate that implements them.
 pub mod markers {
     pub use super::steps::{
-        AcquireBatchSlot, FetchCode, PublishResult, RecordStatus, ReleaseBatchSlot, RunAgent,
-        StageCode,
+        AcquireBatchSlot, FetchCode, OpenPullRequest, PublishResult, RecordStatus,
+        ReleaseBatchSlot, RunAgent, StageCode,
     };
 }

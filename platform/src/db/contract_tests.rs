@@ -610,6 +610,24 @@ pub(crate) async fn record_keeps_what_was_stored_and_unknown_tasks_are_refused(u
     assert_eq!(rec.summary, Some(summary.clone()));
     assert!(rec.updated_at >= rec.created_at);
 
+    // A pull request's URL, or why there is none; each write replaces the last.
+    let why = "the forge refused (403): «no» 🚫";
+    s.set_pull_request(&id, None, Some(why)).await.unwrap();
+    let rec = s.get(&id).await.unwrap().unwrap();
+    assert_eq!((rec.pr_url, rec.pr_error.as_deref()), (None, Some(why)));
+    s.set_pull_request(&id, Some("https://forge.example/o/r/pull/1"), None)
+        .await
+        .unwrap();
+    let rec = s.get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.pr_url.as_deref(), rec.pr_error),
+        (Some("https://forge.example/o/r/pull/1"), None)
+    );
+    assert!(matches!(
+        s.set_pull_request(&TaskId::generate(), None, None).await,
+        Err(StoreError::NotFound(_))
+    ));
+
     let only_it = s
         .list(&ListFilter {
             limit: 10,
