@@ -173,6 +173,15 @@ fn pr_settings(config: &Config) -> anyhow::Result<patchflow_activities::pull_req
         ),
         forge: Forge::new().map_err(anyhow::Error::msg)?,
         github_token: f.github_token.clone(),
+        github_app: match (&f.github_app_id, &f.github_app_private_key) {
+            (Some(id), Some(key)) => Some(
+                patchflow_platform::forge::GitHubApp::new(id, key)
+                    .map_err(anyhow::Error::msg)
+                    .context("github_app_private_key")?,
+            ),
+            (None, None) => None,
+            _ => anyhow::bail!("a GitHub App needs both github_app_id and github_app_private_key"),
+        },
         gitlab_token: f.gitlab_token.clone(),
         author_name: f.git_author_name.clone(),
         author_email: f.git_author_email.clone(),

@@ -23,6 +23,8 @@ pub struct PrSettings {
     pub forge: Forge,
     /// Used when a task brings no `github_token`.
     pub github_token: Option<Secret>,
+    /// A GitHub App to mint installation tokens with (before `github_token`).
+    pub github_app: Option<patchflow_platform::forge::GitHubApp>,
     pub gitlab_token: Option<Secret>,
     pub author_name: String,
     pub author_email: String,
@@ -54,13 +56,15 @@ pub fn branch_of(record: &TaskRecord) -> String {
 }
 
 /// The token that pushes and opens the pull request: the task's `github_token`, else its
-/// `git_token`, else the deployment's token for that forge.
-fn token_for(
+/// `git_token`, else the deployment's: a GitHub App's installation token for the
+/// repository, or the token configured for that forge.
+async fn token_for(
     config: &ActivityConfig,
     pr: &PrSettings,
     record: &TaskRecord,
-    kind: ForgeKind,
+    repo: &RepoRef,
 ) -> Result<Secret, PrError> {
+    let kind = repo.kind;
     let sealed = |t: &GitToken| match t {
         GitToken::Sealed(s) => config
             .secrets
@@ -77,6 +81,15 @@ fn token_for(
     {
         return sealed(t);
     }
+    if kind == ForgeKind::GitHub
+        && let Some(app) = &pr.github_app
+    {
+        return pr
+            .forge
+            .installation_token(repo, app)
+            .await
+            .map_err(|e| PrError(format!("the GitHub App's installation token: {e}")));
+    }
     let configured = match kind {
         ForgeKind::GitHub => pr.github_token.clone(),
         ForgeKind::GitLab => pr.gitlab_token.clone(),
@@ -86,7 +99,7 @@ fn token_for(
             "no token to open the {} with: give the task a github_token, or set {} in the configuration",
             kind.request_name(),
             match kind {
-                ForgeKind::GitHub => "github_token",
+                ForgeKind::GitHub => "github_token (or github_app_id)",
                 ForgeKind::GitLab => "gitlab_token",
             }
         ))
@@ -113,7 +126,7 @@ pub async fn open(
         ))
     })?;
     check_api(config, &repo).await?;
-    let token = token_for(config, pr, record, repo.kind)?;
+    let token = token_for(config, pr, record, &repo).await?;
     let head = branch_of(record);
     let base = match record.spec.pr_base.clone().or_else(|| git_ref.clone()) {
         Some(b) => b,
@@ -314,7 +327,7 @@ pub async fn comment_on_issue(
         .repo_of(&issue.repo_url)
         .ok_or_else(|| PrError(format!("{} is not on a known forge", issue.repo_url)))?;
     check_api(config, &repo).await?;
-    let token = token_for(config, pr, record, repo.kind)?;
+    let token = token_for(config, pr, record, &repo).await?;
     let link = format!(
         "{}/tasks/{}",
         pr.public_url.trim_end_matches('/'),

@@ -128,6 +128,51 @@ impl Forges {
     }
 }
 
+/// A GitHub App patchflow acts as (`github_app_id`, `github_app_private_key`): each push
+/// and pull request gets an installation token minted for that one repository, as GitHub's
+/// own integrations authenticate.
+#[derive(Clone)]
+pub struct GitHubApp {
+    app_id: String,
+    key: jsonwebtoken::EncodingKey,
+}
+
+impl std::fmt::Debug for GitHubApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitHubApp")
+            .field("app_id", &self.app_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GitHubApp {
+    /// The App of `app_id` with its private key (PEM, RSA).
+    pub fn new(app_id: &str, private_key_pem: &Secret) -> Result<Self, String> {
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(private_key_pem.expose().as_bytes())
+            .map_err(|e| format!("github_app_private_key is not an RSA private key in PEM: {e}"))?;
+        Ok(Self {
+            app_id: app_id.trim().to_string(),
+            key,
+        })
+    }
+
+    /// The App's own JWT (RS256, 9 minutes, issued a minute back for clock skew).
+    fn jwt(&self) -> Result<Secret, ForgeError> {
+        let now = chrono::Utc::now().timestamp();
+        let claims = json!({"iat": now - 60, "exp": now + 540, "iss": self.app_id});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+            &claims,
+            &self.key,
+        )
+        .map(Secret::new)
+        .map_err(|e| ForgeError::Refused {
+            status: 0,
+            message: format!("cannot sign the GitHub App's JWT: {e}"),
+        })
+    }
+}
+
 /// A pull (merge) request to open or bring up to date.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PullRequest {
@@ -256,6 +301,39 @@ impl Forge {
         } else {
             Err(refused(&method, path, &a))
         }
+    }
+
+    /// An installation token of `app` for `repo` alone (GitHub): the App's installation on
+    /// the repository, then a token limited to that repository.
+    pub async fn installation_token(
+        &self,
+        repo: &RepoRef,
+        app: &GitHubApp,
+    ) -> Result<Secret, ForgeError> {
+        let jwt = app.jwt()?;
+        let path = format!("/repos/{}/installation", repo.path);
+        let installation = self
+            .expect(repo, &jwt, reqwest::Method::GET, &path, None, &[200])
+            .await?;
+        let id = installation["id"].as_u64().ok_or_else(|| {
+            ForgeError::Unavailable(format!("GET {path} named no installation id"))
+        })?;
+        let name = repo.path.rsplit('/').next().unwrap_or_default();
+        let tokens = format!("/app/installations/{id}/access_tokens");
+        let minted = self
+            .expect(
+                repo,
+                &jwt,
+                reqwest::Method::POST,
+                &tokens,
+                Some(&json!({"repositories": [name]})),
+                &[201],
+            )
+            .await?;
+        minted["token"]
+            .as_str()
+            .map(Secret::new)
+            .ok_or_else(|| ForgeError::Unavailable(format!("POST {tokens} answered no token")))
     }
 
     /// The repository's default branch.

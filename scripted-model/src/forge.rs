@@ -49,6 +49,9 @@ struct Shared {
     default_branch: String,
     pulls: Vec<Pull>,
     comments: Vec<Value>,
+    /// A GitHub App installed on every repository: its id, public key, and the
+    /// installation token it hands out.
+    app: Option<(String, jsonwebtoken::DecodingKey, String)>,
 }
 
 impl Shared {
@@ -107,9 +110,15 @@ impl ScriptedForge {
             default_branch: "main".into(),
             pulls: Vec::new(),
             comments: Vec::new(),
+            app: None,
         }));
         let app = Router::new()
             .route("/repos/{owner}/{repo}", get(gh_repo))
+            .route("/repos/{owner}/{repo}/installation", get(gh_installation))
+            .route(
+                "/app/installations/{id}/access_tokens",
+                post(gh_access_token),
+            )
             .route("/repos/{owner}/{repo}/pulls", get(gh_list).post(gh_create))
             .route("/repos/{owner}/{repo}/pulls/{number}", patch(gh_update))
             .route(
@@ -165,6 +174,19 @@ impl ScriptedForge {
     }
 
     /// The pull and merge requests held, in creation order.
+    /// Installs a GitHub App (`public_pem`: its RSA public key) that hands out
+    /// `installation_token`; the token is also what [`Self::require_token`] should name.
+    pub fn install_app(
+        &self,
+        app_id: &str,
+        public_pem: &str,
+        installation_token: &str,
+    ) -> Result<(), jsonwebtoken::errors::Error> {
+        let key = jsonwebtoken::DecodingKey::from_rsa_pem(public_pem.as_bytes())?;
+        lock(&self.shared).app = Some((app_id.into(), key, installation_token.into()));
+        Ok(())
+    }
+
     pub fn pulls(&self) -> Vec<Value> {
         lock(&self.shared)
             .pulls
@@ -254,7 +276,11 @@ async fn gate(State(shared): St, req: Request, next: Next) -> Response {
                 json!({"message": format!("scripted failure ({status})")}),
             );
         }
+        // The App's routes take the App's JWT (checked by the route), not a token.
+        let app_route =
+            parts.uri.path().starts_with("/app/") || parts.uri.path().ends_with("/installation");
         if let Some(token) = &s.token
+            && !app_route
             && !authorized(
                 gitlab,
                 header("authorization"),
@@ -276,6 +302,63 @@ async fn gate(State(shared): St, req: Request, next: Next) -> Response {
     let mut req = Request::from_parts(parts, Body::empty());
     req.extensions_mut().insert(JsonBody(value));
     next.run(req).await
+}
+
+/// Whether `authorization` is `Bearer <JWT>` signed by the installed App (RS256, `iss`
+/// its id, not expired).
+fn app_jwt_ok(s: &Shared, authorization: Option<&str>) -> bool {
+    let (Some((app_id, key, _)), Some(jwt)) = (
+        &s.app,
+        authorization.and_then(|a| a.strip_prefix("Bearer ")),
+    ) else {
+        return false;
+    };
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    v.set_issuer(&[app_id]);
+    v.validate_aud = false;
+    jsonwebtoken::decode::<Value>(jwt, key, &v).is_ok()
+}
+
+async fn gh_installation(State(shared): St, headers: axum::http::HeaderMap) -> Response {
+    let s = lock(&shared);
+    if !app_jwt_ok(
+        &s,
+        headers.get("authorization").and_then(|v| v.to_str().ok()),
+    ) {
+        return answer(
+            401,
+            json!({"message": "A JSON web token could not be decoded"}),
+        );
+    }
+    answer(
+        200,
+        json!({"id": 77, "app_id": s.app.as_ref().map(|a| a.0.clone())}),
+    )
+}
+
+async fn gh_access_token(
+    State(shared): St,
+    Path(id): Path<u64>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let s = lock(&shared);
+    if !app_jwt_ok(
+        &s,
+        headers.get("authorization").and_then(|v| v.to_str().ok()),
+    ) {
+        return answer(
+            401,
+            json!({"message": "A JSON web token could not be decoded"}),
+        );
+    }
+    if id != 77 {
+        return answer(404, json!({"message": "Not Found"}));
+    }
+    let token = s.app.as_ref().map(|a| a.2.clone()).unwrap_or_default();
+    answer(
+        201,
+        json!({"token": token, "expires_at": "2099-01-01T00:00:00Z"}),
+    )
 }
 
 async fn gh_repo(State(shared): St, Path((owner, repo)): Path<(String, String)>) -> Response {

@@ -562,3 +562,102 @@ async fn a_labelled_issue_starts_a_task_that_opens_a_pull_request_and_comments_o
     let (_, page) = stack.get_json("/api/tasks").await;
     assert_eq!(page["tasks"].as_array().unwrap().len(), 1, "{page}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_github_app_mints_an_installation_token_for_the_one_repository() {
+    const INSTALLATION: &str = "ghs_installationToken3f9a";
+    let f = Forges::start().await;
+    // The App's key pair, made here with openssl (GitHub Apps sign with RS256).
+    let keys = tempfile::tempdir().unwrap();
+    let (private, public) = (keys.path().join("app.pem"), keys.path().join("app.pub"));
+    for args in [
+        vec![
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ],
+        vec!["pkey", "-pubout", "-in"],
+    ] {
+        let mut cmd = Command::new("openssl");
+        cmd.args(&args);
+        if args[0] == "genpkey" {
+            cmd.arg(&private);
+        } else {
+            cmd.arg(&private).arg("-out").arg(&public);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let private_pem = std::fs::read_to_string(&private).unwrap();
+    f.forge
+        .install_app(
+            "4242",
+            &std::fs::read_to_string(&public).unwrap(),
+            INSTALLATION,
+        )
+        .unwrap();
+    f.forge.require_token(INSTALLATION);
+    f.git.require_token(INSTALLATION);
+    let stack = start(
+        &f,
+        false,
+        &[
+            ("PATCHFLOW_GITHUB_APP_ID", "4242"),
+            ("PATCHFLOW_GITHUB_APP_PRIVATE_KEY", &private_pem),
+        ],
+    )
+    .await;
+    // The task brings no token: the App's installation token pushes and opens it.
+    let id = submit(
+        &stack,
+        json!({"git_url": f.git.url("acme/app.git"), "task_description": "fix", "open_pr": true}),
+    )
+    .await;
+    let done = stack.wait_terminal(&id).await;
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+    assert!(done["pr_url"].as_str().is_some(), "{done}");
+    let asked = f.forge.requests();
+    let installation = asked
+        .iter()
+        .find(|r| r.path == "/repos/acme/app/installation")
+        .expect("the App's installation was looked up");
+    let jwt = installation.authorization.as_deref().unwrap();
+    assert!(jwt.starts_with("Bearer ey"), "the App's JWT: {jwt}");
+    let mint = asked
+        .iter()
+        .find(|r| r.path == "/app/installations/77/access_tokens")
+        .expect("a token was minted");
+    assert_eq!(
+        mint.body["repositories"],
+        json!(["app"]),
+        "for this repository only"
+    );
+    let create = asked
+        .iter()
+        .find(|r| r.path == "/repos/acme/app/pulls")
+        .unwrap();
+    assert_eq!(
+        create.authorization.as_deref(),
+        Some(format!("Bearer {INSTALLATION}").as_str())
+    );
+    let logs = stack.logs();
+    assert!(!logs.contains(INSTALLATION) && !logs.contains("PRIVATE KEY"));
+    let (_, config) = {
+        let out = stack.cli(&["config"]);
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert!(
+        !config.contains("PRIVATE KEY"),
+        "patchflow config shows the App's key"
+    );
+}
