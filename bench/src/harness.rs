@@ -8,7 +8,8 @@ use std::time::Duration;
 use patchflow::stack::Stores;
 use patchflow_core::Config;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The `p` quantile (0..=1) of sorted values, nearest rank.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

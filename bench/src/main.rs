@@ -8,11 +8,13 @@
 //!   start-up (see `tools`).
 //! - `pipeline`, `status`: an embedded stack running one-step tasks (see `pipeline`).
 //! - `watch`, `store`, `kafka`: the gateway's fan-out, the object stores, the Kafka trigger.
+//! - `publish`: what opening a pull request adds to the publish step (see `publish`).
 
 mod agent;
 mod harness;
 mod kafka;
 mod pipeline;
+mod publish;
 mod store;
 mod tools;
 mod watch;
@@ -99,6 +101,13 @@ enum BenchCommand {
         #[arg(long)]
         brokers: Option<String>,
     },
+    /// What opening a pull request adds to a task's publish step: fetch, apply, commit and
+    /// push to a local git server, then the scripted forge's API (new and updated).
+    Publish {
+        /// Runs per measurement.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
     /// Whole tasks through an embedded stack.
     Pipeline {
         /// Tasks submitted one after another (latency).
@@ -163,6 +172,7 @@ async fn run(config: Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        BenchCommand::Publish { runs } => publish::run(runs).await,
         BenchCommand::Store { mib, s3_url } => store::run(mib, s3_url).await,
         BenchCommand::Watch {
             watchers,
