@@ -433,6 +433,15 @@ pub async fn status(config: &Config, a: StatusArgs) -> anyhow::Result<ExitCode> 
                 s.files_changed.join(", ")
             );
         }
+        if let Some(u) = &r.pr_url {
+            println!("pull request: {u}");
+        }
+        if let Some(e) = &r.pr_error {
+            println!(
+                "pull request not opened: {e} (patchflow pr {} tries again)",
+                r.task_id
+            );
+        }
         if let Some(w) = &r.links.workflow {
             println!("workflow: {w}");
         }

@@ -42,33 +42,48 @@ struct Setup {
     summary: AgentSummary,
 }
 
-/// Median, p90, min and max of `runs` timed calls of `body(run)`, in ms, and the forge
-/// requests per call; one untimed call first.
-async fn time(
-    s: &Setup,
-    runs: usize,
-    mut body: impl AsyncFnMut(usize) -> anyhow::Result<()>,
-) -> anyhow::Result<([f64; 4], f64)> {
-    body(usize::MAX).await?;
-    let before = s.forge.requests().len();
-    let mut v = Vec::with_capacity(runs);
-    for run in 0..runs {
-        let t = Instant::now();
-        body(run).await?;
-        v.push(ms(t.elapsed()));
-    }
-    let calls = (s.forge.requests().len() - before) as f64 / runs as f64;
-    v.sort_by(|a, b| a.total_cmp(b));
-    let (first, last) = (v.first().copied(), v.last().copied());
-    let (min, max) = (first.unwrap_or(f64::NAN), last.unwrap_or(f64::NAN));
-    Ok(([percentile(&v, 0.5), percentile(&v, 0.9), min, max], calls))
+/// The timings of one path, in ms, and the forge requests they made.
+#[derive(Default)]
+struct Timings {
+    ms: Vec<f64>,
+    calls: usize,
 }
 
-fn row(name: &str, (t, calls): ([f64; 4], f64)) {
-    println!(
-        "{name:<62} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {calls:>9.1}",
-        t[0], t[1], t[2], t[3]
-    );
+impl Timings {
+    /// Times `f`; the forge's request log is read outside the timed span.
+    async fn time<T>(
+        &mut self,
+        forge: &ScriptedForge,
+        f: impl Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        let before = forge.requests().len();
+        let t = Instant::now();
+        let out = f.await?;
+        self.ms.push(ms(t.elapsed()));
+        self.calls += forge.requests().len() - before;
+        Ok(out)
+    }
+
+    fn median(&self) -> f64 {
+        let mut v = self.ms.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        percentile(&v, 0.5)
+    }
+
+    /// Median, p90, min, max and API calls per run.
+    fn row(&self, name: &str) {
+        let mut v = self.ms.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let (min, max) = (v.first(), v.last());
+        println!(
+            "{name:<68} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1}",
+            percentile(&v, 0.5),
+            percentile(&v, 0.9),
+            min.copied().unwrap_or(f64::NAN),
+            max.copied().unwrap_or(f64::NAN),
+            self.calls as f64 / v.len().max(1) as f64
+        );
+    }
 }
 
 /// The diff a task would have produced: `add` fixed in the demo's `calc.py`.
@@ -233,73 +248,57 @@ impl Setup {
     }
 }
 
-/// Times each path of `pull_request::open` over `runs` runs and prints the table.
+/// Times each path of `pull_request::open` over `runs` rounds (one path after the other
+/// in each, so drift hits all alike; one untimed round first) and prints the table.
 pub async fn run(runs: usize) -> anyhow::Result<ExitCode> {
-    let runs = runs.max(1);
     let s = setup().await?;
+    let f = &s.forge;
+    let retried = s.record(TaskId::generate(), Some("main"));
+    let (mut seen, mut retried_url) = (std::collections::HashSet::new(), None);
+    let mut t: [Timings; 5] = Default::default();
+    for round in 0..=runs.max(1) {
+        if round == 1 {
+            t = Default::default();
+        }
+        let new = s.record(TaskId::generate(), Some("main"));
+        let url = t[0].time(f, s.open(&new)).await?;
+        if !seen.insert(url.clone()) {
+            bail!("a new task got the pull request {url} of another");
+        }
+        let looked_up = s.record(TaskId::generate(), None);
+        t[1].time(f, s.open(&looked_up)).await?;
+        let url = t[2].time(f, s.open(&retried)).await?;
+        match &retried_url {
+            None => retried_url = Some(url),
+            Some(first) if *first != url => bail!("a retry opened {url}, not {first} again"),
+            Some(_) => {}
+        }
+        t[3].time(f, s.api(format!("bench/api-{round}"))).await?;
+        t[4].time(f, s.api("bench/api-same".into())).await?;
+    }
+
     println!(
         "publish benchmark: pull_request::open against a local git http-backend and the scripted forge, {runs} runs (ms)"
     );
     println!(
-        "{:<62} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "{:<68} {:>8} {:>8} {:>8} {:>8} {:>9}",
         "path", "median", "p90", "min", "max", "API calls"
     );
     println!(
-        "{:<62} {:>8}  (without open_pr the step reads the record and returns: no git, no API call)",
+        "{:<68} {:>8}  (without open_pr the step reads the record and returns: no git, no API call)",
         "publish: without a pull request", "0 added"
     );
-
-    let mut urls = std::collections::HashSet::new();
-    let new = time(&s, runs, async |_| {
-        let url = s.open(&s.record(TaskId::generate(), Some("main"))).await?;
-        if !urls.insert(url.clone()) {
-            bail!("a new task got the pull request {url} of another");
-        }
-        Ok(())
-    })
-    .await?;
-    row("publish: pull request, new (push + POST pulls)", new);
-    let looked_up = time(&s, runs, async |_| {
-        s.open(&s.record(TaskId::generate(), None)).await.map(drop)
-    })
-    .await?;
-    row(
-        "publish: pull request, new, base looked up (GET repo + push + POST)",
-        looked_up,
-    );
-    let retried = s.record(TaskId::generate(), Some("main"));
-    let mut first = None;
-    let update = time(&s, runs, async |_| {
-        let url = s.open(&retried).await?;
-        match &first {
-            None => first = Some(url),
-            Some(f) if *f != url => bail!("a retry opened {url}, not {f} again"),
-            Some(_) => {}
-        }
-        Ok(())
-    })
-    .await?;
-    row(
-        "publish: pull request, update (push + 422 + GET + PATCH)",
-        update,
-    );
-
-    println!("split (medians):");
-    let api_new = time(&s, runs, async |run| {
-        s.api(format!("bench/api-{run}")).await
-    })
-    .await?;
-    row("  forge API alone, new (POST pulls)", api_new);
-    let api_update = time(&s, runs, async |_| s.api("bench/api-same".into()).await).await?;
-    row(
-        "  forge API alone, update (POST 422 + GET + PATCH)",
-        api_update,
-    );
-    for (name, total, api) in [("new", new, api_new), ("update", update, api_update)] {
+    t[0].row("publish: pull request, new (push + POST pulls)");
+    t[1].row("publish: pull request, new, base looked up (GET repo + push + POST)");
+    t[2].row("publish: pull request, update (push + 422 + GET + PATCH)");
+    println!("split of one run (medians):");
+    t[3].row("  forge API alone, new (POST pulls)");
+    t[4].row("  forge API alone, update (POST 422 + GET + PATCH)");
+    for (name, total, api) in [("new", &t[0], &t[3]), ("update", &t[2], &t[4])] {
         println!(
-            "{:<62} {:>8.1}",
+            "{:<68} {:>8.1}",
             format!("  git (fetch + apply + commit + push), {name}: total - API"),
-            total.0[0] - api.0[0]
+            total.median() - api.median()
         );
     }
     println!(

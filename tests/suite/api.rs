@@ -92,8 +92,8 @@ async fn bad_requests_get_clear_errors_and_store_nothing() {
     assert_error(c, &b, 400, "invalid_request", "git_url");
     let (c, b) = stack.post_json("/api/tasks", &json!({"git_url": "https://example.com/r.git", "task_description": "x", "limits": {"max_steps": 0}})).await;
     assert_error(c, &b, 400, "invalid_request", "limits.max_steps");
-    let (c, b) = stack.post_json("/api/tasks", &json!({"git_url": "https://example.com/r.git", "task_description": "x", "open_pr": true})).await;
-    assert_error(c, &b, 400, "invalid_request", "open_pr");
+    let (c, b) = stack.post_json("/api/tasks", &json!({"git_url": "https://example.com/r.git", "task_description": "x", "open_pr": true, "pr_branch": "main/../../x"})).await;
+    assert_error(c, &b, 400, "invalid_request", "pr_branch");
     let r = stack
         .http
         .post(format!("{}/api/tasks", stack.base))
@@ -128,6 +128,24 @@ async fn bad_requests_get_clear_errors_and_store_nothing() {
     let junk = b"this is not a zip".to_vec();
     let (c, b) = post_zip(&stack, junk, "x").await;
     assert_error(c, &b, 400, "invalid_request", "not a valid ZIP");
+    // A pull request needs a remote to push to: not with a ZIP.
+    let form = reqwest::multipart::Form::new()
+        .text("task_description", "x")
+        .text("open_pr", "true")
+        .part(
+            "zip_file",
+            reqwest::multipart::Part::bytes(zip_bytes(&[("ok.py", b"1\n")])).file_name("a.zip"),
+        );
+    let r = stack
+        .http
+        .post(format!("{}/api/tasks", stack.base))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    let b: Value = r.json().await.unwrap();
+    assert_error(code, &b, 400, "invalid_request", "open_pr");
 
     let (c, b) = stack.get_json("/api/tasks").await;
     assert_eq!(c, 200);

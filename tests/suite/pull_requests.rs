@@ -287,6 +287,12 @@ async fn a_refused_push_or_forge_leaves_the_task_completed_with_pr_error() {
     assert_eq!(done["status"], "COMPLETED", "{done}");
     let why = done["pr_error"].as_str().unwrap();
     assert!(why.contains("403"), "{why}");
+    let shown = stack.cli(&["status", &id]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("pull request not opened") && shown.contains("403"),
+        "{shown}"
+    );
     assert!(
         f.git(&["branch", "--list", "fix/forbidden"])
             .contains("fix/forbidden")
@@ -381,7 +387,15 @@ async fn a_refused_push_or_forge_leaves_the_task_completed_with_pr_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gitlab_task_opens_a_merge_request() {
     let f = Forges::start().await;
-    let stack = start(&f, true, &[("PATCHFLOW_GITLAB_TOKEN", TOKEN)]).await;
+    let stack = start(
+        &f,
+        true,
+        &[
+            ("PATCHFLOW_GITLAB_TOKEN", TOKEN),
+            ("PATCHFLOW_GITLAB_WEBHOOK_SECRET", "gl-hook-secret"),
+        ],
+    )
+    .await;
     // The deployment's token: the task brings none.
     let id = submit(
         &stack,
@@ -424,6 +438,47 @@ async fn a_gitlab_task_opens_a_merge_request() {
             .auth_headers()
             .iter()
             .any(|h| h.as_deref() == Some(basic.as_str()))
+    );
+
+    // A `/patchflow` note on an issue starts a task that ends in a note linking its MR.
+    let note = json!({
+        "object_kind": "note",
+        "object_attributes": {"noteable_type": "Issue", "note": "/patchflow fix add()"},
+        "issue": {"iid": 5, "title": "add is wrong", "description": "2 + 2"},
+        "project": {"git_http_url": f.git.url("acme/app.git"), "default_branch": "main",
+                    "path_with_namespace": "acme/app"},
+    });
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/webhooks/gitlab", stack.base))
+        .header("X-Gitlab-Token", "gl-hook-secret")
+        .header("X-Gitlab-Event", "Note Hook")
+        .header("X-Gitlab-Event-UUID", "e-1")
+        .json(&note)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let v: Value = r.json().await.unwrap();
+    let hooked = v["task_id"].as_str().unwrap().to_string();
+    let done = stack.wait_terminal(&hooked).await;
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+    let mr = done["pr_url"].as_str().unwrap().to_string();
+    let mut notes = Vec::new();
+    for _ in 0..100 {
+        notes = f.forge.comments();
+        if !notes.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert_eq!(
+        (notes[0]["repo"].as_str(), notes[0]["issue"].as_u64()),
+        (Some("acme/app"), Some(5))
+    );
+    assert!(
+        notes[0]["body"].as_str().unwrap().contains(&mr),
+        "{notes:?}"
     );
     assert!(!stack.logs().contains(TOKEN));
 }
