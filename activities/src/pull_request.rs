@@ -136,6 +136,11 @@ pub async fn open(
             .await
             .map_err(|e| PrError(e.to_string()))?,
     };
+    if head == base {
+        return Err(PrError(format!(
+            "pr_branch `{head}` is the base branch: the work is force-pushed to pr_branch, so it must be a branch of its own"
+        )));
+    }
     let title = title_of(summary, &record.spec.task_description);
     let body = body_of(summary, &pr.public_url, &record.task_id);
     push(

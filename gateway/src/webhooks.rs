@@ -22,6 +22,8 @@ use crate::service::TaskService;
 pub const MAX_WEBHOOK_BYTES: usize = 5 * 1024 * 1024;
 /// The comment prefix that starts a task.
 pub const COMMAND: &str = "/patchflow";
+/// Who may start a task with a GitHub comment (`author_association`).
+const TRUSTED_AUTHORS: [&str; 3] = ["OWNER", "MEMBER", "COLLABORATOR"];
 
 /// What the webhook doors need (the `forge` settings).
 #[derive(Clone, Default)]
@@ -116,6 +118,15 @@ pub fn github_trigger(event: &str, payload: &Value, label: &str) -> Result<Trigg
             let Some(rest) = body.trim_start().strip_prefix(COMMAND) else {
                 return Err(format!("a comment that does not start with {COMMAND}"));
             };
+            // Anyone may comment on a public repository's issue; only its owners, members
+            // and collaborators may spend this deployment's model account. (Labels need
+            // triage access already.)
+            let who = payload["comment"]["author_association"]
+                .as_str()
+                .unwrap_or("NONE");
+            if !TRUSTED_AUTHORS.contains(&who) {
+                return Err(format!("a {COMMAND} comment by an outsider ({who})"));
+            }
             if !issue["pull_request"].is_null() {
                 return Err("a comment on a pull request".into());
             }
@@ -375,9 +386,17 @@ mod tests {
                 && t.description.contains("Steps: run it")
         );
         assert!(github_trigger("issues", &labeled, "other").is_err());
-        let comment = json!({"action": "created", "comment": {"body": "/patchflow please add a test"}, "issue": issue, "repository": repo});
+        let comment = json!({"action": "created", "comment": {"body": "/patchflow please add a test", "author_association": "MEMBER"}, "issue": issue, "repository": repo});
         let t = github_trigger("issue_comment", &comment, "patchflow").unwrap();
         assert!(t.description.contains("please add a test"));
+        for outsider in ["NONE", "CONTRIBUTOR", "FIRST_TIME_CONTRIBUTOR"] {
+            let mut c = comment.clone();
+            c["comment"]["author_association"] = json!(outsider);
+            assert!(
+                github_trigger("issue_comment", &c, "patchflow").is_err(),
+                "{outsider}"
+            );
+        }
         let chatter = json!({"action": "created", "comment": {"body": "thanks /patchflow"}, "issue": issue, "repository": repo});
         assert!(github_trigger("issue_comment", &chatter, "patchflow").is_err());
         let mut on_pr = comment;

@@ -367,6 +367,28 @@ async fn a_refused_push_or_forge_leaves_the_task_completed_with_pr_error() {
         .count();
     assert_eq!(posts, 3, "two 502s, then the pull request");
 
+    // Never a force push over the base branch.
+    let main_before = f.git(&["rev-parse", "main"]);
+    let id = submit(
+        &stack,
+        json!({"git_url": url, "task_description": "fix", "open_pr": true,
+               "pr_base": "main", "pr_branch": "main", "github_token": TOKEN}),
+    )
+    .await;
+    let done = stack.wait_terminal(&id).await;
+    assert!(
+        done["pr_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("is the base branch"),
+        "{done}"
+    );
+    assert_eq!(
+        f.git(&["rev-parse", "main"]),
+        main_before,
+        "main was not touched"
+    );
+
     // Bad input is refused at the door: a branch that is not a branch, a ZIP with open_pr.
     for (field, value) in [
         ("pr_branch", "../../etc"),
