@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod diff;
+pub mod instructions;
 pub mod run;
 pub mod sandbox;
 pub mod tools;

@@ -116,7 +116,16 @@ impl AgentRun {
             .map_err(std::io::Error::other)?;
         let client = Client::build(http, config);
 
-        let system = SYSTEM_PROMPT.to_string();
+        let repo_rules =
+            crate::instructions::agents_md(&self.workspace, self.spec.target_file.as_deref());
+        let system = if repo_rules.files.is_empty() {
+            SYSTEM_PROMPT.to_string()
+        } else {
+            format!(
+                "{SYSTEM_PROMPT}\n\nThe repository's instructions for agents (AGENTS.md), to follow where they do not conflict with the task:\n{}",
+                repo_rules.text
+            )
+        };
         let user = user_prompt(&self.spec);
         let mut messages = vec![
             ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage {
@@ -136,6 +145,10 @@ impl AgentRun {
                 "limits": limits,
                 "tools": tools::schemas().iter().map(|t| t.0).collect::<Vec<_>>(),
             }),
+        );
+        transcript.write(
+            "instructions",
+            json!({"files": repo_rules.files, "truncated": repo_rules.truncated}),
         );
         transcript.write("message", json!({"role": "system", "content": system}));
         transcript.write("message", json!({"role": "user", "content": user}));

@@ -57,6 +57,9 @@ pub struct Script {
     /// Wait this long before each answer (a slow model).
     #[serde(default)]
     pub delay_ms: u64,
+    /// Text the system message of every request must contain (the agent's instructions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expect_in_instructions: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -288,6 +291,18 @@ pub fn answer_for(script: &Script, body: &Value) -> Result<(Value, u64), String>
     let messages = body["messages"]
         .as_array()
         .ok_or("request has no messages")?;
+    let system: String = messages
+        .iter()
+        .filter(|m| m["role"] == "system")
+        .filter_map(|m| m["content"].as_str())
+        .collect();
+    if let Some(want) = script
+        .expect_in_instructions
+        .iter()
+        .find(|w| !system.contains(w.as_str()))
+    {
+        return Err(format!("the instructions do not contain `{want}`"));
+    }
     // Every tool call the assistant made must be answered by a tool message.
     let mut pending: Vec<String> = Vec::new();
     let mut last_results = String::new();

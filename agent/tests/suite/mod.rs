@@ -2,6 +2,7 @@
 //! shell sandbox, each asserting the refusal and its message.
 
 mod call_api;
+mod instructions;
 mod shell_sandbox;
 mod support;
 mod wasm_limits;

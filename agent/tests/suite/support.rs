@@ -223,18 +223,25 @@ fn pack(dir: &Path, out: &Path) {
 /// Runs the agent loop over `fx`'s tools with the scripted model playing `calls` then
 /// `finish`; returns the summary and the transcript text.
 pub async fn run_agent(fx: Fixture, calls: Vec<(&str, Value)>) -> (AgentSummary, String) {
-    let model = ScriptedModel::start(
-        Script::calls_then_finish(calls),
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-    )
-    .await
-    .unwrap();
+    run_script(fx, Script::calls_then_finish(calls), None).await
+}
+
+/// [`run_agent`] with a whole script, and the task's `target_file`.
+pub async fn run_script(
+    fx: Fixture,
+    script: Script,
+    target_file: Option<&str>,
+) -> (AgentSummary, String) {
+    let model = ScriptedModel::start(script, SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
     let work = tempfile::tempdir().unwrap();
     let baseline = work.path().join("code.tar.zst");
     pack(fx.ws(), &baseline);
     let out = work.path().join("out");
     let mut spec = TaskSpec::new(TaskSource::Archive { key: "t".into() }, "test");
     spec.policy = ToolPolicy::default();
+    spec.target_file = target_file.map(str::to_string);
     let run = AgentRun {
         spec,
         workspace: fx.ws().to_path_buf(),
