@@ -535,6 +535,14 @@ impl Config {
                 }
             }
         }
+        for (key, tenant) in [
+            ("github_webhook_tenant", &self.forge.github_webhook_tenant),
+            ("gitlab_webhook_tenant", &self.forge.gitlab_webhook_tenant),
+        ] {
+            if !crate::auth::is_tenant_name(tenant) {
+                return bad(key, "a tenant is 1 to 128 letters, digits, `-`, `_` or `.`");
+            }
+        }
         if self.kube.runner == Runner::Kube {
             if self.kube.kube_image.is_empty() {
                 return bad("kube_image", "the kube runner needs an image");
@@ -845,6 +853,52 @@ mod tests {
             e.contains("`local` or `kube`") && e.contains("docker"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn jwt_auth_needs_its_provider_over_https_and_claims_to_read() {
+        let mut c = Config::default();
+        c.set("auth", "jwt").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("auth_jwt_jwks_url"), "{e}");
+        c.set("auth_jwt_issuer", "https://idp.example").unwrap();
+        c.set("auth_jwt_audience", "patchflow").unwrap();
+        for refused in [
+            "http://idp.example/jwks",
+            "http://10.0.0.1/jwks",
+            "file:///etc/jwks.json",
+            "not a url",
+        ] {
+            c.set("auth_jwt_jwks_url", refused).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("auth_jwt_jwks_url") && e.contains("https"),
+                "{refused}: {e}"
+            );
+        }
+        for fine in [
+            "https://idp.example/jwks",
+            "http://127.0.0.1:9/jwks",
+            "http://localhost/j",
+        ] {
+            c.set("auth_jwt_jwks_url", fine).unwrap();
+            c.validate().unwrap();
+        }
+        c.set("auth_jwt_tenant_claim", " ").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("auth_jwt_tenant_claim"), "{e}");
+    }
+
+    #[test]
+    fn webhook_tasks_go_to_a_well_formed_tenant() {
+        let mut c = Config::default();
+        c.set("github_webhook_tenant", "../admin").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("github_webhook_tenant"), "{e}");
+        c.set("github_webhook_tenant", "acme").unwrap();
+        c.set("gitlab_webhook_tenant", "").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("gitlab_webhook_tenant"), "{e}");
     }
 
     #[test]

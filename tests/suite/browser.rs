@@ -541,6 +541,40 @@ async fn without_javascript_pages_render_on_the_server_and_escape_hostile_text()
     let (status, _, bad) = get(format!("{}/?status=DONE", stack.base)).await;
     assert_eq!(status, 400);
     assert!(bad.contains("DONE"), "{bad}");
+    // The admin narrows the list to a tenant.
+    let (_, _, mine) = get(format!("{}/?tenant=default", stack.base)).await;
+    assert!(mine.contains(&format!("/tasks/{id}")) && mine.contains("id=\"tenant-filter\""));
+    let (_, _, theirs) = get(format!("{}/?tenant=elsewhere", stack.base)).await;
+    assert!(!theirs.contains(&format!("/tasks/{id}")));
+    // A member of another tenant cannot widen its view with the same parameter.
+    let (c, v) = stack
+        .post_json(
+            "/api/tokens",
+            &serde_json::json!({"tenant": "elsewhere", "role": "member"}),
+        )
+        .await;
+    assert_eq!(c, 201, "{v}");
+    let r = signin(v["token"].as_str().unwrap().to_string()).await;
+    let outsider = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    for path in ["/?tenant=default".to_string(), format!("/tasks/{id}")] {
+        let r = plain
+            .get(format!("{}{path}", stack.base))
+            .header(reqwest::header::COOKIE, &outsider)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        assert!(!body.contains(&format!("/tasks/{id}\"")), "{path}: {body}");
+        assert!(!body.contains("id=\"tenant-filter\""), "{path}");
+        assert!(status == 200 || status == 404, "{path}: {status}");
+    }
 
     // Refusals come back as pages that say why, and store nothing.
     let r = http
