@@ -256,6 +256,10 @@ impl Activities {
             .set_pull_request(id, url, error)
             .await
             .map_err(transient)?;
+        // Readers of a cached record see the pull request at once.
+        if let Err(e) = self.hot.status.invalidate(id).await {
+            tracing::warn!(task_id = %id, error = %e, "cannot invalidate the cached status");
+        }
         let note = match &outcome {
             Ok(url) => format!("pull request: {url}"),
             Err(e) => format!("pull request not opened: {e}"),
@@ -528,9 +532,6 @@ impl Activities {
         // The commit the task started from is not kept; the diff goes on the source's
         // ref as it is now (a conflict is said in pr_error).
         let outcome = self.open_and_record(&record, &summary, None).await?;
-        if let Err(e) = self.hot.status.invalidate(&id).await {
-            tracing::warn!(task_id = %id, error = %e, "cannot invalidate the cached status");
-        }
         Ok(match outcome {
             Ok(url) => PullRequestOutput {
                 pr_url: Some(url),

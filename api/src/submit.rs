@@ -126,7 +126,12 @@ fn given(o: Option<String>) -> Option<String> {
 /// Longest `git_token` accepted (forge tokens are under 300 characters).
 pub const MAX_GIT_TOKEN_CHARS: usize = 4096;
 
-fn secret_token(t: Option<Secret>, field: &'static str) -> Result<Option<GitToken>, InvalidBody> {
+/// A credential field as given (`git_token`, `github_token`): empty is none; a value must be
+/// printable ASCII without spaces, at most [`MAX_GIT_TOKEN_CHARS`]. Plain until sealed.
+pub fn secret_token(
+    t: Option<Secret>,
+    field: &'static str,
+) -> Result<Option<GitToken>, InvalidBody> {
     let Some(t) = t else { return Ok(None) };
     let v = t.expose();
     if v.is_empty() {

@@ -84,6 +84,13 @@ struct KeySet {
     fetched: Option<Instant>,
 }
 
+impl KeySet {
+    /// Whether the keys were fetched within `JWKS_TTL`.
+    fn is_fresh(&self) -> bool {
+        self.fetched.is_some_and(|at| at.elapsed() <= JWKS_TTL)
+    }
+}
+
 /// Checks bearer JWTs against one provider.
 pub struct JwtVerifier {
     settings: JwtSettings,
@@ -132,12 +139,7 @@ impl JwtVerifier {
             )));
         }
         let kid = header.kid.as_deref();
-        let fresh = self
-            .keys
-            .read()
-            .await
-            .fetched
-            .is_some_and(|at| at.elapsed() <= JWKS_TTL);
+        let fresh = self.keys.read().await.is_fresh();
         if !fresh {
             self.refresh(false).await?;
         }
@@ -167,7 +169,7 @@ impl JwtVerifier {
         alg: Algorithm,
     ) -> Option<Result<Map<String, Value>, JwtError>> {
         let keys = self.keys.read().await;
-        if keys.fetched.is_none_or(|at| at.elapsed() > JWKS_TTL) {
+        if !keys.is_fresh() {
             return None;
         }
         let mut candidates = keys
@@ -206,12 +208,7 @@ impl JwtVerifier {
             recent(clock.for_unknown_key)
         } else {
             // Another caller may have fetched while this one waited for the lock.
-            let fresh = self
-                .keys
-                .read()
-                .await
-                .fetched
-                .is_some_and(|at| at.elapsed() <= JWKS_TTL);
+            let fresh = self.keys.read().await.is_fresh();
             fresh || recent(clock.attempt)
         };
         if skip {

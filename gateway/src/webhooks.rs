@@ -54,20 +54,20 @@ pub struct Trigger {
     pub description: String,
 }
 
-fn answer(code: StatusCode, v: &Value) -> Response {
-    (code, axum::Json(v.clone())).into_response()
+fn answer(code: StatusCode, v: Value) -> Response {
+    (code, axum::Json(v)).into_response()
 }
 
 fn unauthenticated(why: &str) -> Response {
     answer(
         StatusCode::UNAUTHORIZED,
-        &json!({"code": "unauthenticated", "error": why, "message": why}),
+        json!({"code": "unauthenticated", "error": why, "message": why}),
     )
 }
 
 fn ignored(forge: &str, why: &str) -> Response {
     tracing::info!(forge, reason = why, "webhook ignored");
-    answer(StatusCode::ACCEPTED, &json!({"ignored": why}))
+    answer(StatusCode::ACCEPTED, json!({"ignored": why}))
 }
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -268,7 +268,7 @@ async fn start(
             };
             answer(
                 code,
-                &json!({"task_id": o.record.task_id, "status": o.record.status, "created": o.created}),
+                json!({"task_id": o.record.task_id, "status": o.record.status, "created": o.created}),
             )
         }
         Err(e) => crate::http::error_of(e),
@@ -285,7 +285,7 @@ pub async fn github(
     let Some(secret) = &w.github_secret else {
         return answer(
             StatusCode::NOT_FOUND,
-            &json!({"code": "not_found", "error": "GitHub webhooks are off (github_webhook_secret is unset)"}),
+            json!({"code": "not_found", "error": "GitHub webhooks are off (github_webhook_secret is unset)"}),
         );
     };
     if !github_signature_ok(secret, &body, header(&headers, "x-hub-signature-256")) {
@@ -296,7 +296,7 @@ pub async fn github(
     let Ok(payload) = serde_json::from_slice::<Value>(&body) else {
         return answer(
             StatusCode::BAD_REQUEST,
-            &json!({"code": "invalid_request", "error": "the body is not JSON"}),
+            json!({"code": "invalid_request", "error": "the body is not JSON"}),
         );
     };
     match github_trigger(event, &payload, &w.github_label) {
@@ -318,7 +318,7 @@ pub async fn gitlab(
     let Some(secret) = &w.gitlab_secret else {
         return answer(
             StatusCode::NOT_FOUND,
-            &json!({"code": "not_found", "error": "GitLab webhooks are off (gitlab_webhook_secret is unset)"}),
+            json!({"code": "not_found", "error": "GitLab webhooks are off (gitlab_webhook_secret is unset)"}),
         );
     };
     if !token_matches(secret, header(&headers, "x-gitlab-token")) {
@@ -329,7 +329,7 @@ pub async fn gitlab(
     let Ok(payload) = serde_json::from_slice::<Value>(&body) else {
         return answer(
             StatusCode::BAD_REQUEST,
-            &json!({"code": "invalid_request", "error": "the body is not JSON"}),
+            json!({"code": "invalid_request", "error": "the body is not JSON"}),
         );
     };
     match gitlab_trigger(event, &payload, &w.gitlab_label) {

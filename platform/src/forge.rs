@@ -363,112 +363,48 @@ impl Forge {
         token: &Secret,
         pr: &PullRequest,
     ) -> Result<Opened, ForgeError> {
-        match repo.kind {
-            ForgeKind::GitHub => self.github_pull(repo, token, pr).await,
-            ForgeKind::GitLab => self.gitlab_merge_request(repo, token, pr).await,
-        }
-    }
-
-    async fn github_pull(
-        &self,
-        repo: &RepoRef,
-        token: &Secret,
-        pr: &PullRequest,
-    ) -> Result<Opened, ForgeError> {
-        let pulls = format!("/repos/{}/pulls", repo.path);
-        let body = json!({
-            "title": pr.title, "head": pr.head, "base": pr.base, "body": pr.body, "draft": pr.draft,
-        });
+        let s = RequestShape::of(repo, pr);
         let a = self
-            .call(repo, token, reqwest::Method::POST, &pulls, Some(&body))
+            .call(
+                repo,
+                token,
+                reqwest::Method::POST,
+                &s.collection,
+                Some(&s.create),
+            )
             .await?;
         if a.status == 201 {
-            return opened(&a.body, "html_url", "number", true);
+            return opened(&a.body, s.url_field, s.number_field, true);
         }
-        if a.status != 422 || !message_of(&a.body).contains("already exists") {
-            return Err(refused(&reqwest::Method::POST, &pulls, &a));
+        if !s.already_exists(&a) {
+            return Err(refused(&reqwest::Method::POST, &s.collection, &a));
         }
-        let query = format!(
-            "{pulls}?head={}&state=open",
-            encode(&format!("{}:{}", repo.owner(), pr.head))
-        );
         let list = self
-            .expect(repo, token, reqwest::Method::GET, &query, None, &[200])
+            .expect(repo, token, reqwest::Method::GET, &s.open_one, None, &[200])
             .await?;
         let number = list
             .as_array()
             .and_then(|l| l.first())
-            .and_then(|p| p["number"].as_u64())
+            .and_then(|p| p[s.number_field].as_u64())
             .ok_or_else(|| ForgeError::Refused {
-                status: 422,
+                status: a.status,
                 message: format!(
-                    "a pull request for {} exists but is not open or not visible",
+                    "a {} for {} exists but is not open or not visible",
+                    repo.kind.request_name(),
                     pr.head
                 ),
             })?;
-        let patch = json!({"title": pr.title, "body": pr.body});
         let v = self
             .expect(
                 repo,
                 token,
-                reqwest::Method::PATCH,
-                &format!("{pulls}/{number}"),
-                Some(&patch),
+                s.update_method.clone(),
+                &format!("{}/{number}", s.collection),
+                Some(&s.update),
                 &[200],
             )
             .await?;
-        opened(&v, "html_url", "number", false)
-    }
-
-    async fn gitlab_merge_request(
-        &self,
-        repo: &RepoRef,
-        token: &Secret,
-        pr: &PullRequest,
-    ) -> Result<Opened, ForgeError> {
-        let mrs = format!("/projects/{}/merge_requests", project_id(&repo.path));
-        let title = if pr.draft {
-            format!("Draft: {}", pr.title)
-        } else {
-            pr.title.clone()
-        };
-        let body = json!({
-            "source_branch": pr.head, "target_branch": pr.base,
-            "title": title, "description": pr.body,
-        });
-        let a = self
-            .call(repo, token, reqwest::Method::POST, &mrs, Some(&body))
-            .await?;
-        if a.status == 201 {
-            return opened(&a.body, "web_url", "iid", true);
-        }
-        if a.status != 409 {
-            return Err(refused(&reqwest::Method::POST, &mrs, &a));
-        }
-        let query = format!("{mrs}?source_branch={}&state=opened", encode(&pr.head));
-        let list = self
-            .expect(repo, token, reqwest::Method::GET, &query, None, &[200])
-            .await?;
-        let iid = list
-            .as_array()
-            .and_then(|l| l.first())
-            .and_then(|m| m["iid"].as_u64())
-            .ok_or_else(|| ForgeError::Refused {
-                status: 409,
-                message: format!("a merge request for {} exists but is not open", pr.head),
-            })?;
-        let update = json!({"title": title, "description": pr.body});
-        let v = self
-            .expect(
-                repo,
-                token,
-                reqwest::Method::PUT,
-                &format!("{mrs}/{iid}"),
-                Some(&update),
-                &[200],
-            )
-            .await?;
-        opened(&v, "web_url", "iid", false)
+        opened(&v, s.url_field, s.number_field, false)
     }
 
     /// Comments on issue `number`.
@@ -495,6 +431,78 @@ impl Forge {
         )
         .await
         .map(|_| ())
+    }
+}
+
+/// How one forge spells a pull request: where they live, what creating and updating one
+/// sends, how "one is open already" is answered, and which fields name it.
+struct RequestShape {
+    kind: ForgeKind,
+    collection: String,
+    create: Value,
+    /// The list of the open one for the branch (`collection` with a query).
+    open_one: String,
+    update_method: reqwest::Method,
+    update: Value,
+    url_field: &'static str,
+    number_field: &'static str,
+}
+
+impl RequestShape {
+    fn of(repo: &RepoRef, pr: &PullRequest) -> Self {
+        match repo.kind {
+            ForgeKind::GitHub => {
+                let collection = format!("/repos/{}/pulls", repo.path);
+                let head = encode(&format!("{}:{}", repo.owner(), pr.head));
+                Self {
+                    kind: repo.kind,
+                    open_one: format!("{collection}?head={head}&state=open"),
+                    collection,
+                    create: json!({
+                        "title": pr.title, "head": pr.head, "base": pr.base,
+                        "body": pr.body, "draft": pr.draft,
+                    }),
+                    update_method: reqwest::Method::PATCH,
+                    update: json!({"title": pr.title, "body": pr.body}),
+                    url_field: "html_url",
+                    number_field: "number",
+                }
+            }
+            ForgeKind::GitLab => {
+                let collection = format!("/projects/{}/merge_requests", project_id(&repo.path));
+                // GitLab asks for a draft with the title.
+                let title = if pr.draft {
+                    format!("Draft: {}", pr.title)
+                } else {
+                    pr.title.clone()
+                };
+                Self {
+                    kind: repo.kind,
+                    open_one: format!(
+                        "{collection}?source_branch={}&state=opened",
+                        encode(&pr.head)
+                    ),
+                    collection,
+                    create: json!({
+                        "source_branch": pr.head, "target_branch": pr.base,
+                        "title": title, "description": pr.body,
+                    }),
+                    update_method: reqwest::Method::PUT,
+                    update: json!({"title": title, "description": pr.body}),
+                    url_field: "web_url",
+                    number_field: "iid",
+                }
+            }
+        }
+    }
+
+    /// Whether a refused create says one is open for the branch already (GitHub: 422
+    /// "already exists"; GitLab: 409).
+    fn already_exists(&self, a: &Answer) -> bool {
+        match self.kind {
+            ForgeKind::GitLab => a.status == 409,
+            ForgeKind::GitHub => a.status == 422 && message_of(&a.body).contains("already exists"),
+        }
     }
 }
 

@@ -79,6 +79,19 @@ impl Forges {
         ]
     }
 
+    /// The forge's issue comments, once there are any: they land a moment after the task's
+    /// final status (10 s at most).
+    async fn comments(&self) -> Vec<Value> {
+        for _ in 0..100 {
+            let c = self.forge.comments();
+            if !c.is_empty() {
+                return c;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Vec::new()
+    }
+
     /// `git` on the server's bare repository.
     fn git(&self, args: &[&str]) -> String {
         let out = Command::new("git")
@@ -485,14 +498,7 @@ async fn a_gitlab_task_opens_a_merge_request() {
     let done = stack.wait_terminal(&hooked).await;
     assert_eq!(done["status"], "COMPLETED", "{done}");
     let mr = done["pr_url"].as_str().unwrap().to_string();
-    let mut notes = Vec::new();
-    for _ in 0..100 {
-        notes = f.forge.comments();
-        if !notes.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let notes = f.comments().await;
     assert_eq!(notes.len(), 1, "{notes:?}");
     assert_eq!(
         (notes[0]["repo"].as_str(), notes[0]["issue"].as_u64()),
@@ -610,15 +616,7 @@ async fn a_labelled_issue_starts_a_task_that_opens_a_pull_request_and_comments_o
             .contains("add(2, 2) is not 4")
     );
     let pr_url = done["pr_url"].as_str().unwrap().to_string();
-    // The comment lands a moment after the final status.
-    let mut comments = Vec::new();
-    for _ in 0..100 {
-        comments = f.forge.comments();
-        if !comments.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let comments = f.comments().await;
     assert_eq!(comments.len(), 1, "{comments:?}");
     assert_eq!(comments[0]["issue"], 42);
     assert!(

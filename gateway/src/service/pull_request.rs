@@ -38,24 +38,16 @@ impl TaskService {
                 record.status
             )));
         }
-        let github_token = match github_token.filter(|t| !t.expose().is_empty()) {
-            Some(t) => {
-                if t.expose().len() > patchflow_api::submit::MAX_GIT_TOKEN_CHARS
-                    || !t.expose().bytes().all(|b| b.is_ascii_graphic())
-                {
-                    return Err(ServiceError::BadRequest(
-                        "github_token: printable ASCII without spaces, at most 4096 characters"
-                            .into(),
-                    ));
-                }
-                Some(GitToken::Sealed(
-                    self.config()
-                        .secrets
-                        .seal(&t, task_id)
-                        .map_err(ServiceError::Internal)?,
-                ))
-            }
-            None => None,
+        let github_token = match patchflow_api::submit::secret_token(github_token, "github_token")
+            .map_err(ServiceError::from)?
+        {
+            Some(GitToken::Plain(t)) => Some(GitToken::Sealed(
+                self.config()
+                    .secrets
+                    .seal(&t, task_id)
+                    .map_err(ServiceError::Internal)?,
+            )),
+            other => other,
         };
         let input = PullRequestInput {
             task_id: task_id.clone(),

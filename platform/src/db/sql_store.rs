@@ -60,6 +60,24 @@ where
     for<'a> String: Decode<'a, DB> + Type<DB>,
     usize: ColumnIndex<DB::Row>,
 {
+    /// Finishes `UPDATE tasks SET …` (the columns pushed already) with `updated_at` and the
+    /// task's id; a task that is not there is `NotFound`.
+    async fn set_columns(
+        &self,
+        mut q: QueryBuilder<DB>,
+        task_id: &TaskId,
+    ) -> Result<(), StoreError> {
+        q.push(", updated_at = ")
+            .push_bind(now_ms())
+            .push(" WHERE task_id = ")
+            .push_bind(task_id.as_str());
+        let done = q.build().execute(&self.pool).await?;
+        if DB::rows_affected(&done) == 0 {
+            return Err(StoreError::NotFound(task_id.clone()));
+        }
+        Ok(())
+    }
+
     async fn insert_event(
         conn: &mut DB::Connection,
         task_id: &TaskId,
@@ -407,16 +425,8 @@ where
     ) -> Result<(), StoreError> {
         let json = serde_json::to_string(summary).map_err(|e| corrupt(task_id.as_str(), &e))?;
         let mut q = QueryBuilder::<DB>::new("UPDATE tasks SET summary = ");
-        q.push_bind(json.as_str())
-            .push(", updated_at = ")
-            .push_bind(now_ms())
-            .push(" WHERE task_id = ")
-            .push_bind(task_id.as_str());
-        let done = q.build().execute(&self.pool).await?;
-        if DB::rows_affected(&done) == 0 {
-            return Err(StoreError::NotFound(task_id.clone()));
-        }
-        Ok(())
+        q.push_bind(json.as_str());
+        self.set_columns(q, task_id).await
     }
 
     async fn set_pull_request(
@@ -428,16 +438,8 @@ where
         let mut q = QueryBuilder::<DB>::new("UPDATE tasks SET pr_url = ");
         q.push_bind(pr_url)
             .push(", pr_error = ")
-            .push_bind(pr_error)
-            .push(", updated_at = ")
-            .push_bind(now_ms())
-            .push(" WHERE task_id = ")
-            .push_bind(task_id.as_str());
-        let done = q.build().execute(&self.pool).await?;
-        if DB::rows_affected(&done) == 0 {
-            return Err(StoreError::NotFound(task_id.clone()));
-        }
-        Ok(())
+            .push_bind(pr_error);
+        self.set_columns(q, task_id).await
     }
 
     async fn append_event(
