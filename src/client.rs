@@ -79,6 +79,13 @@ pub struct SubmitArgs {
     /// Submitting again with the same key returns the same task.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Set the repository up with this saved environment of the tenant's.
+    #[arg(long)]
+    pub environment: Option<String>,
+    /// Set it up with this inline setup: a JSON file (`-` for stdin) holding the body's
+    /// `setup` object (`{"setup_script": "...", ...}`).
+    #[arg(long, value_name = "FILE")]
+    pub setup: Option<PathBuf>,
     /// Follow the task's progress until it ends.
     #[arg(long)]
     pub wait: bool,
@@ -262,26 +269,43 @@ fn api_time(t: DateTime<Utc>) -> String {
 }
 
 /// The body `submit` sends (the source is added by the caller).
-fn submit_body(a: &SubmitArgs) -> SubmitBody {
+fn submit_body(a: &SubmitArgs) -> anyhow::Result<SubmitBody> {
     let limits = LimitsBody {
         max_steps: a.max_steps,
         max_tokens: a.max_tokens,
         wall_seconds: a.wall_seconds,
     };
-    SubmitBody {
+    let setup = match &a.setup {
+        Some(path) => {
+            let text = if path.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?
+            };
+            Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a setup object", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    Ok(SubmitBody {
         task_description: Some(a.task_description.clone()),
         target_file: a.target_file.clone(),
         model: a.task_model.clone(),
         limits: (!limits.is_empty()).then_some(limits),
+        environment: a.environment.clone(),
+        setup,
         ..SubmitBody::default()
-    }
+    })
 }
 
 /// `patchflow submit` over HTTP (`--grpc` is crate::grpc_client's).
 pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> {
     let base = a.server.base(config);
     let client = http(config)?;
-    let mut body = submit_body(&a);
+    let mut body = submit_body(&a)?;
     let mut req = client.post(format!("{base}/api/tasks"));
     if let Some(k) = &a.idempotency_key {
         req = req.header("Idempotency-Key", k);

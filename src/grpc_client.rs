@@ -80,21 +80,30 @@ fn failed(s: &tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", s.message(), s.code())
 }
 
-fn options(a: &SubmitArgs) -> proto::TaskOptions {
+fn options(a: &SubmitArgs) -> anyhow::Result<proto::TaskOptions> {
     let limits = (a.max_steps.is_some() || a.max_tokens.is_some() || a.wall_seconds.is_some())
         .then(|| proto::Limits {
             max_steps: a.max_steps.unwrap_or(0),
             max_tokens: a.max_tokens.unwrap_or(0),
             wall_seconds: a.wall_seconds.unwrap_or(0),
         });
-    proto::TaskOptions {
+    Ok(proto::TaskOptions {
         task_description: a.task_description.clone(),
         target_file: a.target_file.clone(),
         model: a.task_model.clone(),
         limits,
         idempotency_key: a.idempotency_key.clone(),
+        environment: a.environment.clone(),
+        setup_json: match &a.setup {
+            Some(p) if p.as_os_str() == "-" => Some(std::io::read_to_string(std::io::stdin())?),
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?,
+            ),
+            None => None,
+        },
         ..proto::TaskOptions::default()
-    }
+    })
 }
 
 /// `patchflow submit --grpc`: a git URL through `SubmitTask`, a directory or ZIP through
@@ -120,7 +129,7 @@ pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> 
             .await
             .with_context(|| format!("cannot read {}", zip_path.display()))?;
         let mut messages = vec![proto::UploadTaskRequest {
-            part: Some(proto::upload_task_request::Part::Options(options(&a))),
+            part: Some(proto::upload_task_request::Part::Options(options(&a)?)),
         }];
         messages.extend(bytes.chunks(CHUNK_BYTES).map(|c| proto::UploadTaskRequest {
             part: Some(proto::upload_task_request::Part::Chunk(c.to_vec())),
@@ -134,7 +143,7 @@ pub async fn submit(config: &Config, a: SubmitArgs) -> anyhow::Result<ExitCode> 
             .submit_task(proto::SubmitTaskRequest {
                 git_url: a.source.clone(),
                 git_ref: a.git_ref.clone(),
-                options: Some(options(&a)),
+                options: Some(options(&a)?),
                 git_token: a.git_token.as_ref().map(|t| t.expose().to_string()),
             })
             .await

@@ -6,6 +6,7 @@
 mod agent_pod;
 mod batch;
 mod client;
+mod environments;
 mod grpc_client;
 mod tokens;
 
@@ -75,6 +76,9 @@ enum Command {
     /// Manage API tokens (admin): create, list, revoke.
     #[command(subcommand)]
     Tokens(tokens::TokensCommand),
+    /// Manage the tenant's saved environments: create, update, list, show, delete, reset-cache.
+    #[command(subcommand)]
+    Env(environments::EnvCommand),
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +119,7 @@ fn main() -> ExitCode {
             | Command::Config
             | Command::Doctor { .. }
             | Command::Tokens(_)
+            | Command::Env(_)
             | Command::Batch(_)
     );
     settings::init_logging(&config, quiet);
@@ -160,6 +165,7 @@ fn main() -> ExitCode {
             Command::ScriptedModel(a) => scripted_model(a).await,
             Command::Batch(b) => batch::run(config, b).await,
             Command::Tokens(t) => tokens::run(&config, t).await,
+            Command::Env(e) => environments::run(&config, e).await,
         }
     });
     match result {

@@ -8,6 +8,7 @@
 //! | [`submit`] | the submit body (JSON, multipart fields, the web form) and its one conversion to a [`patchflow_core::TaskSpec`]; the short answer of submit and cancel | HTTP, web page, Kafka, gRPC; the CLI and batch send it |
 //! | [`view`] | the task record as `GET /api/tasks/{task_id}` shows it, list and event pages | HTTP; the CLI and batch read it |
 //! | [`control`] | retry and cancel bodies, [`RetryMode`] | HTTP, web page, gRPC; the CLI sends them |
+//! | [`environment`] | saved environments: the create/update body and its one check, the view every read answers | HTTP, gRPC; the CLI sends and reads them |
 //! | [`error`] | the error body `{code, message}` | HTTP; the CLI and batch read it |
 //! | [`kafka`] | the task message (`patchflow.task.v1`) and the result message | Kafka trigger, results hook; batch produces task messages |
 //! | [`batch`] | one line of a batch file, the SWE-bench predictions and counts | `patchflow batch` |
@@ -17,12 +18,16 @@
 
 pub mod batch;
 pub mod control;
+pub mod environment;
 pub mod error;
 pub mod kafka;
 pub mod submit;
 pub mod view;
 
 pub use control::{CancelBody, RetryBody, RetryMode, UnknownRetryMode};
+pub use environment::{
+    EnvironmentBody, EnvironmentInput, EnvironmentList, EnvironmentView, ResetCacheAnswer,
+};
 pub use error::{ErrorBody, InvalidBody};
 pub use submit::{FormFields, LimitsBody, StatusAnswer, SubmitBody};
 pub use view::{AttemptView, EventPage, Health, Links, TaskPage, TaskView};

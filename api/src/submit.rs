@@ -64,6 +64,12 @@ pub struct SubmitBody {
     pub batch_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// How the repository is set up before the agent runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub setup: Option<patchflow_core::environment::SetupSpec>,
+    /// A saved environment of the tenant's, by name (instead of `setup`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -178,6 +184,8 @@ impl SubmitBody {
         spec.pr_draft = self.pr_draft;
         spec.github_token = secret_token(self.github_token, "github_token")?;
         spec.branch_name = given(self.branch_name);
+        spec.setup = self.setup;
+        spec.environment = given(self.environment).map(|e| e.trim().to_string());
         if let Some(t) = given(self.tenant) {
             spec.tenant = t;
         }
@@ -221,6 +229,9 @@ impl FormFields {
                 serde_json::from_str(text).map_err(|e| InvalidBody::LimitsNotJson(e.to_string()))?
             }
             "open_pr" => json!(matches!(text.trim(), "true" | "on" | "1" | "yes")),
+            "setup" if text.trim().is_empty() => return Ok(()),
+            "setup" => serde_json::from_str(text)
+                .map_err(|e| InvalidBody::FormFields(format!("setup is not a JSON object: {e}")))?,
             "max_steps" | "max_tokens" | "wall_seconds" | "git_token" if text.trim().is_empty() => {
                 return Ok(());
             }

@@ -305,6 +305,25 @@ settings! {
         /// The HTTP search endpoint (`GET URL?q=QUERY&n=MAX` answering
         /// `{"results": [{"title", "url", "snippet"}]}`); its host is the only one the provider reaches.
         doc_search_url: Option<String> = None,
+        /// Variables of the agent's (and the worker's) environment that shell commands and
+        /// setup scripts keep, comma-separated (e.g. `GOPATH,JAVA_HOME`). Names containing
+        /// KEY, TOKEN, SECRET or PASSWORD are never passed, whatever this says.
+        shell_env_passthrough: String = String::new(),
+    }
+    /// Environments: the setup before the agent runs, and the cache of prepared states.
+    environments: EnvironmentSettings {
+        /// With neither `setup` nor `environment` in a task, run the repository's own
+        /// `.patchflow/setup.sh` when it has one.
+        repo_setup_scripts: bool = true,
+        /// How long a prepared state is reused after it was made (hours).
+        env_cache_ttl_hours: u64 = 12,
+        /// Most bytes of prepared states kept per tenant; the least recently used go first.
+        env_cache_max_bytes: u64 = 10 << 30,
+        /// Longest a setup or maintenance script may run (seconds).
+        setup_timeout_secs: u64 = 1800,
+        /// Names the toolchain or image in the cache key, so workers with different images
+        /// never share a prepared state (default: the worker's toolchains and architecture).
+        env_cache_image: Option<String> = None,
     }
     /// Which runner starts agents, and the Kubernetes Jobs of the `kube` runner.
     kube: KubeSettings {

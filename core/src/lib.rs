@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod environment;
 pub mod error;
 pub mod event;
 pub mod secret;

@@ -75,6 +75,7 @@ pub enum TaskStatus {
     Queued,
     DownloadingCode,
     StagingCode,
+    PreparingEnvironment,
     RunningAgent,
     UploadingResults,
     Completed,
@@ -83,11 +84,12 @@ pub enum TaskStatus {
 }
 
 impl TaskStatus {
-    pub const ALL: [TaskStatus; 9] = [
+    pub const ALL: [TaskStatus; 10] = [
         Self::Pending,
         Self::Queued,
         Self::DownloadingCode,
         Self::StagingCode,
+        Self::PreparingEnvironment,
         Self::RunningAgent,
         Self::UploadingResults,
         Self::Completed,
@@ -101,6 +103,7 @@ impl TaskStatus {
             Self::Queued => "QUEUED",
             Self::DownloadingCode => "DOWNLOADING_CODE",
             Self::StagingCode => "STAGING_CODE",
+            Self::PreparingEnvironment => "PREPARING_ENVIRONMENT",
             Self::RunningAgent => "RUNNING_AGENT",
             Self::UploadingResults => "UPLOADING_RESULTS",
             Self::Completed => "COMPLETED",
@@ -120,9 +123,10 @@ impl TaskStatus {
             Self::Queued => 1,
             Self::DownloadingCode => 2,
             Self::StagingCode => 3,
-            Self::RunningAgent => 4,
-            Self::UploadingResults => 5,
-            Self::Completed | Self::Failed | Self::Cancelled => 6,
+            Self::PreparingEnvironment => 4,
+            Self::RunningAgent => 5,
+            Self::UploadingResults => 6,
+            Self::Completed | Self::Failed | Self::Cancelled => 7,
         }
     }
 
@@ -428,6 +432,12 @@ pub struct TaskSpec {
     /// What the tools may reach beyond the workspace (default: nothing).
     #[serde(default, skip_serializing_if = "ToolPolicy::is_default")]
     pub policy: ToolPolicy,
+    /// How the repository is set up before the agent runs (inline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup: Option<crate::environment::SetupSpec>,
+    /// A saved environment of the tenant's, by name (instead of `setup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
 }
 
 pub fn default_tenant() -> String {
@@ -457,6 +467,8 @@ impl TaskSpec {
             tenant: default_tenant(),
             batch_id: None,
             policy: ToolPolicy::default(),
+            setup: None,
+            environment: None,
         }
     }
 
@@ -525,6 +537,19 @@ impl TaskSpec {
                 "idempotency_key",
                 "must be 1 to 256 characters",
             ));
+        }
+        if let Some(setup) = &self.setup {
+            if self.environment.is_some() {
+                return Err(ValidationError::new(
+                    "setup",
+                    "give `setup` or `environment`, not both",
+                ));
+            }
+            setup.validate("setup")?;
+        }
+        if let Some(name) = &self.environment {
+            crate::environment::validate_environment_name(name)
+                .map_err(|e| ValidationError::new("environment", e.reason))?;
         }
         self.policy.validate()?;
         self.limits.validate()
@@ -753,6 +778,7 @@ mod tests {
                 "QUEUED",
                 "DOWNLOADING_CODE",
                 "STAGING_CODE",
+                "PREPARING_ENVIRONMENT",
                 "RUNNING_AGENT",
                 "UPLOADING_RESULTS",
                 "COMPLETED",
@@ -773,6 +799,13 @@ mod tests {
         assert!(Pending.can_move_to(Queued));
         assert!(Queued.can_move_to(DownloadingCode));
         assert!(RunningAgent.can_move_to(Cancelled));
+        assert!(StagingCode.can_move_to(PreparingEnvironment));
+        assert!(PreparingEnvironment.can_move_to(RunningAgent));
+        assert!(
+            StagingCode.can_move_to(RunningAgent),
+            "without setup the step is skipped"
+        );
+        assert!(!RunningAgent.can_move_to(PreparingEnvironment));
         assert!(!RunningAgent.can_move_to(Queued));
         assert!(!Completed.can_move_to(Failed));
         // Back only through a new attempt.

@@ -11,6 +11,13 @@ pub enum ServiceError {
     BadRequest(String),
     #[error("task {0} not found")]
     NotFound(TaskId),
+    /// Something other than a task (a saved environment) that is not there, or is another
+    /// tenant's: the message names it.
+    #[error("{0}")]
+    Missing(String),
+    /// Creating what exists already (a saved environment's name is taken).
+    #[error("{0}")]
+    AlreadyExists(String),
     #[error("{0}")]
     NotReady(String),
     #[error("task {task} is already {status}")]
@@ -45,7 +52,8 @@ impl ServiceError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Invalid(_) | Self::BadRequest(_) => "invalid_request",
-            Self::NotFound(_) => "not_found",
+            Self::NotFound(_) | Self::Missing(_) => "not_found",
+            Self::AlreadyExists(_) => "already_exists",
             Self::NotReady(_) => "not_ready",
             Self::Finished { .. } | Self::StillRunning { .. } | Self::Conflict(_) => "conflict",
             Self::TooLarge { .. } => "payload_too_large",
@@ -60,8 +68,11 @@ impl ServiceError {
     pub fn http_status(&self) -> u16 {
         match self {
             Self::Invalid(_) | Self::BadRequest(_) => 400,
-            Self::NotFound(_) | Self::NotReady(_) => 404,
-            Self::Finished { .. } | Self::StillRunning { .. } | Self::Conflict(_) => 409,
+            Self::NotFound(_) | Self::Missing(_) | Self::NotReady(_) => 404,
+            Self::Finished { .. }
+            | Self::StillRunning { .. }
+            | Self::Conflict(_)
+            | Self::AlreadyExists(_) => 409,
             Self::TooLarge { .. } => 413,
             Self::RateLimited { .. } => 429,
             Self::Unauthenticated(_) => 401,

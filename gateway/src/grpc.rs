@@ -1,8 +1,9 @@
 //! The gRPC API (`patchflow.v1.Tasks`, `proto/patchflow/v1/tasks.proto`): the HTTP API's
 //! operations over tonic, answered by the same [`TaskService`] with the same messages.
-//! Errors map onto gRPC codes: bad input INVALID_ARGUMENT, unknown task NOT_FOUND, too big
-//! or rate limited RESOURCE_EXHAUSTED, a retry of a running task or a cancel of an ended
-//! one FAILED_PRECONDITION. Health (`grpc.health.v1`) and server reflection are served
+//! Errors map onto gRPC codes: bad input INVALID_ARGUMENT, unknown task (or environment)
+//! NOT_FOUND, an environment name taken ALREADY_EXISTS, too big or rate limited
+//! RESOURCE_EXHAUSTED, a retry of a running task or a cancel of an ended one
+//! FAILED_PRECONDITION. Health (`grpc.health.v1`) and server reflection are served
 //! beside it, so `grpcurl` works without the proto file.
 
 pub mod proto;
@@ -44,7 +45,10 @@ pub fn status_of(e: &ServiceError) -> Status {
     let message = e.to_string();
     let mut status = match e {
         ServiceError::Invalid(_) | ServiceError::BadRequest(_) => Status::invalid_argument(message),
-        ServiceError::NotFound(_) | ServiceError::NotReady(_) => Status::not_found(message),
+        ServiceError::NotFound(_) | ServiceError::Missing(_) | ServiceError::NotReady(_) => {
+            Status::not_found(message)
+        }
+        ServiceError::AlreadyExists(_) => Status::already_exists(message),
         ServiceError::Finished { .. }
         | ServiceError::StillRunning { .. }
         | ServiceError::Conflict(_) => Status::failed_precondition(message),
@@ -158,7 +162,7 @@ fn submit_body(
     git_url: Option<String>,
     git_ref: Option<String>,
     o: proto::TaskOptions,
-) -> SubmitBody {
+) -> Result<SubmitBody, Status> {
     // proto3 has no "not given" for a number: 0 is the default.
     let given = |n: u64| (n != 0).then_some(n);
     let limits = o.limits.map(|l| LimitsBody {
@@ -166,7 +170,14 @@ fn submit_body(
         max_tokens: given(l.max_tokens),
         wall_seconds: given(l.wall_seconds),
     });
-    SubmitBody {
+    let setup = match non_empty(o.setup_json) {
+        Some(json) => Some(
+            patchflow_api::error::from_json(json.as_bytes())
+                .map_err(|e| Status::invalid_argument(format!("setup_json: {e}")))?,
+        ),
+        None => None,
+    };
+    Ok(SubmitBody {
         git_url,
         git_ref: non_empty(git_ref),
         task_description: Some(o.task_description),
@@ -177,7 +188,75 @@ fn submit_body(
         batch_id: non_empty(o.batch_id),
         idempotency_key: non_empty(o.idempotency_key),
         branch_name: non_empty(o.branch_name),
+        environment: non_empty(o.environment),
+        setup,
         ..SubmitBody::default()
+    })
+}
+
+/// The HTTP body a gRPC environment definition stands for, so both doors validate alike.
+/// `secrets`: `None` unless `replace` or the map is non-empty (proto3 has no "not given"
+/// for a map).
+fn environment_body(
+    d: proto::EnvironmentDefinition,
+    replace_secrets: bool,
+) -> Result<patchflow_api::EnvironmentBody, Status> {
+    use patchflow_core::environment::SetupNetwork;
+    let network = match non_empty(d.network).as_deref().map(str::trim) {
+        None => None,
+        Some("on") => Some(SetupNetwork::On),
+        Some("off") => Some(SetupNetwork::Off),
+        Some(other) => {
+            return Err(status_of(&ServiceError::Invalid(
+                patchflow_core::ValidationError::new(
+                    "network",
+                    format!("`{other}` is neither `on` nor `off`"),
+                ),
+            )));
+        }
+    };
+    let secrets = (replace_secrets || !d.secrets.is_empty()).then(|| {
+        d.secrets
+            .into_iter()
+            .map(|(k, v)| (k, patchflow_core::Secret::new(v)))
+            .collect()
+    });
+    Ok(patchflow_api::EnvironmentBody {
+        name: d.name,
+        repo: non_empty(d.repo),
+        setup_script: d.setup_script,
+        maintenance_script: d.maintenance_script,
+        env: d.env.into_iter().collect(),
+        secrets,
+        network,
+        allow_hosts: d.allow_hosts,
+        cache: d.cache,
+        cache_paths: d.cache_paths,
+        cache_key_files: d.cache_key_files,
+    })
+}
+
+/// A saved environment as the gRPC API shows it (the fields of its JSON view).
+pub fn environment_message(
+    r: &patchflow_core::environment::EnvironmentRecord,
+) -> proto::Environment {
+    let v = patchflow_api::EnvironmentView::new(r);
+    proto::Environment {
+        name: v.name,
+        repo: v.repo,
+        setup_script: v.setup_script,
+        maintenance_script: v.maintenance_script,
+        env: v.env.into_iter().collect(),
+        secret_names: v.secret_names,
+        network: v.network.as_str().to_string(),
+        allow_hosts: v.allow_hosts,
+        cache: v.cache,
+        cache_paths: v.cache_paths,
+        cache_key_files: v.cache_key_files,
+        secrets_version: v.secrets_version,
+        cache_generation: v.cache_generation,
+        created_at: time(v.created_at),
+        updated_at: time(v.updated_at),
     }
 }
 
@@ -280,7 +359,7 @@ impl Tasks for TasksApi {
         let who = self.who(&request).await?;
         who.must_write().map_err(|e| status_of(&e))?;
         let r = request.into_inner();
-        let mut body = submit_body(Some(r.git_url), r.git_ref, r.options.unwrap_or_default());
+        let mut body = submit_body(Some(r.git_url), r.git_ref, r.options.unwrap_or_default())?;
         body.git_token = non_empty(r.git_token).map(patchflow_core::Secret::new);
         body.tenant = Some(
             who.tenant_for_submit(body.tenant.as_deref())
@@ -308,7 +387,13 @@ impl Tasks for TasksApi {
             .map_err(|e| status_of(&e))?;
         let mut stream = request.into_inner();
         let (options, upload) = self.receive_upload(&mut stream).await?;
-        let mut body = submit_body(None, None, options);
+        let mut body = match submit_body(None, None, options) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&upload.path).await;
+                return Err(e);
+            }
+        };
         body.tenant = match who.tenant_for_submit(body.tenant.as_deref()) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -418,6 +503,97 @@ impl Tasks for TasksApi {
             .await
             .map_err(|e| status_of(&e))?;
         Ok(Response::new(task_message(&self.service, &rec)))
+    }
+
+    async fn create_environment(
+        &self,
+        request: Request<proto::CreateEnvironmentRequest>,
+    ) -> Result<Response<proto::Environment>, Status> {
+        let who = self.who(&request).await?;
+        let r = request.into_inner();
+        let body = environment_body(r.environment.unwrap_or_default(), false)?;
+        let rec = self
+            .service
+            .create_environment(&who, non_empty(r.tenant).as_deref(), body)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(environment_message(&rec)))
+    }
+
+    async fn list_environments(
+        &self,
+        request: Request<proto::ListEnvironmentsRequest>,
+    ) -> Result<Response<proto::ListEnvironmentsResponse>, Status> {
+        let who = self.who(&request).await?;
+        let r = request.into_inner();
+        let list = self
+            .service
+            .list_environments(&who, non_empty(r.tenant).as_deref())
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(proto::ListEnvironmentsResponse {
+            environments: list.iter().map(environment_message).collect(),
+        }))
+    }
+
+    async fn get_environment(
+        &self,
+        request: Request<proto::GetEnvironmentRequest>,
+    ) -> Result<Response<proto::Environment>, Status> {
+        let who = self.who(&request).await?;
+        let r = request.into_inner();
+        let rec = self
+            .service
+            .get_environment(&who, non_empty(r.tenant).as_deref(), &r.name)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(environment_message(&rec)))
+    }
+
+    async fn update_environment(
+        &self,
+        request: Request<proto::UpdateEnvironmentRequest>,
+    ) -> Result<Response<proto::Environment>, Status> {
+        let who = self.who(&request).await?;
+        let r = request.into_inner();
+        let body = environment_body(r.environment.unwrap_or_default(), r.replace_secrets)?;
+        let rec = self
+            .service
+            .update_environment(&who, non_empty(r.tenant).as_deref(), &r.name, body)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(environment_message(&rec)))
+    }
+
+    async fn delete_environment(
+        &self,
+        request: Request<proto::DeleteEnvironmentRequest>,
+    ) -> Result<Response<proto::DeleteEnvironmentResponse>, Status> {
+        let who = self.who(&request).await?;
+        let r = request.into_inner();
+        self.service
+            .delete_environment(&who, non_empty(r.tenant).as_deref(), &r.name)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(proto::DeleteEnvironmentResponse {}))
+    }
+
+    async fn reset_environment_cache(
+        &self,
+        request: Request<proto::ResetEnvironmentCacheRequest>,
+    ) -> Result<Response<proto::ResetEnvironmentCacheResponse>, Status> {
+        let who = self.who(&request).await?;
+        let r = request.into_inner();
+        let answer = self
+            .service
+            .reset_environment_cache(&who, non_empty(r.tenant).as_deref(), &r.name)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(proto::ResetEnvironmentCacheResponse {
+            name: answer.name,
+            cache_generation: answer.cache_generation,
+            removed: answer.removed,
+        }))
     }
 
     type WatchTaskStream = WatchStream;

@@ -11,6 +11,9 @@
 //! | `POST /api/tasks/{task_id}/cancel` | ask a running task to stop |
 //! | `POST /api/tasks/{task_id}/retry` | a new attempt of an ended task (`{"mode": "from_start" \| "from_failed_step"}`) |
 //! | `POST /api/tokens`, `GET /api/tokens`, `DELETE /api/tokens/{token_id}` | token management (admin) |
+//! | `POST /api/environments`, `GET /api/environments` | create (`201`, `409` if the name is taken) and list the tenant's saved environments |
+//! | `GET`, `PUT`, `DELETE /api/environments/{name}` | one environment: read, replace (a body without `secrets` keeps the stored ones), delete |
+//! | `POST /api/environments/{name}/reset-cache` | a new cache generation; the cached states made from it removed |
 //! | `GET /api/whoami` | the caller's tenant, role and token id |
 //! | `GET /healthz` | liveness of the stores |
 //!
@@ -149,6 +152,20 @@ pub fn router(service: TaskService) -> Router {
         .route("/api/tasks/{task_id}/pull-request", post(pull_request))
         .route("/api/tokens", post(create_token).get(list_tokens))
         .route("/api/tokens/{token_id}", delete(revoke_token))
+        .route(
+            "/api/environments",
+            post(create_environment).get(list_environments),
+        )
+        .route(
+            "/api/environments/{name}",
+            get(get_environment)
+                .put(update_environment)
+                .delete(delete_environment),
+        )
+        .route(
+            "/api/environments/{name}/reset-cache",
+            post(reset_environment_cache),
+        )
         .route("/api/whoami", get(whoami))
         .route_layer(axum::middleware::from_fn_with_state(
             service.clone(),
@@ -256,6 +273,114 @@ async fn revoke_token(
             &format!("no live token {token_id}"),
         ))
     }
+}
+
+/// Largest environment body: two scripts of 64 KiB and 64 variables and 64 secrets of
+/// 16 KiB each fit, with room for names and lists.
+const MAX_ENVIRONMENT_BYTES: usize = 3 * 1024 * 1024;
+
+/// `?tenant=`: the tenant an admin acts in (a member or viewer naming another is refused).
+#[derive(Debug, Default, Deserialize)]
+struct TenantQuery {
+    tenant: Option<String>,
+}
+
+/// An environment body, read up to its limit (over it: `413`, before it is parsed).
+async fn environment_body(req: Request) -> Result<patchflow_api::EnvironmentBody, ApiError> {
+    let bytes = axum::body::to_bytes(req.into_body(), MAX_ENVIRONMENT_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError(ServiceError::TooLarge {
+                limit: MAX_ENVIRONMENT_BYTES as u64,
+            })
+        })?;
+    Ok(from_json(&bytes).map_err(ServiceError::from)?)
+}
+
+fn environment_view(
+    r: &patchflow_core::environment::EnvironmentRecord,
+) -> Json<patchflow_api::EnvironmentView> {
+    Json(patchflow_api::EnvironmentView::new(r))
+}
+
+async fn create_environment(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    Query(q): Query<TenantQuery>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    who.must_write()?;
+    let body = environment_body(req).await?;
+    let r = service
+        .create_environment(&who, q.tenant.as_deref(), body)
+        .await?;
+    Ok((StatusCode::CREATED, environment_view(&r)).into_response())
+}
+
+async fn list_environments(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    Query(q): Query<TenantQuery>,
+) -> Result<Response, ApiError> {
+    let list = service.list_environments(&who, q.tenant.as_deref()).await?;
+    Ok(Json(patchflow_api::EnvironmentList {
+        environments: list
+            .iter()
+            .map(patchflow_api::EnvironmentView::new)
+            .collect(),
+    })
+    .into_response())
+}
+
+async fn get_environment(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+    Query(q): Query<TenantQuery>,
+) -> Result<Response, ApiError> {
+    let r = service
+        .get_environment(&who, q.tenant.as_deref(), &name)
+        .await?;
+    Ok(environment_view(&r).into_response())
+}
+
+async fn update_environment(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+    Query(q): Query<TenantQuery>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    who.must_write()?;
+    let body = environment_body(req).await?;
+    let r = service
+        .update_environment(&who, q.tenant.as_deref(), &name, body)
+        .await?;
+    Ok(environment_view(&r).into_response())
+}
+
+async fn delete_environment(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+    Query(q): Query<TenantQuery>,
+) -> Result<Response, ApiError> {
+    service
+        .delete_environment(&who, q.tenant.as_deref(), &name)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn reset_environment_cache(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+    Query(q): Query<TenantQuery>,
+) -> Result<Response, ApiError> {
+    let answer = service
+        .reset_environment_cache(&who, q.tenant.as_deref(), &name)
+        .await?;
+    Ok(Json(answer).into_response())
 }
 
 async fn whoami(Extension(who): Extension<Principal>) -> Json<Principal> {

@@ -24,6 +24,7 @@ use temporalio_client::{
 
 use crate::error::ServiceError;
 
+mod environments;
 mod pull_request;
 mod retry;
 pub use retry::{RetryMode, reset_point};
@@ -296,6 +297,9 @@ impl TaskService {
         }
         spec.validate(self.config.allow_local_sources)?;
         self.check_quota(spec)?;
+        if let Some(name) = &spec.environment {
+            self.check_environment_exists(&spec.tenant, name).await?;
+        }
         // Tokens are sealed for this task id before the spec is stored or sent anywhere.
         let git_token = match &mut spec.source {
             TaskSource::Git { git_token, .. } => git_token.as_mut(),

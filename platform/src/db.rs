@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use patchflow_core::auth::ApiToken;
+use patchflow_core::environment::{EnvCacheEntry, EnvironmentRecord};
 use patchflow_core::{
     AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus,
 };
@@ -43,6 +44,9 @@ pub enum StoreError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stored record of task {task} is corrupt: {reason}")]
     Corrupt { task: String, reason: String },
+    /// A stored row that is not a task's (an environment, a cache entry) cannot be read.
+    #[error("stored {what} is corrupt: {reason}")]
+    CorruptRow { what: String, reason: String },
     #[error(
         "unsupported database URL `{0}` (sqlite://PATH, postgres://USER@HOST/DB or mysql://USER@HOST/DB; postgresql:// and mariadb:// work too)"
     )]
@@ -196,6 +200,58 @@ pub trait TaskStore: Send + Sync + 'static {
 
     /// How many tokens exist (revoked ones too): zero means a new deployment to bootstrap.
     async fn count_tokens(&self) -> Result<u64, StoreError>;
+
+    // Saved environments (per tenant, by name) and the cache of prepared states. Every
+    // call is scoped to one tenant: another tenant's rows are never read or written.
+
+    /// Creates (`replace == false`: Ok(false) if the name is taken) or replaces
+    /// (`replace == true`: Ok(false) if there is none) a saved environment. A replace
+    /// writes every column but the key (tenant, name) from `env`, `created_at` included:
+    /// the caller carries over what it keeps.
+    async fn put_environment(
+        &self,
+        env: &EnvironmentRecord,
+        replace: bool,
+    ) -> Result<bool, StoreError>;
+
+    async fn get_environment(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<EnvironmentRecord>, StoreError>;
+
+    /// The tenant's environments, by name (byte order).
+    async fn list_environments(&self, tenant: &str) -> Result<Vec<EnvironmentRecord>, StoreError>;
+
+    /// `false` if there is no such environment. Its cache entries stay (they age out).
+    async fn delete_environment(&self, tenant: &str, name: &str) -> Result<bool, StoreError>;
+
+    /// Bumps cache_generation and deletes the env_cache rows made from it; answers the keys
+    /// removed (None: no such environment). The objects of those keys are the caller's to
+    /// delete.
+    async fn reset_environment_cache(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<Vec<String>>, StoreError>;
+
+    async fn env_cache_get(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<EnvCacheEntry>, StoreError>;
+
+    /// Insert or replace.
+    async fn env_cache_put(&self, entry: &EnvCacheEntry) -> Result<(), StoreError>;
+
+    /// last_used_at = now (nothing if there is no such entry).
+    async fn env_cache_touch(&self, tenant: &str, key: &str) -> Result<(), StoreError>;
+
+    /// The tenant's entries, least recently used first.
+    async fn env_cache_list(&self, tenant: &str) -> Result<Vec<EnvCacheEntry>, StoreError>;
+
+    /// `false` if there was no such entry.
+    async fn env_cache_delete(&self, tenant: &str, key: &str) -> Result<bool, StoreError>;
 }
 
 /// Opens the store a URL names and brings its schema up to date: `sqlite:`,

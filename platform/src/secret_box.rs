@@ -2,6 +2,9 @@
 //! history and the events only ever hold ciphertext: ChaCha20-Poly1305 (ring) under the
 //! `secrets_key` setting, with the task id as associated data, so a sealed value opens only
 //! for the task it was sealed for. The gateway seals at submit; the worker's fetch opens.
+//! A saved environment's secrets are sealed by the same box in a context of their own
+//! ([`SecretBox::seal_in`] with [`environment_context`]): a value sealed for a task never
+//! opens as an environment's secret, nor one environment's secret as another's.
 //!
 //! Key: `secrets_key` (32 bytes, base64), the same on every gateway and worker; unset, a
 //! key generated once into `<data_dir>/secrets.key` (mode 0600), which serves one machine
@@ -30,6 +33,19 @@ impl std::fmt::Debug for SecretBox {
 
 fn aad(task: &TaskId) -> String {
     format!("patchflow task credential for {}", task.as_str())
+}
+
+/// The associated data of a value sealed in a context ([`SecretBox::seal_in`]): its own
+/// prefix, so no context can ever be read as a task's associated data, nor a task's as a
+/// context.
+fn context_aad(context: &str) -> String {
+    format!("patchflow sealed in context {context}")
+}
+
+/// The context a saved environment's secret is sealed in: it opens only as that secret of
+/// that environment of that tenant.
+pub fn environment_context(tenant: &str, name: &str, secret: &str) -> String {
+    format!("environment:{tenant}/{name}/{secret}")
 }
 
 impl SecretBox {
@@ -125,6 +141,50 @@ impl SecretBox {
             .map(Secret::new)
             .map_err(|_| REFUSED.to_string())
     }
+
+    /// `plain` sealed in `context` (e.g. [`environment_context`]), the context as
+    /// associated data: base64 of nonce, ciphertext and tag, as [`Self::seal`] makes. It
+    /// opens only with [`Self::open_in`] and the same context.
+    pub fn seal_in(&self, plain: &Secret, context: &str) -> Result<String, String> {
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng
+            .fill(&mut nonce)
+            .map_err(|_| "no randomness for a nonce".to_string())?;
+        let mut data = plain.expose().as_bytes().to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(context_aad(context)),
+                &mut data,
+            )
+            .map_err(|_| "cannot seal".to_string())?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&data);
+        Ok(STANDARD.encode(out))
+    }
+
+    /// What [`Self::seal_in`] sealed in `context`; an error for anything else (another
+    /// context, a task's sealed value, another key, a changed byte).
+    pub fn open_in(&self, sealed: &str, context: &str) -> Result<Secret, String> {
+        let refused = || {
+            "cannot open the secret: it was sealed for another use or under another secrets_key"
+                .to_string()
+        };
+        let bytes = STANDARD.decode(sealed).map_err(|_| refused())?;
+        if bytes.len() < NONCE_LEN {
+            return Err(refused());
+        }
+        let (nonce, data) = bytes.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| refused())?;
+        let mut data = data.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(context_aad(context)), &mut data)
+            .map_err(|_| refused())?;
+        String::from_utf8(plain.to_vec())
+            .map(Secret::new)
+            .map_err(|_| refused())
+    }
 }
 
 /// A new API token and its public id: `pf_` and 32 random bytes (base64url, 43 characters),
@@ -209,5 +269,37 @@ mod tests {
         }
         assert!(SecretBox::from_key_text("c2hvcnQ=").is_err());
         assert!(SecretBox::from_key_text("not base64 at all").is_err());
+    }
+
+    #[test]
+    fn environment_secrets_open_only_in_their_context_and_never_as_task_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = SecretBox::load_or_create(&dir.path().join(KEY_FILE)).unwrap();
+        let ctx = environment_context("team-a", "py", "API_KEY");
+        assert_eq!(ctx, "environment:team-a/py/API_KEY");
+        let plain = Secret::new("s3cret-value");
+        let sealed = b.seal_in(&plain, &ctx).unwrap();
+        assert!(!sealed.contains("s3cret"));
+        assert_eq!(b.open_in(&sealed, &ctx).unwrap().expose(), "s3cret-value");
+        // Another secret, environment or tenant: refused.
+        for other in [
+            environment_context("team-a", "py", "OTHER"),
+            environment_context("team-a", "node", "API_KEY"),
+            environment_context("team-b", "py", "API_KEY"),
+        ] {
+            assert!(b.open_in(&sealed, &other).is_err(), "{other}");
+        }
+        // A task's sealed value is not an environment secret, and the other way round,
+        // even with a context spelled like the task's associated data.
+        let task = TaskId::generate();
+        let for_task = b.seal(&plain, &task).unwrap();
+        assert!(b.open_in(&for_task, &ctx).is_err());
+        let task_aad = aad(&task);
+        assert!(b.open_in(&for_task, &task_aad).is_err());
+        assert!(b.open(&sealed, &task).is_err());
+        let spoof = b.seal_in(&plain, &task_aad).unwrap();
+        assert!(b.open(&spoof, &task).is_err());
+        let err = b.open_in("garbage", &ctx).unwrap_err();
+        assert!(!err.contains("git_token"), "{err}");
     }
 }

@@ -20,6 +20,8 @@ macro_rules! tests_for {
                 record_keeps_what_was_stored_and_unknown_tasks_are_refused,
                 attempts_are_numbered_kept_and_old_runs_ignored,
                 tokens_are_kept_by_hash_revoked_once_and_listed_newest_first,
+                environments_are_per_tenant_created_once_and_replaced_only_when_there,
+                env_cache_is_lru_ordered_and_a_reset_removes_only_its_environment_entries,
             ],
             // Cases whose writers race each other need threads to race on.
             two_threads: [

@@ -877,3 +877,241 @@ pub(crate) async fn tokens_are_kept_by_hash_revoked_once_and_listed_newest_first
         "revoked tokens still count"
     );
 }
+
+fn environment(
+    tenant: &str,
+    name: &str,
+    script: &str,
+) -> patchflow_core::environment::EnvironmentRecord {
+    use chrono::{TimeZone, Utc};
+    let mut setup = patchflow_core::environment::SetupSpec {
+        setup_script: script.into(),
+        maintenance_script: Some("make deps\n".into()),
+        cache_paths: vec!["~/.cache/pip".into()],
+        ..Default::default()
+    };
+    setup
+        .env
+        .insert("MODE".into(), "test 'quoted' \u{e9}".into());
+    let mut secrets = std::collections::BTreeMap::new();
+    secrets.insert("API_KEY".into(), "sealed:abc".into());
+    patchflow_core::environment::EnvironmentRecord {
+        tenant: tenant.into(),
+        name: name.into(),
+        repo: Some("https://example.com/r.git".into()),
+        setup,
+        secrets,
+        secrets_version: 1,
+        cache_generation: 0,
+        created_at: Utc.timestamp_millis_opt(1_700_000_000_000).unwrap(),
+        updated_at: Utc.timestamp_millis_opt(1_700_000_000_500).unwrap(),
+    }
+}
+
+/// Saved environments: kept whole, per tenant (another tenant never sees, replaces or
+/// deletes one), created once, replaced only when there, listed by name.
+pub(crate) async fn environments_are_per_tenant_created_once_and_replaced_only_when_there(
+    url: String,
+) {
+    let s = open_store(&url).await;
+    let a = environment("team-a", "py", "pip install -r requirements.txt\n");
+    assert!(s.put_environment(&a, false).await.unwrap());
+    assert_eq!(
+        s.get_environment("team-a", "py").await.unwrap(),
+        Some(a.clone())
+    );
+    // Taken: nothing changes.
+    let mut other = environment("team-a", "py", "other");
+    other.secrets_version = 9;
+    assert!(
+        !s.put_environment(&other, false).await.unwrap(),
+        "created twice"
+    );
+    assert_eq!(
+        s.get_environment("team-a", "py").await.unwrap(),
+        Some(a.clone())
+    );
+    // Replacing one that is not there writes nothing.
+    let missing = environment("team-a", "nope", "x");
+    assert!(!s.put_environment(&missing, true).await.unwrap());
+    assert!(s.get_environment("team-a", "nope").await.unwrap().is_none());
+    // The same name in another tenant is another environment.
+    let b = environment("team-b", "py", "poetry install\n");
+    assert!(s.put_environment(&b, false).await.unwrap());
+    assert!(s.get_environment("team-c", "py").await.unwrap().is_none());
+    // Replace: every column but the key.
+    let mut replaced = a.clone();
+    replaced.repo = None;
+    replaced.setup.setup_script = "uv sync\n".into();
+    replaced.setup.maintenance_script = None;
+    replaced.secrets.clear();
+    replaced.secrets_version = 2;
+    replaced.cache_generation = 3;
+    replaced.updated_at = chrono::Utc::now();
+    replaced.updated_at = crate::db::rows::time_of(replaced.updated_at.timestamp_millis());
+    assert!(s.put_environment(&replaced, true).await.unwrap());
+    assert_eq!(
+        s.get_environment("team-a", "py").await.unwrap(),
+        Some(replaced.clone())
+    );
+    assert_eq!(
+        s.get_environment("team-b", "py").await.unwrap(),
+        Some(b.clone()),
+        "another tenant's was touched"
+    );
+    // Listed by name, per tenant.
+    for name in ["zeta", "Alpha", "beta-2", "beta.1"] {
+        assert!(
+            s.put_environment(&environment("team-a", name, "x"), false)
+                .await
+                .unwrap()
+        );
+    }
+    let names = |list: Vec<patchflow_core::environment::EnvironmentRecord>| {
+        list.into_iter().map(|e| e.name).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(s.list_environments("team-a").await.unwrap()),
+        ["Alpha", "beta-2", "beta.1", "py", "zeta"]
+    );
+    assert_eq!(names(s.list_environments("team-b").await.unwrap()), ["py"]);
+    assert!(s.list_environments("team-c").await.unwrap().is_empty());
+    // Deleted once, in its tenant only.
+    assert!(!s.delete_environment("team-c", "py").await.unwrap());
+    assert!(s.delete_environment("team-a", "py").await.unwrap());
+    assert!(
+        !s.delete_environment("team-a", "py").await.unwrap(),
+        "deleted twice"
+    );
+    assert!(s.get_environment("team-a", "py").await.unwrap().is_none());
+    assert_eq!(s.get_environment("team-b", "py").await.unwrap(), Some(b));
+    // Case matters: `Alpha` is not `alpha`.
+    assert!(
+        s.get_environment("team-a", "alpha")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// The cache of prepared states: inserted or replaced, listed least recently used first
+/// per tenant, touched, deleted once; a reset bumps the environment's generation and removes
+/// only the entries made from it (in its tenant), answering their keys.
+pub(crate) async fn env_cache_is_lru_ordered_and_a_reset_removes_only_its_environment_entries(
+    url: String,
+) {
+    use chrono::{TimeZone, Utc};
+    use patchflow_core::environment::EnvCacheEntry;
+    let s = open_store(&url).await;
+    let at = |ms: i64| Utc.timestamp_millis_opt(1_700_000_000_000 + ms).unwrap();
+    let entry = |tenant: &str, key: &str, env: Option<&str>, used: i64| EnvCacheEntry {
+        tenant: tenant.into(),
+        key: key.into(),
+        environment: env.map(str::to_string),
+        bytes: 5_000_000_000 + used.unsigned_abs(),
+        created_at: at(0),
+        last_used_at: at(used),
+    };
+    assert!(s.env_cache_get("team-a", "k1").await.unwrap().is_none());
+    let k1 = entry("team-a", "k1", Some("py"), 30);
+    let k2 = entry("team-a", "k2", Some("py"), 10);
+    let k3 = entry("team-a", "k3", None, 20);
+    let k4 = entry("team-a", "k4", Some("node"), 40);
+    let b1 = entry("team-b", "k1", Some("py"), 5);
+    for e in [&k1, &k2, &k3, &k4, &b1] {
+        s.env_cache_put(e).await.unwrap();
+    }
+    assert_eq!(
+        s.env_cache_get("team-a", "k1").await.unwrap(),
+        Some(k1.clone())
+    );
+    assert_eq!(
+        s.env_cache_get("team-b", "k1").await.unwrap(),
+        Some(b1.clone())
+    );
+    let keys = |list: Vec<EnvCacheEntry>| list.into_iter().map(|e| e.key).collect::<Vec<_>>();
+    assert_eq!(
+        keys(s.env_cache_list("team-a").await.unwrap()),
+        ["k2", "k3", "k1", "k4"]
+    );
+    // Replace: the same key, new values.
+    let mut k3b = entry("team-a", "k3", Some("py"), 35);
+    k3b.bytes = 7;
+    s.env_cache_put(&k3b).await.unwrap();
+    assert_eq!(
+        s.env_cache_get("team-a", "k3").await.unwrap(),
+        Some(k3b.clone())
+    );
+    assert_eq!(
+        keys(s.env_cache_list("team-a").await.unwrap()),
+        ["k2", "k1", "k3", "k4"]
+    );
+    // Touched now: the most recently used.
+    let before = Utc::now().timestamp_millis();
+    s.env_cache_touch("team-a", "k2").await.unwrap();
+    s.env_cache_touch("team-a", "nope").await.unwrap();
+    let touched = s.env_cache_get("team-a", "k2").await.unwrap().unwrap();
+    assert!(touched.last_used_at.timestamp_millis() >= before);
+    assert_eq!(
+        keys(s.env_cache_list("team-a").await.unwrap()),
+        ["k1", "k3", "k4", "k2"]
+    );
+    assert_eq!(
+        s.env_cache_get("team-b", "k1").await.unwrap(),
+        Some(b1.clone()),
+        "touching team-a's k1 moved team-b's"
+    );
+
+    // Reset: no such environment (in this tenant) is None, and nothing is removed.
+    assert_eq!(
+        s.reset_environment_cache("team-a", "py").await.unwrap(),
+        None
+    );
+    assert_eq!(s.env_cache_list("team-a").await.unwrap().len(), 4);
+    let py = environment("team-a", "py", "x");
+    assert!(s.put_environment(&py, false).await.unwrap());
+    assert!(
+        s.put_environment(&environment("team-b", "py", "x"), false)
+            .await
+            .unwrap()
+    );
+    let removed = s.reset_environment_cache("team-a", "py").await.unwrap();
+    assert_eq!(removed, Some(vec!["k1".into(), "k2".into(), "k3".into()]));
+    assert_eq!(keys(s.env_cache_list("team-a").await.unwrap()), ["k4"]);
+    assert_eq!(
+        keys(s.env_cache_list("team-b").await.unwrap()),
+        ["k1"],
+        "another tenant's entries of an environment with the same name were removed"
+    );
+    let after = s.get_environment("team-a", "py").await.unwrap().unwrap();
+    assert_eq!(after.cache_generation, py.cache_generation + 1);
+    assert_eq!(after.secrets_version, py.secrets_version);
+    assert_eq!(after.setup, py.setup);
+    assert_eq!(
+        s.get_environment("team-b", "py")
+            .await
+            .unwrap()
+            .unwrap()
+            .cache_generation,
+        0
+    );
+    // Again: nothing left to remove, the generation moves on.
+    assert_eq!(
+        s.reset_environment_cache("team-a", "py").await.unwrap(),
+        Some(vec![])
+    );
+    assert_eq!(
+        s.get_environment("team-a", "py")
+            .await
+            .unwrap()
+            .unwrap()
+            .cache_generation,
+        py.cache_generation + 2
+    );
+    // Deleted once, per tenant.
+    assert!(!s.env_cache_delete("team-b", "k4").await.unwrap());
+    assert!(s.env_cache_delete("team-a", "k4").await.unwrap());
+    assert!(!s.env_cache_delete("team-a", "k4").await.unwrap());
+    assert!(s.env_cache_list("team-a").await.unwrap().is_empty());
+    assert_eq!(s.env_cache_list("team-b").await.unwrap().len(), 1);
+}

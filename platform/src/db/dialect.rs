@@ -44,6 +44,21 @@ pub trait Dialect: Database {
     fn storable_text(text: &str) -> Cow<'_, str> {
         Cow::Borrowed(text)
     }
+
+    /// What follows an INSERT so that a row whose primary key (`key`) is taken has its
+    /// `columns` replaced by the new values instead (an "insert or replace" that keeps the
+    /// row in place). SQLite and PostgreSQL say `ON CONFLICT … DO UPDATE`.
+    fn upsert(key: &[&str], columns: &[&str]) -> String {
+        let set: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{c} = excluded.{c}"))
+            .collect();
+        format!(
+            " ON CONFLICT ({}) DO UPDATE SET {}",
+            key.join(", "),
+            set.join(", ")
+        )
+    }
 }
 
 /// How a status write has a task to itself until it commits.

@@ -10,6 +10,7 @@
 //!   same key waits for the other transaction and then fails with that error.
 //! - No `RETURNING`: the OK packet of an INSERT carries `LAST_INSERT_ID()` of that very
 //!   statement on that connection, which is the new event's `seq`.
+//! - No `ON CONFLICT … DO UPDATE`: an upsert is `ON DUPLICATE KEY UPDATE`.
 //! - Strict mode on every connection, and a migration lock of its own (see
 //!   `connect` and `migrate_locked` below).
 //! - `mariadb://` URLs mean the same as `mysql://` (sqlx knows only the latter).
@@ -82,6 +83,16 @@ impl Dialect for MySql {
 
     fn rows_affected(done: &MySqlQueryResult) -> u64 {
         done.rows_affected()
+    }
+
+    /// No `ON CONFLICT`: `ON DUPLICATE KEY UPDATE` (whichever unique key is hit; the
+    /// tables upserted have none but their primary key).
+    fn upsert(_key: &[&str], columns: &[&str]) -> String {
+        let set: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{c} = VALUES({c})"))
+            .collect();
+        format!(" ON DUPLICATE KEY UPDATE {}", set.join(", "))
     }
 }
 

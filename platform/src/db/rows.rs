@@ -155,3 +155,79 @@ where
         token_id,
     })
 }
+
+/// The columns of `environments` that [`environment_of`] reads.
+pub(super) const ENVIRONMENT_COLUMNS: &str = "tenant, name, repo, definition, secrets, secrets_version, cache_generation, created_at, updated_at";
+
+fn corrupt_row(what: String, reason: &dyn std::fmt::Display) -> StoreError {
+    StoreError::CorruptRow {
+        what,
+        reason: reason.to_string(),
+    }
+}
+
+/// A count or a size as the columns keep it (BIGINT: an `i64`).
+pub(super) fn stored_u64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// An `environments` row selected with [`ENVIRONMENT_COLUMNS`].
+pub(super) fn environment_of<R, DB>(
+    row: &R,
+) -> Result<patchflow_core::environment::EnvironmentRecord, StoreError>
+where
+    R: Row<Database = DB>,
+    DB: Database,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, DB> + Type<DB>,
+    for<'r> i64: Decode<'r, DB> + Type<DB>,
+{
+    let tenant: String = row.try_get("tenant")?;
+    let name: String = row.try_get("name")?;
+    let what = || format!("environment {tenant}/{name}");
+    let definition: String = row.try_get("definition")?;
+    let secrets: String = row.try_get("secrets")?;
+    let count = |col: &str| -> Result<u64, StoreError> {
+        u64::try_from(row.try_get::<i64, _>(col)?).map_err(|e| corrupt_row(what(), &e))
+    };
+    Ok(patchflow_core::environment::EnvironmentRecord {
+        repo: row.try_get("repo")?,
+        setup: serde_json::from_str(&definition).map_err(|e| corrupt_row(what(), &e))?,
+        secrets: serde_json::from_str(&secrets).map_err(|e| corrupt_row(what(), &e))?,
+        secrets_version: count("secrets_version")?,
+        cache_generation: count("cache_generation")?,
+        created_at: time_of(row.try_get("created_at")?),
+        updated_at: time_of(row.try_get("updated_at")?),
+        tenant,
+        name,
+    })
+}
+
+/// The columns of `env_cache` that [`cache_entry_of`] reads.
+pub(super) const ENV_CACHE_COLUMNS: &str =
+    "tenant, cache_key, environment, bytes, created_at, last_used_at";
+
+/// An `env_cache` row selected with [`ENV_CACHE_COLUMNS`].
+pub(super) fn cache_entry_of<R, DB>(
+    row: &R,
+) -> Result<patchflow_core::environment::EnvCacheEntry, StoreError>
+where
+    R: Row<Database = DB>,
+    DB: Database,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, DB> + Type<DB>,
+    for<'r> i64: Decode<'r, DB> + Type<DB>,
+{
+    let tenant: String = row.try_get("tenant")?;
+    let key: String = row.try_get("cache_key")?;
+    let bytes: i64 = row.try_get("bytes")?;
+    Ok(patchflow_core::environment::EnvCacheEntry {
+        bytes: u64::try_from(bytes)
+            .map_err(|e| corrupt_row(format!("cache entry {tenant}/{key}"), &e))?,
+        environment: row.try_get("environment")?,
+        created_at: time_of(row.try_get("created_at")?),
+        last_used_at: time_of(row.try_get("last_used_at")?),
+        tenant,
+        key,
+    })
+}

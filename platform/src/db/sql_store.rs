@@ -6,6 +6,7 @@
 
 use async_trait::async_trait;
 use patchflow_core::auth::ApiToken;
+use patchflow_core::environment::{EnvCacheEntry, EnvironmentRecord};
 use patchflow_core::{
     AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus,
 };
@@ -14,8 +15,9 @@ use sqlx::{ColumnIndex, Decode, Encode, Executor, IntoArguments, Pool, QueryBuil
 use super::attempts::{self, Current, Plan};
 use super::dialect::{Dialect, NewSeq, TaskLock};
 use super::rows::{
-    ATTEMPT_COLUMNS, COLUMNS, TOKEN_COLUMNS, attach_attempts, attempt_of, corrupt, event_of,
-    now_ms, record_of, token_of,
+    ATTEMPT_COLUMNS, COLUMNS, ENV_CACHE_COLUMNS, ENVIRONMENT_COLUMNS, TOKEN_COLUMNS,
+    attach_attempts, attempt_of, cache_entry_of, corrupt, environment_of, event_of, now_ms,
+    record_of, stored_u64, token_of,
 };
 use super::{Inserted, ListFilter, StatusChange, StoreError, TaskStore};
 
@@ -563,5 +565,204 @@ where
         let row = q.build().fetch_one(&self.pool).await?;
         let n: i64 = sqlx::Row::try_get(&row, 0usize)?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn put_environment(
+        &self,
+        env: &EnvironmentRecord,
+        replace: bool,
+    ) -> Result<bool, StoreError> {
+        let bad = |e: &serde_json::Error| StoreError::CorruptRow {
+            what: format!("environment {}/{}", env.tenant, env.name),
+            reason: e.to_string(),
+        };
+        let definition = serde_json::to_string(&env.setup).map_err(|e| bad(&e))?;
+        let secrets = serde_json::to_string(&env.secrets).map_err(|e| bad(&e))?;
+        if replace {
+            let mut q = QueryBuilder::<DB>::new("UPDATE environments SET repo = ");
+            q.push_bind(env.repo.as_deref())
+                .push(", definition = ")
+                .push_bind(definition.as_str())
+                .push(", secrets = ")
+                .push_bind(secrets.as_str())
+                .push(", secrets_version = ")
+                .push_bind(stored_u64(env.secrets_version))
+                .push(", cache_generation = ")
+                .push_bind(stored_u64(env.cache_generation))
+                .push(", created_at = ")
+                .push_bind(env.created_at.timestamp_millis())
+                .push(", updated_at = ")
+                .push_bind(env.updated_at.timestamp_millis())
+                .push(" WHERE tenant = ")
+                .push_bind(env.tenant.as_str())
+                .push(" AND name = ")
+                .push_bind(env.name.as_str());
+            let done = q.build().execute(&self.pool).await?;
+            return Ok(DB::rows_affected(&done) == 1);
+        }
+        let mut q = QueryBuilder::<DB>::new(format!(
+            "INSERT INTO environments ({ENVIRONMENT_COLUMNS}) VALUES ("
+        ));
+        q.separated(", ")
+            .push_bind(env.tenant.as_str())
+            .push_bind(env.name.as_str())
+            .push_bind(env.repo.as_deref())
+            .push_bind(definition.as_str())
+            .push_bind(secrets.as_str())
+            .push_bind(stored_u64(env.secrets_version))
+            .push_bind(stored_u64(env.cache_generation))
+            .push_bind(env.created_at.timestamp_millis())
+            .push_bind(env.updated_at.timestamp_millis());
+        q.push(")").push(DB::INSERT_UNLESS_TAKEN);
+        match q.build().execute(&self.pool).await {
+            Ok(done) => Ok(DB::rows_affected(&done) == 1),
+            Err(e) if DB::is_duplicate_key(&e) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn get_environment(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<EnvironmentRecord>, StoreError> {
+        let mut q = QueryBuilder::<DB>::new(format!(
+            "SELECT {ENVIRONMENT_COLUMNS} FROM environments WHERE tenant = "
+        ));
+        q.push_bind(tenant).push(" AND name = ").push_bind(name);
+        q.build()
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| environment_of(&row))
+            .transpose()
+    }
+
+    async fn list_environments(&self, tenant: &str) -> Result<Vec<EnvironmentRecord>, StoreError> {
+        let mut q = QueryBuilder::<DB>::new(format!(
+            "SELECT {ENVIRONMENT_COLUMNS} FROM environments WHERE tenant = "
+        ));
+        q.push_bind(tenant).push(" ORDER BY name");
+        q.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(environment_of)
+            .collect()
+    }
+
+    async fn delete_environment(&self, tenant: &str, name: &str) -> Result<bool, StoreError> {
+        let mut q = QueryBuilder::<DB>::new("DELETE FROM environments WHERE tenant = ");
+        q.push_bind(tenant).push(" AND name = ").push_bind(name);
+        let done = q.build().execute(&self.pool).await?;
+        Ok(DB::rows_affected(&done) == 1)
+    }
+
+    async fn reset_environment_cache(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The UPDATE takes the environment's row (or, on SQLite, the database) first, so
+        // two resets at once each bump the generation once, one after the other.
+        let mut q = QueryBuilder::<DB>::new(
+            "UPDATE environments SET cache_generation = cache_generation + 1, updated_at = ",
+        );
+        q.push_bind(now_ms())
+            .push(" WHERE tenant = ")
+            .push_bind(tenant)
+            .push(" AND name = ")
+            .push_bind(name);
+        let done = q.build().execute(&mut *tx).await?;
+        if DB::rows_affected(&done) == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let mut q = QueryBuilder::<DB>::new("SELECT cache_key FROM env_cache WHERE tenant = ");
+        q.push_bind(tenant)
+            .push(" AND environment = ")
+            .push_bind(name)
+            .push(" ORDER BY cache_key");
+        let keys: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;
+        // Exactly the keys answered (an entry written meanwhile is not removed unreported).
+        for chunk in keys.chunks(500) {
+            let mut q = QueryBuilder::<DB>::new("DELETE FROM env_cache WHERE tenant = ");
+            q.push_bind(tenant).push(" AND cache_key IN (");
+            let mut list = q.separated(", ");
+            for k in chunk {
+                list.push_bind(k.as_str());
+            }
+            q.push(")");
+            q.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(Some(keys))
+    }
+
+    async fn env_cache_get(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<EnvCacheEntry>, StoreError> {
+        let mut q = QueryBuilder::<DB>::new(format!(
+            "SELECT {ENV_CACHE_COLUMNS} FROM env_cache WHERE tenant = "
+        ));
+        q.push_bind(tenant).push(" AND cache_key = ").push_bind(key);
+        q.build()
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| cache_entry_of(&row))
+            .transpose()
+    }
+
+    async fn env_cache_put(&self, entry: &EnvCacheEntry) -> Result<(), StoreError> {
+        let mut q = QueryBuilder::<DB>::new(format!(
+            "INSERT INTO env_cache ({ENV_CACHE_COLUMNS}) VALUES ("
+        ));
+        q.separated(", ")
+            .push_bind(entry.tenant.as_str())
+            .push_bind(entry.key.as_str())
+            .push_bind(entry.environment.as_deref())
+            .push_bind(stored_u64(entry.bytes))
+            .push_bind(entry.created_at.timestamp_millis())
+            .push_bind(entry.last_used_at.timestamp_millis());
+        q.push(")").push(DB::upsert(
+            &["tenant", "cache_key"],
+            &["environment", "bytes", "created_at", "last_used_at"],
+        ));
+        q.build().execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn env_cache_touch(&self, tenant: &str, key: &str) -> Result<(), StoreError> {
+        let mut q = QueryBuilder::<DB>::new("UPDATE env_cache SET last_used_at = ");
+        q.push_bind(now_ms())
+            .push(" WHERE tenant = ")
+            .push_bind(tenant)
+            .push(" AND cache_key = ")
+            .push_bind(key);
+        q.build().execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn env_cache_list(&self, tenant: &str) -> Result<Vec<EnvCacheEntry>, StoreError> {
+        let mut q = QueryBuilder::<DB>::new(format!(
+            "SELECT {ENV_CACHE_COLUMNS} FROM env_cache WHERE tenant = "
+        ));
+        q.push_bind(tenant)
+            .push(" ORDER BY last_used_at, cache_key");
+        q.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(cache_entry_of)
+            .collect()
+    }
+
+    async fn env_cache_delete(&self, tenant: &str, key: &str) -> Result<bool, StoreError> {
+        let mut q = QueryBuilder::<DB>::new("DELETE FROM env_cache WHERE tenant = ");
+        q.push_bind(tenant).push(" AND cache_key = ").push_bind(key);
+        let done = q.build().execute(&self.pool).await?;
+        Ok(DB::rows_affected(&done) == 1)
     }
 }
