@@ -249,6 +249,9 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
             secrets: stores.secrets.clone(),
             batch_lease: Duration::from_secs(config.batch.batch_lease_secs),
             pull_requests: pr_settings(config)?,
+            environments: patchflow_activities::environment::EnvSettings {
+                config: config.clone(),
+            },
         },
         results: crate::kafka::results_topic(config).await?,
         runner,
@@ -278,6 +281,18 @@ fn agent_env(config: &Config, local: bool) -> Vec<(String, String)> {
             }
             Some((Config::env_name(key), value))
         })
+        .chain(
+            // The variables commands keep must reach the agent first (a pod has its own).
+            local
+                .then(|| {
+                    patchflow_core::environment::passthrough(
+                        &config.sandbox.shell_env_passthrough,
+                        |k| std::env::var(k).ok(),
+                    )
+                })
+                .into_iter()
+                .flatten(),
+        )
         .collect()
 }
 

@@ -11,6 +11,7 @@
 //! escape) are non-retryable so the task fails once with the reason; everything else is
 //! retried by Temporal's policy.
 
+pub mod environment;
 pub mod fetch;
 pub mod pull_request;
 pub mod results;
@@ -28,8 +29,9 @@ use patchflow_platform::cache::{CacheError, Hot};
 use patchflow_platform::status::{self, CacheDuty, StatusWrite};
 use patchflow_platform::{ObjectStore, StatusChange, StoreError, TaskStore};
 use patchflow_workflows::io::{
-    FetchInput, FetchOutput, PublishInput, PublishOutput, PullRequestInput, PullRequestOutput,
-    RunAgentInput, SlotInput, StageInput, StageOutput, StatusUpdate,
+    FetchInput, FetchOutput, PrepareInput, PreparedEnv, PublishInput, PublishOutput,
+    PullRequestInput, PullRequestOutput, RunAgentInput, SlotInput, StageInput, StageOutput,
+    StatusUpdate,
 };
 use patchflow_workflows::steps::markers as steps;
 use temporalio_macros::activities;
@@ -62,6 +64,8 @@ pub struct ActivityConfig {
     pub batch_lease: Duration,
     /// The forges and credentials pull requests are opened with.
     pub pull_requests: pull_request::PrSettings,
+    /// Setup scripts: the sandbox they run in and the environment cache.
+    pub environments: environment::EnvSettings,
 }
 
 impl ActivityConfig {
@@ -422,6 +426,20 @@ impl Activities {
         stage::stage(&self.config, self.objects.as_ref(), &id, &input).await
     }
 
+    #[activity(definition = steps::PrepareEnvironment)]
+    pub async fn prepare_environment(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: PrepareInput,
+    ) -> Result<PreparedEnv, ActivityError> {
+        let id = task_id(&input.task_id)?;
+        input
+            .spec
+            .validate(self.config.allow_local_sources)
+            .map_err(|e| bad_input(format!("refused task: {e}")))?;
+        self.prepare(&ctx, &id, &input).await
+    }
+
     #[activity(definition = steps::RunAgent)]
     pub async fn run_agent(
         self: Arc<Self>,
@@ -444,6 +462,7 @@ impl Activities {
         let run = self.runner.run(
             &id,
             &input.spec,
+            input.prepared.as_ref(),
             self.objects.as_ref(),
             &work,
             tx,

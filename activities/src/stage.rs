@@ -23,6 +23,10 @@ pub async fn stage(
         let again = fetch::fetch(config, objects, task, &input.source).await?;
         tree = again.tree_dir.into();
     }
+    let repo_setup = config.environments.config.environments.repo_setup_scripts
+        && tree
+            .join(patchflow_core::environment::REPO_SETUP_SCRIPT)
+            .is_file();
     let archive = config.work_dir(task).join("code.tar.zst");
     let (t, a) = (tree.clone(), archive.clone());
     let files = tokio::task::spawn_blocking(move || archive::pack_tar_zst(&t, &a, ZSTD_LEVEL))
@@ -38,5 +42,6 @@ pub async fn stage(
         key,
         archive_bytes,
         files,
+        repo_setup,
     })
 }

@@ -190,12 +190,23 @@ async fn build_tools(
     Ok(SandboxedTools::new(
         ws,
         guest,
-        ShellEnv::with_toolchains(scratch, &sandbox.toolchains),
+        shell_env(config, scratch, &sandbox),
         sandbox,
         egress,
         docs,
         deadline,
     ))
+}
+
+/// The environment of shell commands (and setup scripts): PATH, HOME in `scratch`, the
+/// toolchains' variables and what `shell_env_passthrough` keeps of this process's own.
+pub fn shell_env(config: &Config, scratch: &std::path::Path, sandbox: &ShellSandbox) -> ShellEnv {
+    let mut env = ShellEnv::with_toolchains(scratch, &sandbox.toolchains);
+    env.vars.extend(patchflow_core::environment::passthrough(
+        &config.sandbox.shell_env_passthrough,
+        |k| std::env::var(k).ok(),
+    ));
+    env
 }
 
 /// The shell sandbox the settings describe, for a task whose policy allows network or not.

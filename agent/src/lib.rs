@@ -13,6 +13,7 @@ pub mod diff;
 pub mod instructions;
 pub mod run;
 pub mod sandbox;
+pub mod setup;
 pub mod tools;
 pub mod transcript;
 pub mod truncate;

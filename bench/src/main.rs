@@ -9,8 +9,10 @@
 //! - `pipeline`, `status`: an embedded stack running one-step tasks (see `pipeline`).
 //! - `watch`, `store`, `kafka`: the gateway's fan-out, the object stores, the Kafka trigger.
 //! - `publish`: what opening a pull request adds to the publish step (see `publish`).
+//! - `envcache`: packing and restoring a prepared environment (see `envcache`).
 
 mod agent;
+mod envcache;
 mod harness;
 mod kafka;
 mod pipeline;
@@ -108,6 +110,15 @@ enum BenchCommand {
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
+    /// Packing a prepared environment (a fresh virtualenv, or `--dir`) into the cache's
+    /// tar.zst and restoring it: size and throughput.
+    Envcache {
+        /// The tree to pack, as setup's products; default: `python3 -m venv` made here.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Whole tasks through an embedded stack.
     Pipeline {
         /// Tasks submitted one after another (latency).
@@ -173,6 +184,7 @@ async fn run(config: Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Publish { runs } => publish::run(runs).await,
+        BenchCommand::Envcache { dir, runs } => envcache::run(dir, runs).await,
         BenchCommand::Store { mib, s3_url } => store::run(mib, s3_url).await,
         BenchCommand::Watch {
             watchers,

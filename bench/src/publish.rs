@@ -155,6 +155,7 @@ async fn setup() -> anyhow::Result<Setup> {
         secrets: Arc::new(SecretBox::from_settings(None, data.path()).map_err(anyhow::Error::msg)?),
         batch_lease: Duration::from_secs(30),
         pull_requests,
+        environments: Default::default(),
     };
     let summary = AgentSummary {
         outcome: AgentOutcome::Finished,

@@ -95,6 +95,36 @@ pub struct StageOutput {
     pub key: String,
     pub archive_bytes: u64,
     pub files: u64,
+    /// The tree has the repository's own setup script (`.patchflow/setup.sh`).
+    #[serde(default)]
+    pub repo_setup: bool,
+}
+
+/// `prepare_environment`: set the staged code up (setup or maintenance script, the cache).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrepareInput {
+    pub task_id: TaskId,
+    pub spec: TaskSpec,
+    /// The tree has `.patchflow/setup.sh` (used when the spec names no setup).
+    pub repo_setup: bool,
+}
+
+/// The prepared workspace the agent starts from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedEnv {
+    /// The workspace as setup left it (tar.zst): what the agent is restored from and its
+    /// diff's baseline.
+    pub baseline_key: String,
+    /// The scripts' HOME entries named by `cache_paths` (tar.zst), restored into the
+    /// agent's temp dir.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_key: Option<String>,
+    /// The content-addressed cache key (None with `cache: false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_key: Option<String>,
+    pub cache_hit: bool,
+    /// Wall time of the step, in milliseconds.
+    pub millis: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,6 +134,9 @@ pub struct RunAgentInput {
     /// The batch slot this run holds; a retry on another worker takes it again first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_slot: Option<SlotInput>,
+    /// The prepared workspace, when the task has a setup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<PreparedEnv>,
 }
 
 /// One task's slot in its batch (see `acquire_batch_slot`).

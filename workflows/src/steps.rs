@@ -7,8 +7,9 @@ use temporalio_macros::activity_definitions;
 use temporalio_sdk::activities::ActivityError;
 
 use crate::io::{
-    FetchInput, FetchOutput, PublishInput, PublishOutput, PullRequestInput, PullRequestOutput,
-    RunAgentInput, SlotInput, StageInput, StageOutput, StatusUpdate,
+    FetchInput, FetchOutput, PrepareInput, PreparedEnv, PublishInput, PublishOutput,
+    PullRequestInput, PullRequestOutput, RunAgentInput, SlotInput, StageInput, StageOutput,
+    StatusUpdate,
 };
 use patchflow_core::AgentSummary;
 
@@ -34,6 +35,13 @@ impl Steps {
     /// Packs the fetched tree as tar.zst into the object store.
     #[activity(name = "stage_code")]
     pub fn stage_code(input: StageInput) -> Result<StageOutput, ActivityError> {
+        unimplemented!()
+    }
+
+    /// Sets the staged code up: restores a cached prepared state (then the maintenance
+    /// script) or runs the setup script, and stores the prepared workspace.
+    #[activity(name = "prepare_environment")]
+    pub fn prepare_environment(input: PrepareInput) -> Result<PreparedEnv, ActivityError> {
         unimplemented!()
     }
 
@@ -72,7 +80,7 @@ impl Steps {
 /// crate that implements them.
 pub mod markers {
     pub use super::steps::{
-        AcquireBatchSlot, FetchCode, OpenPullRequest, PublishResult, RecordStatus,
-        ReleaseBatchSlot, RunAgent, StageCode,
+        AcquireBatchSlot, FetchCode, OpenPullRequest, PrepareEnvironment, PublishResult,
+        RecordStatus, ReleaseBatchSlot, RunAgent, StageCode,
     };
 }

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! QUEUED -> DOWNLOADING_CODE (fetch_code) -> STAGING_CODE (stage_code)
-//!        [acquire_batch_slot] -> RUNNING_AGENT (run_agent) -> UPLOADING_RESULTS (publish_result)
+//!        [acquire_batch_slot] [-> PREPARING_ENVIRONMENT (prepare_environment), with a setup]
+//!        -> RUNNING_AGENT (run_agent) -> UPLOADING_RESULTS (publish_result)
 //!        -> COMPLETED | FAILED | CANCELLED
 //! ```
 //!
@@ -28,8 +29,8 @@ use temporalio_sdk::{
 };
 
 use crate::io::{
-    CodeTaskInput, CodeTaskOutput, FetchInput, PublishInput, RunAgentInput, SlotInput, StageInput,
-    StatusUpdate, StatusView, WorkflowSettings,
+    CodeTaskInput, CodeTaskOutput, FetchInput, PrepareInput, PublishInput, RunAgentInput,
+    SlotInput, StageInput, StatusUpdate, StatusView, WorkflowSettings,
 };
 use crate::steps::Steps;
 
@@ -188,20 +189,68 @@ impl CodeTask {
             }
         }
 
+        // With a setup (inline, saved, or the repository's own script), the environment is
+        // prepared first; the agent then starts from the prepared workspace.
+        let mut prepared = None;
+        if spec.setup.is_some() || spec.environment.is_some() || staged.repo_setup {
+            let what = match (&spec.setup, &spec.environment) {
+                (Some(_), _) => "the task's setup".to_string(),
+                (None, Some(name)) => format!("environment `{name}`"),
+                (None, None) => "the repository's .patchflow/setup.sh".to_string(),
+            };
+            Self::record(
+                ctx,
+                &task_id,
+                TaskStatus::PreparingEnvironment,
+                &format!("preparing {what}"),
+            )
+            .await?;
+            let input = PrepareInput {
+                task_id: task_id.clone(),
+                spec: spec.clone(),
+                repo_setup: staged.repo_setup,
+            };
+            // Setup can take long (installs); the heartbeat notices a dead worker.
+            let opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(4 * 3600))
+                .heartbeat_timeout(Duration::from_secs(settings.heartbeat_timeout_secs.max(1)))
+                .cancellation_type(ActivityCancellationType::WaitCancellationCompleted)
+                .retry_policy(retry_policy(&settings))
+                .build();
+            match Self::step(ctx, Steps::prepare_environment, input, opts).await {
+                Ok(v) => prepared = Some(v),
+                Err(end) => {
+                    return Self::end_early(
+                        ctx,
+                        &task_id,
+                        end,
+                        &held(slot.as_ref(), tenant_slot.as_ref()),
+                    )
+                    .await;
+                }
+            }
+        }
+
         Self::record(
             ctx,
             &task_id,
             TaskStatus::RunningAgent,
-            &format!(
-                "running the agent on {} ({} bytes staged)",
-                staged.key, staged.archive_bytes
-            ),
+            &match &prepared {
+                Some(p) => format!(
+                    "running the agent on the prepared environment (cache {})",
+                    if p.cache_hit { "hit" } else { "miss" }
+                ),
+                None => format!(
+                    "running the agent on {} ({} bytes staged)",
+                    staged.key, staged.archive_bytes
+                ),
+            },
         )
         .await?;
         let run = RunAgentInput {
             task_id: task_id.clone(),
             spec: spec.clone(),
             batch_slot: slot.clone(),
+            prepared,
         };
         let agent_opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(
             spec.limits.wall_seconds + 120,

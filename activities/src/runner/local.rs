@@ -11,6 +11,7 @@ use patchflow_core::task::SECRET_ENV_PREFIX;
 use patchflow_core::{AgentEvent, AgentSummary, Secret, TaskId, TaskSpec, layout};
 use patchflow_platform::ObjectStore;
 use patchflow_platform::process::{die_with_parent, stop_group};
+use patchflow_workflows::io::PreparedEnv;
 use tokio::io::AsyncBufReadExt;
 use tokio::process::Command;
 use tokio::sync::mpsc::UnboundedSender;
@@ -183,6 +184,7 @@ impl AgentRunner for LocalRunner {
         &self,
         task: &TaskId,
         spec: &TaskSpec,
+        prepared: Option<&PreparedEnv>,
         objects: &dyn ObjectStore,
         work: &Path,
         events: UnboundedSender<AgentEvent>,
@@ -196,13 +198,23 @@ impl AgentRunner for LocalRunner {
         for d in [&workspace, &out, &scratch] {
             tokio::fs::create_dir_all(d).await?;
         }
+        // The prepared workspace (the setup's products in it) when there was a setup.
         let baseline = work.join("code.tar.zst");
-        objects
-            .get_to_file(&layout::staged_key(task), &baseline)
-            .await?;
+        let baseline_key =
+            prepared.map_or_else(|| layout::staged_key(task), |p| p.baseline_key.clone());
+        objects.get_to_file(&baseline_key, &baseline).await?;
         {
             let (b, w) = (baseline.clone(), workspace.clone());
             tokio::task::spawn_blocking(move || archive::unpack_tar_zst(&b, &w))
+                .await
+                .map_err(|e| RunnerError::Failed(e.to_string()))??;
+        }
+        // And the setup's HOME cache paths, in the agent's temp dir (its commands' HOME).
+        if let Some(home_key) = prepared.and_then(|p| p.home_key.as_deref()) {
+            let home = work.join("home.tar.zst");
+            objects.get_to_file(home_key, &home).await?;
+            let s = scratch.clone();
+            tokio::task::spawn_blocking(move || archive::unpack_tar_zst(&home, &s))
                 .await
                 .map_err(|e| RunnerError::Failed(e.to_string()))??;
         }

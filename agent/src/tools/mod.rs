@@ -9,7 +9,7 @@
 mod guest;
 mod sandboxed;
 pub mod search;
-mod shell;
+pub(crate) mod shell;
 
 use async_trait::async_trait;
 use serde_json::{Value, json};

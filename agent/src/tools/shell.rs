@@ -246,7 +246,7 @@ fn disk_usage(dirs: &[std::path::PathBuf], stop_at: u64) -> u64 {
 /// command runs; never otherwise. The first check is 200 ms in, so short commands (an
 /// `rm` of what a killed one left) never pay for it. Each check is a walk of both trees, so they are spaced
 /// at least four walks apart (a quarter of one core at most) and never under 200 ms.
-async fn watch_disk(ws: &Workspace, sandbox: &ShellSandbox) -> u64 {
+pub(crate) async fn watch_disk(ws: &Workspace, sandbox: &ShellSandbox) -> u64 {
     let dirs = vec![ws.root().to_path_buf(), sandbox.scratch.clone()];
     let cap = sandbox.max_disk_bytes;
     let mut pause = Duration::from_millis(200);

@@ -36,6 +36,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use patchflow_core::{AgentEvent, AgentSummary, TaskId, TaskSpec, layout};
 use patchflow_platform::ObjectStore;
+use patchflow_workflows::io::PreparedEnv;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -83,6 +84,7 @@ impl KubeRunner {
         &self,
         task: &TaskId,
         spec: &TaskSpec,
+        prepared: Option<&PreparedEnv>,
         objects: &dyn ObjectStore,
     ) -> Result<PodUrls, RunnerError> {
         let c = &self.config;
@@ -98,8 +100,11 @@ impl KubeRunner {
                 "the kube runner needs an object store with presigned URLs (S3/COS/MinIO)".into(),
             )
         };
+        // A prepared workspace (setup ran on the worker) replaces the staged code.
+        let staged_key =
+            prepared.map_or_else(|| layout::staged_key(task), |p| p.baseline_key.clone());
         let staged = objects
-            .presigned_get(&layout::staged_key(task), expires)
+            .presigned_get(&staged_key, expires)
             .await?
             .ok_or_else(none)?;
         let mut results = Vec::with_capacity(RESULT_URLS.len());
@@ -188,13 +193,14 @@ impl AgentRunner for KubeRunner {
         &self,
         task: &TaskId,
         spec: &TaskSpec,
+        prepared: Option<&PreparedEnv>,
         objects: &dyn ObjectStore,
         work: &Path,
         events: UnboundedSender<AgentEvent>,
         cancel: CancellationToken,
     ) -> Result<AgentSummary, RunnerError> {
         let name = job_name(task, attempt_of(work));
-        let urls = self.presign(task, spec, objects).await?;
+        let urls = self.presign(task, spec, prepared, objects).await?;
         let job = build_job(&self.config, &name, task, spec, &urls)?;
         let jobs = self.jobs();
         let created = tokio::select! {

@@ -323,7 +323,7 @@ async fn run_task(
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let work = dir.path().join("run-2");
-    let fut = runner.run(&task, &spec, &store, &work, tx, cancel);
+    let fut = runner.run(&task, &spec, None, &store, &work, tx, cancel);
     let result = tokio::time::timeout(Duration::from_secs(20), async {
         tokio::select! {
             r = fut => r,
@@ -871,6 +871,7 @@ async fn a_directory_store_is_refused() {
         .run(
             &task,
             &spec(),
+            None,
             &store,
             dir.path(),
             tx,
