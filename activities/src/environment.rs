@@ -265,6 +265,7 @@ impl Activities {
                 which,
                 &script,
                 plan.setup.network,
+                &plan.setup.allow_hosts,
                 &workspace,
                 &home,
                 &env,
@@ -452,21 +453,44 @@ impl Activities {
         which: &str,
         script: &str,
         network: SetupNetwork,
+        allow_hosts: &[String],
         workspace: &Path,
         home: &Path,
         env: &[(String, String)],
         redact: &[String],
     ) -> Result<(), ActivityError> {
         let config = &self.config.environments.config;
-        let sandbox =
+        let mut sandbox =
             patchflow_agent::cli::shell_sandbox(config, network == SetupNetwork::On, home)
                 .map_err(|e| bad_input(format!("the shell sandbox: {e}")))?;
-        let shell_env = patchflow_agent::cli::shell_env(config, home, &sandbox);
+        let mut shell_env = patchflow_agent::cli::shell_env(config, home, &sandbox);
+        // `allow_hosts`: no network but the egress proxy, which lets only those hosts through.
+        let _proxy = if network == SetupNetwork::On && !allow_hosts.is_empty() {
+            let dir = home.parent().unwrap_or(home).join("egress");
+            let proxy = crate::egress::start(&dir, allow_hosts.to_vec())
+                .map_err(|e| transient(format!("cannot start the egress proxy: {e}")))?;
+            sandbox.proxy_socket = Some(proxy.socket.clone());
+            let url = format!("http://{}", patchflow_agent::sandbox::forward::FORWARD_ADDR);
+            for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+                shell_env.vars.push((var.to_string(), url.clone()));
+            }
+            shell_env.vars.push(("NO_PROXY".into(), String::new()));
+            Some(proxy)
+        } else {
+            None
+        };
         let ws = patchflow_agent::Workspace::new(workspace).map_err(transient)?;
         self.record_event(
             id,
             TaskEventKind::Agent,
-            format!("running the {which} script (network {})", network.as_str()),
+            format!(
+                "running the {which} script (network {})",
+                if network == SetupNetwork::On && !allow_hosts.is_empty() {
+                    format!("only to {}", allow_hosts.join(", "))
+                } else {
+                    network.as_str().to_string()
+                }
+            ),
         )
         .await;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();

@@ -11,6 +11,7 @@
 //! escape) are non-retryable so the task fails once with the reason; everything else is
 //! retried by Temporal's policy.
 
+pub mod egress;
 pub mod environment;
 pub mod fetch;
 pub mod pull_request;

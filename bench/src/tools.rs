@@ -208,6 +208,7 @@ fn measure(iterations: usize) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|t| t.path.clone())
                     .collect::<Vec<_>>(),
+                read_write: &[],
                 masks: &[],
                 network: false,
                 tmp_bytes: 64 << 20,

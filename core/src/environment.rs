@@ -236,14 +236,6 @@ impl SetupSpec {
                 "names hosts, but network is off",
             ));
         }
-        if !self.allow_hosts.is_empty() {
-            // Refused rather than accepted and not enforced: a list that silently let the
-            // script reach any host would be worse than none.
-            return Err(ValidationError::new(
-                f("allow_hosts"),
-                "is not enforced by this version of patchflow (the egress proxy is not built yet);                  leave it out, with `network: \"on\"` for any public host or `\"off\"` for none",
-            ));
-        }
         for p in &self.cache_paths {
             validate_cache_path(&f("cache_paths"), p)?;
         }
@@ -407,11 +399,8 @@ mod tests {
         }
         let mut s = spec("x");
         s.cache_paths = vec!["~".into(), "~/.cache/pip".into(), ".venv".into()];
-        s.validate("setup").unwrap();
-        // Well-formed hosts are still refused: nothing would enforce them.
         s.allow_hosts = vec!["*.pythonhosted.org".into(), "pypi.org".into()];
-        let e = s.validate("setup").unwrap_err();
-        assert!(e.reason.contains("not enforced"), "{e:?}");
+        s.validate("setup").unwrap();
         for n in ["", "-x", "a/b", "a b", &"n".repeat(65)] {
             assert!(validate_environment_name(n).is_err(), "{n}");
         }

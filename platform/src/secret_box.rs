@@ -86,15 +86,24 @@ impl SecretBox {
             .fill(&mut key)
             .map_err(|_| "no randomness for a secrets key".to_string())?;
         let text = STANDARD.encode(key);
-        match std::fs::OpenOptions::new()
+        // Written aside, then linked into place: the key file is never seen half-written
+        // by another process starting at the same moment (a gateway and a worker).
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(path)
-        {
-            Ok(mut f) => f
-                .write_all(text.as_bytes())
-                .map_err(|e| format!("{}: {e}", path.display()))?,
+            .open(&tmp)
+            .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        drop(f);
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
             // Another process of this machine made it first: use theirs.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(format!("cannot create {}: {e}", path.display())),

@@ -235,9 +235,8 @@ async fn environments_are_per_tenant_checked_and_never_show_their_secrets() {
             "allow_hosts",
         ),
         (
-            // Not enforced yet, so refused rather than silently open.
-            json!({"name": "x", "setup_script": "x", "allow_hosts": ["pypi.org"]}),
-            "not enforced",
+            json!({"name": "x", "setup_script": "x", "allow_hosts": ["http://pypi.org"]}),
+            "allow_hosts",
         ),
     ];
     for (body, field) in bad {

@@ -278,8 +278,12 @@ async fn failing_setups_fail_the_task_and_secrets_reach_only_the_setup_redacted(
             "setup.cache_paths",
         ),
         (
-            json!({"setup_script": "x", "allow_hosts": ["pypi.org"]}),
-            "not enforced",
+            json!({"setup_script": "x", "allow_hosts": ["https://pypi.org"]}),
+            "setup.allow_hosts",
+        ),
+        (
+            json!({"setup_script": "x", "network": "off", "allow_hosts": ["pypi.org"]}),
+            "setup.allow_hosts",
         ),
         (
             json!({"setup_script": "x", "network": "sometimes"}),
@@ -327,6 +331,43 @@ async fn failing_setups_fail_the_task_and_secrets_reach_only_the_setup_redacted(
         !crate::support::history_text(&stack.history(&id)).contains(secret),
         "the secret is in the workflow history"
     );
+    assert_only_the_fix(&stack, &id).await;
+
+    // allow_hosts: the install reaches PyPI through the egress proxy; any other host, and
+    // any address directly, is refused.
+    let fenced = json!({
+        "setup_script": format!("{SETUP}\n\
+            if python3 -c \"import urllib.request; urllib.request.urlopen('https://example.com', timeout=10)\" 2>err.txt; then echo REACHED-OTHER-HOST; fi\n\
+            grep -o 'not in allow_hosts' err.txt || true\n\
+            rm err.txt\n\
+            if python3 -c \"import socket; socket.create_connection(('1.1.1.1', 443), timeout=5)\" 2>/dev/null; then echo REACHED-DIRECT; else echo direct-refused; fi"),
+        "allow_hosts": ["pypi.org", "files.pythonhosted.org"],
+        "cache": false,
+    });
+    let id = submit(&stack, task(&repo, Some(fenced))).await;
+    wait_completed(&stack, &id).await;
+    let events = messages(&stack, &id).await;
+    assert!(
+        find(
+            &events,
+            "running the setup script (network only to pypi.org, files.pythonhosted.org)"
+        )
+        .is_some(),
+        "{events:#?}"
+    );
+    assert!(
+        find(&events, "setup: installed-ok").is_some(),
+        "{events:#?}"
+    );
+    assert!(
+        find(&events, "setup: not in allow_hosts").is_some(),
+        "{events:#?}"
+    );
+    assert!(
+        find(&events, "setup: direct-refused").is_some(),
+        "{events:#?}"
+    );
+    assert!(!events.iter().any(|m| m.contains("REACHED")), "{events:#?}");
     assert_only_the_fix(&stack, &id).await;
 
     // The repository's own .patchflow/setup.sh, with no setup in the task.

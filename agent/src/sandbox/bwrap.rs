@@ -30,6 +30,8 @@ pub struct Layout<'a> {
     pub scratch: &'a Path,
     /// Toolchain homes, bound read-only.
     pub read_only: &'a [PathBuf],
+    /// Bound read-write at the same path (the egress proxy's socket directory).
+    pub read_write: &'a [PathBuf],
     /// Paths inside the read-only binds to hide (files behind /dev/null, directories
     /// behind an empty tmpfs).
     pub masks: &'a [PathBuf],
@@ -109,6 +111,9 @@ pub fn args(layout: &Layout<'_>, seccomp: &[OwnedFd]) -> Vec<OsString> {
             &layout.cwd,
         ],
     );
+    for dir in layout.read_write {
+        push(&mut a, &[&"--bind", dir, dir]);
+    }
     for fd in seccomp {
         let n = fd.as_raw_fd().to_string();
         push(&mut a, &[&"--add-seccomp-fd", &n]);

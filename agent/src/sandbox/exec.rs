@@ -43,6 +43,9 @@ pub struct ExecRequest {
     pub skip_netns: bool,
     /// Print what was put up (a JSON line on stdout) before running the command.
     pub probe: bool,
+    /// A setup with `allow_hosts`: no network of its own, only the worker's egress proxy
+    /// through this unix socket (see [`super::forward`]).
+    pub proxy_socket: Option<PathBuf>,
     /// The program and its arguments.
     pub command: Vec<OsString>,
 }
@@ -67,6 +70,7 @@ impl ExecRequest {
             tmp_bytes: 512 << 20,
             skip_netns: false,
             probe: false,
+            proxy_socket: None,
             command: Vec::new(),
         };
         let mut it = args.into_iter();
@@ -106,6 +110,7 @@ impl ExecRequest {
                 "--network" => req.network = true,
                 "--skip-netns" => req.skip_netns = true,
                 "--probe" => req.probe = true,
+                "--proxy-socket" => req.proxy_socket = Some(abs(value()?)?),
                 "--" => {
                     req.command = it.collect();
                     break;
@@ -132,6 +137,10 @@ impl ExecRequest {
 /// name); returns the exit code for a failure to set up (the command's own code otherwise
 /// never comes back here: the process has become it).
 pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> u8 {
+    let args: Vec<OsString> = args.into_iter().collect();
+    if args.first().is_some_and(|a| a == "--forward") {
+        return super::forward::main(&args[1..]);
+    }
     let result = ExecRequest::parse(args).and_then(|req| exec_sandboxed(&req).map(|n| match n {}));
     match result {
         Ok(()) => 0,
@@ -216,14 +225,38 @@ pub fn exec_sandboxed(req: &ExecRequest) -> Result<std::convert::Infallible, Str
     };
     let mut command = match &req.bwrap {
         Some(bwrap_program) => {
-            let pipes = bwrap::seccomp_pipes(req.network)?;
+            // Through the egress proxy: an empty network namespace (no --network), but inet
+            // sockets allowed, to reach the forwarder on its loopback.
+            let proxied = req.proxy_socket.is_some();
+            let pipes = bwrap::seccomp_pipes(req.network || proxied)?;
             let cwd = std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?;
+            let mut read_only = req.read_only.clone();
+            let mut read_write = Vec::new();
+            let mut forward: Vec<OsString> = Vec::new();
+            if let Some(socket) = &req.proxy_socket {
+                let me = std::env::current_exe()
+                    .map_err(|e| format!("cannot find patchflow-sandbox-exec: {e}"))?;
+                let dir = socket
+                    .parent()
+                    .ok_or("--proxy-socket needs a directory")?
+                    .to_path_buf();
+                read_only.push(me.clone());
+                read_write.push(dir);
+                forward = vec![
+                    me.into(),
+                    "--forward".into(),
+                    super::forward::FORWARD_ADDR.into(),
+                    socket.clone().into(),
+                    "--".into(),
+                ];
+            }
             let layout = bwrap::Layout {
                 workspace: &req.workspace,
                 scratch: &req.scratch,
-                read_only: &req.read_only,
+                read_only: &read_only,
+                read_write: &read_write,
                 masks: &req.masks,
-                network: req.network,
+                network: req.network && !proxied,
                 tmp_bytes: req.tmp_bytes,
                 cwd: &cwd,
             };
@@ -239,11 +272,18 @@ pub fn exec_sandboxed(req: &ExecRequest) -> Result<std::convert::Infallible, Str
             let mut c = std::process::Command::new(bwrap_program);
             c.args(bwrap::args(&layout, &pipes))
                 .arg("--")
+                .args(&forward)
                 .arg(program)
                 .args(args);
             // The pipes' read ends must live until bubblewrap has read them, past exec.
             std::mem::forget(pipes);
             c
+        }
+        None if req.proxy_socket.is_some() => {
+            return Err(
+                "allow_hosts needs the namespace walls (bubblewrap): the fallback walls cannot give a script only the egress proxy"
+                    .into(),
+            );
         }
         None => {
             fallback(req, &mut report);

@@ -20,6 +20,7 @@
 pub mod bwrap;
 pub mod cgroup;
 mod exec;
+pub mod forward;
 mod landlock;
 pub mod seccomp;
 pub mod toolchains;
@@ -85,6 +86,8 @@ pub struct ShellSandbox {
     pub bwrap: Option<PathBuf>,
     /// Toolchain homes bound read-only.
     pub toolchains: Vec<Toolchain>,
+    /// A setup's egress proxy socket (`allow_hosts`): the command gets no network but it.
+    pub proxy_socket: Option<PathBuf>,
     walls: Arc<tokio::sync::OnceCell<Walls>>,
     /// What to hide inside the read-only binds ([`bwrap::masks`] of `toolchains`), found
     /// once, by the probe.
@@ -141,6 +144,7 @@ impl ShellSandbox {
             tmp_bytes: 512 << 20,
             bwrap: find_bwrap(None, std::env::var("PATH").ok().as_deref()),
             toolchains: Vec::new(),
+            proxy_socket: None,
             walls: Arc::default(),
             masks: Arc::default(),
             cgroup: Arc::new(TaskCgroup(format!(
@@ -207,6 +211,9 @@ impl ShellSandbox {
         }
         if self.network {
             a.push("--network".into());
+        }
+        if let Some(socket) = &self.proxy_socket {
+            a.extend(["--proxy-socket".into(), socket.clone().into()]);
         }
         if probe {
             a.push("--probe".into());
@@ -312,6 +319,8 @@ impl ShellSandbox {
         // Best-effort here so the probe reports rather than refuses.
         let mut probe = self.clone();
         probe.mode = SandboxMode::BestEffort;
+        // The walls, not a setup's proxy (whose forwarder would stand between).
+        probe.proxy_socket = None;
         let out = tokio::process::Command::new(&self.program)
             .args(probe.exec_args(workspace, &name, 5, &walls, true))
             .args(["--", "/bin/sh", "-c", PROBE_SCRIPT])
