@@ -78,10 +78,27 @@ async fn the_pod_steps_move_code_and_results_by_presigned_urls_only() {
         .presign_get(&layout::staged_key(&task), EXPIRY)
         .await
         .unwrap();
+    // A prepared environment's HOME cache paths come along.
+    let home_src = dir.path().join("home-src");
+    std::fs::create_dir_all(home_src.join(".cache/pip")).unwrap();
+    std::fs::write(home_src.join(".cache/pip/wheel.txt"), "cached").unwrap();
+    let home_tar = dir.path().join("home.tar.zst");
+    patchflow_platform::archive::pack_tar_zst(&home_src, &home_tar, 3).unwrap();
+    let home_key = format!("staged/{task}/home.tar.zst");
+    objects.put_file(&home_key, &home_tar).await.unwrap();
     let mut env = common.clone();
     env.push(("PATCHFLOW_STAGED_URL", get));
+    env.push((
+        "PATCHFLOW_HOME_URL",
+        objects.presign_get(&home_key, EXPIRY).await.unwrap(),
+    ));
     let out = pod_step("fetch", &env).await;
     assert!(out.status.success(), "fetch: {}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(scratch.join(".cache/pip/wheel.txt")).unwrap(),
+        "cached",
+        "the HOME cache paths are restored into the pod's HOME"
+    );
     assert_eq!(
         std::fs::read_to_string(workspace.join("calc.py")).unwrap(),
         std::fs::read_to_string(repo.join("calc.py")).unwrap()

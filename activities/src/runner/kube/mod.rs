@@ -118,7 +118,20 @@ impl KubeRunner {
         let results: [String; 4] = results
             .try_into()
             .map_err(|_| RunnerError::Failed("presigning result URLs".into()))?;
-        Ok(PodUrls { staged, results })
+        let home = match prepared.and_then(|p| p.home_key.as_deref()) {
+            Some(key) => Some(
+                objects
+                    .presigned_get(key, expires)
+                    .await?
+                    .ok_or_else(none)?,
+            ),
+            None => None,
+        };
+        Ok(PodUrls {
+            staged,
+            home,
+            results,
+        })
     }
 
     async fn follow(

@@ -7,7 +7,8 @@
 //!
 //! - init container, `patchflow agent-pod fetch` ([`fetch`]): downloads `PATCHFLOW_STAGED_URL`
 //!   (HTTP `GET` of `staged/<task>/code.tar.zst`) to `PATCHFLOW_BASELINE` and unpacks it
-//!   into `PATCHFLOW_WORKSPACE`.
+//!   into `PATCHFLOW_WORKSPACE`; with `PATCHFLOW_HOME_URL` (a prepared environment's HOME
+//!   `cache_paths`, `staged/<task>/home.tar.zst`) also unpacks that into `PATCHFLOW_SCRATCH`.
 //! - agent container, `patchflow agent-pod run` ([`run`]): runs the agent on
 //!   `PATCHFLOW_TASK_SPEC` (the task spec as JSON) for task `PATCHFLOW_TASK_ID` in
 //!   `PATCHFLOW_WORKSPACE` against `PATCHFLOW_BASELINE`, with `PATCHFLOW_SCRATCH` as its
@@ -51,6 +52,7 @@ const WORKSPACE_VAR: &str = "PATCHFLOW_WORKSPACE";
 const SCRATCH_VAR: &str = "PATCHFLOW_SCRATCH";
 const BASELINE_VAR: &str = "PATCHFLOW_BASELINE";
 const STAGED_URL_VAR: &str = "PATCHFLOW_STAGED_URL";
+const HOME_URL_VAR: &str = "PATCHFLOW_HOME_URL";
 const TASK_SPEC_VAR: &str = "PATCHFLOW_TASK_SPEC";
 const MODEL_VAR: &str = "PATCHFLOW_MODEL";
 /// `(variable, result file)`, in upload order: the summary last, since its presence is what
@@ -66,6 +68,8 @@ pub const RESULT_URLS: [(&str, &str); 4] = [
 #[derive(Debug, Clone)]
 pub struct PodUrls {
     pub staged: String,
+    /// The prepared environment's HOME `cache_paths`, when it has some.
+    pub home: Option<String>,
     /// One per [`RESULT_URLS`] entry, in its order.
     pub results: [String; 4],
 }
@@ -90,6 +94,9 @@ fn common_env(task: &TaskId) -> Vec<(&'static str, String)> {
 pub fn fetch_env(task: &TaskId, urls: &PodUrls) -> Vec<(&'static str, String)> {
     let mut env = common_env(task);
     env.push((STAGED_URL_VAR, urls.staged.clone()));
+    if let Some(home) = &urls.home {
+        env.push((HOME_URL_VAR, home.clone()));
+    }
     env
 }
 
@@ -181,6 +188,28 @@ pub async fn fetch() -> Result<(), PodError> {
         "patchflow agent-pod: fetched the staged code ({bytes} bytes) into {}",
         workspace.display()
     );
+    if let Some(url) = std::env::var(HOME_URL_VAR).ok().filter(|u| !u.is_empty()) {
+        let scratch = PathBuf::from(var(SCRATCH_VAR)?);
+        let archive = scratch.join("home.tar.zst");
+        let bytes = (|| download(&http, &url, &archive))
+            .retry(transfer_backoff())
+            .when(Transfer::is_transient)
+            .notify(|e, after| eprintln!("patchflow agent-pod: {e}; retrying in {after:?}"))
+            .await
+            .map_err(PodError::Download)?;
+        let (a, d) = (archive.clone(), scratch.clone());
+        let unpack = io(format!(
+            "cannot unpack the environment's HOME into {}",
+            scratch.display()
+        ));
+        tokio::task::spawn_blocking(move || patchflow_platform::archive::unpack_tar_zst(&a, &d))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(unpack)?;
+        let _ = tokio::fs::remove_file(&archive).await;
+        eprintln!("patchflow agent-pod: restored the environment's HOME ({bytes} bytes)");
+    }
     Ok(())
 }
 

@@ -292,6 +292,17 @@ async fn run_task(
     spec: TaskSpec,
     config: KubeRunnerConfig,
 ) -> Run {
+    run_prepared(script, cancel_after, store_summary, spec, config, None).await
+}
+
+async fn run_prepared(
+    script: Script,
+    cancel_after: Option<Duration>,
+    store_summary: bool,
+    spec: TaskSpec,
+    config: KubeRunnerConfig,
+    prepared: Option<patchflow_workflows::io::PreparedEnv>,
+) -> Run {
     let (mock, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(mock, "default");
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -323,7 +334,7 @@ async fn run_task(
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let work = dir.path().join("run-2");
-    let fut = runner.run(&task, &spec, None, &store, &work, tx, cancel);
+    let fut = runner.run(&task, &spec, prepared.as_ref(), &store, &work, tx, cancel);
     let result = tokio::time::timeout(Duration::from_secs(20), async {
         tokio::select! {
             r = fut => r,
@@ -500,6 +511,42 @@ async fn posts_a_restricted_job_and_completes_with_the_stored_summary() {
             .any(|s| s.uri.contains("/jobs?") && s.uri.contains("watch=true"))
     );
     assert!(run.seen.iter().all(|s| s.method != Method::DELETE));
+}
+
+#[tokio::test]
+async fn a_prepared_environment_replaces_the_staged_code_and_brings_its_home() {
+    let script = completes().on(Route::CreateJob, ok(running_job()));
+    let prepared = patchflow_workflows::io::PreparedEnv {
+        baseline_key: format!("staged/{TASK}/prepared.tar.zst"),
+        home_key: Some(format!("staged/{TASK}/home.tar.zst")),
+        cache_key: Some("k".into()),
+        cache_hit: true,
+        millis: 1,
+    };
+    let run = run_prepared(script, None, true, spec(), config(), Some(prepared)).await;
+    assert_eq!(run.result.unwrap(), summary());
+    let job = created_job(&run.seen);
+    let init = &job["spec"]["template"]["spec"]["initContainers"][0];
+    let value = |name: &str| {
+        init["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(
+        value("PATCHFLOW_STAGED_URL"),
+        Some(json!(format!(
+            "https://s3.test/staged/{TASK}/prepared.tar.zst?op=get"
+        )))
+    );
+    assert_eq!(
+        value("PATCHFLOW_HOME_URL"),
+        Some(json!(format!(
+            "https://s3.test/staged/{TASK}/home.tar.zst?op=get"
+        )))
+    );
 }
 
 #[tokio::test]
