@@ -114,47 +114,35 @@ impl SecretBox {
 
     /// `plain` sealed for `task`: base64 of nonce, ciphertext and tag.
     pub fn seal(&self, plain: &Secret, task: &TaskId) -> Result<String, String> {
-        let mut nonce = [0u8; NONCE_LEN];
-        self.rng
-            .fill(&mut nonce)
-            .map_err(|_| "no randomness for a nonce".to_string())?;
-        let mut data = plain.expose().as_bytes().to_vec();
-        self.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad(task)),
-                &mut data,
-            )
-            .map_err(|_| "cannot seal".to_string())?;
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&data);
-        Ok(STANDARD.encode(out))
+        self.seal_with(plain, &aad(task))
     }
 
     /// What [`Self::seal`] sealed for `task`; an error for anything else (another task,
     /// another key, a changed byte).
     pub fn open(&self, sealed: &str, task: &TaskId) -> Result<Secret, String> {
-        const REFUSED: &str = "cannot open the task's git_token: it was sealed for another task or under another secrets_key";
-        let bytes = STANDARD.decode(sealed).map_err(|_| REFUSED.to_string())?;
-        if bytes.len() < NONCE_LEN {
-            return Err(REFUSED.into());
-        }
-        let (nonce, data) = bytes.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| REFUSED.to_string())?;
-        let mut data = data.to_vec();
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::from(aad(task)), &mut data)
-            .map_err(|_| REFUSED.to_string())?;
-        String::from_utf8(plain.to_vec())
-            .map(Secret::new)
-            .map_err(|_| REFUSED.to_string())
+        self.open_with(sealed, &aad(task)).map_err(|()| {
+            "cannot open the task's git_token: it was sealed for another task or under another secrets_key".to_string()
+        })
     }
 
     /// `plain` sealed in `context` (e.g. [`environment_context`]), the context as
     /// associated data: base64 of nonce, ciphertext and tag, as [`Self::seal`] makes. It
     /// opens only with [`Self::open_in`] and the same context.
     pub fn seal_in(&self, plain: &Secret, context: &str) -> Result<String, String> {
+        self.seal_with(plain, &context_aad(context))
+    }
+
+    /// What [`Self::seal_in`] sealed in `context`; an error for anything else (another
+    /// context, a task's sealed value, another key, a changed byte).
+    pub fn open_in(&self, sealed: &str, context: &str) -> Result<Secret, String> {
+        self.open_with(sealed, &context_aad(context)).map_err(|()| {
+            "cannot open the secret: it was sealed for another use or under another secrets_key"
+                .to_string()
+        })
+    }
+
+    /// `plain` sealed with `aad` as associated data: base64 of nonce, ciphertext and tag.
+    fn seal_with(&self, plain: &Secret, aad: &str) -> Result<String, String> {
         let mut nonce = [0u8; NONCE_LEN];
         self.rng
             .fill(&mut nonce)
@@ -163,7 +151,7 @@ impl SecretBox {
         self.key
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(context_aad(context)),
+                Aad::from(aad),
                 &mut data,
             )
             .map_err(|_| "cannot seal".to_string())?;
@@ -172,27 +160,23 @@ impl SecretBox {
         Ok(STANDARD.encode(out))
     }
 
-    /// What [`Self::seal_in`] sealed in `context`; an error for anything else (another
-    /// context, a task's sealed value, another key, a changed byte).
-    pub fn open_in(&self, sealed: &str, context: &str) -> Result<Secret, String> {
-        let refused = || {
-            "cannot open the secret: it was sealed for another use or under another secrets_key"
-                .to_string()
-        };
-        let bytes = STANDARD.decode(sealed).map_err(|_| refused())?;
+    /// What [`Self::seal_with`] sealed with `aad`; `Err` for anything else (the callers say
+    /// what it was).
+    fn open_with(&self, sealed: &str, aad: &str) -> Result<Secret, ()> {
+        let bytes = STANDARD.decode(sealed).map_err(drop)?;
         if bytes.len() < NONCE_LEN {
-            return Err(refused());
+            return Err(());
         }
         let (nonce, data) = bytes.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| refused())?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(drop)?;
         let mut data = data.to_vec();
         let plain = self
             .key
-            .open_in_place(nonce, Aad::from(context_aad(context)), &mut data)
-            .map_err(|_| refused())?;
+            .open_in_place(nonce, Aad::from(aad), &mut data)
+            .map_err(drop)?;
         String::from_utf8(plain.to_vec())
             .map(Secret::new)
-            .map_err(|_| refused())
+            .map_err(drop)
     }
 }
 
