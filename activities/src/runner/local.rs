@@ -114,6 +114,21 @@ async fn upload_results(
     Ok(())
 }
 
+/// Downloads the tar.zst `key` to `file` and unpacks it into `dest`.
+async fn restore(
+    objects: &dyn ObjectStore,
+    key: &str,
+    file: &Path,
+    dest: &Path,
+) -> Result<(), RunnerError> {
+    objects.get_to_file(key, file).await?;
+    let (a, d) = (file.to_path_buf(), dest.to_path_buf());
+    tokio::task::spawn_blocking(move || archive::unpack_tar_zst(&a, &d))
+        .await
+        .map_err(|e| RunnerError::Failed(e.to_string()))??;
+    Ok(())
+}
+
 /// Where `patchflow agent` reads and writes.
 pub struct AgentPaths<'a> {
     pub task_spec: &'a Path,
@@ -202,21 +217,10 @@ impl AgentRunner for LocalRunner {
         let baseline = work.join("code.tar.zst");
         let baseline_key =
             prepared.map_or_else(|| layout::staged_key(task), |p| p.baseline_key.clone());
-        objects.get_to_file(&baseline_key, &baseline).await?;
-        {
-            let (b, w) = (baseline.clone(), workspace.clone());
-            tokio::task::spawn_blocking(move || archive::unpack_tar_zst(&b, &w))
-                .await
-                .map_err(|e| RunnerError::Failed(e.to_string()))??;
-        }
+        restore(objects, &baseline_key, &baseline, &workspace).await?;
         // And the setup's HOME cache paths, in the agent's temp dir (its commands' HOME).
         if let Some(home_key) = prepared.and_then(|p| p.home_key.as_deref()) {
-            let home = work.join("home.tar.zst");
-            objects.get_to_file(home_key, &home).await?;
-            let s = scratch.clone();
-            tokio::task::spawn_blocking(move || archive::unpack_tar_zst(&home, &s))
-                .await
-                .map_err(|e| RunnerError::Failed(e.to_string()))??;
+            restore(objects, home_key, &work.join("home.tar.zst"), &scratch).await?;
         }
         let spec_path = work.join("task.json");
         let spec_json =

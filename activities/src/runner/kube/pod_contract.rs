@@ -162,28 +162,14 @@ fn http_client() -> Result<reqwest::Client, PodError> {
         .map_err(|e| PodError::HttpClient(e.without_url().to_string()))
 }
 
-/// `patchflow agent-pod fetch`: brings the staged code into the workspace.
+/// `patchflow agent-pod fetch`: brings the staged code into the workspace (and a prepared
+/// environment's HOME into the scratch directory).
 pub async fn fetch() -> Result<(), PodError> {
     let url = var(STAGED_URL_VAR)?;
     let baseline = PathBuf::from(var(BASELINE_VAR)?);
     let workspace = PathBuf::from(var(WORKSPACE_VAR)?);
     let http = http_client()?;
-    let bytes = (|| download(&http, &url, &baseline))
-        .retry(transfer_backoff())
-        .when(Transfer::is_transient)
-        .notify(|e, after| eprintln!("patchflow agent-pod: {e}; retrying in {after:?}"))
-        .await
-        .map_err(PodError::Download)?;
-    let (b, w) = (baseline.clone(), workspace.clone());
-    let unpack = io(format!(
-        "cannot unpack the staged code into {}",
-        workspace.display()
-    ));
-    tokio::task::spawn_blocking(move || patchflow_platform::archive::unpack_tar_zst(&b, &w))
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r)
-        .map_err(unpack)?;
+    let bytes = fetch_into(&http, &url, &baseline, &workspace, "the staged code").await?;
     eprintln!(
         "patchflow agent-pod: fetched the staged code ({bytes} bytes) into {}",
         workspace.display()
@@ -191,26 +177,36 @@ pub async fn fetch() -> Result<(), PodError> {
     if let Some(url) = std::env::var(HOME_URL_VAR).ok().filter(|u| !u.is_empty()) {
         let scratch = PathBuf::from(var(SCRATCH_VAR)?);
         let archive = scratch.join("home.tar.zst");
-        let bytes = (|| download(&http, &url, &archive))
-            .retry(transfer_backoff())
-            .when(Transfer::is_transient)
-            .notify(|e, after| eprintln!("patchflow agent-pod: {e}; retrying in {after:?}"))
-            .await
-            .map_err(PodError::Download)?;
-        let (a, d) = (archive.clone(), scratch.clone());
-        let unpack = io(format!(
-            "cannot unpack the environment's HOME into {}",
-            scratch.display()
-        ));
-        tokio::task::spawn_blocking(move || patchflow_platform::archive::unpack_tar_zst(&a, &d))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r)
-            .map_err(unpack)?;
+        let bytes = fetch_into(&http, &url, &archive, &scratch, "the environment's HOME").await?;
         let _ = tokio::fs::remove_file(&archive).await;
         eprintln!("patchflow agent-pod: restored the environment's HOME ({bytes} bytes)");
     }
     Ok(())
+}
+
+/// Downloads the tar.zst at `url` to `archive` (retrying what may pass) and unpacks it into
+/// `dest`; the bytes downloaded.
+async fn fetch_into(
+    http: &reqwest::Client,
+    url: &str,
+    archive: &Path,
+    dest: &Path,
+    what: &str,
+) -> Result<u64, PodError> {
+    let bytes = (|| download(http, url, archive))
+        .retry(transfer_backoff())
+        .when(Transfer::is_transient)
+        .notify(|e, after| eprintln!("patchflow agent-pod: {e}; retrying in {after:?}"))
+        .await
+        .map_err(PodError::Download)?;
+    let (a, d) = (archive.to_path_buf(), dest.to_path_buf());
+    let unpack = io(format!("cannot unpack {what} into {}", dest.display()));
+    tokio::task::spawn_blocking(move || patchflow_platform::archive::unpack_tar_zst(&a, &d))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(unpack)?;
+    Ok(bytes)
 }
 
 /// `patchflow agent-pod run`: runs the agent (`program`, see `runner::agent_program`) and
