@@ -226,6 +226,25 @@ fn form_fields_read_like_the_json_body() {
         "{e}"
     );
 
+    // A multipart `setup` is the JSON object, checked as the JSON body's is.
+    let mut f = FormFields::default();
+    f.add("task_description", "fix").unwrap();
+    f.add(
+        "setup",
+        r#"{"setup_script": "make deps", "network": "off"}"#,
+    )
+    .unwrap();
+    let b = f.finish().unwrap();
+    assert_eq!(b.setup.unwrap().setup_script, "make deps");
+    let mut f = FormFields::default();
+    let e = f.add("setup", "make deps").unwrap_err().to_string();
+    assert!(e.contains("setup is not a JSON object"), "{e}");
+    let mut f = FormFields::default();
+    f.add("setup", r#"{"setup_script": "x", "as_root": true}"#)
+        .unwrap();
+    let e = f.finish().unwrap_err().to_string();
+    assert!(e.contains("as_root"), "{e}");
+
     let mut f = FormFields::default();
     f.add("colour", "red").unwrap();
     let e = f.finish().unwrap_err().to_string();

@@ -416,6 +416,26 @@ async fn grpc_errors_have_their_codes_and_the_http_messages() {
         .await
         .unwrap_err();
     assert_status(&e, Code::InvalidArgument, "is not a valid branch");
+    // A setup that is not the JSON object, or names a field there is not, is refused
+    // before anything is stored.
+    for (bad, why) in [
+        ("pip install", "setup_json"),
+        (r#"{"setup_script": "x", "as_root": true}"#, "as_root"),
+    ] {
+        let e = c
+            .submit_task(proto::SubmitTaskRequest {
+                git_token: None,
+                git_url: format!("file://{}", repo.display()),
+                git_ref: None,
+                options: Some(proto::TaskOptions {
+                    setup_json: Some(bad.into()),
+                    ..options("fix")
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_status(&e, Code::InvalidArgument, why);
+    }
     // The sixth submission within the burst of five is rate limited.
     let e = c
         .submit_task(proto::SubmitTaskRequest {
