@@ -119,6 +119,12 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// PREPARING_ENVIRONMENT through an embedded stack: a Python setup (venv + a package
+    /// from PyPI; needs the network) without the cache and on a cache hit.
+    Environment {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Whole tasks through an embedded stack.
     Pipeline {
         /// Tasks submitted one after another (latency).
@@ -185,6 +191,15 @@ async fn run(config: Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         }
         BenchCommand::Publish { runs } => publish::run(runs).await,
         BenchCommand::Envcache { dir, runs } => envcache::run(dir, runs).await,
+        BenchCommand::Environment { runs } => {
+            pipeline::with_stack(
+                &config,
+                None,
+                pipeline::Drive::Environment { runs },
+                patchflow_core::config::AuthMode::Tokens,
+            )
+            .await
+        }
         BenchCommand::Store { mib, s3_url } => store::run(mib, s3_url).await,
         BenchCommand::Watch {
             watchers,

@@ -38,6 +38,11 @@ pub enum Drive {
         readers: usize,
         seconds: u64,
     },
+    /// Tasks with a setup (a virtualenv and a package from PyPI): the wall time of
+    /// PREPARING_ENVIRONMENT without the cache and on a cache hit.
+    Environment {
+        runs: usize,
+    },
 }
 
 /// Runs `drive` against an embedded stack (dev server, worker, gateway, instant model),
@@ -119,6 +124,9 @@ pub async fn with_stack(
                 Drive::Status { readers, seconds } => {
                     read_status(&url, token.as_deref(), &repo_url, readers, seconds).await
                 }
+                Drive::Environment { runs } => {
+                    environment(&url, token.as_deref(), &repo_url, runs).await
+                }
             };
             let _ = stop_tx.send(true);
             r
@@ -139,10 +147,23 @@ async fn submit_and_wait(
     url: &str,
     repo_url: &str,
 ) -> anyhow::Result<(String, Duration)> {
+    submit_body_and_wait(
+        http,
+        url,
+        &json!({"git_url": repo_url, "task_description": "benchmark task"}),
+    )
+    .await
+}
+
+async fn submit_body_and_wait(
+    http: &reqwest::Client,
+    url: &str,
+    body: &Value,
+) -> anyhow::Result<(String, Duration)> {
     let t0 = Instant::now();
     let resp: Value = http
         .post(format!("{url}/api/tasks"))
-        .json(&json!({"git_url": repo_url, "task_description": "benchmark task"}))
+        .json(body)
         .send()
         .await?
         .error_for_status()?
@@ -167,19 +188,80 @@ async fn submit_and_wait(
     }
 }
 
-/// Per-stage durations of one task from its recorded history.
-async fn stage_times(
-    http: &reqwest::Client,
-    url: &str,
-    id: &str,
-) -> anyhow::Result<Vec<(&'static str, f64)>> {
+/// The recorded events of a task.
+async fn events_of(http: &reqwest::Client, url: &str, id: &str) -> anyhow::Result<Vec<TaskEvent>> {
     let page: Value = http
         .get(format!("{url}/api/tasks/{id}/events"))
         .send()
         .await?
         .json()
         .await?;
-    let events: Vec<TaskEvent> = serde_json::from_value(page["events"].clone())?;
+    Ok(serde_json::from_value(page["events"].clone())?)
+}
+
+/// Milliseconds from the first event matching `from` to the first matching `to`.
+fn between(
+    events: &[TaskEvent],
+    from: impl Fn(&TaskEvent) -> bool,
+    to: impl Fn(&TaskEvent) -> bool,
+) -> f64 {
+    let at = |pred: &dyn Fn(&TaskEvent) -> bool| events.iter().find(|e| pred(e)).map(|e| e.at);
+    match (at(&from), at(&to)) {
+        (Some(a), Some(b)) => (b - a).num_microseconds().unwrap_or(0) as f64 / 1000.0,
+        _ => f64::NAN,
+    }
+}
+
+/// PREPARING_ENVIRONMENT's wall time for a Python setup (a virtualenv and `humanize` from
+/// PyPI): `runs` tasks with `cache: false`, then `runs` cache hits after one priming miss.
+async fn environment(
+    url: &str,
+    token: Option<&str>,
+    repo_url: &str,
+    runs: usize,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .default_headers(auth_headers(token)?)
+        .build()?;
+    let setup = |cache: bool| {
+        json!({"git_url": repo_url, "task_description": "benchmark task", "setup": {
+            "setup_script": "python3 -m venv .venv\n.venv/bin/pip install -q humanize==4.9.0",
+            "maintenance_script": "test -x .venv/bin/python",
+            "cache": cache,
+        }})
+    };
+    let prepare = |e: &TaskEvent| e.status == Some(TaskStatus::PreparingEnvironment);
+    let running = |e: &TaskEvent| e.status == Some(TaskStatus::RunningAgent);
+    let measure = async |body: Value, n: usize| -> anyhow::Result<Vec<f64>> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let (id, _) = submit_body_and_wait(&http, url, &body).await?;
+            out.push(between(
+                &events_of(&http, url, &id).await?,
+                prepare,
+                running,
+            ));
+        }
+        Ok(out)
+    };
+    let cold = measure(setup(false), runs).await?;
+    measure(setup(true), 1).await?;
+    let hit = measure(setup(true), runs).await?;
+    println!("PREPARING_ENVIRONMENT (venv + humanize from PyPI, {runs} runs each):");
+    let (p50, p95, _) = stats(cold);
+    println!("  setup run (cache: false)  p50 {p50:>7.0} ms  p95 {p95:>7.0} ms");
+    let (p50, p95, _) = stats(hit);
+    println!("  cache hit + maintenance   p50 {p50:>7.0} ms  p95 {p95:>7.0} ms");
+    Ok(())
+}
+
+/// Per-stage durations of one task from its recorded history.
+async fn stage_times(
+    http: &reqwest::Client,
+    url: &str,
+    id: &str,
+) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    let events = events_of(http, url, id).await?;
     let at = |pred: &dyn Fn(&TaskEvent) -> bool| events.iter().find(|e| pred(e)).map(|e| e.at);
     let st = |s: TaskStatus| move |e: &TaskEvent| e.status == Some(s);
     let pending = at(&st(TaskStatus::Pending));
