@@ -8,6 +8,7 @@
 //! the `settings!` table below: its type, default and doc. The file stays flat (`kube_image
 //! = "..."`, no `[kube]` table), so the keys people already use keep working.
 
+mod models;
 mod quota;
 mod setting;
 
@@ -18,6 +19,7 @@ use serde::Serialize;
 use crate::error::CoreError;
 use crate::secret::Secret;
 
+pub use models::{ModelProfile, ModelTable, price};
 pub use quota::{TenantQuota, TenantQuotas};
 pub use setting::Setting;
 use setting::{choice_setting, invalid};
@@ -107,6 +109,16 @@ fn file_value<T: serde::de::DeserializeOwned>(
     value
         .try_into()
         .map_err(|e: toml::de::Error| CoreError::ConfigFile(format!("{key}: {}", e.message())))
+}
+
+choice_setting! {
+    /// The provider API the agent speaks.
+    WireApi {
+        /// Chat Completions (`POST {base}/chat/completions`).
+        Chat = "chat",
+        /// The Responses API (`POST {base}/responses`).
+        Responses = "responses",
+    }
 }
 
 choice_setting! {
@@ -267,6 +279,13 @@ settings! {
         llm_max_retries: u32 = 4,
         /// First backoff between model retries, in milliseconds (doubles each time).
         llm_retry_backoff_ms: u64 = 500,
+        /// The provider API the agent speaks: `chat` (Chat Completions: vLLM, Ollama,
+        /// OpenRouter, Azure, most gateways) or `responses` (OpenAI's Responses API).
+        wire_api: WireApi = WireApi::Chat,
+        /// Stream model answers (SSE) on either wire; a stream cut mid-answer is retried.
+        llm_stream: bool = true,
+        /// The context window assumed for a model the table gives none (tokens).
+        default_context_window: u64 = 128_000,
     }
     /// How the agent's tools and shell commands are confined.
     sandbox: SandboxSettings {
@@ -436,6 +455,14 @@ settings! {
         /// The tenant tasks from GitLab webhooks belong to.
         gitlab_webhook_tenant: String = "default".into(),
     }
+    /// The model table (its `[models."NAME"]` tables end the file, before the tenants').
+    model_table: ModelTableSettings {
+        /// Per-model overrides and prices (`[models."NAME"]` tables: `wire_api`,
+        /// `base_url`, `api_key_env`, `context_window`, `max_output_tokens`,
+        /// `input_price`, `cached_input_price`, `output_price` in USD per million tokens,
+        /// `extra_headers`, `reasoning_effort`); `PATCHFLOW_MODELS` as JSON.
+        models: ModelTable = ModelTable::default(),
+    }
     /// What each tenant may do (kept last: its `[tenants.NAME]` tables end the file).
     tenancy: TenancySettings {
         /// Per-tenant quotas: `[tenants.NAME]` tables (`[tenants."*"]` for every other
@@ -471,6 +498,11 @@ impl Config {
         for (key, value) in table {
             config.set_from_file(&key, value)?;
         }
+        config
+            .model_table
+            .models
+            .validate()
+            .map_err(|e| invalid("models", e))?;
         Ok(config)
     }
 

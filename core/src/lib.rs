@@ -18,7 +18,7 @@ pub use secret::Secret;
 pub use summary::{AgentOutcome, AgentSummary, SandboxReport};
 pub use task::{
     GitToken, IssueRef, Limits, SecretHeader, TaskAttempt, TaskId, TaskRecord, TaskSource,
-    TaskSpec, TaskStatus, ToolPolicy,
+    TaskSpec, TaskStatus, ToolPolicy, Usd,
 };
 
 /// Object keys of the layout in ARCHITECTURE.md, in one place so no crate spells them twice.

@@ -16,6 +16,8 @@ pub enum AgentOutcome {
     MaxTokens,
     /// The wall-clock budget ran out first.
     WallTime,
+    /// The cost budget (`limits.max_cost_usd`) ran out first.
+    MaxCost,
     /// The run could not go on (model endpoint down, bad workspace).
     Error,
 }
@@ -33,6 +35,7 @@ impl AgentOutcome {
             Self::MaxSteps => "the agent reached max_steps before finishing",
             Self::MaxTokens => "the agent reached max_tokens before finishing",
             Self::WallTime => "the agent ran out of wall time before finishing",
+            Self::MaxCost => "the agent reached max_cost_usd before finishing",
             Self::Error => "the agent stopped on an error",
         }
     }
@@ -49,6 +52,19 @@ pub struct AgentSummary {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Prompt tokens the provider served from its cache (part of `prompt_tokens`).
+    #[serde(default)]
+    pub cached_tokens: u64,
+    /// Completion tokens spent on hidden reasoning (part of `completion_tokens`).
+    #[serde(default)]
+    pub reasoning_tokens: u64,
+    /// What the model's answers cost, priced from the model table (0 when it names no
+    /// prices), in US dollars.
+    #[serde(default)]
+    pub cost_usd: f64,
+    /// Times the conversation was compacted to stay inside the context window.
+    #[serde(default)]
+    pub compactions: u32,
     pub wall_ms: u64,
     /// Paths (relative to the repository root) that the diff touches.
     pub files_changed: Vec<String>,

@@ -354,7 +354,25 @@ pub struct Limits {
     pub max_steps: u32,
     pub max_tokens: u64,
     pub wall_seconds: u64,
+    /// Most the run may spend on the model, priced from the model table (outcome
+    /// `max_cost` when reached); unset: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<Usd>,
 }
+
+/// An amount of US dollars: finite and not negative once validated. Compared by value, so
+/// specs holding one stay `Eq`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Usd(pub f64);
+
+impl PartialEq for Usd {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.total_cmp(&other.0).is_eq()
+    }
+}
+
+impl Eq for Usd {}
 
 impl Default for Limits {
     fn default() -> Self {
@@ -362,6 +380,7 @@ impl Default for Limits {
             max_steps: 30,
             max_tokens: 200_000,
             wall_seconds: 1800,
+            max_cost_usd: None,
         }
     }
 }
@@ -384,6 +403,14 @@ impl Limits {
             return Err(ValidationError::new(
                 "limits.wall_seconds",
                 "must be between 5 and 604800 (a week)",
+            ));
+        }
+        if let Some(Usd(c)) = self.max_cost_usd
+            && !(c.is_finite() && c > 0.0 && c <= 1_000_000.0)
+        {
+            return Err(ValidationError::new(
+                "limits.max_cost_usd",
+                "must be a number of dollars above 0 and at most 1000000",
             ));
         }
         Ok(())
