@@ -228,7 +228,10 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
                 openai_api_key: config.llm.openai_api_key.clone(),
                 llm_max_retries: config.llm.llm_max_retries,
                 llm_retry_backoff_ms: config.llm.llm_retry_backoff_ms,
-                agent_env: agent_env(config, true),
+                agent_env: agent_env(config, true)
+                    .into_iter()
+                    .chain(model_keys(config))
+                    .collect(),
             }))
         }
     };
@@ -270,6 +273,7 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
 fn agent_env(config: &Config, local: bool) -> Vec<(String, String)> {
     Config::section_keys("sandbox")
         .iter()
+        .chain(&MODEL_KEYS)
         .filter_map(|key| {
             let mut value = config.text(key)?;
             if local && *key == "sandbox_toolchains" && value.trim() == "auto" {
@@ -294,6 +298,32 @@ fn agent_env(config: &Config, local: bool) -> Vec<(String, String)> {
                 .flatten(),
         )
         .collect()
+}
+
+/// The model settings the agent reads besides those the runners pass themselves (model,
+/// base URL, key, retries).
+const MODEL_KEYS: [&str; 4] = ["wire_api", "llm_stream", "default_context_window", "models"];
+
+/// The model table's `api_key_env` variables as the worker has them, for a local agent
+/// (a pod gets them from the API key Secret instead: never inline).
+fn model_keys(config: &Config) -> Vec<(String, String)> {
+    model_key_envs(config)
+        .into_iter()
+        .filter_map(|var| std::env::var(&var).ok().map(|v| (var, v)))
+        .collect()
+}
+
+fn model_key_envs(config: &Config) -> Vec<String> {
+    let mut vars: Vec<String> = config
+        .model_table
+        .models
+        .0
+        .values()
+        .filter_map(|p| p.api_key_env.clone())
+        .collect();
+    vars.sort();
+    vars.dedup();
+    vars
 }
 
 /// The agent binary this build's runners start (`patchflow-agent` beside this one, or
@@ -345,6 +375,7 @@ async fn kube_runner(config: &Config) -> anyhow::Result<KubeRunner> {
     c.presign_expiry = Duration::from_secs(config.store.presign_expiry_secs);
     // The pod's file system is its own: the image carries the precompiled tools (see
     // deploy/Dockerfile); with other limits they are compiled in the pod, in memory.
+    c.model_key_envs = model_key_envs(config);
     c.agent_env = agent_env(config, false)
         .into_iter()
         .filter(|(k, _)| k != "PATCHFLOW_TOOL_CACHE_DIR")

@@ -68,9 +68,8 @@ pub async fn run(config: &Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
         workspace: a.workspace.clone(),
         baseline: a.baseline.clone(),
         out_dir: a.out.clone(),
-        model: config.llm.model.clone(),
-        base_url: config.llm.openai_base_url.clone(),
-        api_key: config.llm.openai_api_key.clone(),
+        settings: crate::ModelSettings::from_config(config),
+        model_override: None,
         max_retries: config.llm.llm_max_retries,
         retry_backoff: Duration::from_millis(config.llm.llm_retry_backoff_ms),
     };

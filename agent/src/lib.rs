@@ -9,8 +9,10 @@
 //! [`patchflow_core::AgentEvent`] lines; uploading them is the runner's job.
 
 pub mod cli;
+pub mod context;
 pub mod diff;
 pub mod instructions;
+pub mod model;
 pub mod run;
 pub mod sandbox;
 pub mod setup;
@@ -20,6 +22,6 @@ pub mod truncate;
 pub mod wasm;
 pub mod workspace;
 
-pub use run::AgentRun;
+pub use run::{AgentRun, ModelSettings};
 pub use tools::{SandboxedTools, ShellEnv, ToolDispatch};
 pub use workspace::Workspace;

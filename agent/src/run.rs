@@ -1,31 +1,100 @@
 //! The agent loop: ask the model, run the tools it calls, feed the results back, until it
-//! calls `finish`, answers without a tool call, or a budget (steps, tokens, wall time) runs
-//! out. Then write the diff, the summary and the end of the transcript.
+//! calls `finish`, answers without a tool call, or a budget (steps, tokens, dollars, wall
+//! time) runs out. Then write the diff, the summary and the end of the transcript.
+//!
+//! The conversation is provider-neutral ([`crate::model::Item`]); the wire it goes out on
+//! is the model's (`chat` or `responses`). Before a request would pass the model's context
+//! window, older turns are compacted into a summary ([`crate::context`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_openai::Client;
-use async_openai::config::OpenAIConfig;
-use async_openai::types::chat::{
-    ChatCompletionMessageToolCall, ChatCompletionMessageToolCalls,
-    ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent,
-    ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
-    ChatCompletionRequestSystemMessageContent, ChatCompletionRequestToolMessage,
-    ChatCompletionRequestToolMessageContent, ChatCompletionRequestUserMessage,
-    ChatCompletionRequestUserMessageContent, ChatCompletionTool, ChatCompletionTools,
-    CreateChatCompletionRequest, CreateChatCompletionResponse, FunctionCall, FunctionObject,
-};
+use patchflow_core::config::{ModelProfile, ModelTable, WireApi, price};
 use patchflow_core::{AgentEvent, AgentOutcome, AgentSummary, Secret, TaskSpec, layout};
 use serde_json::json;
 
+use crate::context::{self, Budget};
 use crate::diff::diff_against_archive;
+use crate::model::{
+    Answer, DEFAULT_BASE_URL, Endpoint, Item, Model, ModelError, Request, ToolCall,
+};
 use crate::tools::{self, ToolDispatch};
 use crate::transcript::Transcript;
 
-/// The public OpenAI endpoint, used when no base URL is configured.
-pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+pub use crate::model::DEFAULT_BASE_URL as OPENAI_BASE_URL;
+
+/// How to reach the model a task names: the `llm` settings and the model table.
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    /// The model asked when the task names none.
+    pub model: String,
+    pub base_url: Option<String>,
+    pub api_key: Option<Secret>,
+    pub wire_api: WireApi,
+    pub stream: bool,
+    pub models: ModelTable,
+    pub default_context_window: u64,
+}
+
+impl ModelSettings {
+    /// Chat Completions, streamed, no model table.
+    pub fn new(model: &str, base_url: Option<String>, api_key: Option<Secret>) -> Self {
+        Self {
+            model: model.to_string(),
+            base_url,
+            api_key,
+            wire_api: WireApi::Chat,
+            stream: true,
+            models: ModelTable::default(),
+            default_context_window: 128_000,
+        }
+    }
+
+    /// The settings as the agent process's configuration gives them.
+    pub fn from_config(config: &patchflow_core::Config) -> Self {
+        Self {
+            model: config.llm.model.clone(),
+            base_url: config.llm.openai_base_url.clone(),
+            api_key: config.llm.openai_api_key.clone(),
+            wire_api: config.llm.wire_api,
+            stream: config.llm.llm_stream,
+            models: config.model_table.models.clone(),
+            default_context_window: config.llm.default_context_window,
+        }
+    }
+
+    /// The endpoint and profile of `model`. A profile's `api_key_env` is read from this
+    /// process's environment.
+    pub fn resolve(&self, model: &str) -> (Endpoint, ModelProfile) {
+        let profile = self.models.get(model).cloned().unwrap_or_default();
+        let api_key = match &profile.api_key_env {
+            Some(var) => match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Some(Secret::new(v)),
+                _ => {
+                    tracing::warn!(model, var = %var, "the model's api_key_env is not set");
+                    None
+                }
+            },
+            None => self.api_key.clone(),
+        };
+        let endpoint = Endpoint {
+            model: model.to_string(),
+            wire: profile.wire_api.unwrap_or(self.wire_api),
+            base_url: profile
+                .base_url
+                .clone()
+                .or_else(|| self.base_url.clone())
+                .unwrap_or_else(|| DEFAULT_BASE_URL.to_string()),
+            api_key,
+            stream: self.stream,
+            max_output_tokens: profile.max_output_tokens,
+            reasoning_effort: profile.reasoning_effort.clone(),
+            extra_headers: profile.extra_headers.clone(),
+        };
+        (endpoint, profile)
+    }
+}
 
 /// Everything one run needs.
 pub struct AgentRun {
@@ -36,12 +105,13 @@ pub struct AgentRun {
     pub baseline: PathBuf,
     /// Where `diff.patch`, `transcript.jsonl` and `summary.json` go.
     pub out_dir: PathBuf,
-    pub model: String,
-    pub base_url: Option<String>,
-    pub api_key: Option<Secret>,
-    /// Retries of a failed model request (on top of the client's own for 429/5xx).
+    pub settings: ModelSettings,
+    /// Retries of a failed model request (on top of the client's own for 429/5xx, which
+    /// honour `Retry-After`).
     pub max_retries: u32,
     pub retry_backoff: Duration,
+    /// Answer from this instead of the model's endpoint (replay).
+    pub model_override: Option<Arc<dyn Model>>,
 }
 
 const SYSTEM_PROMPT: &str = "You are patchflow's coding agent, working in a checked-out repository (your working directory is its root). \
@@ -57,22 +127,6 @@ fn user_prompt(spec: &TaskSpec) -> String {
     p
 }
 
-fn tool_specs() -> Vec<ChatCompletionTools> {
-    tools::schemas()
-        .into_iter()
-        .map(|(name, description, parameters)| {
-            ChatCompletionTools::Function(ChatCompletionTool {
-                function: FunctionObject {
-                    name: name.to_string(),
-                    description: Some(description.to_string()),
-                    parameters: Some(parameters),
-                    strict: None,
-                },
-            })
-        })
-        .collect()
-}
-
 /// A short one-line preview of tool arguments for progress events.
 fn preview(s: &str) -> String {
     let one: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -80,6 +134,43 @@ fn preview(s: &str) -> String {
         format!("{}…", one.chars().take(120).collect::<String>())
     } else {
         one
+    }
+}
+
+/// Tools that change nothing: several of them in one answer run at once.
+fn is_read_only(tool: &str) -> bool {
+    matches!(
+        tool,
+        tools::READ_FILE_CONTENT | tools::SEARCH_CODE | tools::WEB_SEARCH
+    )
+}
+
+/// The running totals of what the model was asked and what it cost.
+struct Meter<'a> {
+    profile: &'a ModelProfile,
+}
+
+impl Meter<'_> {
+    /// Adds one answer's usage to `summary`; returns the answer's cost.
+    fn add(&self, summary: &mut AgentSummary, answer: &Answer) -> f64 {
+        let Some(u) = answer.usage else { return 0.0 };
+        summary.prompt_tokens += u.prompt_tokens;
+        summary.completion_tokens += u.completion_tokens;
+        summary.total_tokens += if u.total_tokens > 0 {
+            u.total_tokens
+        } else {
+            u.prompt_tokens + u.completion_tokens
+        };
+        summary.cached_tokens += u.cached_tokens;
+        summary.reasoning_tokens += u.reasoning_tokens;
+        let cost = price(
+            self.profile,
+            u.prompt_tokens,
+            u.cached_tokens,
+            u.completion_tokens,
+        );
+        summary.cost_usd += cost;
+        cost
     }
 }
 
@@ -95,26 +186,23 @@ impl AgentRun {
         let deadline = started + Duration::from_secs(self.spec.limits.wall_seconds);
         std::fs::create_dir_all(&self.out_dir)?;
         let mut transcript = Transcript::create(&self.out_dir.join(layout::TRANSCRIPT))?;
-        let model = self
+        let model_name = self
             .spec
             .model
             .clone()
-            .unwrap_or_else(|| self.model.clone());
+            .unwrap_or_else(|| self.settings.model.clone());
         let limits = self.spec.limits;
-
-        let base = self
-            .base_url
-            .clone()
-            .unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
-        let mut config = OpenAIConfig::new().with_api_base(base.trim_end_matches('/'));
-        if let Some(key) = &self.api_key {
-            config = config.with_api_key(key.expose());
-        }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(std::io::Error::other)?;
-        let client = Client::build(http, config);
+        let (endpoint, profile) = self.settings.resolve(&model_name);
+        let window = profile
+            .context_window
+            .unwrap_or(self.settings.default_context_window);
+        let schemas = tools::schemas();
+        let budget = Budget::new(window, profile.max_output_tokens, &schemas);
+        let model: Arc<dyn Model> = match &self.model_override {
+            Some(m) => m.clone(),
+            None => Arc::from(endpoint.connect(schemas).map_err(std::io::Error::other)?),
+        };
+        let meter = Meter { profile: &profile };
 
         let repo_rules =
             crate::instructions::agents_md(&self.workspace, self.spec.target_file.as_deref());
@@ -127,21 +215,13 @@ impl AgentRun {
             )
         };
         let user = user_prompt(&self.spec);
-        let mut messages = vec![
-            ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage {
-                content: ChatCompletionRequestSystemMessageContent::Text(system.clone()),
-                name: None,
-            }),
-            ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
-                content: ChatCompletionRequestUserMessageContent::Text(user.clone()),
-                name: None,
-            }),
-        ];
-        let specs = tool_specs();
+        let mut items = vec![Item::User { text: user.clone() }];
         transcript.write(
             "start",
             json!({
-                "model": model,
+                "model": model_name,
+                "wire": model.wire(),
+                "context_window": window,
                 "limits": limits,
                 "tools": tools::schemas().iter().map(|t| t.0).collect::<Vec<_>>(),
             }),
@@ -153,24 +233,31 @@ impl AgentRun {
         transcript.write("message", json!({"role": "system", "content": system}));
         transcript.write("message", json!({"role": "user", "content": user}));
         on_event(&AgentEvent::Started {
-            model: model.clone(),
+            model: model_name.clone(),
             max_steps: limits.max_steps,
         });
 
         let mut summary = AgentSummary {
             outcome: AgentOutcome::MaxSteps,
             summary: String::new(),
-            model: model.clone(),
+            model: model_name.clone(),
             steps: 0,
             tool_calls: 0,
             prompt_tokens: 0,
             completion_tokens: 0,
             total_tokens: 0,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+            cost_usd: 0.0,
+            compactions: 0,
             wall_ms: 0,
             files_changed: Vec::new(),
             error: None,
             sandbox: None,
         };
+        // The provider's own count of the last request's prompt, and how many items it
+        // held: the next estimate starts from it.
+        let mut calibration: Option<(u64, usize)> = None;
 
         'steps: for step in 1..=limits.max_steps {
             if Instant::now() >= deadline {
@@ -181,142 +268,170 @@ impl AgentRun {
                 summary.outcome = AgentOutcome::MaxTokens;
                 break;
             }
-            summary.steps = step;
-            on_event(&AgentEvent::ModelRequest { step });
-            let request = CreateChatCompletionRequest {
-                model: model.clone(),
-                messages: messages.clone(),
-                tools: Some(specs.clone()),
-                ..Default::default()
-            };
-            let asked = Instant::now();
-            let response = match self
-                .ask_model(&client, request, deadline, step, &mut transcript)
-                .await
+            if let Some(cap) = limits.max_cost_usd
+                && summary.cost_usd >= cap.0
             {
-                Ok(r) => r,
-                Err(e) => {
-                    summary.outcome = if Instant::now() >= deadline {
-                        AgentOutcome::WallTime
-                    } else {
-                        AgentOutcome::Error
+                summary.outcome = AgentOutcome::MaxCost;
+                summary.error = Some(format!(
+                    "spent ${:.6} of max_cost_usd ${:.6}",
+                    summary.cost_usd, cap.0
+                ));
+                break;
+            }
+            summary.steps = step;
+            let mut overflowed = 0;
+            let answer = loop {
+                let estimate = budget.estimate(&system, &items, calibration);
+                if overflowed > 0 || estimate > budget.limit() {
+                    let plan = context::plan(&items, &budget);
+                    if plan.is_none() && overflowed > 0 {
+                        summary.outcome = AgentOutcome::Error;
+                        summary.error = Some(format!(
+                            "the conversation does not fit the model's context window ({window} tokens) even compacted"
+                        ));
+                        break 'steps;
+                    }
+                    if let Some(plan) = plan {
+                    let ask = [Item::User {
+                        text: plan.rendered.clone(),
+                    }];
+                    let request = Request {
+                        instructions: context::INSTRUCTIONS,
+                        items: &ask,
+                        tools: false,
                     };
-                    summary.error = Some(e);
-                    break;
+                    let answer = self
+                        .ask_model(model.as_ref(), request, deadline, step, &mut transcript)
+                        .await;
+                    let (text, cost, usage) = match &answer {
+                        Ok(a) => (a.content.clone(), meter.add(&mut summary, a), a.usage),
+                        Err(e) => {
+                            tracing::warn!(step, error = %e, "the compaction request failed; dropping the older turns unsummarised");
+                            (
+                                format!("(The summary of {} earlier messages could not be made: {e}.)", plan.compacted),
+                                0.0,
+                                None,
+                            )
+                        }
+                    };
+                    context::apply(&mut items, &plan, &text);
+                    calibration = None;
+                    summary.compactions += 1;
+                    let after = budget.estimate(&system, &items, None);
+                    transcript.write(
+                        "compaction",
+                        json!({
+                            "step": step,
+                            "before_tokens": estimate,
+                            "after_tokens": after,
+                            "compacted_items": plan.compacted,
+                            "kept_items": plan.kept,
+                            "summary": text,
+                            "usage": usage,
+                            "cost_usd": cost,
+                        }),
+                    );
+                    }
+                }
+                on_event(&AgentEvent::ModelRequest { step });
+                let asked = Instant::now();
+                let request = Request {
+                    instructions: &system,
+                    items: &items,
+                    tools: true,
+                };
+                match self
+                    .ask_model(model.as_ref(), request, deadline, step, &mut transcript)
+                    .await
+                {
+                    Ok(a) => break (a, asked.elapsed()),
+                    Err(ModelError::ContextLength(m)) if overflowed < 2 => {
+                        tracing::info!(step, error = %m, "the provider found the request too long; compacting");
+                        overflowed += 1;
+                    }
+                    Err(e) => {
+                        summary.outcome = if Instant::now() >= deadline {
+                            AgentOutcome::WallTime
+                        } else {
+                            AgentOutcome::Error
+                        };
+                        summary.error = Some(e.to_string());
+                        break 'steps;
+                    }
                 }
             };
-            let latency_ms = asked.elapsed().as_millis() as u64;
-            if let Some(u) = &response.usage {
-                summary.prompt_tokens += u64::from(u.prompt_tokens);
-                summary.completion_tokens += u64::from(u.completion_tokens);
-                summary.total_tokens += u64::from(u.total_tokens);
+            let (answer, latency) = answer;
+            let cost = meter.add(&mut summary, &answer);
+            if let Some(u) = answer.usage
+                && u.prompt_tokens > 0
+            {
+                calibration = Some((u.prompt_tokens, items.len()));
             }
-            let Some(choice) = response.choices.into_iter().next() else {
-                summary.outcome = AgentOutcome::Error;
-                summary.error = Some("the model answered with no choices".into());
-                break;
-            };
-            let content = choice.message.content.clone().unwrap_or_default();
-            let calls: Vec<ChatCompletionMessageToolCall> = choice
-                .message
-                .tool_calls
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|c| match c {
-                    ChatCompletionMessageToolCalls::Function(f) => Some(f),
-                    ChatCompletionMessageToolCalls::Custom(_) => None,
-                })
-                .collect();
             transcript.write(
                 "model_response",
                 json!({
                     "step": step,
-                    "content": content,
-                    "tool_calls": calls.iter().map(|c| json!({"id": c.id, "name": c.function.name, "arguments": c.function.arguments})).collect::<Vec<_>>(),
-                    "usage": response.usage.as_ref().map(|u| json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})),
-                    "latency_ms": latency_ms,
+                    "content": answer.content,
+                    "tool_calls": answer.calls,
+                    "reasoning": answer.reasoning,
+                    "usage": answer.usage,
+                    "cost_usd": cost,
+                    "latency_ms": latency.as_millis() as u64,
                 }),
             );
-            if calls.is_empty() {
+            if answer.calls.is_empty() {
                 summary.outcome = AgentOutcome::Answered;
-                summary.summary = content;
+                summary.summary = answer.content;
                 break;
             }
-            messages.push(ChatCompletionRequestMessage::Assistant(
-                #[allow(deprecated)]
-                ChatCompletionRequestAssistantMessage {
-                    content: (!content.is_empty()).then(|| {
-                        ChatCompletionRequestAssistantMessageContent::Text(content.clone())
-                    }),
-                    tool_calls: Some(
-                        calls
-                            .iter()
-                            .map(|c| {
-                                ChatCompletionMessageToolCalls::Function(
-                                    ChatCompletionMessageToolCall {
-                                        id: c.id.clone(),
-                                        function: FunctionCall {
-                                            name: c.function.name.clone(),
-                                            arguments: c.function.arguments.clone(),
-                                        },
-                                    },
-                                )
-                            })
-                            .collect(),
-                    ),
-                    ..Default::default()
-                },
-            ));
+            let calls = answer.calls.clone();
+            items.push(Item::Assistant {
+                content: answer.content,
+                calls: answer.calls,
+                reasoning: answer.reasoning,
+            });
             let mut finished = None;
-            for call in &calls {
-                let name = call.function.name.as_str();
-                let args = call.function.arguments.as_str();
-                summary.tool_calls += 1;
-                on_event(&AgentEvent::ToolCall {
-                    step,
-                    tool: name.to_string(),
-                    arguments: preview(args),
-                });
-                let t0 = Instant::now();
-                let output = tools.call(name, args).await;
-                let duration_ms = t0.elapsed().as_millis() as u64;
-                let text = output.to_model_text();
-                transcript.write(
-                    "tool_result",
-                    json!({
-                        "step": step,
-                        "tool_call_id": call.id,
-                        "tool": name,
-                        "arguments": args,
-                        "ok": output.ok,
-                        "output": output.value,
-                        "duration_ms": duration_ms,
-                    }),
-                );
-                on_event(&AgentEvent::ToolResult {
-                    step,
-                    tool: name.to_string(),
-                    ok: output.ok,
-                    duration_ms,
-                });
-                messages.push(ChatCompletionRequestMessage::Tool(
-                    ChatCompletionRequestToolMessage {
-                        content: ChatCompletionRequestToolMessageContent::Text(text),
-                        tool_call_id: call.id.clone(),
-                    },
-                ));
-                if name == tools::FINISH && output.ok {
-                    let s = serde_json::from_str::<serde_json::Value>(args)
-                        .ok()
-                        .and_then(|v| {
-                            v.get("summary")
-                                .and_then(|s| s.as_str())
-                                .map(str::to_string)
-                        })
-                        .unwrap_or_default();
-                    finished = Some(s);
+            let mut i = 0;
+            while i < calls.len() {
+                // A run of read-only calls goes at once; anything else alone, in order.
+                let mut j = i + 1;
+                if is_read_only(&calls[i].name) {
+                    while j < calls.len() && is_read_only(&calls[j].name) {
+                        j += 1;
+                    }
                 }
+                let batch = &calls[i..j];
+                for call in batch {
+                    summary.tool_calls += 1;
+                    on_event(&AgentEvent::ToolCall {
+                        step,
+                        tool: call.name.clone(),
+                        arguments: preview(&call.arguments),
+                    });
+                }
+                let outputs = futures::future::join_all(batch.iter().map(|call| {
+                    let tools = tools.clone();
+                    async move {
+                        let t0 = Instant::now();
+                        let out = tools.call(&call.name, &call.arguments).await;
+                        (out, t0.elapsed().as_millis() as u64)
+                    }
+                }))
+                .await;
+                for (call, (output, duration_ms)) in batch.iter().zip(outputs) {
+                    if let Some(s) = self.record_result(
+                        step,
+                        call,
+                        output,
+                        duration_ms,
+                        &mut items,
+                        &mut transcript,
+                        &mut on_event,
+                    ) {
+                        finished = Some(s);
+                    }
+                }
+                i = j;
             }
             if let Some(s) = finished {
                 summary.outcome = AgentOutcome::Finished;
@@ -351,39 +466,90 @@ impl AgentRun {
         Ok(summary)
     }
 
-    /// One model request, retried with exponential backoff. Errors are returned as text
-    /// fit for the task's message.
+    /// Records one tool result (transcript, event, conversation); returns `finish`'s
+    /// summary when this was a successful `finish`.
+    #[allow(clippy::too_many_arguments)]
+    fn record_result(
+        &self,
+        step: u32,
+        call: &ToolCall,
+        output: tools::ToolOutput,
+        duration_ms: u64,
+        items: &mut Vec<Item>,
+        transcript: &mut Transcript,
+        on_event: &mut impl FnMut(&AgentEvent),
+    ) -> Option<String> {
+        let text = output.to_model_text();
+        transcript.write(
+            "tool_result",
+            json!({
+                "step": step,
+                "tool_call_id": call.id,
+                "tool": call.name,
+                "arguments": call.arguments,
+                "ok": output.ok,
+                "output": output.value,
+                "duration_ms": duration_ms,
+            }),
+        );
+        on_event(&AgentEvent::ToolResult {
+            step,
+            tool: call.name.clone(),
+            ok: output.ok,
+            duration_ms,
+        });
+        items.push(Item::ToolResult {
+            call_id: call.id.clone(),
+            output: text,
+        });
+        (call.name == tools::FINISH && output.ok).then(|| {
+            serde_json::from_str::<serde_json::Value>(&call.arguments)
+                .ok()
+                .and_then(|v| v.get("summary").and_then(|s| s.as_str()).map(str::to_string))
+                .unwrap_or_default()
+        })
+    }
+
+    /// One model request, retried with exponential backoff while the failure is
+    /// transient. Errors come back as text fit for the task's message.
     async fn ask_model(
         &self,
-        client: &Client<OpenAIConfig>,
-        request: CreateChatCompletionRequest,
+        model: &dyn Model,
+        request: Request<'_>,
         deadline: Instant,
         step: u32,
         transcript: &mut Transcript,
-    ) -> Result<CreateChatCompletionResponse, String> {
+    ) -> Result<Answer, ModelError> {
         let mut backoff = self.retry_backoff;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err("wall time ran out while waiting for the model".into());
+                return Err(ModelError::Fatal(
+                    "wall time ran out while waiting for the model".into(),
+                ));
             }
-            let result = tokio::time::timeout(left, client.chat().create(request.clone())).await;
-            let err = match result {
-                Ok(Ok(r)) => return Ok(r),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "wall time ran out while waiting for the model".to_string(),
+            let err = match tokio::time::timeout(left, model.ask(request)).await {
+                Ok(Ok(a)) => return Ok(a),
+                Ok(Err(e)) => e,
+                Err(_) => ModelError::Fatal("wall time ran out while waiting for the model".into()),
             };
             tracing::warn!(step, attempt, error = %err, "model request failed");
             transcript.write(
                 "model_error",
-                json!({"step": step, "attempt": attempt, "error": err}),
+                json!({"step": step, "attempt": attempt, "error": err.to_string()}),
             );
-            if attempt > self.max_retries {
-                return Err(format!(
-                    "model endpoint failed after {attempt} attempts: {err}"
-                ));
+            match err {
+                ModelError::Transient(m) if attempt <= self.max_retries => {
+                    tracing::debug!(error = %m, "retrying");
+                }
+                ModelError::Transient(m) => {
+                    return Err(ModelError::Fatal(format!(
+                        "model endpoint failed after {attempt} attempts: {m}"
+                    )));
+                }
+                other => return Err(other),
             }
             tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())))
                 .await;

@@ -247,9 +247,8 @@ pub async fn run_script(
         workspace: fx.ws().to_path_buf(),
         baseline,
         out_dir: out.clone(),
-        model: "scripted".into(),
-        base_url: Some(model.base_url()),
-        api_key: None,
+        settings: patchflow_agent::ModelSettings::new("scripted", Some(model.base_url()), None),
+        model_override: None,
         max_retries: 0,
         retry_backoff: Duration::from_millis(10),
     };

@@ -40,6 +40,10 @@ pub struct KubeRunnerConfig {
     /// Settings the agent reads (`PATCHFLOW_SANDBOX_MODE`, `PATCHFLOW_TOOL_*`, …), set on the
     /// agent container as they are. Never secrets: they would be written into the Job.
     pub agent_env: Vec<(String, String)>,
+    /// The model table's `api_key_env` variables: each is set on the agent container from
+    /// the API key Secret's entry of the same name lower-cased (`OPENROUTER_KEY` →
+    /// `openrouter_key`), optional, so a pod of a model without one still starts.
+    pub model_key_envs: Vec<String>,
 }
 
 impl KubeRunnerConfig {
@@ -74,6 +78,7 @@ impl KubeRunnerConfig {
             unschedulable_timeout: Duration::from_secs(600),
             presign_expiry: Duration::from_secs(3600),
             agent_env: Vec::new(),
+            model_key_envs: Vec::new(),
         }
     }
 }

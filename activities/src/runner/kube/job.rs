@@ -70,6 +70,20 @@ pub fn build_job(
             ..Default::default()
         }),
     });
+    for var in &c.model_key_envs {
+        agent_env.push(EnvVar {
+            name: var.clone(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: c.api_key_secret_name.clone(),
+                    key: var.to_ascii_lowercase(),
+                    optional: Some(true),
+                }),
+                ..Default::default()
+            }),
+        });
+    }
     agent_env.extend(task_secret_env(c, spec)?);
     let mounts = vec![
         VolumeMount {
