@@ -68,7 +68,9 @@ impl ModelProfile {
         if let Some(w) = self.context_window
             && w < 1024
         {
-            return Err(format!("{name}.context_window must be at least 1024 tokens"));
+            return Err(format!(
+                "{name}.context_window must be at least 1024 tokens"
+            ));
         }
         if let Some(v) = &self.api_key_env
             && (v.is_empty()
@@ -89,13 +91,19 @@ impl ModelProfile {
         }
         for (k, v) in &self.extra_headers {
             let name_ok = !k.is_empty()
-                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
             let lower = k.to_ascii_lowercase();
             if !name_ok || v.contains(['\r', '\n']) {
                 return Err(format!("{name}.extra_headers: `{k}` is not a header"));
             }
-            if ["authorization", "host", "content-length", "transfer-encoding"]
-                .contains(&lower.as_str())
+            if [
+                "authorization",
+                "host",
+                "content-length",
+                "transfer-encoding",
+            ]
+            .contains(&lower.as_str())
             {
                 return Err(format!(
                     "{name}.extra_headers may not set `{k}` (the key goes in api_key_env)"
@@ -153,7 +161,8 @@ mod tests {
         assert_eq!(p.context_window, Some(8192));
         assert_eq!(p.extra_headers["X-Team"], "a");
         let mut c2 = Config::default();
-        c2.set("models", &c.model_table.models.to_text().unwrap()).unwrap();
+        c2.set("models", &c.model_table.models.to_text().unwrap())
+            .unwrap();
         assert_eq!(c2.model_table.models, c.model_table.models);
     }
 
@@ -163,13 +172,22 @@ mod tests {
             (r#"{"m": {"input_price": -1}}"#, "m.input_price"),
             (r#"{"m": {"context_window": 10}}"#, "m.context_window"),
             (r#"{"m": {"api_key_env": "sk-live"}}"#, "m.api_key_env"),
-            (r#"{"m": {"reasoning_effort": "max"}}"#, "m.reasoning_effort"),
-            (r#"{"m": {"extra_headers": {"Authorization": "x"}}}"#, "Authorization"),
+            (
+                r#"{"m": {"reasoning_effort": "max"}}"#,
+                "m.reasoning_effort",
+            ),
+            (
+                r#"{"m": {"extra_headers": {"Authorization": "x"}}}"#,
+                "Authorization",
+            ),
             (r#"{"m": {"extra_headers": {"X-A": "a\r\nb"}}}"#, "X-A"),
             (r#"{"m": {"prise": 1}}"#, "prise"),
             ("[1]", "model profiles"),
         ] {
-            let err = Config::default().set("models", json).unwrap_err().to_string();
+            let err = Config::default()
+                .set("models", json)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(needle), "{json}: {err}");
         }
         let err = Config::from_toml("[models.m]\noutput_price = -2.0\n")
@@ -192,7 +210,7 @@ mod tests {
         assert!((usd - 2.2).abs() < 1e-12, "{usd}");
         let no_cache_price = ModelProfile {
             cached_input_price: None,
-            ..p.clone()
+            ..p
         };
         assert!((price(&no_cache_price, 1_000, 1_000, 0) - 0.002).abs() < 1e-12);
         assert_eq!(price(&ModelProfile::default(), 10, 0, 10), 0.0);
