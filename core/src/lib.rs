@@ -10,6 +10,7 @@ pub mod event;
 pub mod secret;
 pub mod summary;
 pub mod task;
+pub mod usage;
 
 pub use config::Config;
 pub use error::{CoreError, ValidationError};
@@ -20,6 +21,7 @@ pub use task::{
     GitToken, IssueRef, Limits, SecretHeader, TaskAttempt, TaskId, TaskRecord, TaskSource,
     TaskSpec, TaskStatus, ToolPolicy, Usd,
 };
+pub use usage::{UsageRow, UsageTotal};
 
 /// Object keys of the layout in ARCHITECTURE.md, in one place so no crate spells them twice.
 pub mod layout {

@@ -23,10 +23,11 @@ mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use patchflow_core::auth::ApiToken;
 use patchflow_core::environment::{EnvCacheEntry, EnvironmentRecord};
 use patchflow_core::{
-    AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus,
+    AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus, UsageRow,
 };
 use thiserror::Error;
 
@@ -91,6 +92,17 @@ pub struct ListFilter {
     pub limit: u32,
 }
 
+/// Whose use to sum, over which tasks: those created in `[from, to)`.
+#[derive(Debug, Clone)]
+pub struct UsageQuery {
+    /// One tenant, or every tenant.
+    pub tenant: Option<String>,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// The model a task counts under when its spec names none and it has no summary yet.
+    pub default_model: String,
+}
+
 /// A position in the newest-first order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListCursor {
@@ -150,8 +162,16 @@ pub trait TaskStore: Send + Sync + 'static {
         message: &str,
     ) -> Result<StatusChange, StoreError>;
 
+    /// Stores the task's summary (replacing an earlier attempt's), and what it used in the
+    /// columns [`TaskStore::usage`] sums.
     async fn set_summary(&self, task_id: &TaskId, summary: &AgentSummary)
     -> Result<(), StoreError>;
+
+    /// Tasks, tokens and cost per UTC day (of `created_at`), tenant and model, summed by
+    /// the database; ordered by day, tenant, model (byte order). A task counts with its
+    /// summary's model and usage; one without a summary counts with no tokens, under its
+    /// spec's model or `default_model`.
+    async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError>;
 
     /// Records the task's pull request: its URL, or why there is none (each replaces what
     /// was there; both `None` clears them).

@@ -20,12 +20,13 @@ use std::time::{Duration, SystemTime};
 use futures::FutureExt;
 use patchflow_core::{
     AgentOutcome, AgentSummary, Limits, TaskEventKind, TaskId, TaskSource, TaskSpec, TaskStatus,
+    UsageRow, Usd,
 };
 use sqlx::mysql::MySqlConnectOptions;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, Connection, MySqlConnection, PgConnection};
 
-use super::{Inserted, ListCursor, ListFilter, StatusChange, StoreError, TaskStore};
+use super::{Inserted, ListCursor, ListFilter, StatusChange, StoreError, TaskStore, UsageQuery};
 
 const POSTGRES_URL_VAR: &str = "PATCHFLOW_TEST_POSTGRES_URL";
 const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -561,6 +562,7 @@ pub(crate) async fn record_keeps_what_was_stored_and_unknown_tasks_are_refused(u
         max_steps: 3,
         max_tokens: 1_000,
         wall_seconds: 60,
+        max_cost_usd: Some(Usd(0.125)),
     };
     let id = TaskId::generate();
     let created = match s.insert(&id, &full).await.unwrap() {
@@ -598,6 +600,10 @@ pub(crate) async fn record_keeps_what_was_stored_and_unknown_tasks_are_refused(u
         prompt_tokens: 1_234,
         completion_tokens: 56,
         total_tokens: 1_290,
+        cached_tokens: 1_000,
+        reasoning_tokens: 20,
+        cost_usd: 0.0375,
+        compactions: 2,
         wall_ms: 9_876,
         files_changed: vec!["src/x.py".into(), "README.md".into()],
         error: Some("none really".into()),
@@ -671,6 +677,238 @@ pub(crate) async fn record_keeps_what_was_stored_and_unknown_tasks_are_refused(u
     assert!(s.get(&unknown).await.unwrap().is_none());
     assert_eq!(s.events(&id, 0, 10).await.unwrap().len(), 1);
     s.ping().await.unwrap();
+}
+
+/// Moves a task's creation time (the store stamps every insert with now), on a connection
+/// of the URL's own kind.
+async fn backdate(url: &str, id: &TaskId, created_at: &str) {
+    let ms = chrono::DateTime::parse_from_rfc3339(created_at)
+        .unwrap()
+        .timestamp_millis();
+    if url.starts_with("sqlite:") {
+        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query("UPDATE tasks SET created_at = ? WHERE task_id = ?")
+            .bind(ms)
+            .bind(id.as_str())
+            .execute(&mut c)
+            .await
+            .unwrap();
+    } else if url.starts_with("postgres") {
+        let mut c = PgConnection::connect(url).await.unwrap();
+        sqlx::query("UPDATE tasks SET created_at = $1 WHERE task_id = $2")
+            .bind(ms)
+            .bind(id.as_str())
+            .execute(&mut c)
+            .await
+            .unwrap();
+    } else {
+        let mut c = MySqlConnection::connect(&as_mysql_url(url)).await.unwrap();
+        sqlx::query("UPDATE tasks SET created_at = ? WHERE task_id = ?")
+            .bind(ms)
+            .bind(id.as_str())
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+}
+
+/// A summary with these token counts and cost.
+fn used(model: &str, tokens: [u64; 4], cost_usd: f64) -> AgentSummary {
+    let [prompt, completion, cached, reasoning] = tokens;
+    AgentSummary {
+        outcome: AgentOutcome::Finished,
+        summary: "done".into(),
+        model: model.into(),
+        steps: 1,
+        tool_calls: 1,
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+        cached_tokens: cached,
+        reasoning_tokens: reasoning,
+        cost_usd,
+        compactions: 0,
+        wall_ms: 1,
+        files_changed: Vec::new(),
+        error: None,
+        sandbox: None,
+    }
+}
+
+fn usage_row(day: &str, tenant: &str, model: &str, counts: [u64; 6], cost_usd: f64) -> UsageRow {
+    let [
+        tasks,
+        prompt_tokens,
+        completion_tokens,
+        cached_tokens,
+        reasoning_tokens,
+        total_tokens,
+    ] = counts;
+    UsageRow {
+        day: day.parse().unwrap(),
+        tenant: tenant.into(),
+        model: model.into(),
+        tasks,
+        prompt_tokens,
+        completion_tokens,
+        cached_tokens,
+        reasoning_tokens,
+        total_tokens,
+        cost_usd,
+    }
+}
+
+/// The usage report: tasks, tokens and cost summed per UTC day, tenant and model, over
+/// tasks created in `[from, to)`; a task without a summary counts with no tokens under its
+/// spec's model or the default; a summary written twice counts once; a summary's model is
+/// the one that counts.
+pub(crate) async fn usage_is_summed_per_day_tenant_and_model_within_the_range(url: String) {
+    let s = open_store(&url).await;
+    // (tenant, created at, the spec's model, the summary's model/tokens/cost)
+    let tasks: Vec<(&str, &str, Option<&str>, Option<AgentSummary>)> = vec![
+        (
+            "a",
+            "2026-03-01T10:00:00Z",
+            None,
+            Some(used("m1", [100, 10, 40, 2], 0.25)),
+        ),
+        (
+            "a",
+            "2026-03-01T23:59:59.999Z",
+            Some("m1"),
+            Some(used("m1", [200, 20, 0, 0], 0.5)),
+        ),
+        // No summary and no model: the default's.
+        ("a", "2026-03-01T12:00:00Z", None, None),
+        // The first millisecond of the range counts.
+        (
+            "a",
+            "2026-03-01T00:00:00Z",
+            None,
+            Some(used("m1", [1, 1, 0, 0], 0.0)),
+        ),
+        // The summary names the model that ran.
+        (
+            "a",
+            "2026-03-02T08:00:00Z",
+            Some("spec-m"),
+            Some(used("m2", [1000, 100, 500, 50], 1.125)),
+        ),
+        // No summary: the spec's model.
+        ("b", "2026-03-01T01:00:00Z", Some("m1"), None),
+        (
+            "b",
+            "2026-03-01T02:00:00Z",
+            None,
+            Some(used("m1", [10, 1, 0, 0], 0.001)),
+        ),
+        // Outside [2026-03-01, 2026-03-03): the day after, and the millisecond before.
+        (
+            "b",
+            "2026-03-03T00:00:00Z",
+            None,
+            Some(used("m1", [7, 7, 7, 7], 7.0)),
+        ),
+        (
+            "a",
+            "2026-02-28T23:59:59.999Z",
+            None,
+            Some(used("m1", [9, 9, 9, 9], 9.0)),
+        ),
+    ];
+    for (tenant, at, model, summary) in &tasks {
+        let mut sp = spec(None);
+        sp.tenant = (*tenant).into();
+        sp.model = model.map(str::to_string);
+        let id = TaskId::generate();
+        s.insert(&id, &sp).await.unwrap();
+        if let Some(summary) = summary {
+            // Twice, as a retried activity writes it: counted once.
+            s.set_summary(&id, summary).await.unwrap();
+            s.set_summary(&id, summary).await.unwrap();
+        }
+        backdate(&url, &id, at).await;
+    }
+    let at = |t: &str| chrono::DateTime::parse_from_rfc3339(t).unwrap().to_utc();
+    let query = |tenant: Option<&str>, from: &str, to: &str| UsageQuery {
+        tenant: tenant.map(str::to_string),
+        from: at(from),
+        to: at(to),
+        default_model: "dflt".into(),
+    };
+    let close = |got: &[UsageRow], want: &[UsageRow]| {
+        assert_eq!(got.len(), want.len(), "{got:#?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!((g.cost_usd - w.cost_usd).abs() < 1e-9, "{g:?} vs {w:?}");
+            let g = UsageRow {
+                cost_usd: w.cost_usd,
+                ..g.clone()
+            };
+            assert_eq!(&g, w);
+        }
+    };
+    let a_dflt = usage_row("2026-03-01", "a", "dflt", [1, 0, 0, 0, 0, 0], 0.0);
+    let a_m1 = usage_row("2026-03-01", "a", "m1", [3, 301, 31, 40, 2, 332], 0.75);
+    let b_m1 = usage_row("2026-03-01", "b", "m1", [2, 10, 1, 0, 0, 11], 0.001);
+    let a_m2 = usage_row(
+        "2026-03-02",
+        "a",
+        "m2",
+        [1, 1000, 100, 500, 50, 1100],
+        1.125,
+    );
+    let b_m1_next = usage_row("2026-03-03", "b", "m1", [1, 7, 7, 7, 7, 14], 7.0);
+
+    let every = s
+        .usage(&query(None, "2026-03-01T00:00:00Z", "2026-03-03T00:00:00Z"))
+        .await
+        .unwrap();
+    close(
+        &every,
+        &[a_dflt.clone(), a_m1.clone(), b_m1.clone(), a_m2.clone()],
+    );
+    let only_b = s
+        .usage(&query(
+            Some("b"),
+            "2026-03-01T00:00:00Z",
+            "2026-03-03T00:00:00Z",
+        ))
+        .await
+        .unwrap();
+    close(&only_b, std::slice::from_ref(&b_m1));
+    // `to` one millisecond later takes the next day's first task in.
+    let later = s
+        .usage(&query(
+            Some("b"),
+            "2026-03-01T00:00:00Z",
+            "2026-03-03T00:00:00.001Z",
+        ))
+        .await
+        .unwrap();
+    close(&later, &[b_m1, b_m1_next]);
+    // `from` mid-range: only what was created from then on.
+    let from_noon = s
+        .usage(&query(
+            Some("a"),
+            "2026-03-01T12:00:00Z",
+            "2026-03-02T08:00:00.001Z",
+        ))
+        .await
+        .unwrap();
+    close(
+        &from_noon,
+        &[
+            a_dflt,
+            usage_row("2026-03-01", "a", "m1", [1, 200, 20, 0, 0, 220], 0.5),
+            a_m2,
+        ],
+    );
+    for (tenant, from, to) in [
+        (Some("c"), "2026-03-01T00:00:00Z", "2026-03-03T00:00:00Z"),
+        (None, "2026-01-01T00:00:00Z", "2026-02-28T23:59:59.999Z"),
+    ] {
+        assert!(s.usage(&query(tenant, from, to)).await.unwrap().is_empty());
+    }
 }
 
 #[test]

@@ -45,6 +45,22 @@ pub trait Dialect: Database {
         Cow::Borrowed(text)
     }
 
+    /// The UTC day of a Unix-millisecond column, as a whole number of days since
+    /// 1970-01-01 (`/` divides integers as integers on SQLite and PostgreSQL).
+    fn day_of_ms(column: &str) -> String {
+        format!("({column} / 86400000)")
+    }
+
+    /// The sum of a BIGINT column as a BIGINT (PostgreSQL sums them as NUMERIC).
+    fn sum_integer(column: &str) -> String {
+        format!("CAST(SUM({column}) AS BIGINT)")
+    }
+
+    /// The sum of a double column as a double.
+    fn sum_double(column: &str) -> String {
+        format!("SUM({column})")
+    }
+
     /// What follows an INSERT so that a row whose primary key (`key`) is taken has its
     /// `columns` replaced by the new values instead (an "insert or replace" that keeps the
     /// row in place). SQLite and PostgreSQL say `ON CONFLICT … DO UPDATE`.

@@ -85,6 +85,16 @@ impl Dialect for MySql {
         done.rows_affected()
     }
 
+    /// `/` would divide as DECIMAL; `DIV` divides integers.
+    fn day_of_ms(column: &str) -> String {
+        format!("({column} DIV 86400000)")
+    }
+
+    /// SUM of a BIGINT is DECIMAL here, and CAST names 64-bit integers SIGNED.
+    fn sum_integer(column: &str) -> String {
+        format!("CAST(SUM({column}) AS SIGNED)")
+    }
+
     /// No `ON CONFLICT`: `ON DUPLICATE KEY UPDATE` (whichever unique key is hit; the
     /// tables upserted have none but their primary key).
     fn upsert(_key: &[&str], columns: &[&str]) -> String {

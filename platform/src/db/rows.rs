@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use patchflow_core::{
-    AgentSummary, TaskAttempt, TaskEvent, TaskEventKind, TaskRecord, TaskSpec, TaskStatus,
+    AgentSummary, TaskAttempt, TaskEvent, TaskEventKind, TaskRecord, TaskSpec, TaskStatus, UsageRow,
 };
 use sqlx::{ColumnIndex, Database, Decode, Row, Type};
 
@@ -171,6 +171,61 @@ pub(super) fn stored_u64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// Most characters of a model name the `model` column keeps (a spec's may have 200).
+const MODEL_CHARS: usize = 200;
+
+/// A model name as the `model` column keeps it: its first 200 characters.
+pub(super) fn stored_model(model: &str) -> &str {
+    match model.char_indices().nth(MODEL_CHARS) {
+        Some((end, _)) => &model[..end],
+        None => model,
+    }
+}
+
+/// The token columns of `tasks` the usage report sums, as [`usage_of`] reads them.
+pub(super) const USAGE_SUMS: [&str; 5] = [
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+];
+
+/// One row of the usage report: `day` (days since 1970-01-01), `tenant`, `model`, `tasks`,
+/// the [`USAGE_SUMS`] and `cost_usd`.
+pub(super) fn usage_of<R, DB>(row: &R) -> Result<UsageRow, StoreError>
+where
+    R: Row<Database = DB>,
+    DB: Database,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, DB> + Type<DB>,
+    for<'r> i64: Decode<'r, DB> + Type<DB>,
+    for<'r> f64: Decode<'r, DB> + Type<DB>,
+{
+    let tenant: String = row.try_get("tenant")?;
+    let what = || format!("usage of tenant {tenant}");
+    let count = |col: &str| -> Result<u64, StoreError> {
+        u64::try_from(row.try_get::<i64, _>(col)?).map_err(|e| corrupt_row(what(), &e))
+    };
+    let days: i64 = row.try_get("day")?;
+    let day = DateTime::<Utc>::UNIX_EPOCH
+        .date_naive()
+        .checked_add_signed(chrono::Duration::days(days))
+        .ok_or_else(|| corrupt_row(what(), &format!("day {days} is out of range")))?;
+    Ok(UsageRow {
+        day,
+        model: row.try_get("model")?,
+        tasks: count("tasks")?,
+        prompt_tokens: count("prompt_tokens")?,
+        completion_tokens: count("completion_tokens")?,
+        cached_tokens: count("cached_tokens")?,
+        reasoning_tokens: count("reasoning_tokens")?,
+        total_tokens: count("total_tokens")?,
+        cost_usd: row.try_get("cost_usd")?,
+        tenant,
+    })
+}
+
 /// An `environments` row selected with [`ENVIRONMENT_COLUMNS`].
 pub(super) fn environment_of<R, DB>(
     row: &R,
@@ -230,4 +285,17 @@ where
         tenant,
         key,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stored_model;
+
+    #[test]
+    fn a_model_name_is_kept_to_its_first_200_characters() {
+        assert_eq!(stored_model("gpt-x"), "gpt-x");
+        let long = "é".repeat(250);
+        assert_eq!(stored_model(&long).chars().count(), 200);
+        assert_eq!(stored_model(&"m".repeat(200)), "m".repeat(200));
+    }
 }

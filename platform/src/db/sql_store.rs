@@ -8,18 +8,18 @@ use async_trait::async_trait;
 use patchflow_core::auth::ApiToken;
 use patchflow_core::environment::{EnvCacheEntry, EnvironmentRecord};
 use patchflow_core::{
-    AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus,
+    AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus, UsageRow,
 };
 use sqlx::{ColumnIndex, Decode, Encode, Executor, IntoArguments, Pool, QueryBuilder, Type};
 
 use super::attempts::{self, Current, Plan};
 use super::dialect::{Dialect, NewSeq, TaskLock};
 use super::rows::{
-    ATTEMPT_COLUMNS, COLUMNS, ENV_CACHE_COLUMNS, ENVIRONMENT_COLUMNS, TOKEN_COLUMNS,
+    ATTEMPT_COLUMNS, COLUMNS, ENV_CACHE_COLUMNS, ENVIRONMENT_COLUMNS, TOKEN_COLUMNS, USAGE_SUMS,
     attach_attempts, attempt_of, cache_entry_of, corrupt, environment_of, event_of, now_ms,
-    record_of, stored_u64, token_of,
+    record_of, stored_model, stored_u64, token_of, usage_of,
 };
-use super::{Inserted, ListFilter, StatusChange, StoreError, TaskStore};
+use super::{Inserted, ListFilter, StatusChange, StoreError, TaskStore, UsageQuery};
 
 /// The message of a task's first status.
 const SUBMITTED: &str = "submitted";
@@ -48,7 +48,7 @@ fn row_lock<DB: Dialect>() -> &'static str {
 }
 
 // The bounds below say that sqlx can run statements on `DB` and move the few Rust types the
-// store uses (text and 64-bit integers) in and out of it. Rust does not carry them with
+// store uses (text, 64-bit integers, doubles for dollars) in and out of it. Rust does not carry them with
 // `Dialect`, so both impl blocks repeat them.
 impl<DB> SqlStore<DB>
 where
@@ -59,6 +59,7 @@ where
     for<'a> Option<&'a str>: Encode<'a, DB>,
     for<'a> i64: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> Option<i64>: Encode<'a, DB>,
+    for<'a> f64: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> String: Decode<'a, DB> + Type<DB>,
     usize: ColumnIndex<DB::Row>,
 {
@@ -274,7 +275,7 @@ where
         // A concurrent insert of the same id or key waits here for the other transaction
         // and then sees the key taken.
         let mut q = QueryBuilder::<DB>::new(
-            "INSERT INTO tasks (task_id, tenant, idempotency_key, batch_id, status, message, spec, created_at, updated_at) VALUES (",
+            "INSERT INTO tasks (task_id, tenant, idempotency_key, batch_id, status, message, spec, model, created_at, updated_at) VALUES (",
         );
         q.separated(", ")
             .push_bind(task_id.as_str())
@@ -284,6 +285,7 @@ where
             .push_bind(TaskStatus::Pending.as_str())
             .push_bind(SUBMITTED)
             .push_bind(spec_json)
+            .push_bind(stored_model(spec.model.as_deref().unwrap_or_default()))
             .push_bind(now)
             .push_bind(now);
         q.push(")").push(DB::INSERT_UNLESS_TAKEN);
@@ -331,6 +333,7 @@ where
     for<'a> Option<&'a str>: Encode<'a, DB>,
     for<'a> i64: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> Option<i64>: Encode<'a, DB>,
+    for<'a> f64: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> String: Decode<'a, DB> + Type<DB>,
     usize: ColumnIndex<DB::Row>,
 {
@@ -427,8 +430,56 @@ where
     ) -> Result<(), StoreError> {
         let json = serde_json::to_string(summary).map_err(|e| corrupt(task_id.as_str(), &e))?;
         let mut q = QueryBuilder::<DB>::new("UPDATE tasks SET summary = ");
-        q.push_bind(json.as_str());
+        q.push_bind(json.as_str())
+            .push(", model = ")
+            .push_bind(stored_model(&summary.model));
+        for (column, n) in [
+            ("prompt_tokens", summary.prompt_tokens),
+            ("completion_tokens", summary.completion_tokens),
+            ("cached_tokens", summary.cached_tokens),
+            ("reasoning_tokens", summary.reasoning_tokens),
+            ("total_tokens", summary.total_tokens),
+        ] {
+            q.push(format!(", {column} = ")).push_bind(stored_u64(n));
+        }
+        // A cost that is not a finite amount of dollars (it never should be) counts as none.
+        let cost = Some(summary.cost_usd).filter(|c| c.is_finite() && *c >= 0.0);
+        q.push(", cost_usd = ").push_bind(cost.unwrap_or(0.0));
         self.set_columns(q, task_id).await
+    }
+
+    async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+        let mut q = QueryBuilder::<DB>::new(format!(
+            "SELECT {day} AS day, tenant, COALESCE(NULLIF(model, ''), ",
+            day = DB::day_of_ms("created_at"),
+        ));
+        q.push_bind(query.default_model.as_str())
+            .push(") AS model, COUNT(*) AS tasks");
+        for column in USAGE_SUMS {
+            q.push(format!(", {} AS {column}", DB::sum_integer(column)));
+        }
+        q.push(format!(", {} AS cost_usd", DB::sum_double("cost_usd")))
+            .push(" FROM tasks WHERE created_at >= ")
+            .push_bind(query.from.timestamp_millis())
+            .push(" AND created_at < ")
+            .push_bind(query.to.timestamp_millis());
+        if let Some(t) = &query.tenant {
+            q.push(" AND tenant = ").push_bind(t.as_str());
+        }
+        // By position: the model's expression holds a parameter, which a repeated
+        // expression would bind again (and PostgreSQL would not see as the same).
+        q.push(" GROUP BY 1, 2, 3");
+        let rows = q.build().fetch_all(&self.pool).await?;
+        let mut usage = rows.iter().map(usage_of).collect::<Result<Vec<_>, _>>()?;
+        // The databases collate tenants and models differently: byte order here.
+        usage.sort_by(|a, b| {
+            (a.day, a.tenant.as_bytes(), a.model.as_bytes()).cmp(&(
+                b.day,
+                b.tenant.as_bytes(),
+                b.model.as_bytes(),
+            ))
+        });
+        Ok(usage)
     }
 
     async fn set_pull_request(

@@ -82,6 +82,12 @@ impl Dialect for Sqlite {
     fn rows_affected(done: &SqliteQueryResult) -> u64 {
         done.rows_affected()
     }
+
+    /// SQLite's SUM of REALs that happen to be whole may come back as an INTEGER; TOTAL
+    /// is always a REAL.
+    fn sum_double(column: &str) -> String {
+        format!("TOTAL({column})")
+    }
 }
 
 /// Whether an error is SQLite's "database is locked" / "busy".
