@@ -1,31 +1,53 @@
-//! A scripted OpenAI-compatible Chat Completions server: the one stand-in for an LLM
-//! provider that patchflow's tests and its key-less demo use.
+//! A scripted OpenAI-compatible model server: the one stand-in for an LLM provider that
+//! patchflow's tests and its key-less demo use. It speaks both wires, Chat Completions
+//! (`POST /v1/chat/completions`) and Responses (`POST /v1/responses`), each with or without
+//! `"stream": true` (server-sent events shaped like OpenAI's).
 //!
-//! It replays a [`Script`] of assistant turns (tool calls or a final answer) and checks
-//! every request it receives: the model name, that the tool schemas carry the API's names (README)
-//! and parameters, that every earlier tool call has its result, and any text the turn
-//! expects in those results. A request it did not expect gets a 400 whose message says why
-//! and is recorded as a violation, so a test fails loudly instead of passing by accident.
+//! It replays a [`Script`] of assistant turns (tool calls, text, and on the Responses wire
+//! a reasoning item) and checks every request it receives: the model name, that the tool
+//! schemas carry the API's names (README) and parameters, that every tool call present has
+//! its result (and every result its call), any text the turn expects in those results, on
+//! the Responses wire `store: false` and that a turn's reasoning item is sent back with its
+//! function calls. A request it did not expect gets a 400 whose message says why and is
+//! recorded as a violation, so a test fails loudly instead of passing by accident.
 //!
-//! The turn is chosen from the conversation itself (the number of assistant messages in the
-//! request), so a retried request, a restarted agent, or many tasks at once all get the
-//! right answer without shared cursors.
+//! The turn is chosen from the conversation itself, so a retried request, a restarted
+//! agent, or many tasks at once all get the right answer without shared cursors: tool-call
+//! ids are `call_<turn>_<i>`, and a request carrying such ids asks for the turn after the
+//! latest of them (plus any assistant message after it); one without them, for the turn
+//! after its assistant messages. Older turns may be missing (context compaction).
+//!
+//! Beyond the script's turns it answers compaction requests (instructions containing
+//! [`COMPACTION_MARKER`] and no tools) with a summary without using a turn, reports usage
+//! (estimated, or scripted per turn), refuses requests larger than the script's
+//! `context_window` with OpenAI's `context_length_exceeded`, injects failures (OpenAI-shaped
+//! error bodies, `Retry-After`) and cuts the first `cut_streams` streamed answers halfway.
 
+pub mod chat;
+mod conversation;
 pub mod forge;
 pub mod git_server;
 pub mod oidc;
+pub mod responses;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+
+pub use conversation::{
+    COMPACTION_MARKER, Outcome, Reply, ReplyCall, Wire, check_tools, parse_call_id, reply_for,
+    request_tokens,
+};
 
 /// The tools and parameter names a request must declare (ARCHITECTURE.md's contracts).
 pub const CONTRACT_TOOLS: [(&str, &[&str]); 7] = [
@@ -44,6 +66,9 @@ pub const CONTRACT_TOOLS: [(&str, &[&str]); 7] = [
     ("finish", &["summary"]),
 ];
 
+/// The API key a 401's default message names (masked as OpenAI masks it).
+pub const MASKED_KEY: &str = "sk-scr***ipt";
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Script {
@@ -57,9 +82,21 @@ pub struct Script {
     /// Wait this long before each answer (a slow model).
     #[serde(default)]
     pub delay_ms: u64,
-    /// Text the system message of every request must contain (the agent's instructions).
+    /// Text the instructions of every request must contain: its system messages (Chat) or
+    /// its `instructions` (Responses). Not checked on compaction requests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expect_in_instructions: Vec<String>,
+    /// The usage reported for compaction answers (estimated when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compaction_usage: Option<ScriptedUsage>,
+    /// Requests whose token estimate ([`request_tokens`]) exceeds this get a 400
+    /// `context_length_exceeded` (not a violation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_window: Option<u64>,
+    /// The first this many streamed answers (either wire) stop about halfway, the body
+    /// ending abruptly; they answer nothing, so the retry gets the same turn.
+    #[serde(default)]
+    pub cut_streams: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -76,6 +113,14 @@ pub struct Turn {
     /// Wait this long before answering this turn (on top of the script's `delay_ms`).
     #[serde(default)]
     pub delay_ms: u64,
+    /// A reasoning summary: on the Responses wire the turn's output starts with the
+    /// reasoning item `rs_<turn>` (encrypted content `enc_<turn>`), which every later
+    /// request carrying the turn's function calls must send back before them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    /// The usage to report for this turn, exactly (estimated when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<ScriptedUsage>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,19 +130,75 @@ pub struct ScriptedCall {
     pub arguments: Value,
 }
 
-/// Injected failures: answer `status` to the first `times` requests (all, if unset).
+/// Token counts an answer reports; the total is prompt + completion.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptedUsage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub cached_tokens: u64,
+    #[serde(default)]
+    pub reasoning_tokens: u64,
+}
+
+/// Injected failures: answer `status` to the first `times` requests (all, if unset), with an
+/// OpenAI-shaped error body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Failure {
     pub status: u16,
     #[serde(default)]
     pub times: Option<u64>,
+    /// The error's message; for a 401 left at the default, OpenAI's "Incorrect API key
+    /// provided: sk-scr***ipt. ..." instead.
     #[serde(default = "default_failure_message")]
     pub message: String,
+    /// Sent as a `Retry-After: <seconds>` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+    /// The error's `code` (`invalid_api_key` for a 401 when unset, else null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+impl Default for Failure {
+    fn default() -> Self {
+        Self {
+            status: 500,
+            times: None,
+            message: default_failure_message(),
+            retry_after: None,
+            code: None,
+        }
+    }
 }
 
 fn default_failure_message() -> String {
     "scripted upstream failure".into()
+}
+
+impl Failure {
+    /// The error body: `{"error": {"message", "type", "param": null, "code"}}`.
+    pub fn body(&self) -> Value {
+        let (kind, code) = match self.status {
+            401 => ("invalid_request_error", Some("invalid_api_key")),
+            429 => ("requests", None),
+            400..=499 => ("invalid_request_error", None),
+            _ => ("server_error", None),
+        };
+        let message = if self.status == 401 && self.message == default_failure_message() {
+            format!(
+                "Incorrect API key provided: {MASKED_KEY}. You can find your API key at https://platform.openai.com/account/api-keys."
+            )
+        } else {
+            self.message.clone()
+        };
+        let code = self.code.as_deref().or(code);
+        json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+    }
 }
 
 impl Script {
@@ -131,11 +232,24 @@ impl Script {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Observed {
     pub requests: u64,
+    /// Requests answered in full (a scripted turn or a compaction summary).
     pub answered: u64,
     pub failed_on_purpose: u64,
     pub violations: Vec<String>,
     /// Every request body, in arrival order.
     pub bodies: Vec<Value>,
+    /// The path of every request, in arrival order.
+    pub paths: Vec<String>,
+    /// Whether each request asked for a stream (`"stream": true`), in arrival order.
+    pub streamed: Vec<bool>,
+    /// Compaction requests answered (they use no turn).
+    pub compactions: u64,
+    /// Requests refused as larger than the script's `context_window`.
+    pub context_overflows: u64,
+    /// The largest token estimate of a request seen.
+    pub max_request_tokens: u64,
+    /// Streamed answers cut halfway (the script's `cut_streams`).
+    pub cut_streams: u64,
     /// When each request arrived, and when its answer was ready (benchmarks use the gap
     /// between an answer and the next request: the client's own time per step).
     #[serde(skip)]
@@ -199,11 +313,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
 /// The server's routes, for embedding in another axum app.
 fn router(shared: Arc<Mutex<Shared>>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/chat/completions", post(chat))
+        .route("/v1/chat/completions", post(chat_route))
+        .route("/chat/completions", post(chat_route))
+        .route("/v1/responses", post(responses_route))
+        .route("/responses", post(responses_route))
         .route("/__script/state", get(state))
         .route("/__script/fail", post(set_fail).delete(clear_fail))
         .with_state(shared)
@@ -233,181 +356,242 @@ fn error(status: StatusCode, message: &str, kind: &str) -> Response {
         .into_response()
 }
 
-async fn chat(State(shared): State<Arc<Mutex<Shared>>>, body: String) -> Response {
-    let (answer, delay) = {
-        let mut s = lock(&shared);
-        s.observed.requests += 1;
-        s.observed.arrivals.push(Instant::now());
-        let delay = s.script.delay_ms;
-        let body: Value = match serde_json::from_str(&body) {
-            Ok(v) => v,
-            Err(e) => {
-                let msg = format!("scripted model: request body is not JSON: {e}");
-                s.observed.violations.push(msg.clone());
-                return error(StatusCode::BAD_REQUEST, &msg, "invalid_request_error");
-            }
-        };
-        s.observed.bodies.push(body.clone());
-        if let Some(f) = s.failure.clone()
-            && f.times.is_none_or(|n| s.failed < n)
-        {
-            s.failed += 1;
-            s.observed.failed_on_purpose += 1;
-            let status =
-                StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return error(status, &f.message, "server_error");
+/// The 400 a provider answers a request larger than its context window with.
+pub fn overflow_body(wire: Wire, window: u64, tokens: u64) -> Value {
+    let param = match wire {
+        Wire::Chat => "messages",
+        Wire::Responses => "input",
+    };
+    json!({"error": {
+        "message": format!(
+            "This model's maximum context length is {window} tokens. However, your messages resulted in {tokens} tokens."
+        ),
+        "type": "invalid_request_error",
+        "param": param,
+        "code": "context_length_exceeded",
+    }})
+}
+
+async fn chat_route(State(shared): State<Arc<Mutex<Shared>>>, uri: Uri, body: String) -> Response {
+    serve(&shared, Wire::Chat, uri.path(), &body).await
+}
+
+async fn responses_route(
+    State(shared): State<Arc<Mutex<Shared>>>,
+    uri: Uri,
+    body: String,
+) -> Response {
+    serve(&shared, Wire::Responses, uri.path(), &body).await
+}
+
+/// The SSE frames of an answer: `data:` lines ending with `[DONE]` (Chat), or `event:` and
+/// `data:` pairs (Responses).
+pub fn sse_frames(wire: Wire, reply: &Reply, body: &Value) -> Vec<String> {
+    match wire {
+        Wire::Chat => {
+            let usage = body["stream_options"]["include_usage"] == true;
+            chat::chunks(reply, usage)
+                .iter()
+                .map(|c| format!("data: {c}\n\n"))
+                .chain(["data: [DONE]\n\n".to_string()])
+                .collect()
         }
-        match answer_for(&s.script, &body) {
-            Ok((a, turn_delay)) => {
+        Wire::Responses => responses::events(reply)
+            .iter()
+            .map(|e| {
+                let kind = e["type"].as_str().unwrap_or_default();
+                format!("event: {kind}\ndata: {e}\n\n")
+            })
+            .collect(),
+    }
+}
+
+fn stream_response(frames: Vec<String>, cut: bool) -> Response {
+    let body = if cut {
+        // About half the events, then the connection breaks: no `[DONE]`, no
+        // `response.completed`.
+        let keep = frames.len() / 2;
+        let head = futures::stream::iter(
+            frames
+                .into_iter()
+                .take(keep)
+                .map(Ok::<String, std::io::Error>),
+        );
+        let broken = futures::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(std::io::Error::other("scripted model: stream cut"))
+        });
+        Body::from_stream(head.chain(broken))
+    } else {
+        Body::from_stream(futures::stream::iter(
+            frames.into_iter().map(Ok::<String, std::io::Error>),
+        ))
+    };
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+fn failure_response(f: &Failure) -> Response {
+    let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, Json(f.body())).into_response();
+    if let Some(secs) = f.retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+/// What one request gets once the shared state has been read and updated.
+enum Plan {
+    Done(Response),
+    Answer {
+        reply: Reply,
+        stream: bool,
+        cut: bool,
+        delay: u64,
+    },
+}
+
+fn plan(shared: &Mutex<Shared>, wire: Wire, path: &str, text: &str) -> Plan {
+    let mut s = lock(shared);
+    s.observed.requests += 1;
+    s.observed.arrivals.push(Instant::now());
+    s.observed.paths.push(path.to_string());
+    let body: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            s.observed.streamed.push(false);
+            let msg = format!("scripted model: request body is not JSON: {e}");
+            s.observed.violations.push(msg.clone());
+            return Plan::Done(error(
+                StatusCode::BAD_REQUEST,
+                &msg,
+                "invalid_request_error",
+            ));
+        }
+    };
+    let stream = body["stream"] == true;
+    s.observed.streamed.push(stream);
+    s.observed.bodies.push(body.clone());
+    if body.is_object() {
+        let tokens = request_tokens(wire, &body);
+        s.observed.max_request_tokens = s.observed.max_request_tokens.max(tokens);
+    }
+    if let Some(f) = s.failure.clone()
+        && f.times.is_none_or(|n| s.failed < n)
+    {
+        s.failed += 1;
+        s.observed.failed_on_purpose += 1;
+        return Plan::Done(failure_response(&f));
+    }
+    match reply_for(&s.script, wire, &body) {
+        Ok(Outcome::Reply(reply)) => {
+            let cut = stream && s.observed.cut_streams < s.script.cut_streams;
+            if cut {
+                s.observed.cut_streams += 1;
+            } else {
                 s.observed.answered += 1;
-                (a, delay + turn_delay)
+                if reply.compaction {
+                    s.observed.compactions += 1;
+                }
             }
-            Err(msg) => {
-                let msg = format!("scripted model: {msg}");
-                tracing::error!("{msg}");
-                s.observed.violations.push(msg.clone());
-                return error(StatusCode::BAD_REQUEST, &msg, "invalid_request_error");
+            let delay = s.script.delay_ms + reply.delay_ms;
+            Plan::Answer {
+                reply,
+                stream,
+                cut,
+                delay,
             }
         }
+        Ok(Outcome::Overflow { window, tokens }) => {
+            s.observed.context_overflows += 1;
+            Plan::Done(
+                (
+                    StatusCode::BAD_REQUEST,
+                    Json(overflow_body(wire, window, tokens)),
+                )
+                    .into_response(),
+            )
+        }
+        Err(msg) => {
+            let msg = format!("scripted model: {msg}");
+            tracing::error!("{msg}");
+            s.observed.violations.push(msg.clone());
+            Plan::Done(error(
+                StatusCode::BAD_REQUEST,
+                &msg,
+                "invalid_request_error",
+            ))
+        }
+    }
+}
+
+async fn serve(shared: &Mutex<Shared>, wire: Wire, path: &str, text: &str) -> Response {
+    let (reply, stream, cut, delay) = match plan(shared, wire, path, text) {
+        Plan::Done(response) => return response,
+        Plan::Answer {
+            reply,
+            stream,
+            cut,
+            delay,
+        } => (reply, stream, cut, delay),
     };
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    let response = Json(answer).into_response();
-    lock(&shared).observed.answered_at.push(Instant::now());
+    let response = if stream {
+        let body: Value = serde_json::from_str(text).unwrap_or_default();
+        stream_response(sse_frames(wire, &reply, &body), cut)
+    } else {
+        match wire {
+            Wire::Chat => Json(chat::completion(&reply)).into_response(),
+            Wire::Responses => Json(responses::response(&reply)).into_response(),
+        }
+    };
+    if !cut {
+        lock(shared).observed.answered_at.push(Instant::now());
+    }
     response
 }
 
-/// Checks a request against the script and builds the answer for its turn, with the
-/// turn's own delay in milliseconds.
-pub fn answer_for(script: &Script, body: &Value) -> Result<(Value, u64), String> {
-    let model = body["model"].as_str().unwrap_or_default();
-    if let Some(want) = &script.model
-        && model != want
-    {
-        return Err(format!("expected model `{want}`, got `{model}`"));
+fn rendered(
+    script: &Script,
+    wire: Wire,
+    body: &Value,
+    render: fn(&Reply) -> Value,
+) -> Result<(Value, u64), String> {
+    match reply_for(script, wire, body)? {
+        Outcome::Reply(r) => Ok((render(&r), r.delay_ms)),
+        Outcome::Overflow { window, tokens } => Err(format!(
+            "the request's {tokens} tokens exceed the context window of {window}"
+        )),
     }
-    check_tools(&body["tools"])?;
-    let messages = body["messages"]
-        .as_array()
-        .ok_or("request has no messages")?;
-    let system: String = messages
-        .iter()
-        .filter(|m| m["role"] == "system")
-        .filter_map(|m| m["content"].as_str())
-        .collect();
-    if let Some(want) = script
-        .expect_in_instructions
-        .iter()
-        .find(|w| !system.contains(w.as_str()))
-    {
-        return Err(format!("the instructions do not contain `{want}`"));
-    }
-    // Every tool call the assistant made must be answered by a tool message.
-    let mut pending: Vec<String> = Vec::new();
-    let mut last_results = String::new();
-    let mut turn = 0usize;
-    for m in messages {
-        match m["role"].as_str().unwrap_or_default() {
-            "assistant" => {
-                if !pending.is_empty() {
-                    return Err(format!(
-                        "tool calls {pending:?} have no results before the next assistant turn"
-                    ));
-                }
-                turn += 1;
-                last_results.clear();
-                for c in m["tool_calls"].as_array().into_iter().flatten() {
-                    pending.push(c["id"].as_str().unwrap_or_default().to_string());
-                }
-            }
-            "tool" => {
-                let id = m["tool_call_id"].as_str().unwrap_or_default();
-                let Some(pos) = pending.iter().position(|p| p == id) else {
-                    return Err(format!("tool result for unknown call `{id}`"));
-                };
-                pending.remove(pos);
-                last_results.push_str(m["content"].as_str().unwrap_or_default());
-                last_results.push('\n');
-            }
-            _ => {}
-        }
-    }
-    if !pending.is_empty() {
-        return Err(format!("tool calls {pending:?} have no results"));
-    }
-    let Some(t) = script.turns.get(turn) else {
-        return Err(format!(
-            "unexpected request: the script has {} turns and this is turn {}",
-            script.turns.len(),
-            turn + 1
-        ));
-    };
-    for want in &t.expect_in_tool_results {
-        if !last_results.contains(want.as_str()) {
-            return Err(format!(
-                "turn {}: expected the tool results to contain {want:?}, got {last_results:?}",
-                turn + 1
-            ));
-        }
-    }
-    let calls: Vec<Value> = t
-        .tool_calls
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            json!({
-                "id": format!("call_{}_{}", turn + 1, i + 1),
-                "type": "function",
-                "function": {"name": c.name, "arguments": c.arguments.to_string()},
-            })
-        })
-        .collect();
-    let prompt_tokens = (body.to_string().len() / 4) as u64;
-    let completion_tokens = (serde_json::to_string(&calls).unwrap_or_default().len() / 4
-        + t.content.as_deref().unwrap_or_default().len() / 4
-        + 1) as u64;
-    let mut message = json!({"role": "assistant", "content": t.content});
-    if !calls.is_empty() {
-        message["tool_calls"] = Value::Array(calls);
-    }
-    let answer = json!({
-        "id": format!("chatcmpl-scripted-{}", turn + 1),
-        "object": "chat.completion",
-        "created": 0,
-        "model": if model.is_empty() { "scripted" } else { model },
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "finish_reason": if t.tool_calls.is_empty() { "stop" } else { "tool_calls" },
-        }],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-    });
-    Ok((answer, t.delay_ms))
 }
 
-fn check_tools(tools: &Value) -> Result<(), String> {
-    let tools = tools.as_array().ok_or("request declares no tools")?;
-    for (name, params) in CONTRACT_TOOLS {
-        let Some(t) = tools.iter().find(|t| t["function"]["name"] == name) else {
-            return Err(format!("tool `{name}` is missing from the request"));
-        };
-        let props = &t["function"]["parameters"]["properties"];
-        for p in params {
-            if props.get(*p).is_none() {
-                return Err(format!("tool `{name}` lacks parameter `{p}`"));
-            }
-        }
-    }
-    Ok(())
+/// Checks a Chat Completions request against the script and builds the (unstreamed)
+/// answer for its turn, with the turn's own delay in milliseconds. A request over the
+/// context window is an error here (the server answers it `context_length_exceeded`).
+pub fn answer_for(script: &Script, body: &Value) -> Result<(Value, u64), String> {
+    rendered(script, Wire::Chat, body, chat::completion)
+}
+
+/// [`answer_for`] for the Responses wire: the `response` object.
+pub fn response_for(script: &Script, body: &Value) -> Result<(Value, u64), String> {
+    rendered(script, Wire::Responses, body, responses::response)
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod unit_tests {
     use super::*;
 
     fn tools() -> Value {
