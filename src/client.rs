@@ -1,4 +1,4 @@
-//! The client commands (`submit`, `status`, `result`, `cancel`, `retry`, `list`): thin
+//! The client commands (`submit`, `status`, `result`, `cancel`, `retry`, `list`, `usage`): thin
 //! callers of the HTTP API, so they work against any gateway. The bodies they send and
 //! read are patchflow-api's types. The options and helpers every client command shares
 //! (server addresses, [`SubmitArgs`], [`zip_directory`]) live here too; `submit --grpc`
@@ -14,6 +14,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Args;
 use patchflow_api::{
     CancelBody, ErrorBody, LimitsBody, RetryBody, StatusAnswer, SubmitBody, TaskPage, TaskView,
+    UsageAnswer,
 };
 use patchflow_core::{AgentSummary, Config, TaskEvent, TaskStatus};
 use serde::Serialize;
@@ -76,6 +77,10 @@ pub struct SubmitArgs {
     pub max_tokens: Option<u64>,
     #[arg(long)]
     pub wall_seconds: Option<u64>,
+    /// Stop the agent once its model answers cost this many US dollars (priced from the
+    /// model table; outcome `max_cost`).
+    #[arg(long, value_name = "USD")]
+    pub max_cost_usd: Option<f64>,
     /// Submitting again with the same key returns the same task.
     #[arg(long)]
     pub idempotency_key: Option<String>,
@@ -161,6 +166,25 @@ pub struct CancelArgs {
     pub task_id: String,
     #[arg(long, default_value = "")]
     pub reason: String,
+    #[command(flatten)]
+    pub server: ServerOpt,
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// First moment counted: an RFC 3339 time or a YYYY-MM-DD date (default: 30 days
+    /// before `--to`).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// First moment not counted (default: now); a date means its midnight UTC.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// One tenant's usage (an admin's; others see only their own anyway).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub server: ServerOpt,
 }
@@ -270,10 +294,16 @@ fn api_time(t: DateTime<Utc>) -> String {
 
 /// The body `submit` sends (the source is added by the caller).
 fn submit_body(a: &SubmitArgs) -> anyhow::Result<SubmitBody> {
+    if let Some(usd) = a.max_cost_usd
+        && !usd.is_finite()
+    {
+        bail!("--max-cost-usd must be a number of dollars");
+    }
     let limits = LimitsBody {
         max_steps: a.max_steps,
         max_tokens: a.max_tokens,
         wall_seconds: a.wall_seconds,
+        max_cost_usd: a.max_cost_usd,
     };
     let setup = match &a.setup {
         Some(path) => {
@@ -456,6 +486,15 @@ pub async fn status(config: &Config, a: StatusArgs) -> anyhow::Result<ExitCode> 
                 s.wall_ms,
                 s.files_changed.join(", ")
             );
+            println!(
+                "usage:   {}: {} prompt ({} cached) + {} completion ({} reasoning) tokens, ${:.6}",
+                s.model,
+                s.prompt_tokens,
+                s.cached_tokens,
+                s.completion_tokens,
+                s.reasoning_tokens,
+                s.cost_usd
+            );
         }
         if let Some(u) = &r.pr_url {
             println!("pull request: {u}");
@@ -612,4 +651,160 @@ pub async fn list(config: &Config, a: ListArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `patchflow usage`: tasks, tokens and cost per day and model (`GET /api/usage`), then the
+/// totals.
+pub async fn usage(config: &Config, a: UsageArgs) -> anyhow::Result<ExitCode> {
+    let base = a.server.base(config);
+    let client = http(config)?;
+    let mut query = Vec::new();
+    for (name, value) in [("from", &a.from), ("to", &a.to), ("tenant", &a.tenant)] {
+        if let Some(v) = value {
+            query.push((name, v.as_str()));
+        }
+    }
+    let answer: UsageAnswer = send(client.get(format!("{base}/api/usage")).query(&query), &base)
+        .await?
+        .json()
+        .await?;
+    if a.json {
+        print_json(&answer)?;
+    } else {
+        print!("{}", usage_table(&answer));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The report as a table: a line per day, tenant and model, then the totals; dollars to
+/// six decimals.
+fn usage_table(a: &UsageAnswer) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "usage from {} to {} ({})",
+        api_time(a.from),
+        api_time(a.to),
+        if a.tenants.is_empty() {
+            "no tasks".to_string()
+        } else {
+            format!("tenants: {}", a.tenants.join(", "))
+        }
+    );
+    let width = |f: &dyn Fn(&patchflow_core::UsageRow) -> usize, title: &str| {
+        a.days.iter().map(f).max().unwrap_or(0).max(title.len())
+    };
+    let tw = width(&|d| d.tenant.chars().count(), "TENANT");
+    let mw = width(&|d| d.model.chars().count(), "MODEL");
+    let line = |out: &mut String, day: &str, tenant: &str, model: &str, n: [String; 7]| {
+        let _ = writeln!(
+            out,
+            "{day:<10}  {tenant:<tw$}  {model:<mw$}  {:>6}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {:>14}",
+            n[0], n[1], n[2], n[3], n[4], n[5], n[6]
+        );
+    };
+    line(
+        &mut out,
+        "DAY",
+        "TENANT",
+        "MODEL",
+        [
+            "TASKS",
+            "PROMPT",
+            "COMPLETION",
+            "CACHED",
+            "REASONING",
+            "TOTAL",
+            "COST (USD)",
+        ]
+        .map(String::from),
+    );
+    for d in &a.days {
+        line(
+            &mut out,
+            &d.day.to_string(),
+            &d.tenant,
+            &d.model,
+            [
+                d.tasks.to_string(),
+                d.prompt_tokens.to_string(),
+                d.completion_tokens.to_string(),
+                d.cached_tokens.to_string(),
+                d.reasoning_tokens.to_string(),
+                d.total_tokens.to_string(),
+                format!("{:.6}", d.cost_usd),
+            ],
+        );
+    }
+    let t = &a.total;
+    line(
+        &mut out,
+        "total",
+        "",
+        "",
+        [
+            t.tasks.to_string(),
+            t.prompt_tokens.to_string(),
+            t.completion_tokens.to_string(),
+            t.cached_tokens.to_string(),
+            t.reasoning_tokens.to_string(),
+            t.total_tokens.to_string(),
+            format!("{:.6}", t.cost_usd),
+        ],
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_usage_table_has_a_line_per_day_and_model_and_the_totals() {
+        let row = |day: &str, tenant: &str, model: &str, tasks: u64, cost_usd: f64| {
+            patchflow_core::UsageRow {
+                day: day.parse().unwrap(),
+                tenant: tenant.into(),
+                model: model.into(),
+                tasks,
+                prompt_tokens: 1000 * tasks,
+                completion_tokens: 10 * tasks,
+                cached_tokens: 400,
+                reasoning_tokens: 3,
+                total_tokens: 1010 * tasks,
+                cost_usd,
+            }
+        };
+        let range =
+            patchflow_api::UsageRange::parse(Some("2026-03-01"), Some("2026-03-03"), Utc::now())
+                .unwrap();
+        let a = UsageAnswer::new(
+            range,
+            vec!["acme".into()],
+            vec![
+                row("2026-03-01", "acme", "gpt-4.1-mini", 2, 0.0125),
+                row("2026-03-02", "acme", "a-much-longer-model-name", 1, 1.5),
+            ],
+        );
+        let text = usage_table(&a);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(lines[0].starts_with("usage from 2026-03-01T00:00:00Z to 2026-03-03T00:00:00Z"));
+        assert!(lines[1].starts_with("DAY "), "{text}");
+        assert!(
+            lines[2].starts_with("2026-03-01  acme    gpt-4.1-mini "),
+            "{text}"
+        );
+        assert!(lines[2].ends_with("0.012500"), "{text}");
+        assert!(lines[3].ends_with("1.500000"), "{text}");
+        assert!(
+            lines[4].starts_with("total ") && lines[4].ends_with("1.512500"),
+            "{text}"
+        );
+        assert!(lines[4].contains(" 3030 "), "{text}");
+        // The columns line up.
+        let cost_at = lines[1].find("COST (USD)").unwrap() + "COST (USD)".len();
+        assert!(lines.iter().skip(1).all(|l| l.len() == cost_at), "{text}");
+    }
 }

@@ -81,12 +81,16 @@ fn failed(s: &tonic::Status) -> anyhow::Error {
 }
 
 fn options(a: &SubmitArgs) -> anyhow::Result<proto::TaskOptions> {
-    let limits = (a.max_steps.is_some() || a.max_tokens.is_some() || a.wall_seconds.is_some())
-        .then(|| proto::Limits {
-            max_steps: a.max_steps.unwrap_or(0),
-            max_tokens: a.max_tokens.unwrap_or(0),
-            wall_seconds: a.wall_seconds.unwrap_or(0),
-        });
+    let limits = (a.max_steps.is_some()
+        || a.max_tokens.is_some()
+        || a.wall_seconds.is_some()
+        || a.max_cost_usd.is_some())
+    .then(|| proto::Limits {
+        max_steps: a.max_steps.unwrap_or(0),
+        max_tokens: a.max_tokens.unwrap_or(0),
+        wall_seconds: a.wall_seconds.unwrap_or(0),
+        max_cost_usd: a.max_cost_usd,
+    });
     Ok(proto::TaskOptions {
         task_description: a.task_description.clone(),
         target_file: a.target_file.clone(),

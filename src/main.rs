@@ -54,6 +54,8 @@ enum Command {
     Watch(grpc_client::WatchArgs),
     /// List tasks, newest first.
     List(client::ListArgs),
+    /// Tasks, tokens and cost per day and model (the tenant's; an admin's: every tenant's).
+    Usage(client::UsageArgs),
     /// Run the agent on a workspace (what the runner executes).
     Agent(patchflow_agent::cli::AgentArgs),
     /// What an agent Job's containers run: `fetch` the staged code, `run` the agent and upload.
@@ -116,6 +118,7 @@ fn main() -> ExitCode {
             | Command::Pr(_)
             | Command::Watch(_)
             | Command::List(_)
+            | Command::Usage(_)
             | Command::Config
             | Command::Doctor { .. }
             | Command::Tokens(_)
@@ -147,6 +150,7 @@ fn main() -> ExitCode {
             Command::Pr(a) => client::pull_request(&config, a).await,
             Command::Watch(a) => grpc_client::watch(&config, a).await,
             Command::List(a) => client::list(&config, a).await,
+            Command::Usage(a) => client::usage(&config, a).await,
             Command::Agent(a) => patchflow_agent::cli::run(&config, a).await,
             Command::AgentPod(a) => agent_pod::run(a).await,
             Command::Migrate => stack::migrate(config).await,

@@ -151,6 +151,17 @@ pub struct ResultMessage {
     pub message: String,
     /// The agent's own account, when it ran.
     pub summary: Option<String>,
+    /// What the agent's model answers used and cost (from its summary; null when it did
+    /// not run): every token, the prompt tokens served from the provider's cache, the
+    /// completion tokens spent reasoning, and US dollars priced from the model table.
+    #[serde(default)]
+    pub total_tokens: Option<u64>,
+    #[serde(default)]
+    pub cached_tokens: Option<u64>,
+    #[serde(default)]
+    pub reasoning_tokens: Option<u64>,
+    #[serde(default)]
+    pub cost_usd: Option<f64>,
     pub batch_id: Option<String>,
     pub idempotency_key: Option<String>,
     pub tenant: String,

@@ -12,6 +12,7 @@
 //! | [`error`] | the error body `{code, message}` | HTTP; the CLI and batch read it |
 //! | [`kafka`] | the task message (`patchflow.task.v1`) and the result message | Kafka trigger, results hook; batch produces task messages |
 //! | [`batch`] | one line of a batch file, the SWE-bench predictions and counts | `patchflow batch` |
+//! | [`usage`] | the usage report and the one reading of its `from`/`to` | HTTP, gRPC; `patchflow usage` reads it |
 //!
 //! Nothing here does I/O: the crate depends on patchflow-core and serde only (with
 //! serde_json for the bodies and chrono for the timestamps patchflow-core already uses).
@@ -22,6 +23,7 @@ pub mod environment;
 pub mod error;
 pub mod kafka;
 pub mod submit;
+pub mod usage;
 pub mod view;
 
 pub use control::{CancelBody, RetryBody, RetryMode, UnknownRetryMode};
@@ -30,6 +32,7 @@ pub use environment::{
 };
 pub use error::{ErrorBody, InvalidBody};
 pub use submit::{FormFields, LimitsBody, StatusAnswer, SubmitBody};
+pub use usage::{UsageAnswer, UsageRange};
 pub use view::{AttemptView, EventPage, Health, Links, TaskPage, TaskView};
 
 #[cfg(test)]

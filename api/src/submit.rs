@@ -87,7 +87,7 @@ fn expose_secret<S: Serializer>(secret: &Option<Secret>, s: S) -> Result<S::Ok, 
 
 /// The budgets as a client gives them: each one optional, the missing ones the defaults
 /// of [`Limits`]. Named `Limits` on the wire so serde's messages read as they always did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename = "Limits")]
 pub struct LimitsBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,6 +96,26 @@ pub struct LimitsBody {
     pub max_tokens: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wall_seconds: Option<u64>,
+    /// Most the run may spend on the model, in US dollars (unset: no cap). Checked by
+    /// [`Limits::validate`]; what JSON cannot read as a number (a string, `1e400`) is
+    /// refused here, naming the field.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "dollars"
+    )]
+    pub max_cost_usd: Option<f64>,
+}
+
+/// The message of a `max_cost_usd` that is not a usable amount.
+pub const MAX_COST_USD_RULE: &str =
+    "limits.max_cost_usd: must be a number of dollars above 0 and at most 1000000";
+
+/// `max_cost_usd` as given: a JSON number, or null for none. Anything else (a string, a
+/// number too large for a double) is refused with the field named, not serde's bare
+/// "expected f64".
+fn dollars<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    Option::<f64>::deserialize(d).map_err(|_| serde::de::Error::custom(MAX_COST_USD_RULE))
 }
 
 impl LimitsBody {
@@ -106,6 +126,7 @@ impl LimitsBody {
             max_steps: self.max_steps.unwrap_or(d.max_steps),
             max_tokens: self.max_tokens.unwrap_or(d.max_tokens),
             wall_seconds: self.wall_seconds.unwrap_or(d.wall_seconds),
+            max_cost_usd: self.max_cost_usd.map(patchflow_core::Usd),
         }
     }
 
@@ -120,6 +141,7 @@ impl From<Limits> for LimitsBody {
             max_steps: Some(l.max_steps),
             max_tokens: Some(l.max_tokens),
             wall_seconds: Some(l.wall_seconds),
+            max_cost_usd: l.max_cost_usd.map(|c| c.0),
         }
     }
 }
@@ -214,8 +236,9 @@ impl SubmitBody {
 
 /// The text fields of a multipart submit (`POST /api/tasks` or the web page's form),
 /// gathered one by one and read as a [`SubmitBody`] at the end. A browser form sends every
-/// field, so empty number fields mean "not given"; `max_steps`, `max_tokens` and
-/// `wall_seconds` fields go into `limits`, and `open_pr` is a checkbox's word.
+/// field, so empty number fields mean "not given"; `max_steps`, `max_tokens`,
+/// `wall_seconds` and `max_cost_usd` fields go into `limits`, and `open_pr` is a
+/// checkbox's word.
 #[derive(Debug, Default)]
 pub struct FormFields {
     fields: Map<String, Value>,
@@ -225,21 +248,34 @@ impl FormFields {
     /// Adds one text field as it came.
     pub fn add(&mut self, name: &str, text: &str) -> Result<(), InvalidBody> {
         let value = match name {
-            "limits" => {
-                serde_json::from_str(text).map_err(|e| InvalidBody::LimitsNotJson(e.to_string()))?
-            }
+            // Read as the typed limits, so a bad field is named (`max_cost_usd: 1e400`).
+            "limits" => serde_json::from_str::<LimitsBody>(text)
+                .and_then(serde_json::to_value)
+                .map_err(|e| InvalidBody::LimitsNotJson(e.to_string()))?,
             "open_pr" => json!(matches!(text.trim(), "true" | "on" | "1" | "yes")),
             "setup" if text.trim().is_empty() => return Ok(()),
             "setup" => serde_json::from_str(text)
                 .map_err(|e| InvalidBody::FormFields(format!("setup is not a JSON object: {e}")))?,
-            "max_steps" | "max_tokens" | "wall_seconds" | "git_token" if text.trim().is_empty() => {
+            "max_steps" | "max_tokens" | "wall_seconds" | "max_cost_usd" | "git_token"
+                if text.trim().is_empty() =>
+            {
                 return Ok(());
             }
-            "max_steps" | "max_tokens" | "wall_seconds" => {
-                let n: u64 = text
-                    .trim()
-                    .parse()
-                    .map_err(|_| InvalidBody::NotANumber(name.to_string()))?;
+            "max_steps" | "max_tokens" | "wall_seconds" | "max_cost_usd" => {
+                let n = if name == "max_cost_usd" {
+                    // Rust reads `1e400` as infinity and `NaN` as NaN, which JSON cannot
+                    // carry: refused here, not dropped on the way into `limits`.
+                    match text.trim().parse::<f64>() {
+                        Ok(usd) if usd.is_finite() => json!(usd),
+                        _ => return Err(InvalidBody::FormFields(MAX_COST_USD_RULE.into())),
+                    }
+                } else {
+                    let n: u64 = text
+                        .trim()
+                        .parse()
+                        .map_err(|_| InvalidBody::NotANumber(name.to_string()))?;
+                    json!(n)
+                };
                 let limits = self
                     .fields
                     .entry("limits")
@@ -249,7 +285,7 @@ impl FormFields {
                         "field `{name}` cannot go into a `limits` that is not an object"
                     )));
                 };
-                limits.insert(name.to_string(), json!(n));
+                limits.insert(name.to_string(), n);
                 return Ok(());
             }
             _ => json!(text),

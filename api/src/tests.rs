@@ -204,6 +204,7 @@ fn form_fields_read_like_the_json_body() {
             max_steps: Some(7),
             max_tokens: None,
             wall_seconds: Some(60),
+            max_cost_usd: None,
         })
     );
     assert!(b.open_pr);
@@ -217,14 +218,12 @@ fn form_fields_read_like_the_json_body() {
     let e = f.add("limits", "{oops").unwrap_err().to_string();
     assert!(e.starts_with("field `limits` is not JSON: "), "{e}");
 
-    // A `limits` that is not an object cannot take a number field (it used to panic).
+    // A `limits` that is not an object is refused as it comes (a number field could not go
+    // into it: that used to panic).
     let mut f = FormFields::default();
-    f.add("limits", "5").unwrap();
-    let e = f.add("max_steps", "3").unwrap_err().to_string();
-    assert!(
-        e.starts_with("invalid form fields: field `max_steps`"),
-        "{e}"
-    );
+    let e = f.add("limits", "5").unwrap_err().to_string();
+    assert!(e.starts_with("field `limits` is not JSON: "), "{e}");
+    f.add("max_steps", "3").unwrap();
 
     // A multipart `setup` is the JSON object, checked as the JSON body's is.
     let mut f = FormFields::default();
@@ -256,6 +255,118 @@ fn form_fields_read_like_the_json_body() {
     f.add("max_steps", "5000000000").unwrap();
     let e = f.finish().unwrap_err().to_string();
     assert!(e.contains("expected u32"), "{e}");
+}
+
+#[test]
+fn max_cost_usd_is_read_at_every_door_and_refused_naming_it() {
+    // Given: into the spec's limits, the other limits at their defaults.
+    let spec = body(
+        json!({"git_url": "https://x/r.git", "task_description": "t",
+                           "limits": {"max_cost_usd": 0.25}}),
+    )
+    .unwrap()
+    .into_spec(false)
+    .unwrap();
+    assert_eq!(spec.limits.max_cost_usd, Some(patchflow_core::Usd(0.25)));
+    assert_eq!(spec.limits.max_steps, Limits::default().max_steps);
+    spec.validate(false).unwrap();
+    // Not given, or null: no cap.
+    for limits in [json!({"max_steps": 3}), json!({"max_cost_usd": null})] {
+        let spec = body(
+            json!({"git_url": "https://x/r.git", "task_description": "t",
+                               "limits": limits}),
+        )
+        .unwrap()
+        .into_spec(false)
+        .unwrap();
+        assert_eq!(spec.limits.max_cost_usd, None);
+    }
+    // What JSON cannot read as a double is refused by the body, naming the field.
+    for raw in [
+        r#"{"limits": {"max_cost_usd": 1e400}}"#,
+        r#"{"limits": {"max_cost_usd": -1e400}}"#,
+        r#"{"limits": {"max_cost_usd": "0.5"}}"#,
+        r#"{"limits": {"max_cost_usd": "NaN"}}"#,
+        r#"{"limits": {"max_cost_usd": [1]}}"#,
+        r#"{"limits": {"max_cost_usd": true}}"#,
+    ] {
+        let e = from_json::<SubmitBody>(raw.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("invalid JSON body: limits.max_cost_usd: must be a number of dollars"),
+            "{raw}: {e}"
+        );
+    }
+    // A number out of range is refused by the spec's check, naming the field.
+    for usd in [
+        json!(0),
+        json!(0.0),
+        json!(-0.01),
+        json!(-5),
+        json!(1_000_000.5),
+    ] {
+        let spec = body(
+            json!({"git_url": "https://x/r.git", "task_description": "t",
+                               "limits": {"max_cost_usd": usd}}),
+        )
+        .unwrap()
+        .into_spec(false)
+        .unwrap();
+        let e = spec.validate(false).unwrap_err().to_string();
+        assert!(e.starts_with("limits.max_cost_usd: "), "{usd}: {e}");
+    }
+
+    // Multipart: a field of its own, or inside a `limits` field.
+    let mut f = FormFields::default();
+    f.add("max_cost_usd", " 1.5 ").unwrap();
+    f.add("max_steps", "4").unwrap();
+    let limits = f.finish().unwrap().limits.unwrap();
+    assert_eq!(limits.max_cost_usd, Some(1.5));
+    assert_eq!(limits.max_steps, Some(4));
+    let mut f = FormFields::default();
+    f.add("max_cost_usd", "").unwrap();
+    assert_eq!(f.finish().unwrap().limits, None);
+    for text in ["1e400", "NaN", "inf", "-inf", "a dollar", "0x10"] {
+        let e = FormFields::default()
+            .add("max_cost_usd", text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("limits.max_cost_usd: must be a number of dollars"),
+            "{text}: {e}"
+        );
+    }
+    for text in [r#"{"max_cost_usd": 1e400}"#, r#"{"max_cost_usd": "1"}"#] {
+        let e = FormFields::default()
+            .add("limits", text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.max_cost_usd: must be"), "{text}: {e}");
+    }
+    let mut f = FormFields::default();
+    f.add("limits", r#"{"max_cost_usd": 2, "max_tokens": 5000}"#)
+        .unwrap();
+    let limits = f.finish().unwrap().limits.unwrap();
+    assert_eq!(limits.max_cost_usd, Some(2.0));
+    assert_eq!(limits.max_tokens, Some(5000));
+    // Sent as form fields and read back, the amount is the same.
+    let b = body(
+        json!({"git_url": "https://x/r.git", "task_description": "t",
+                        "limits": {"max_cost_usd": 0.000_123}}),
+    )
+    .unwrap();
+    let mut f = FormFields::default();
+    for (name, text) in b.to_form_fields() {
+        f.add(&name, &text).unwrap();
+    }
+    assert_eq!(f.finish().unwrap(), b);
+    // The record's limits come back as a body with the cap.
+    let l = Limits {
+        max_cost_usd: Some(patchflow_core::Usd(3.0)),
+        ..Limits::default()
+    };
+    assert_eq!(LimitsBody::from(l).resolve(), l);
 }
 
 #[test]
@@ -347,6 +458,10 @@ fn record() -> TaskRecord {
             prompt_tokens: 10,
             completion_tokens: 5,
             total_tokens: 15,
+            cached_tokens: 4,
+            reasoning_tokens: 1,
+            cost_usd: 0.25,
+            compactions: 0,
             wall_ms: 900,
             files_changed: vec!["src/x.py".into()],
             error: None,
@@ -566,7 +681,11 @@ fn a_result_message_round_trips() {
         task_id: "tsk_1".into(),
         status: "COMPLETED".into(),
         message: "done".into(),
-        summary: None,
+        summary: Some("fixed".into()),
+        total_tokens: Some(1200),
+        cached_tokens: Some(300),
+        reasoning_tokens: Some(40),
+        cost_usd: Some(0.012345),
         batch_id: None,
         idempotency_key: Some("k".into()),
         tenant: "default".into(),
@@ -588,7 +707,25 @@ fn a_result_message_round_trips() {
         v["objects"]["diff"],
         json!({"key": "results/tsk_1/diff.patch"})
     );
-    assert_eq!(serde_json::from_value::<ResultMessage>(v).unwrap(), m);
+    assert_eq!(v["cost_usd"], 0.012345);
+    assert_eq!(v["cached_tokens"], 300);
+    assert_eq!(v["reasoning_tokens"], 40);
+    assert_eq!(
+        serde_json::from_value::<ResultMessage>(v.clone()).unwrap(),
+        m
+    );
+    // A message written before these fields reads with none.
+    let mut old = v;
+    for k in [
+        "total_tokens",
+        "cached_tokens",
+        "reasoning_tokens",
+        "cost_usd",
+    ] {
+        old.as_object_mut().unwrap().remove(k);
+    }
+    let read = serde_json::from_value::<ResultMessage>(old).unwrap();
+    assert_eq!((read.cost_usd, read.cached_tokens), (None, None));
 }
 
 #[test]

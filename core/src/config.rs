@@ -503,6 +503,11 @@ impl Config {
             .models
             .validate()
             .map_err(|e| invalid("models", e))?;
+        config
+            .tenancy
+            .tenants
+            .validate()
+            .map_err(|e| invalid("tenants", e))?;
         Ok(config)
     }
 

@@ -98,6 +98,45 @@ pub fn summary_message(s: &AgentSummary) -> proto::Summary {
         wall_ms: s.wall_ms,
         files_changed: s.files_changed.clone(),
         error: s.error.clone(),
+        cached_tokens: s.cached_tokens,
+        reasoning_tokens: s.reasoning_tokens,
+        cost_usd: s.cost_usd,
+        compactions: s.compactions,
+    }
+}
+
+/// The usage report as the gRPC API shows it (the fields of `GET /api/usage`).
+pub fn usage_message(a: &patchflow_api::UsageAnswer) -> proto::GetUsageResponse {
+    let t = &a.total;
+    proto::GetUsageResponse {
+        from: time(a.from),
+        to: time(a.to),
+        tenants: a.tenants.clone(),
+        days: a
+            .days
+            .iter()
+            .map(|d| proto::UsageDay {
+                day: d.day.to_string(),
+                tenant: d.tenant.clone(),
+                model: d.model.clone(),
+                tasks: d.tasks,
+                prompt_tokens: d.prompt_tokens,
+                completion_tokens: d.completion_tokens,
+                cached_tokens: d.cached_tokens,
+                reasoning_tokens: d.reasoning_tokens,
+                total_tokens: d.total_tokens,
+                cost_usd: d.cost_usd,
+            })
+            .collect(),
+        total: Some(proto::UsageTotal {
+            tasks: t.tasks,
+            prompt_tokens: t.prompt_tokens,
+            completion_tokens: t.completion_tokens,
+            cached_tokens: t.cached_tokens,
+            reasoning_tokens: t.reasoning_tokens,
+            total_tokens: t.total_tokens,
+            cost_usd: t.cost_usd,
+        }),
     }
 }
 
@@ -129,6 +168,7 @@ pub fn task_message(service: &TaskService, r: &TaskRecord) -> proto::Task {
             max_steps: r.spec.limits.max_steps,
             max_tokens: r.spec.limits.max_tokens,
             wall_seconds: r.spec.limits.wall_seconds,
+            max_cost_usd: r.spec.limits.max_cost_usd.map(|c| c.0),
         }),
         tenant: r.tenant.clone(),
         batch_id: r.batch_id.clone(),
@@ -169,6 +209,8 @@ fn submit_body(
         max_steps: (l.max_steps != 0).then_some(l.max_steps),
         max_tokens: given(l.max_tokens),
         wall_seconds: given(l.wall_seconds),
+        // Optional on the wire: given or not; NaN or infinite is refused by the spec's check.
+        max_cost_usd: l.max_cost_usd,
     });
     let setup = match non_empty(o.setup_json) {
         Some(json) => Some(
@@ -594,6 +636,25 @@ impl Tasks for TasksApi {
             cache_generation: answer.cache_generation,
             removed: answer.removed,
         }))
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<proto::GetUsageRequest>,
+    ) -> Result<Response<proto::GetUsageResponse>, Status> {
+        let who = self.who(&request).await?;
+        let r = request.into_inner();
+        let answer = self
+            .service
+            .usage(
+                &who,
+                r.tenant.as_deref(),
+                r.from.as_deref(),
+                r.to.as_deref(),
+            )
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(usage_message(&answer)))
     }
 
     type WatchTaskStream = WatchStream;

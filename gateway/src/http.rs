@@ -14,6 +14,7 @@
 //! | `POST /api/environments`, `GET /api/environments` | create (`201`, `409` if the name is taken) and list the tenant's saved environments |
 //! | `GET`, `PUT`, `DELETE /api/environments/{name}` | one environment: read, replace (a body without `secrets` keeps the stored ones), delete |
 //! | `POST /api/environments/{name}/reset-cache` | a new cache generation; the cached states made from it removed |
+//! | `GET /api/usage` | tasks, tokens and cost per day and model (`from`, `to`; an admin's `tenant`) |
 //! | `GET /api/whoami` | the caller's tenant, role and token id |
 //! | `GET /healthz` | liveness of the stores |
 //!
@@ -166,6 +167,7 @@ pub fn router(service: TaskService) -> Router {
             "/api/environments/{name}/reset-cache",
             post(reset_environment_cache),
         )
+        .route("/api/usage", get(usage))
         .route("/api/whoami", get(whoami))
         .route_layer(axum::middleware::from_fn_with_state(
             service.clone(),
@@ -381,6 +383,33 @@ async fn reset_environment_cache(
         .reset_environment_cache(&who, q.tenant.as_deref(), &name)
         .await?;
     Ok(Json(answer).into_response())
+}
+
+/// `?from=&to=&tenant=` of `GET /api/usage` (each optional).
+#[derive(Debug, Default, Deserialize)]
+struct UsageParams {
+    from: Option<String>,
+    to: Option<String>,
+    tenant: Option<String>,
+}
+
+/// The caller's usage report; a parameter that cannot be read is a `400` naming it.
+async fn usage(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    q: Result<Query<UsageParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<patchflow_api::UsageAnswer>, ApiError> {
+    let Query(q) = q.map_err(|e| ServiceError::BadRequest(e.body_text()))?;
+    Ok(Json(
+        service
+            .usage(
+                &who,
+                q.tenant.as_deref(),
+                q.from.as_deref(),
+                q.to.as_deref(),
+            )
+            .await?,
+    ))
 }
 
 async fn whoami(Extension(who): Extension<Principal>) -> Json<Principal> {

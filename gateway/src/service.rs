@@ -27,6 +27,7 @@ use crate::error::ServiceError;
 mod environments;
 mod pull_request;
 mod retry;
+mod usage;
 pub use retry::{RetryMode, reset_point};
 
 #[derive(Debug, Clone)]
@@ -170,6 +171,19 @@ impl TaskService {
                 return Err(ServiceError::BadRequest(format!(
                     "limits.{name} = {asked} is over tenant `{t}`'s cap ({name} = {cap})"
                 )));
+            }
+        }
+        // No cost cap asked: the tenant's applies.
+        if let Some(cap) = q.max_cost_usd {
+            match l.max_cost_usd {
+                None => l.max_cost_usd = Some(cap),
+                Some(asked) if asked.0 > cap.0 => {
+                    return Err(ServiceError::BadRequest(format!(
+                        "limits.max_cost_usd = {} is over tenant `{t}`'s cap (max_cost_usd = {})",
+                        asked.0, cap.0
+                    )));
+                }
+                Some(_) => {}
             }
         }
         Ok(())

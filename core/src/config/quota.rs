@@ -24,6 +24,9 @@ pub struct TenantQuota {
     pub wall_seconds: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u64>,
+    /// Cap on `limits.max_cost_usd`, in US dollars: a task that names none gets this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<crate::Usd>,
 }
 
 /// Every tenant's quota, by tenant name; `"*"` is the default.
@@ -42,7 +45,22 @@ impl TenantQuotas {
             max_steps: own.max_steps.or(any.max_steps),
             wall_seconds: own.wall_seconds.or(any.wall_seconds),
             max_tokens: own.max_tokens.or(any.max_tokens),
+            max_cost_usd: own.max_cost_usd.or(any.max_cost_usd),
         }
+    }
+
+    /// Each cost cap is an amount a task could be given (see [`crate::Limits::validate`]).
+    pub fn validate(&self) -> Result<(), String> {
+        for (tenant, q) in &self.0 {
+            if let Some(crate::Usd(c)) = q.max_cost_usd
+                && !(c.is_finite() && c > 0.0 && c <= 1_000_000.0)
+            {
+                return Err(format!(
+                    "{tenant}.max_cost_usd must be a number of dollars above 0 and at most 1000000"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -53,8 +71,10 @@ impl Setting for TenantQuotas {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        serde_json::from_str(text)
-            .map_err(|e| invalid(key, format!("not a JSON object of tenant quotas: {e}")))
+        let quotas: Self = serde_json::from_str(text)
+            .map_err(|e| invalid(key, format!("not a JSON object of tenant quotas: {e}")))?;
+        quotas.validate().map_err(|e| invalid(key, e))?;
+        Ok(quotas)
     }
     fn to_text(&self) -> Option<String> {
         (!self.0.is_empty()).then(|| serde_json::to_string(self).unwrap_or_default())
@@ -97,5 +117,30 @@ mod tests {
         let again = crate::Config::from_toml(&c.to_redacted_toml()).unwrap();
         assert_eq!(again.tenancy, c.tenancy);
         assert!(crate::Config::from_toml("[tenants.x]\nmax_steps = \"many\"\n").is_err());
+    }
+
+    #[test]
+    fn a_cost_cap_is_a_positive_amount_from_the_file_or_the_env() {
+        let c = crate::Config::from_toml(
+            "[tenants.\"*\"]\nmax_cost_usd = 2.5\n[tenants.a]\nmax_steps = 3\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.tenancy.tenants.for_tenant("a").max_cost_usd,
+            Some(crate::Usd(2.5))
+        );
+        for bad in ["0", "-1", "1e7"] {
+            let err = crate::Config::from_toml(&format!("[tenants.a]\nmax_cost_usd = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("a.max_cost_usd"), "{bad}: {err}");
+            let err = TenantQuotas::parse_text(
+                "tenants",
+                &format!(r#"{{"a": {{"max_cost_usd": {bad}}}}}"#),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("a.max_cost_usd"), "{bad}: {err}");
+        }
     }
 }

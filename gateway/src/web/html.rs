@@ -68,6 +68,11 @@ pub fn duration_ms(ms: u64) -> String {
     }
 }
 
+/// Dollars to the micro-dollar: `$0.012345` (what the model table's prices give).
+pub fn usd(amount: f64) -> String {
+    format!("${amount:.6}")
+}
+
 /// 1234567 -> "1 234 567": token counts stay readable.
 pub fn thousands(n: u64) -> String {
     let digits = n.to_string();

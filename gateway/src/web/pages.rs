@@ -15,7 +15,7 @@ use patchflow_core::{
 
 use super::diff;
 use super::html::{
-    SignedIn, age, badge, clock, duration_ms, page, page_for, safe_href, thousands, time_el,
+    SignedIn, age, badge, clock, duration_ms, page, page_for, safe_href, thousands, time_el, usd,
 };
 use super::transcript;
 
@@ -163,6 +163,12 @@ fn submit_form(form: &FormState, csrf: Option<&str>) -> Markup {
                                 value=(num(|l| l.wall_seconds));
                         }
                     }
+                    label {
+                        "Max cost (USD) " small { "(optional; priced from the model table)" }
+                        input name="max_cost_usd" id="max_cost_usd" type="number" min="0"
+                            step="any" placeholder="no cap"
+                            value=(form.limits.and_then(|l| l.max_cost_usd).map(|c| c.0.to_string()).unwrap_or_default());
+                    }
                 }
                 button type="submit" id="submit-task" { "Submit task" }
             }
@@ -265,6 +271,7 @@ fn facts(d: &TaskPageData<'_>) -> Markup {
             (fact("Limits", &html! {
                 (l.max_steps) " steps · " (thousands(l.max_tokens)) " tokens · "
                 (duration_ms(l.wall_seconds * 1000))
+                @if let Some(c) = l.max_cost_usd { " · " (usd(c.0)) }
             }))
             @if let Some(t) = &r.spec.target_file {
                 (fact("Target file", &html! { (t) }))
@@ -427,6 +434,14 @@ fn summary(s: Option<&AgentSummary>) -> Markup {
                         &format!("{} / {}", thousands(s.prompt_tokens), thousands(s.completion_tokens)),
                         "prompt / completion",
                     ))
+                    (figure(
+                        &format!("{} / {}", thousands(s.cached_tokens), thousands(s.reasoning_tokens)),
+                        "cached / reasoning",
+                    ))
+                    (figure(&usd(s.cost_usd), "cost"))
+                    @if s.compactions > 0 {
+                        (figure(&s.compactions.to_string(), "compactions"))
+                    }
                     (figure(&duration_ms(s.wall_ms), "agent time"))
                     (figure(&s.files_changed.len().to_string(), "files changed"))
                 }
@@ -603,6 +618,10 @@ mod tests {
                 prompt_tokens: 1000,
                 completion_tokens: 200,
                 total_tokens: 1200,
+                cached_tokens: 300,
+                reasoning_tokens: 40,
+                cost_usd: 0.012345,
+                compactions: 1,
                 wall_ms: 4200,
                 files_changed: vec![HOSTILE.to_string()],
                 error: Some(HOSTILE.to_string()),
@@ -718,6 +737,8 @@ mod tests {
                 r.task_id
             )));
             assert!(html.contains("<span id=\"attempt\">2</span>"));
+            assert!(html.contains("<b>$0.012345</b><span>cost</span>"), "{html}");
+            assert!(html.contains("<span>cached / reasoning</span>"));
             assert!(html.contains("<h3>Attempts</h3>"));
             assert!(html.contains("The diff is longer than shown"));
             assert!(html.contains("<details><summary><b>&lt;script&gt;"));
