@@ -15,3 +15,4 @@ mod pull_requests;
 mod retry;
 mod setup;
 mod tenancy;
+mod usage;
