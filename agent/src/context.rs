@@ -200,16 +200,23 @@ mod tests {
     #[test]
     fn older_turns_go_and_the_task_and_latest_turns_stay() {
         let budget = Budget::new(8192, None, &[]);
-        let mut items = vec![Item::User { text: "the task".into() }];
+        let mut items = vec![Item::User {
+            text: "the task".into(),
+        }];
         for n in 1..=20 {
             items.extend(turn(n, 2000));
         }
         let before = budget.estimate("sys", &items, None);
         assert!(before > budget.limit());
         let p = plan(&items, &budget).unwrap();
-        assert!(p.kept >= 2 && p.kept % 2 == 0, "{p:?}");
+        assert!(p.kept >= 2 && p.kept.is_multiple_of(2), "{p:?}");
         apply(&mut items, &p, "did things");
-        assert_eq!(items[0], Item::User { text: "the task".into() });
+        assert_eq!(
+            items[0],
+            Item::User {
+                text: "the task".into()
+            }
+        );
         assert!(matches!(&items[1], Item::User { text } if text.contains("did things")));
         // The kept part starts at an assistant message whose results follow it.
         assert!(matches!(&items[2], Item::Assistant { .. }));

@@ -292,45 +292,48 @@ impl AgentRun {
                         break 'steps;
                     }
                     if let Some(plan) = plan {
-                    let ask = [Item::User {
-                        text: plan.rendered.clone(),
-                    }];
-                    let request = Request {
-                        instructions: context::INSTRUCTIONS,
-                        items: &ask,
-                        tools: false,
-                    };
-                    let answer = self
-                        .ask_model(model.as_ref(), request, deadline, step, &mut transcript)
-                        .await;
-                    let (text, cost, usage) = match &answer {
-                        Ok(a) => (a.content.clone(), meter.add(&mut summary, a), a.usage),
-                        Err(e) => {
-                            tracing::warn!(step, error = %e, "the compaction request failed; dropping the older turns unsummarised");
-                            (
-                                format!("(The summary of {} earlier messages could not be made: {e}.)", plan.compacted),
-                                0.0,
-                                None,
-                            )
-                        }
-                    };
-                    context::apply(&mut items, &plan, &text);
-                    calibration = None;
-                    summary.compactions += 1;
-                    let after = budget.estimate(&system, &items, None);
-                    transcript.write(
-                        "compaction",
-                        json!({
-                            "step": step,
-                            "before_tokens": estimate,
-                            "after_tokens": after,
-                            "compacted_items": plan.compacted,
-                            "kept_items": plan.kept,
-                            "summary": text,
-                            "usage": usage,
-                            "cost_usd": cost,
-                        }),
-                    );
+                        let ask = [Item::User {
+                            text: plan.rendered.clone(),
+                        }];
+                        let request = Request {
+                            instructions: context::INSTRUCTIONS,
+                            items: &ask,
+                            tools: false,
+                        };
+                        let answer = self
+                            .ask_model(model.as_ref(), request, deadline, step, &mut transcript)
+                            .await;
+                        let (text, cost, usage) = match &answer {
+                            Ok(a) => (a.content.clone(), meter.add(&mut summary, a), a.usage),
+                            Err(e) => {
+                                tracing::warn!(step, error = %e, "the compaction request failed; dropping the older turns unsummarised");
+                                (
+                                    format!(
+                                        "(The summary of {} earlier messages could not be made: {e}.)",
+                                        plan.compacted
+                                    ),
+                                    0.0,
+                                    None,
+                                )
+                            }
+                        };
+                        context::apply(&mut items, &plan, &text);
+                        calibration = None;
+                        summary.compactions += 1;
+                        let after = budget.estimate(&system, &items, None);
+                        transcript.write(
+                            "compaction",
+                            json!({
+                                "step": step,
+                                "before_tokens": estimate,
+                                "after_tokens": after,
+                                "compacted_items": plan.compacted,
+                                "kept_items": plan.kept,
+                                "summary": text,
+                                "usage": usage,
+                                "cost_usd": cost,
+                            }),
+                        );
                     }
                 }
                 on_event(&AgentEvent::ModelRequest { step });
@@ -422,7 +425,7 @@ impl AgentRun {
                     if let Some(s) = self.record_result(
                         step,
                         call,
-                        output,
+                        &output,
                         duration_ms,
                         &mut items,
                         &mut transcript,
@@ -473,7 +476,7 @@ impl AgentRun {
         &self,
         step: u32,
         call: &ToolCall,
-        output: tools::ToolOutput,
+        output: &tools::ToolOutput,
         duration_ms: u64,
         items: &mut Vec<Item>,
         transcript: &mut Transcript,
@@ -505,7 +508,11 @@ impl AgentRun {
         (call.name == tools::FINISH && output.ok).then(|| {
             serde_json::from_str::<serde_json::Value>(&call.arguments)
                 .ok()
-                .and_then(|v| v.get("summary").and_then(|s| s.as_str()).map(str::to_string))
+                .and_then(|v| {
+                    v.get("summary")
+                        .and_then(|s| s.as_str())
+                        .map(str::to_string)
+                })
                 .unwrap_or_default()
         })
     }

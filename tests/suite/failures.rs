@@ -103,6 +103,7 @@ async fn model_endpoint_500_is_retried_then_fails_with_the_cause() {
         status: 500,
         times: None,
         message: "upstream exploded".into(),
+        ..Failure::default()
     });
     let stack = Stack::start(Mode::Up, script, &[]).await;
     let id = &stack.submit_demo().await;

@@ -18,6 +18,7 @@ fn failing_script() -> Script {
         status: 500,
         times: None,
         message: "upstream exploded".into(),
+        ..Failure::default()
     });
     script
 }

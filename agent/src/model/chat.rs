@@ -172,7 +172,11 @@ impl Assembler {
         }
         Ok(Answer {
             content: self.content,
-            calls: self.calls.into_iter().filter(|c| !c.name.is_empty()).collect(),
+            calls: self
+                .calls
+                .into_iter()
+                .filter(|c| !c.name.is_empty())
+                .collect(),
             reasoning: Vec::new(),
             usage: self.usage,
         })
@@ -233,7 +237,10 @@ mod tests {
         assert_eq!(answer.calls[0].arguments, "{\"file_path\":\"a\"}");
         assert_eq!(answer.calls[1].id, "call_2");
         let u = answer.usage.unwrap();
-        assert_eq!((u.prompt_tokens, u.cached_tokens, u.total_tokens), (10, 4, 15));
+        assert_eq!(
+            (u.prompt_tokens, u.cached_tokens, u.total_tokens),
+            (10, 4, 15)
+        );
     }
 
     #[test]

@@ -160,9 +160,9 @@ pub(crate) fn classify(err: OpenAIError, model: &str) -> ModelError {
         }
         OpenAIError::Reqwest(e) => ModelError::Transient(format!("model request failed: {e}")),
         OpenAIError::StreamError(e) => ModelError::Transient(format!("the stream broke: {e}")),
-        OpenAIError::JSONDeserialize(e, _) => {
-            ModelError::Fatal(format!("the model endpoint answered something unreadable: {e}"))
-        }
+        OpenAIError::JSONDeserialize(e, _) => ModelError::Fatal(format!(
+            "the model endpoint answered something unreadable: {e}"
+        )),
         other => ModelError::Fatal(other.to_string()),
     }
 }
@@ -249,7 +249,10 @@ mod tests {
             None,
             "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens."
         ));
-        assert!(is_context_length(None, "prompt is too long: 210000 tokens > 200000 maximum"));
+        assert!(is_context_length(
+            None,
+            "prompt is too long: 210000 tokens > 200000 maximum"
+        ));
         assert!(!is_context_length(None, "Invalid value for 'tools'"));
     }
 

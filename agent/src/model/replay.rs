@@ -129,7 +129,12 @@ fn outcome(transcript: &str) -> Value {
 }
 
 /// Compares a replayed run (its transcript and diff) with the recorded one.
-pub fn compare(recorded: &str, replayed: &str, recorded_diff: &str, replayed_diff: &str) -> ReplayReport {
+pub fn compare(
+    recorded: &str,
+    replayed: &str,
+    recorded_diff: &str,
+    replayed_diff: &str,
+) -> ReplayReport {
     let (a, b) = (tool_results(recorded), tool_results(replayed));
     let mut differences = Vec::new();
     for i in 0..a.len().max(b.len()) {
@@ -192,9 +197,15 @@ mod tests {
         let first = wire.ask(ask(true)).await.unwrap();
         assert_eq!(first.calls[0].id, "call_1_1");
         assert_eq!(first.usage.unwrap().total_tokens, 12);
-        assert_eq!(wire.ask(ask(false)).await.unwrap().content, "earlier: ran date");
+        assert_eq!(
+            wire.ask(ask(false)).await.unwrap().content,
+            "earlier: ran date"
+        );
         assert_eq!(wire.ask(ask(true)).await.unwrap().content, "done");
-        assert!(matches!(wire.ask(ask(true)).await, Err(ModelError::Fatal(_))));
+        assert!(matches!(
+            wire.ask(ask(true)).await,
+            Err(ModelError::Fatal(_))
+        ));
         assert!(ReplayWire::from_transcript("{\"type\":\"start\"}\nnot json\n").is_err());
     }
 

@@ -136,8 +136,10 @@ fn failure(error: &Value) -> ModelError {
     let message = error["message"].as_str().unwrap_or("the response failed");
     if is_context_length(code, message) {
         ModelError::ContextLength(message.to_string())
-    } else if matches!(code, Some("rate_limit_exceeded" | "server_error" | "server_is_overloaded"))
-    {
+    } else if matches!(
+        code,
+        Some("rate_limit_exceeded" | "server_error" | "server_is_overloaded")
+    ) {
         ModelError::Transient(message.to_string())
     } else {
         ModelError::Fatal(format!("the model's response failed: {message}"))
@@ -186,7 +188,9 @@ impl Assembler {
                 }
                 self.result = Some(answer);
             }
-            Some("response.failed") => self.result = Some(Err(failure(&event["response"]["error"]))),
+            Some("response.failed") => {
+                self.result = Some(Err(failure(&event["response"]["error"])))
+            }
             Some("error") => self.result = Some(Err(failure(event))),
             _ => {}
         }
@@ -267,7 +271,9 @@ mod tests {
     #[test]
     fn the_request_carries_items_by_call_id_and_reasoning_before_its_calls() {
         let items = vec![
-            Item::User { text: "task".into() },
+            Item::User {
+                text: "task".into(),
+            },
             Item::Assistant {
                 content: String::new(),
                 calls: vec![ToolCall {
@@ -275,7 +281,9 @@ mod tests {
                     name: "finish".into(),
                     arguments: "{}".into(),
                 }],
-                reasoning: vec![json!({"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "e"})],
+                reasoning: vec![
+                    json!({"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "e"}),
+                ],
             },
             Item::ToolResult {
                 call_id: "call_1".into(),
@@ -298,7 +306,12 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            ["message", "reasoning", "function_call", "function_call_output"]
+            [
+                "message",
+                "reasoning",
+                "function_call",
+                "function_call_output"
+            ]
         );
         assert_eq!(body["input"][3]["call_id"], "call_1");
         assert_eq!(body["store"], false);
@@ -318,7 +331,10 @@ mod tests {
         let answer = a.finish().unwrap();
         assert_eq!(answer.calls[0].id, "c1");
         let u = answer.usage.unwrap();
-        assert_eq!((u.cached_tokens, u.reasoning_tokens, u.total_tokens), (60, 12, 120));
+        assert_eq!(
+            (u.cached_tokens, u.reasoning_tokens, u.total_tokens),
+            (60, 12, 120)
+        );
 
         let mut cut = Assembler::default();
         cut.push(&json!({"type": "response.output_text.delta", "delta": "half"}));
