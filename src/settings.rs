@@ -154,7 +154,7 @@ pub fn describe(config: &Config) -> String {
             .llm
             .openai_base_url
             .as_deref()
-            .unwrap_or(patchflow_agent::run::OPENAI_BASE_URL)
+            .unwrap_or(patchflow_agent::run::DEFAULT_BASE_URL)
     ));
     out
 }

@@ -16,13 +16,10 @@ use serde_json::json;
 
 use crate::context::{self, Budget};
 use crate::diff::diff_against_archive;
-use crate::model::{
-    Answer, DEFAULT_BASE_URL, Endpoint, Item, Model, ModelError, Request, ToolCall,
-};
+pub use crate::model::DEFAULT_BASE_URL;
+use crate::model::{Answer, Endpoint, Item, Model, ModelError, Request, ToolCall};
 use crate::tools::{self, ToolDispatch};
 use crate::transcript::Transcript;
-
-pub use crate::model::DEFAULT_BASE_URL as OPENAI_BASE_URL;
 
 /// How to reach the model a task names: the `llm` settings and the model table.
 #[derive(Debug, Clone)]
@@ -145,33 +142,26 @@ fn is_read_only(tool: &str) -> bool {
     )
 }
 
-/// The running totals of what the model was asked and what it cost.
-struct Meter<'a> {
-    profile: &'a ModelProfile,
-}
-
-impl Meter<'_> {
-    /// Adds one answer's usage to `summary`; returns the answer's cost.
-    fn add(&self, summary: &mut AgentSummary, answer: &Answer) -> f64 {
-        let Some(u) = answer.usage else { return 0.0 };
-        summary.prompt_tokens += u.prompt_tokens;
-        summary.completion_tokens += u.completion_tokens;
-        summary.total_tokens += if u.total_tokens > 0 {
-            u.total_tokens
-        } else {
-            u.prompt_tokens + u.completion_tokens
-        };
-        summary.cached_tokens += u.cached_tokens;
-        summary.reasoning_tokens += u.reasoning_tokens;
-        let cost = price(
-            self.profile,
-            u.prompt_tokens,
-            u.cached_tokens,
-            u.completion_tokens,
-        );
-        summary.cost_usd += cost;
-        cost
-    }
+/// Adds one answer's usage and its price under `profile` to `summary`; returns the price.
+fn charge(summary: &mut AgentSummary, profile: &ModelProfile, answer: &Answer) -> f64 {
+    let Some(u) = answer.usage else { return 0.0 };
+    summary.prompt_tokens += u.prompt_tokens;
+    summary.completion_tokens += u.completion_tokens;
+    summary.total_tokens += if u.total_tokens > 0 {
+        u.total_tokens
+    } else {
+        u.prompt_tokens + u.completion_tokens
+    };
+    summary.cached_tokens += u.cached_tokens;
+    summary.reasoning_tokens += u.reasoning_tokens;
+    let cost = price(
+        profile,
+        u.prompt_tokens,
+        u.cached_tokens,
+        u.completion_tokens,
+    );
+    summary.cost_usd += cost;
+    cost
 }
 
 impl AgentRun {
@@ -202,7 +192,6 @@ impl AgentRun {
             Some(m) => m.clone(),
             None => Arc::from(endpoint.connect(schemas).map_err(std::io::Error::other)?),
         };
-        let meter = Meter { profile: &profile };
 
         let repo_rules =
             crate::instructions::agents_md(&self.workspace, self.spec.target_file.as_deref());
@@ -304,7 +293,11 @@ impl AgentRun {
                             .ask_model(model.as_ref(), request, deadline, step, &mut transcript)
                             .await;
                         let (text, cost, usage) = match &answer {
-                            Ok(a) => (a.content.clone(), meter.add(&mut summary, a), a.usage),
+                            Ok(a) => (
+                                a.content.clone(),
+                                charge(&mut summary, &profile, a),
+                                a.usage,
+                            ),
                             Err(e) => {
                                 tracing::warn!(step, error = %e, "the compaction request failed; dropping the older turns unsummarised");
                                 (
@@ -364,7 +357,7 @@ impl AgentRun {
                 }
             };
             let (answer, latency) = answer;
-            let cost = meter.add(&mut summary, &answer);
+            let cost = charge(&mut summary, &profile, &answer);
             if let Some(u) = answer.usage
                 && u.prompt_tokens > 0
             {

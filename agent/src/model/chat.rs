@@ -4,12 +4,11 @@
 
 use async_openai::Client;
 use async_openai::config::OpenAIConfig;
-use futures::StreamExt;
 use serde_json::{Value, json};
 
 use super::{
-    Answer, Endpoint, Item, Model, ModelError, Request, ToolCall, ToolSchema, Usage, classify,
-    count,
+    Answer, Assemble, Endpoint, Item, Model, ModelError, Request, ToolCall, ToolSchema, Usage,
+    classify, count, read_stream,
 };
 
 pub struct ChatWire {
@@ -124,8 +123,8 @@ pub struct Assembler {
     finished: bool,
 }
 
-impl Assembler {
-    pub fn push(&mut self, chunk: &Value) {
+impl Assemble for Assembler {
+    fn push(&mut self, chunk: &Value) {
         if let Some(u) = usage(&chunk["usage"]) {
             self.usage = Some(u);
         }
@@ -164,7 +163,7 @@ impl Assembler {
         }
     }
 
-    pub fn finish(self) -> Result<Answer, ModelError> {
+    fn finish(self) -> Result<Answer, ModelError> {
         if !self.finished {
             return Err(ModelError::Transient(
                 "the answer's stream ended before it was complete".into(),
@@ -197,17 +196,13 @@ impl Model for ChatWire {
                 .map_err(|e| classify(e, model))?;
             return parse_answer(&v);
         }
-        let mut stream = self
+        let stream = self
             .client
             .chat()
             .create_stream_byot::<Value, Value>(body)
             .await
             .map_err(|e| classify(e, model))?;
-        let mut answer = Assembler::default();
-        while let Some(chunk) = stream.next().await {
-            answer.push(&chunk.map_err(|e| classify(e, model))?);
-        }
-        answer.finish()
+        read_stream::<Assembler>(stream, model).await
     }
 
     fn wire(&self) -> &'static str {

@@ -233,6 +233,33 @@ impl Endpoint {
     }
 }
 
+/// Puts one wire's streamed answer back together, event by event.
+pub(crate) trait Assemble: Default {
+    fn push(&mut self, event: &Value);
+    /// Whether the answer is whole before the stream ends.
+    fn is_done(&self) -> bool {
+        false
+    }
+    /// The answer; a stream that ended before its finish is a cut ([`ModelError::Transient`]).
+    fn finish(self) -> Result<Answer, ModelError>;
+}
+
+/// Reads a stream of either wire to its answer.
+pub(crate) async fn read_stream<A: Assemble>(
+    mut stream: async_openai::types::stream::StreamResponse<Value>,
+    model: &str,
+) -> Result<Answer, ModelError> {
+    use futures::StreamExt;
+    let mut answer = A::default();
+    while let Some(event) = stream.next().await {
+        answer.push(&event.map_err(|e| classify(e, model))?);
+        if answer.is_done() {
+            break;
+        }
+    }
+    answer.finish()
+}
+
 /// The JSON number a u64 count came as, 0 when absent.
 pub(crate) fn count(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)

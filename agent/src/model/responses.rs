@@ -6,12 +6,11 @@
 
 use async_openai::Client;
 use async_openai::config::OpenAIConfig;
-use futures::StreamExt;
 use serde_json::{Value, json};
 
 use super::{
-    Answer, Endpoint, Item, Model, ModelError, Request, ToolCall, ToolSchema, Usage, classify,
-    count, is_context_length,
+    Answer, Assemble, Endpoint, Item, Model, ModelError, Request, ToolCall, ToolSchema, Usage,
+    classify, count, is_context_length, read_stream,
 };
 
 pub struct ResponsesWire {
@@ -166,8 +165,8 @@ pub struct Assembler {
     result: Option<Result<Answer, ModelError>>,
 }
 
-impl Assembler {
-    pub fn push(&mut self, event: &Value) {
+impl Assemble for Assembler {
+    fn push(&mut self, event: &Value) {
         match event["type"].as_str() {
             Some("response.output_item.done") => self.done_items.push(event["item"].clone()),
             Some("response.completed" | "response.incomplete") => {
@@ -196,11 +195,11 @@ impl Assembler {
         }
     }
 
-    pub fn is_done(&self) -> bool {
+    fn is_done(&self) -> bool {
         self.result.is_some()
     }
 
-    pub fn finish(self) -> Result<Answer, ModelError> {
+    fn finish(self) -> Result<Answer, ModelError> {
         self.result.unwrap_or_else(|| {
             Err(ModelError::Transient(
                 "the response's stream ended before `response.completed`".into(),
@@ -223,20 +222,13 @@ impl Model for ResponsesWire {
                 .map_err(|e| classify(e, model))?;
             return parse_response(&v);
         }
-        let mut stream = self
+        let stream = self
             .client
             .responses()
             .create_stream_byot::<Value, Value>(body)
             .await
             .map_err(|e| classify(e, model))?;
-        let mut answer = Assembler::default();
-        while let Some(event) = stream.next().await {
-            answer.push(&event.map_err(|e| classify(e, model))?);
-            if answer.is_done() {
-                break;
-            }
-        }
-        answer.finish()
+        read_stream::<Assembler>(stream, model).await
     }
 
     fn wire(&self) -> &'static str {
