@@ -1,6 +1,8 @@
 //! `patchflow-bench agent`: the agent against an in-process scripted model that answers
 //! at once: process start to first model request, the cost of a file-tool step and of a
-//! trivial shell step (time between consecutive model requests), and peak RSS.
+//! trivial shell step (time between consecutive model requests), and peak RSS. The agent
+//! speaks the wire `PATCHFLOW_WIRE_API` names (`chat` by default, or `responses`),
+//! streamed unless `PATCHFLOW_LLM_STREAM=false`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -72,6 +74,12 @@ async fn run_agent_once(
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("OPENAI_BASE_URL", model.base_url())
         .env("PATCHFLOW_MODEL", "bench")
+        // The wire and streaming under test, as this process was given them.
+        .envs(
+            ["PATCHFLOW_WIRE_API", "PATCHFLOW_LLM_STREAM"]
+                .into_iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| (k, v))),
+        )
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
