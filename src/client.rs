@@ -231,7 +231,10 @@ async fn check(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
     bail!("{} ({status})", message.trim())
 }
 
-async fn send(req: reqwest::RequestBuilder, base: &str) -> anyhow::Result<reqwest::Response> {
+pub(crate) async fn send(
+    req: reqwest::RequestBuilder,
+    base: &str,
+) -> anyhow::Result<reqwest::Response> {
     let resp = req.send().await.map_err(|e| {
         if e.is_connect() {
             anyhow::anyhow!(

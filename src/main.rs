@@ -8,6 +8,7 @@ mod batch;
 mod client;
 mod environments;
 mod grpc_client;
+mod replay;
 mod tokens;
 
 use patchflow::{kafka, settings, stack};
@@ -56,6 +57,9 @@ enum Command {
     List(client::ListArgs),
     /// Tasks, tokens and cost per day and model (the tenant's; an admin's: every tenant's).
     Usage(client::UsageArgs),
+    /// Re-run a finished task's agent on its staged code, answering the model from the
+    /// recorded transcript; exit 0 when every tool result and the diff are identical.
+    Replay(replay::ReplayArgs),
     /// Run the agent on a workspace (what the runner executes).
     Agent(patchflow_agent::cli::AgentArgs),
     /// What an agent Job's containers run: `fetch` the staged code, `run` the agent and upload.
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
             | Command::Watch(_)
             | Command::List(_)
             | Command::Usage(_)
+            | Command::Replay(_)
             | Command::Config
             | Command::Doctor { .. }
             | Command::Tokens(_)
@@ -151,6 +156,7 @@ fn main() -> ExitCode {
             Command::Watch(a) => grpc_client::watch(&config, a).await,
             Command::List(a) => client::list(&config, a).await,
             Command::Usage(a) => client::usage(&config, a).await,
+            Command::Replay(a) => replay::run(&config, a).await,
             Command::Agent(a) => patchflow_agent::cli::run(&config, a).await,
             Command::AgentPod(a) => agent_pod::run(a).await,
             Command::Migrate => stack::migrate(config).await,

@@ -317,7 +317,7 @@ impl Activities {
         .await
         .map_err(transient)?
         .map_err(|e| transient(format!("cannot pack the prepared workspace: {e}")))?;
-        let baseline_key = prepared_key(id);
+        let baseline_key = layout::prepared_key(id);
         self.objects
             .put_file(&baseline_key, &baseline)
             .await
@@ -560,11 +560,6 @@ impl Activities {
             outcome.failure()
         )))
     }
-}
-
-/// The object key of a task's prepared workspace.
-pub fn prepared_key(id: &TaskId) -> String {
-    format!("staged/{id}/prepared.tar.zst")
 }
 
 async fn unpack(archive: &Path, dest: &Path) -> Result<(), ActivityError> {

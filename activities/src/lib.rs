@@ -208,6 +208,49 @@ impl Activities {
         Ok(change)
     }
 
+    /// Copies the published result files to the attempt's own keys, which a later attempt
+    /// does not overwrite (`patchflow replay --attempt N` reads them). The attempt is the one
+    /// the store placed this workflow run in. Best effort: the latest result stays in place
+    /// whatever happens here, so a failed copy is only logged.
+    async fn keep_attempt_results(
+        &self,
+        ctx: &ActivityContext,
+        id: &TaskId,
+        stored: &[patchflow_platform::objectstore::ObjectMeta],
+    ) {
+        let run_id = ctx.info().workflow_run_id.clone().unwrap_or_default();
+        let attempt = match self.store.get(id).await {
+            Ok(Some(r)) => r
+                .attempts
+                .iter()
+                .find(|a| !run_id.is_empty() && a.run_id.as_deref() == Some(run_id.as_str()))
+                .or(r.attempts.last())
+                .map_or(1, |a| a.attempt),
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(task_id = %id, error = %e, "cannot keep the attempt's result files");
+                return;
+            }
+        };
+        for file in layout::RESULT_FILES {
+            let key = layout::result_key(id, file);
+            if !stored.iter().any(|o| o.key == key) {
+                continue;
+            }
+            let copied = match self.objects.get_bytes(&key).await {
+                Ok(bytes) => {
+                    self.objects
+                        .put_bytes(&layout::attempt_result_key(id, attempt, file), &bytes)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = copied {
+                tracing::warn!(task_id = %id, attempt, file, error = %e, "cannot keep the attempt's result file");
+            }
+        }
+    }
+
     /// Opens the task's pull request if it asked for one: `None` when it did not, else the
     /// URL or why not (both stored in the record, and said in an event). Only a store that
     /// cannot be written fails the step.
@@ -621,6 +664,7 @@ impl Activities {
         {
             tracing::warn!(task_id = %id, %current, %status, "final status not applied");
         }
+        self.keep_attempt_results(&ctx, &id, &stored).await;
         tracing::info!(task_id = %id, %status, %message, "published");
         Ok(PublishOutput { status, message })
     }

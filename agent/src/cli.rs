@@ -95,6 +95,82 @@ pub async fn run(config: &Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The directories of a replay: the restored code, its archive, and where the replayed
+/// run's result files and its commands' HOME go.
+pub struct ReplayPaths {
+    pub workspace: PathBuf,
+    pub baseline: PathBuf,
+    pub out: PathBuf,
+    pub scratch: PathBuf,
+}
+
+/// Runs the agent again on `paths.workspace` with the same sandboxed tools, answering every
+/// model request from `recorded` (the run's `transcript.jsonl`) instead of a model, then
+/// compares each tool result and the diff with the recorded ones. No model endpoint is
+/// asked. The replayed run's own files are in `paths.out`.
+pub async fn replay(
+    config: &Config,
+    spec: TaskSpec,
+    paths: &ReplayPaths,
+    recorded: &str,
+    recorded_diff: &str,
+) -> anyhow::Result<crate::model::replay::ReplayReport> {
+    let wire =
+        crate::model::replay::ReplayWire::from_transcript(recorded).map_err(anyhow::Error::msg)?;
+    let ws = Workspace::new(&paths.workspace)
+        .with_context(|| format!("workspace {} does not exist", paths.workspace.display()))?;
+    std::fs::create_dir_all(&paths.scratch)?;
+    let scratch = paths.scratch.canonicalize()?;
+    let deadline = Instant::now() + Duration::from_secs(spec.limits.wall_seconds);
+    let tools = Arc::new(build_tools(config, &spec, ws, &scratch, deadline).await?);
+    let run = AgentRun {
+        spec,
+        workspace: paths.workspace.clone(),
+        baseline: paths.baseline.clone(),
+        out_dir: paths.out.clone(),
+        settings: replay_settings(config, recorded),
+        model_override: Some(Arc::new(wire)),
+        // A recorded answer never fails transiently: no retries, no waiting.
+        max_retries: 0,
+        retry_backoff: Duration::ZERO,
+    };
+    run.run(tools, |_| {})
+        .await
+        .context("cannot write the replayed run's results")?;
+    let read = |file: &str| {
+        let path = paths.out.join(file);
+        std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let replayed = read(patchflow_core::layout::TRANSCRIPT)?;
+    let replayed_diff = read(patchflow_core::layout::DIFF)?;
+    Ok(crate::model::replay::compare(
+        recorded,
+        &replayed,
+        recorded_diff,
+        &replayed_diff,
+    ))
+}
+
+/// This machine's model settings with the recorded run's context window, so the replay
+/// compacts where the run did whatever model table this machine has.
+fn replay_settings(config: &Config, recorded: &str) -> crate::ModelSettings {
+    let mut settings = crate::ModelSettings::from_config(config);
+    let start = recorded
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["type"] == "start");
+    if let Some(start) = start
+        && let Some(window) = start["context_window"].as_u64()
+    {
+        let model = start["model"]
+            .as_str()
+            .unwrap_or(&settings.model)
+            .to_string();
+        settings.models.0.entry(model).or_default().context_window = Some(window);
+    }
+    settings
+}
+
 /// Where compiled components may be cached. The cache holds native code that is loaded
 /// without recompiling, so it must be a directory only this user can write and no
 /// sandboxed command can reach: never inside the workspace or the temp dir (Landlock lets

@@ -5,7 +5,7 @@
 //! gRPC's `Task` message carries the same fields (gateway/src/grpc.rs).
 
 use chrono::{DateTime, Utc};
-use patchflow_core::{AgentSummary, Limits, TaskEvent, TaskId, TaskRecord, TaskStatus};
+use patchflow_core::{AgentSummary, Limits, TaskEvent, TaskId, TaskRecord, TaskStatus, ToolPolicy};
 use serde::{Deserialize, Serialize};
 
 /// The task record as `GET /api/tasks/{task_id}` shows it.
@@ -26,6 +26,9 @@ pub struct TaskView {
     pub target_file: Option<String>,
     pub model: Option<String>,
     pub limits: Limits,
+    /// What the agent's tools may reach (network, hosts, secret headers by name).
+    #[serde(default, skip_serializing_if = "ToolPolicy::is_default")]
+    pub policy: ToolPolicy,
     pub tenant: String,
     pub batch_id: Option<String>,
     /// The key the task was submitted with (a Kafka message's key; a batch's instance).
@@ -74,6 +77,7 @@ impl TaskView {
             target_file: r.spec.target_file,
             model: r.spec.model,
             limits: r.spec.limits,
+            policy: r.spec.policy,
             task_id: r.task_id,
             status: r.status,
             message: r.message,

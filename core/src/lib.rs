@@ -41,8 +41,18 @@ pub mod layout {
     pub fn staged_key(task: &TaskId) -> String {
         format!("staged/{task}/code.tar.zst")
     }
+    /// The workspace a setup prepared, which the agent started from instead of the staged
+    /// code when the task had a setup.
+    pub fn prepared_key(task: &TaskId) -> String {
+        format!("staged/{task}/prepared.tar.zst")
+    }
     pub fn result_key(task: &TaskId, file: &str) -> String {
         format!("results/{task}/{file}")
+    }
+    /// The copy of one attempt's result file, kept when the attempt's result is published
+    /// (a later attempt overwrites `result_key`'s).
+    pub fn attempt_result_key(task: &TaskId, attempt: u32, file: &str) -> String {
+        format!("results/{task}/attempts/{attempt}/{file}")
     }
     pub fn results_prefix(task: &TaskId) -> String {
         format!("results/{task}/")

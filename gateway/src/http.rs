@@ -147,6 +147,7 @@ pub fn router(service: TaskService) -> Router {
         .route("/api/tasks/{task_id}/diff", get(diff))
         .route("/api/tasks/{task_id}/transcript", get(transcript))
         .route("/api/tasks/{task_id}/log", get(agent_log))
+        .route("/api/tasks/{task_id}/source", get(source))
         .route("/api/tasks/{task_id}/events", get(events))
         .route("/api/tasks/{task_id}/cancel", post(cancel))
         .route("/api/tasks/{task_id}/retry", post(retry))
@@ -538,16 +539,27 @@ async fn get_task(
     Ok(Json(view(&service, r)))
 }
 
+/// `?attempt=N`: one attempt's copy of a result file instead of the latest.
+#[derive(Debug, Deserialize)]
+struct AttemptQuery {
+    attempt: Option<u32>,
+}
+
 async fn result_file(
     service: &TaskService,
     who: &Principal,
     id: &str,
     file: &str,
+    attempt: Option<u32>,
     content_type: &str,
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
     service.get_for(who, &id).await?;
-    match service.open_result(&id, file).await? {
+    let opened = match file {
+        SOURCE => service.open_source(&id).await?,
+        _ => service.open_result(&id, file, attempt).await?,
+    };
+    match opened {
         ResultFile::Redirect(url) => {
             Ok((StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, url)]).into_response())
         }
@@ -569,12 +581,14 @@ async fn diff(
     State(service): State<TaskService>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
+    Query(q): Query<AttemptQuery>,
 ) -> Result<Response, ApiError> {
     result_file(
         &service,
         &who,
         &id,
         layout::DIFF,
+        q.attempt,
         "text/x-diff; charset=utf-8",
     )
     .await
@@ -584,27 +598,42 @@ async fn transcript(
     State(service): State<TaskService>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
+    Query(q): Query<AttemptQuery>,
 ) -> Result<Response, ApiError> {
     result_file(
         &service,
         &who,
         &id,
         layout::TRANSCRIPT,
+        q.attempt,
         "application/x-ndjson",
     )
     .await
+}
+
+/// The code the agent started from (`application/zstd`, a tar): what replay restores.
+const SOURCE: &str = "source";
+
+async fn source(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    result_file(&service, &who, &id, SOURCE, None, "application/zstd").await
 }
 
 async fn agent_log(
     State(service): State<TaskService>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
+    Query(q): Query<AttemptQuery>,
 ) -> Result<Response, ApiError> {
     result_file(
         &service,
         &who,
         &id,
         layout::AGENT_LOG,
+        q.attempt,
         "text/plain; charset=utf-8",
     )
     .await

@@ -638,26 +638,70 @@ impl TaskService {
         &self,
         task_id: &TaskId,
         file: &str,
+        attempt: Option<u32>,
     ) -> Result<ResultFile, ServiceError> {
         let record = self.get(task_id).await?;
-        let key = layout::result_key(task_id, file);
+        let key = match attempt {
+            Some(n) => {
+                if !record.attempts.iter().any(|a| a.attempt == n) {
+                    return Err(ServiceError::Missing(format!(
+                        "task {task_id} has no attempt {n} (it has {})",
+                        record.attempts.len()
+                    )));
+                }
+                layout::attempt_result_key(task_id, n, file)
+            }
+            None => layout::result_key(task_id, file),
+        };
+        let not_ready = || {
+            ServiceError::NotReady(match attempt {
+                Some(n) => format!(
+                    "{file} of attempt {n} of task {task_id} is not available (an attempt's files are kept once its result is published)"
+                ),
+                None => format!(
+                    "{file} of task {task_id} is not available (status {})",
+                    record.status
+                ),
+            })
+        };
+        self.open_object(&key, not_ready).await
+    }
+
+    /// The code the agent started from: the workspace a setup prepared, else the staged
+    /// archive (`code.tar.zst`). What `patchflow replay` runs the agent on again.
+    pub async fn open_source(&self, task_id: &TaskId) -> Result<ResultFile, ServiceError> {
+        let record = self.get(task_id).await?;
+        let prepared = layout::prepared_key(task_id);
+        let key = if self.objects.exists(&prepared).await? {
+            prepared
+        } else {
+            layout::staged_key(task_id)
+        };
         let not_ready = || {
             ServiceError::NotReady(format!(
-                "{file} of task {task_id} is not available (status {})",
+                "the staged code of task {task_id} is not available (status {})",
                 record.status
             ))
         };
-        if !self.objects.exists(&key).await? {
+        self.open_object(&key, not_ready).await
+    }
+
+    async fn open_object(
+        &self,
+        key: &str,
+        not_ready: impl Fn() -> ServiceError,
+    ) -> Result<ResultFile, ServiceError> {
+        if !self.objects.exists(key).await? {
             return Err(not_ready());
         }
         if let Some(url) = self
             .objects
-            .presigned_get(&key, self.config.presign_expiry)
+            .presigned_get(key, self.config.presign_expiry)
             .await?
         {
             return Ok(ResultFile::Redirect(url));
         }
-        match self.objects.open_read(&key).await {
+        match self.objects.open_read(key).await {
             Ok((r, size)) => Ok(ResultFile::Stream(r, size)),
             Err(patchflow_platform::ObjectError::NotFound(_)) => Err(not_ready()),
             Err(e) => Err(e.into()),

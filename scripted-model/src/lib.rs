@@ -270,6 +270,7 @@ struct Shared {
 pub struct ScriptedModel {
     pub addr: SocketAddr,
     shared: Arc<Mutex<Shared>>,
+    server: Arc<tokio::task::AbortHandle>,
 }
 
 impl ScriptedModel {
@@ -284,12 +285,17 @@ impl ScriptedModel {
             observed: Observed::default(),
         }));
         let app = router(shared.clone());
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "scripted model server stopped");
             }
-        });
-        Ok(Self { addr, shared })
+        })
+        .abort_handle();
+        Ok(Self {
+            addr,
+            shared,
+            server: Arc::new(server),
+        })
     }
 
     /// The base URL to give an OpenAI client (`.../v1`).
@@ -299,6 +305,11 @@ impl ScriptedModel {
 
     pub fn observed(&self) -> Observed {
         lock(&self.shared).observed.clone()
+    }
+
+    /// Stops listening: new connections to [`Self::addr`] are refused from now on.
+    pub fn stop(&self) {
+        self.server.abort();
     }
 
     /// Replaces the injected failure (None: answer normally from now on).

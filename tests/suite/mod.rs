@@ -12,6 +12,7 @@ mod isolation;
 mod kafka;
 mod kube_pod;
 mod pull_requests;
+mod replay;
 mod retry;
 mod setup;
 mod tenancy;

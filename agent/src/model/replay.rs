@@ -1,6 +1,11 @@
 //! Exact replay: a [`Model`] that answers every request from a finished run's
 //! transcript, and the comparison of a replayed run with the recorded one (each tool
 //! result, then the diff). No model endpoint is needed.
+//!
+//! What a run measures of itself is not compared: a result's `duration_ms`, and durations
+//! written in its text (`Ran 2 tests in 0.001s`, `finished in 12 ms`), are masked on both
+//! sides first. Anything else that changes between runs (a clock, a random number, the
+//! network) is a difference, reported with its step.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -114,6 +119,32 @@ pub struct ReplayReport {
     pub replayed_outcome: Value,
 }
 
+/// A duration in a tool's text: a number and a unit of time.
+fn duration_pattern() -> &'static regex::Regex {
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    RE.get_or_init(|| {
+        regex::Regex::new(r"\b\d+(?:\.\d+)?\s?(?:ns|us|µs|ms|s|sec|secs|seconds)\b")
+            .unwrap_or_else(|_| unreachable!("a valid pattern"))
+    })
+}
+
+/// `v` with what a run measures of itself masked (module docs).
+fn comparable(v: &Value) -> Value {
+    match v {
+        Value::String(s) => {
+            Value::String(duration_pattern().replace_all(s, "<duration>").into_owned())
+        }
+        Value::Array(a) => Value::Array(a.iter().map(comparable).collect()),
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| k.as_str() != "duration_ms")
+                .map(|(k, v)| (k.clone(), comparable(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 fn tool_results(transcript: &str) -> Vec<Value> {
     entries(transcript)
         .filter(|e| e["type"] == "tool_result")
@@ -144,7 +175,7 @@ pub fn compare(
                 x["tool"] == y["tool"]
                     && x["arguments"] == y["arguments"]
                     && x["ok"] == y["ok"]
-                    && x["output"] == y["output"]
+                    && comparable(&x["output"]) == comparable(&y["output"])
             }
             _ => false,
         };
@@ -177,6 +208,7 @@ pub fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const RECORDED: &str = r#"{"type":"start","model":"m"}
 {"type":"model_response","step":1,"content":"","tool_calls":[{"id":"call_1_1","name":"run_shell_command","arguments":"{\"command_string\":\"date\"}"}],"usage":{"prompt_tokens":10,"completion_tokens":2,"total_tokens":12}}
@@ -221,5 +253,25 @@ mod tests {
         assert_eq!(r.differences[0].replayed_output["stdout"], "Tue");
         let r = compare(RECORDED, RECORDED, "d", "e");
         assert!(!r.identical && !r.diff_identical && r.differences.is_empty());
+    }
+
+    #[test]
+    fn what_a_run_measures_of_itself_is_not_a_difference() {
+        let recorded = RECORDED.replace(
+            "\"stdout\":\"Mon\"",
+            "\"stdout\":\"Ran 2 tests in 0.001s\\nOK\",\"duration_ms\":12",
+        );
+        let replayed = recorded
+            .replace("0.001s", "0.013s")
+            .replace("\"duration_ms\":12", "\"duration_ms\":40");
+        assert!(compare(&recorded, &replayed, "d", "d").identical);
+        // A number without a unit of time is not masked: a clock's output differs.
+        let clock = RECORDED.replace("\"stdout\":\"Mon\"", "\"stdout\":\"1764000000123\"");
+        let later = clock.replace("1764000000123", "1764000000999");
+        assert_eq!(compare(&clock, &later, "d", "d").differences.len(), 1);
+        assert_eq!(
+            comparable(&json!("took 5 ms, 2.5 seconds and 3s; 12 files")),
+            json!("took <duration>, <duration> and <duration>; 12 files")
+        );
     }
 }
