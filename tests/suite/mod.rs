@@ -17,3 +17,4 @@ mod retry;
 mod setup;
 mod tenancy;
 mod usage;
+mod wires;
