@@ -138,7 +138,7 @@ fn spec_of(view: &TaskView, recorded: &str) -> TaskSpec {
     let limits = start
         .as_ref()
         .and_then(|s| serde_json::from_value::<Limits>(s["limits"].clone()).ok())
-        .unwrap_or_else(|| view.limits.clone());
+        .unwrap_or(view.limits);
     let model = start
         .as_ref()
         .and_then(|s| s["model"].as_str().map(str::to_string))

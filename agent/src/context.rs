@@ -29,6 +29,14 @@ fn tokens(text: &str) -> u64 {
     (text.len() as u64).div_ceil(4)
 }
 
+/// What a window keeps free for the answer: `max_output_tokens`, else an eighth of it.
+fn reserve(window: u64, max_output: Option<u32>) -> u64 {
+    max_output
+        .map(u64::from)
+        .unwrap_or((window / 8).clamp(256, 16_384))
+        .min(window / 2)
+}
+
 impl Budget {
     pub fn new(window: u64, max_output: Option<u32>, schemas: &[ToolSchema]) -> Self {
         let tools_tokens = schemas
@@ -37,11 +45,17 @@ impl Budget {
             .sum();
         Self {
             window,
-            reserve: max_output
-                .map(u64::from)
-                .unwrap_or((window / 8).clamp(256, 16_384))
-                .min(window / 2),
+            reserve: reserve(window, max_output),
             tools_tokens,
+        }
+    }
+
+    /// The same budget in a smaller window (one a provider's refusal taught).
+    pub fn narrowed(&self, window: u64, max_output: Option<u32>) -> Self {
+        Self {
+            window,
+            reserve: reserve(window, max_output),
+            tools_tokens: self.tools_tokens,
         }
     }
 

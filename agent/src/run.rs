@@ -111,6 +111,9 @@ pub struct AgentRun {
     pub model_override: Option<Arc<dyn Model>>,
 }
 
+/// The smallest window a context-length error can teach (below it no turn fits anyway).
+const MIN_WINDOW: u64 = 1024;
+
 const SYSTEM_PROMPT: &str = "You are patchflow's coding agent, working in a checked-out repository (your working directory is its root). \
 Make the change the task asks for, as a minimal, correct patch. Use the tools: read and search before you edit, \
 edit with exact text, and run the project's tests or a quick check with run_shell_command to verify. \
@@ -187,7 +190,9 @@ impl AgentRun {
             .context_window
             .unwrap_or(self.settings.default_context_window);
         let schemas = tools::schemas();
-        let budget = Budget::new(window, profile.max_output_tokens, &schemas);
+        // The declared window; a provider that refuses a request as too long may teach a
+        // smaller one (below), which holds for the rest of the run.
+        let mut budget = Budget::new(window, profile.max_output_tokens, &schemas);
         let model: Arc<dyn Model> = match &self.model_override {
             Some(m) => m.clone(),
             None => Arc::from(endpoint.connect(schemas).map_err(std::io::Error::other)?),
@@ -276,7 +281,8 @@ impl AgentRun {
                     if plan.is_none() && overflowed > 0 {
                         summary.outcome = AgentOutcome::Error;
                         summary.error = Some(format!(
-                            "the conversation does not fit the model's context window ({window} tokens) even compacted"
+                            "the conversation does not fit the model's context window ({} tokens) even compacted",
+                            budget.window
                         ));
                         break 'steps;
                     }
@@ -341,9 +347,23 @@ impl AgentRun {
                     .await
                 {
                     Ok(a) => break (a, asked.elapsed()),
-                    Err(ModelError::ContextLength(m)) if overflowed < 2 => {
+                    Err(ModelError::ContextLength(m)) if overflowed < 3 => {
                         tracing::info!(step, error = %m, "the provider found the request too long; compacting");
                         overflowed += 1;
+                        // The window is smaller than declared: take the one the error states,
+                        // else three quarters of what was refused.
+                        let refused = budget.estimate(&system, &items, calibration);
+                        let learned = crate::model::stated_window(&m)
+                            .filter(|&w| w < budget.window)
+                            .unwrap_or(refused.min(budget.window) * 3 / 4)
+                            .max(MIN_WINDOW);
+                        if learned < budget.window {
+                            transcript.write(
+                                "context_window",
+                                json!({"step": step, "declared": budget.window, "learned": learned, "refused_tokens": refused}),
+                            );
+                            budget = budget.narrowed(learned, profile.max_output_tokens);
+                        }
                     }
                     Err(e) => {
                         summary.outcome = if Instant::now() >= deadline {
@@ -538,7 +558,13 @@ impl AgentRun {
             tracing::warn!(step, attempt, error = %err, "model request failed");
             transcript.write(
                 "model_error",
-                json!({"step": step, "attempt": attempt, "error": err.to_string()}),
+                json!({
+                    "step": step,
+                    "attempt": attempt,
+                    "kind": err.kind(),
+                    "compaction": !request.tools,
+                    "error": err.to_string(),
+                }),
             );
             match err {
                 ModelError::Transient(m) if attempt <= self.max_retries => {

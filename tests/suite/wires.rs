@@ -846,6 +846,7 @@ async fn compaction_over_a_long_run() {
     let results = of_type(&entries, "tool_result");
     assert_eq!(results.len(), 60);
     assert!(results.iter().all(|e| e["ok"] == true), "{text}");
+    let first = id.clone();
 
     // A profile claiming a far larger window: the provider refuses, the agent compacts
     // and goes on.
@@ -875,4 +876,32 @@ async fn compaction_over_a_long_run() {
     assert!(!compactions.is_empty(), "{text}");
     assert_eq!(r["summary"]["compactions"], compactions.len());
     assert_eq!(r["summary"]["steps"], 60);
+    // The refusal taught the agent the real window, which it kept to from then on.
+    let learned = of_type(&entries, "context_window");
+    assert_eq!(learned.len(), 1, "{text}");
+    assert_eq!(learned[0]["declared"], 128000);
+    assert_eq!(learned[0]["learned"], SMALL_WINDOW, "{}", learned[0]);
+    assert_eq!(
+        of_type(&entries, "model_error")
+            .iter()
+            .filter(|e| e["kind"] == "context_length")
+            .count(),
+        1,
+        "{text}"
+    );
+
+    // Both compacted runs replay exactly, compactions and the refusal included, with the
+    // model server stopped.
+    stack.model.stop();
+    for task in [&first, &id] {
+        let out = stack.cli(&["replay", task]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("identical (60 tool results"), "{text}");
+    }
 }

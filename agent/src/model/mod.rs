@@ -105,6 +105,36 @@ pub enum ModelError {
     Fatal(String),
 }
 
+impl ModelError {
+    /// The error's class as the transcript records it (`model_error.kind`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Transient(_) => "transient",
+            Self::ContextLength(_) => "context_length",
+            Self::Auth(_) => "auth",
+            Self::Fatal(_) => "fatal",
+        }
+    }
+}
+
+/// The window a context-length error states, when it does: OpenAI's and vLLM's "maximum
+/// context length is 8192 tokens", "context window of 8192", Anthropic-style
+/// "210000 tokens > 200000 maximum".
+pub fn stated_window(message: &str) -> Option<u64> {
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let re = RE.get_or_init(|| {
+        regex::Regex::new(
+            r"(?i)(?:maximum context length is|context length of|context window of|context window is|maximum context length:)\s*(\d+)|>\s*(\d+)\s*maximum",
+        )
+        .unwrap_or_else(|_| unreachable!("a valid pattern"))
+    });
+    let caps = re.captures(message)?;
+    caps.get(1)
+        .or_else(|| caps.get(2))
+        .and_then(|m| m.as_str().parse().ok())
+        .filter(|&w| w > 0)
+}
+
 impl std::fmt::Display for ModelError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -268,6 +298,26 @@ pub(crate) fn count(v: &Value) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_window_an_error_states_is_read() {
+        assert_eq!(
+            stated_window(
+                "HTTP 400: This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens."
+            ),
+            Some(8192)
+        );
+        assert_eq!(
+            stated_window("prompt is too long: 210000 tokens > 200000 maximum"),
+            Some(200000)
+        );
+        assert_eq!(
+            stated_window("exceeds the context window of 32768 tokens"),
+            Some(32768)
+        );
+        assert_eq!(stated_window("input is too long"), None);
+        assert_eq!(stated_window("maximum context length is 0 tokens"), None);
+    }
 
     #[test]
     fn context_length_errors_are_recognised_across_providers() {

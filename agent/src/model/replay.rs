@@ -15,10 +15,13 @@ use serde_json::Value;
 
 use super::{Answer, Model, ModelError, Request, ToolCall, Usage};
 
-/// Answers from a recorded transcript, in the order the run received them.
+/// Answers from a recorded transcript, in the order the run received them. The errors
+/// that changed the run's course come back too: a context-length refusal (the run
+/// compacted), a refused key, a fatal error. Transient ones do not: the recorded retry's
+/// answer follows them.
 pub struct ReplayWire {
-    answers: Mutex<VecDeque<Answer>>,
-    compactions: Mutex<VecDeque<Answer>>,
+    answers: Mutex<VecDeque<Result<Answer, ModelError>>>,
+    compactions: Mutex<VecDeque<Result<Answer, ModelError>>>,
 }
 
 fn entries(transcript: &str) -> impl Iterator<Item = Value> + '_ {
@@ -38,7 +41,21 @@ impl ReplayWire {
         let mut compactions = VecDeque::new();
         for e in entries(transcript) {
             match e["type"].as_str() {
-                Some("model_response") => answers.push_back(Answer {
+                Some("model_error") => {
+                    let message = e["error"].as_str().unwrap_or_default().to_string();
+                    let err = match e["kind"].as_str() {
+                        Some("context_length") => ModelError::ContextLength(message),
+                        Some("auth") => ModelError::Auth(message),
+                        Some("fatal") => ModelError::Fatal(message),
+                        _ => continue,
+                    };
+                    if e["compaction"] == true {
+                        compactions.push_back(Err(err));
+                    } else {
+                        answers.push_back(Err(err));
+                    }
+                }
+                Some("model_response") => answers.push_back(Ok(Answer {
                     content: e["content"].as_str().unwrap_or_default().to_string(),
                     calls: e["tool_calls"]
                         .as_array()
@@ -52,16 +69,19 @@ impl ReplayWire {
                         .collect(),
                     reasoning: e["reasoning"].as_array().cloned().unwrap_or_default(),
                     usage: recorded_usage(&e["usage"]),
-                }),
-                Some("compaction") => compactions.push_back(Answer {
+                })),
+                // A compaction whose request failed recorded that failure above instead.
+                Some("compaction")
+                    if e["usage"].is_null() && compactions.back().is_some_and(Result::is_err) => {}
+                Some("compaction") => compactions.push_back(Ok(Answer {
                     content: e["summary"].as_str().unwrap_or_default().to_string(),
                     usage: recorded_usage(&e["usage"]),
                     ..Answer::default()
-                }),
+                })),
                 _ => {}
             }
         }
-        if answers.is_empty() {
+        if !answers.iter().any(Result::is_ok) {
             return Err("the transcript records no model answer to replay".into());
         }
         Ok(Self {
@@ -80,12 +100,12 @@ impl Model for ReplayWire {
             &self.compactions
         };
         let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
-        next.ok_or_else(|| {
-            ModelError::Fatal(if request.tools {
+        next.unwrap_or_else(|| {
+            Err(ModelError::Fatal(if request.tools {
                 "replay: the recorded run had no more model answers".into()
             } else {
                 "replay: the recorded run compacted fewer times".into()
-            })
+            }))
         })
     }
 
@@ -239,6 +259,28 @@ mod tests {
             Err(ModelError::Fatal(_))
         ));
         assert!(ReplayWire::from_transcript("{\"type\":\"start\"}\nnot json\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn errors_that_changed_the_course_come_back_and_transient_ones_do_not() {
+        let recorded = r#"{"type":"start","model":"m"}
+{"type":"model_error","step":1,"attempt":1,"kind":"transient","compaction":false,"error":"HTTP 500"}
+{"type":"model_error","step":1,"attempt":1,"kind":"context_length","compaction":false,"error":"HTTP 400: too long"}
+{"type":"compaction","step":1,"summary":"s","usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}
+{"type":"model_response","step":1,"content":"done","tool_calls":[]}
+"#;
+        let wire = ReplayWire::from_transcript(recorded).unwrap();
+        let ask = |tools| Request {
+            instructions: "",
+            items: &[],
+            tools,
+        };
+        assert!(matches!(
+            wire.ask(ask(true)).await,
+            Err(ModelError::ContextLength(m)) if m == "HTTP 400: too long"
+        ));
+        assert_eq!(wire.ask(ask(false)).await.unwrap().content, "s");
+        assert_eq!(wire.ask(ask(true)).await.unwrap().content, "done");
     }
 
     #[test]
