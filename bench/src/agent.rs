@@ -114,7 +114,10 @@ async fn run_agent_once(
     let compaction = seen
         .bodies
         .iter()
-        .map(|b| b.to_string().contains(patchflow_scripted_model::COMPACTION_MARKER))
+        .map(|b| {
+            b.to_string()
+                .contains(patchflow_scripted_model::COMPACTION_MARKER)
+        })
         .collect();
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
     Ok(AgentSample {
@@ -196,9 +199,7 @@ pub async fn run(runs: usize, steps: usize) -> anyhow::Result<ExitCode> {
         dir.path(),
         &baseline,
         script,
-        &[
-            ("PATCHFLOW_DEFAULT_CONTEXT_WINDOW", &WINDOW.to_string()),
-        ],
+        &[("PATCHFLOW_DEFAULT_CONTEXT_WINDOW", &WINDOW.to_string())],
     )
     .await?;
     rss = rss.max(s.max_rss_kib);
