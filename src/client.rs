@@ -219,7 +219,7 @@ pub fn http(config: &Config) -> anyhow::Result<reqwest::Client> {
 }
 
 /// Turns an API error body into a readable error.
-async fn check(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
+pub(crate) async fn check(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
     if resp.status().is_success() {
         return Ok(resp);
     }

@@ -110,6 +110,24 @@ async fn replay(config: &Config, a: ReplayArgs) -> anyhow::Result<ExitCode> {
     std::fs::write(&paths.baseline, &source)?;
     patchflow_platform::archive::unpack_tar_zst(&paths.baseline, &paths.workspace)
         .with_context(|| format!("the staged code of task {id} is not a tar.zst archive"))?;
+    // The HOME paths a setup kept, where the agent's commands found them.
+    let home = client
+        .get(format!("{base}/api/tasks/{id}/source"))
+        .query(&[("part", "home")])
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the patchflow gateway at {base}"))?;
+    if home.status() != reqwest::StatusCode::NOT_FOUND {
+        let bytes = crate::client::check(home)
+            .await
+            .with_context(|| format!("cannot fetch the prepared HOME of task {id}"))?
+            .bytes()
+            .await?;
+        let archive = dir.join("home.tar.zst");
+        std::fs::write(&archive, &bytes)?;
+        patchflow_platform::archive::unpack_tar_zst(&archive, &paths.scratch)
+            .with_context(|| format!("the prepared HOME of task {id} is not a tar.zst archive"))?;
+    }
 
     let spec = spec_of(&view, &recorded);
     let report = patchflow_agent::cli::replay(config, spec, &paths, &recorded, &recorded_diff)

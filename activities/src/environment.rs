@@ -323,7 +323,7 @@ impl Activities {
             .await
             .map_err(transient)?;
         let home_key = if home_files > 0 {
-            let key = format!("staged/{id}/home.tar.zst");
+            let key = layout::prepared_home_key(id);
             self.objects
                 .put_file(&key, &home_tar)
                 .await

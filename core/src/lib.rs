@@ -46,6 +46,10 @@ pub mod layout {
     pub fn prepared_key(task: &TaskId) -> String {
         format!("staged/{task}/prepared.tar.zst")
     }
+    /// The setup's HOME cache paths, restored into the agent's HOME.
+    pub fn prepared_home_key(task: &TaskId) -> String {
+        format!("staged/{task}/home.tar.zst")
+    }
     pub fn result_key(task: &TaskId, file: &str) -> String {
         format!("results/{task}/{file}")
     }

@@ -556,7 +556,8 @@ async fn result_file(
     let id = parse_id(id)?;
     service.get_for(who, &id).await?;
     let opened = match file {
-        SOURCE => service.open_source(&id).await?,
+        SOURCE => service.open_source(&id, false).await?,
+        SOURCE_HOME => service.open_source(&id, true).await?,
         _ => service.open_result(&id, file, attempt).await?,
     };
     match opened {
@@ -611,15 +612,33 @@ async fn transcript(
     .await
 }
 
-/// The code the agent started from (`application/zstd`, a tar): what replay restores.
+/// The code the agent started from (`application/zstd`, a tar): what replay restores;
+/// `?part=home`, the HOME paths its setup kept.
 const SOURCE: &str = "source";
+const SOURCE_HOME: &str = "source-home";
+
+#[derive(Debug, Deserialize)]
+struct SourceQuery {
+    part: Option<String>,
+}
 
 async fn source(
     State(service): State<TaskService>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
+    Query(q): Query<SourceQuery>,
 ) -> Result<Response, ApiError> {
-    result_file(&service, &who, &id, SOURCE, None, "application/zstd").await
+    let part = match q.part.as_deref() {
+        None | Some("code") => SOURCE,
+        Some("home") => SOURCE_HOME,
+        Some(other) => {
+            return Err(ServiceError::BadRequest(format!(
+                "part must be `code` or `home`, not `{other}`"
+            ))
+            .into());
+        }
+    };
+    result_file(&service, &who, &id, part, None, "application/zstd").await
 }
 
 async fn agent_log(

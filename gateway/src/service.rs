@@ -669,8 +669,23 @@ impl TaskService {
 
     /// The code the agent started from: the workspace a setup prepared, else the staged
     /// archive (`code.tar.zst`). What `patchflow replay` runs the agent on again.
-    pub async fn open_source(&self, task_id: &TaskId) -> Result<ResultFile, ServiceError> {
+    /// With `home`, the setup's HOME cache paths instead (a task whose setup kept none has
+    /// none: not found).
+    pub async fn open_source(
+        &self,
+        task_id: &TaskId,
+        home: bool,
+    ) -> Result<ResultFile, ServiceError> {
         let record = self.get(task_id).await?;
+        if home {
+            let key = layout::prepared_home_key(task_id);
+            let none = || {
+                ServiceError::Missing(format!(
+                    "task {task_id} has no prepared HOME (its setup kept no HOME paths, or it had no setup)"
+                ))
+            };
+            return self.open_object(&key, none).await;
+        }
         let prepared = layout::prepared_key(task_id);
         let key = if self.objects.exists(&prepared).await? {
             prepared

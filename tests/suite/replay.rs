@@ -109,6 +109,14 @@ async fn a_completed_task_replays_identical_with_the_model_stopped() {
         .get_json(&format!("/api/tasks/{id}/diff?attempt=x"))
         .await;
     assert_eq!(code, 400, "{v}");
+    let (code, v) = stack
+        .get_json(&format!("/api/tasks/{id}/source?part=home"))
+        .await;
+    assert_eq!(code, 404, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("no prepared HOME"),
+        "{v}"
+    );
 
     // The staged code is a zstd archive, and it is the owner's only.
     let (code, _) = stack.get_text(&format!("/api/tasks/{id}/source")).await;
@@ -212,4 +220,67 @@ async fn a_run_whose_tool_results_change_is_reported_step_by_step() {
     assert_eq!(diffs[0]["step"], 2);
     assert_eq!(diffs[0]["tool"], "run_shell_command");
     assert_ne!(diffs[0]["recorded_output"], diffs[0]["replayed_output"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_with_a_setup_replays_on_its_prepared_workspace_and_home() {
+    let shell = |cmd: &str| ScriptedCall {
+        name: "run_shell_command".into(),
+        arguments: json!({"command_string": cmd}),
+    };
+    let script = Script {
+        turns: vec![
+            Turn {
+                tool_calls: vec![shell("cat prepared.txt ~/.cache/tool/marker")],
+                ..Turn::default()
+            },
+            Turn {
+                expect_in_tool_results: vec!["from setup".into(), "home v1".into()],
+                tool_calls: vec![ScriptedCall {
+                    name: "finish".into(),
+                    arguments: json!({"summary": "read what the setup made"}),
+                }],
+                ..Turn::default()
+            },
+        ],
+        ..Script::default()
+    };
+    let stack = Stack::start(Mode::Up, script, &[]).await;
+    let repo = demo_git_repo(stack.dir.path());
+    let (code, v) = stack
+        .post_json(
+            "/api/tasks",
+            &json!({
+                "git_url": format!("file://{}", repo.display()),
+                "task_description": "read the prepared files",
+                "setup": {
+                    "setup_script": "echo 'from setup' > prepared.txt\nmkdir -p ~/.cache/tool\necho 'home v1' > ~/.cache/tool/marker\n",
+                    "network": "off",
+                    "cache_paths": ["~/.cache/tool"]
+                }
+            }),
+        )
+        .await;
+    assert_eq!(code, 202, "{v}");
+    let id = v["task_id"].as_str().unwrap().to_string();
+    let r = stack.wait_terminal(&id).await;
+    assert_eq!(r["status"], "COMPLETED", "{r}\n{}", stack.logs());
+    stack.model.stop();
+
+    // Both parts of the prepared state are served; a part that is neither is refused.
+    for part in ["code", "home"] {
+        let (code, _) = stack
+            .get_text(&format!("/api/tasks/{id}/source?part={part}"))
+            .await;
+        assert_eq!(code, 200, "part {part}");
+    }
+    let (code, v) = stack
+        .get_json(&format!("/api/tasks/{id}/source?part=../../etc"))
+        .await;
+    assert_eq!(code, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("part"), "{v}");
+
+    let (code, out, err) = replay(&stack, &[&id], None);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("identical (2 tool results"), "{out}");
 }
