@@ -1,8 +1,7 @@
 //! `patchflow-bench agent`: the agent against an in-process scripted model that answers
 //! at once: process start to first model request, the cost of a file-tool step and of a
 //! trivial shell step (time between consecutive model requests), the agent's own time
-//! around a context compaction (a long run of 10 KiB reads in a 16k-token window), and
-//! peak RSS. The agent
+//! around a context compaction (a 200-step run in an 8k-token window), and peak RSS. The agent
 //! speaks the wire `PATCHFLOW_WIRE_API` names (`chat` by default, or `responses`),
 //! streamed unless `PATCHFLOW_LLM_STREAM=false`.
 
@@ -36,6 +35,10 @@ struct AgentSample {
     step_gaps: Vec<Duration>,
     /// Whether each request was a compaction request.
     compaction: Vec<bool>,
+    max_request_tokens: u64,
+    /// The run's outcome as its summary.json says it, and its step count.
+    outcome: String,
+    steps: u64,
     max_rss_kib: i64,
 }
 
@@ -62,6 +65,7 @@ async fn run_agent_once(
         "benchmark",
     );
     spec.limits.max_steps = 1000;
+    spec.limits.max_tokens = 100_000_000;
     std::fs::write(&task, serde_json::to_vec(&spec)?)?;
     let started = Instant::now();
     let status = tokio::process::Command::new(exe)
@@ -99,6 +103,12 @@ async fn run_agent_once(
     if !seen.violations.is_empty() {
         bail!("scripted model violations: {:?}", seen.violations);
     }
+    if seen.context_overflows > 0 {
+        bail!(
+            "{} requests passed the model's context window",
+            seen.context_overflows
+        );
+    }
     let first = *seen
         .arrivals
         .first()
@@ -119,11 +129,18 @@ async fn run_agent_once(
                 .contains(patchflow_scripted_model::COMPACTION_MARKER)
         })
         .collect();
+    let summary: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join(patchflow_core::layout::SUMMARY))
+            .context("the agent wrote no summary.json")?,
+    )?;
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
     Ok(AgentSample {
         to_first_request: first.saturating_duration_since(started),
         step_gaps: gaps,
         compaction,
+        max_request_tokens: seen.max_request_tokens,
+        outcome: summary["outcome"].as_str().unwrap_or_default().to_string(),
+        steps: summary["steps"].as_u64().unwrap_or_default(),
         max_rss_kib: usage.max_rss(),
     })
 }
@@ -187,11 +204,19 @@ pub async fn run(runs: usize, steps: usize) -> anyhow::Result<ExitCode> {
         .collect();
     rss = rss.max(s.max_rss_kib);
 
-    // A long run in a small window: every few steps the agent compacts. Its own time around
-    // one compaction is the gap before the compaction request plus the gap after its
-    // answer (the model answers both at once).
-    const WINDOW: u64 = 16_000;
-    let long = vec![("read_file_content", json!({"file_path": "ten_kib.txt"})); 4 * steps];
+    // The long run: 200 steps in an 8k-token window (each step reads 40 lines,
+    // about 650 tokens), so the agent compacts every few steps. Its own time around one
+    // compaction is the gap before the compaction request plus the gap after its answer
+    // (the model answers both at once).
+    const WINDOW: u64 = 8_000;
+    const LONG_STEPS: usize = 200;
+    let long = vec![
+        (
+            "read_file_content",
+            json!({"file_path": "ten_kib.txt", "start_line": 1, "end_line": 40})
+        );
+        LONG_STEPS
+    ];
     let mut script = Script::calls_then_finish(long);
     script.context_window = Some(WINDOW);
     let s = run_agent_once(
@@ -208,6 +233,17 @@ pub async fn run(runs: usize, steps: usize) -> anyhow::Result<ExitCode> {
         .filter_map(|i| Some(ms(*s.step_gaps.get(i - 1)?) + ms(*s.step_gaps.get(i)?)))
         .collect();
     let compacted = compactions.len();
+    if s.outcome != "finished" {
+        bail!(
+            "the {LONG_STEPS}-step run ended `{}` after {} steps",
+            s.outcome,
+            s.steps
+        );
+    }
+    println!(
+        "{}-step run in a {WINDOW}-token window: {}, {compacted} compactions, no request over the window, largest {} tokens",
+        s.steps, s.outcome, s.max_request_tokens
+    );
 
     let (f50, f95, _) = stats(first);
     let (r50, r95, _) = stats(read_gaps);
