@@ -68,7 +68,7 @@ async fn run_agent_once(
     spec.limits.max_tokens = 100_000_000;
     std::fs::write(&task, serde_json::to_vec(&spec)?)?;
     let started = Instant::now();
-    let status = tokio::process::Command::new(exe)
+    let mut child = tokio::process::Command::new(exe)
         .arg("agent")
         .arg("--task")
         .arg(&task)
@@ -94,8 +94,23 @@ async fn run_agent_once(
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .status()
-        .await?;
+        .spawn()?;
+    // The agent's own peak RSS, from its VmHWM while it runs. Not the children's
+    // `ru_maxrss`: a child spawned by vfork records its parent's high-water mark at exec,
+    // so that figure would be this (growing) process's. Sampled every 20 ms, seldom enough
+    // not to slow the run measured; the mark only rises, so the last sample is within
+    // 20 ms of the agent's end.
+    let pid = child.id().context("the agent exited at once")?;
+    let mut peak_kib = 0i64;
+    let status = loop {
+        if let Some(kib) = vm_hwm_kib(pid) {
+            peak_kib = peak_kib.max(kib);
+        }
+        tokio::select! {
+            status = child.wait() => break status?,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    };
     if !status.success() {
         bail!("the agent failed ({status})");
     }
@@ -133,7 +148,6 @@ async fn run_agent_once(
         &std::fs::read(out.join(patchflow_core::layout::SUMMARY))
             .context("the agent wrote no summary.json")?,
     )?;
-    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
     Ok(AgentSample {
         to_first_request: first.saturating_duration_since(started),
         step_gaps: gaps,
@@ -141,8 +155,21 @@ async fn run_agent_once(
         max_request_tokens: seen.max_request_tokens,
         outcome: summary["outcome"].as_str().unwrap_or_default().to_string(),
         steps: summary["steps"].as_u64().unwrap_or_default(),
-        max_rss_kib: usage.max_rss(),
+        max_rss_kib: peak_kib,
     })
+}
+
+/// A process's peak resident set (`VmHWM` in /proc/PID/status), in KiB.
+fn vm_hwm_kib(pid: u32) -> Option<i64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 pub async fn run(runs: usize, steps: usize) -> anyhow::Result<ExitCode> {
