@@ -555,11 +555,11 @@ async fn result_file(
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
     service.get_for(who, &id).await?;
-    let opened = match file {
-        SOURCE => service.open_source(&id, false).await?,
-        SOURCE_HOME => service.open_source(&id, true).await?,
-        _ => service.open_result(&id, file, attempt).await?,
-    };
+    respond(service.open_result(&id, file, attempt).await?, content_type)
+}
+
+/// An opened object as the answer: a redirect to its presigned URL, or its bytes.
+fn respond(opened: ResultFile, content_type: &str) -> Result<Response, ApiError> {
     match opened {
         ResultFile::Redirect(url) => {
             Ok((StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, url)]).into_response())
@@ -612,25 +612,22 @@ async fn transcript(
     .await
 }
 
-/// The code the agent started from (`application/zstd`, a tar): what replay restores;
-/// `?part=home`, the HOME paths its setup kept.
-const SOURCE: &str = "source";
-const SOURCE_HOME: &str = "source-home";
-
 #[derive(Debug, Deserialize)]
 struct SourceQuery {
     part: Option<String>,
 }
 
+/// The code the agent started from (`application/zstd`, a tar): what replay restores;
+/// `?part=home`, the HOME paths its setup kept.
 async fn source(
     State(service): State<TaskService>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     Query(q): Query<SourceQuery>,
 ) -> Result<Response, ApiError> {
-    let part = match q.part.as_deref() {
-        None | Some("code") => SOURCE,
-        Some("home") => SOURCE_HOME,
+    let home = match q.part.as_deref() {
+        None | Some("code") => false,
+        Some("home") => true,
         Some(other) => {
             return Err(ServiceError::BadRequest(format!(
                 "part must be `code` or `home`, not `{other}`"
@@ -638,7 +635,9 @@ async fn source(
             .into());
         }
     };
-    result_file(&service, &who, &id, part, None, "application/zstd").await
+    let id = parse_id(&id)?;
+    service.get_for(&who, &id).await?;
+    respond(service.open_source(&id, home).await?, "application/zstd")
 }
 
 async fn agent_log(

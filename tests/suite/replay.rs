@@ -5,9 +5,6 @@
 //! tenant can neither replay a task nor download its code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
-use patchflow_core::TaskStatus;
 use patchflow_scripted_model::{Script, ScriptedCall, Turn};
 use serde_json::{Value, json};
 
@@ -29,20 +26,17 @@ fn replay(stack: &Stack, args: &[&str], token: Option<&str>) -> (i32, String, St
     )
 }
 
-async fn wait_attempt_ends(stack: &Stack, id: &str, attempt: u64) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let r = stack.record(id).await;
-        let status: TaskStatus = serde_json::from_value(r["status"].clone()).unwrap();
-        if r["attempt"] == attempt && status.is_terminal() {
-            return r;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "attempt {attempt} of {id} did not end: {r}\n{}",
-            stack.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+fn shell(cmd: &str) -> ScriptedCall {
+    ScriptedCall {
+        name: "run_shell_command".into(),
+        arguments: json!({"command_string": cmd}),
+    }
+}
+
+fn finish(summary: &str) -> ScriptedCall {
+    ScriptedCall {
+        name: "finish".into(),
+        arguments: json!({"summary": summary}),
     }
 }
 
@@ -60,7 +54,7 @@ async fn a_completed_task_replays_identical_with_the_model_stopped() {
         )
         .await;
     assert_eq!(code, 202, "{v}");
-    let r = wait_attempt_ends(&stack, &id, 2).await;
+    let r = stack.wait_attempt_ends(&id, 2).await;
     assert_eq!(r["status"], "COMPLETED", "{r}\n{}", stack.logs());
 
     stack.model.stop();
@@ -145,6 +139,14 @@ async fn a_completed_task_replays_identical_with_the_model_stopped() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
+    for path in ["source?part=home", "transcript?attempt=1", "diff?attempt=2"] {
+        let r = http_with(Some(&other))
+            .get(format!("{}/api/tasks/{id}/{path}", stack.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 404, "{path}");
+    }
     let r = http_with(None)
         .get(format!("{}/api/tasks/{id}/source", stack.base))
         .send()
@@ -159,10 +161,6 @@ async fn a_completed_task_replays_identical_with_the_model_stopped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_whose_tool_results_change_is_reported_step_by_step() {
-    let shell = |cmd: &str| ScriptedCall {
-        name: "run_shell_command".into(),
-        arguments: json!({"command_string": cmd}),
-    };
     let script = Script {
         turns: vec![
             Turn {
@@ -174,10 +172,7 @@ async fn a_run_whose_tool_results_change_is_reported_step_by_step() {
                 ..Turn::default()
             },
             Turn {
-                tool_calls: vec![ScriptedCall {
-                    name: "finish".into(),
-                    arguments: json!({"summary": "looked at the clock"}),
-                }],
+                tool_calls: vec![finish("looked at the clock")],
                 ..Turn::default()
             },
         ],
@@ -224,10 +219,6 @@ async fn a_run_whose_tool_results_change_is_reported_step_by_step() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_with_a_setup_replays_on_its_prepared_workspace_and_home() {
-    let shell = |cmd: &str| ScriptedCall {
-        name: "run_shell_command".into(),
-        arguments: json!({"command_string": cmd}),
-    };
     let script = Script {
         turns: vec![
             Turn {
@@ -236,10 +227,7 @@ async fn a_task_with_a_setup_replays_on_its_prepared_workspace_and_home() {
             },
             Turn {
                 expect_in_tool_results: vec!["from setup".into(), "home v1".into()],
-                tool_calls: vec![ScriptedCall {
-                    name: "finish".into(),
-                    arguments: json!({"summary": "read what the setup made"}),
-                }],
+                tool_calls: vec![finish("read what the setup made")],
                 ..Turn::default()
             },
         ],

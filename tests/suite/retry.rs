@@ -38,23 +38,6 @@ fn attempts(r: &Value) -> Vec<(u64, String)> {
         .collect()
 }
 
-async fn wait_attempt_ends(stack: &Stack, id: &str, attempt: u64) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let r = stack.record(id).await;
-        let status: TaskStatus = serde_json::from_value(r["status"].clone()).unwrap();
-        if r["attempt"] == attempt && status.is_terminal() {
-            return r;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "attempt {attempt} of {id} did not end: {r}\n{}",
-            stack.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_from_failed_step_runs_the_agent_again_without_fetching_again() {
     let stack = Stack::start(Mode::Up, failing_script(), &[]).await;
@@ -161,7 +144,7 @@ async fn retry_from_start_and_a_reset_by_hand_each_make_a_new_attempt() {
         followed.contains("FAILED") && followed.contains("COMPLETED"),
         "{followed}"
     );
-    let r = wait_attempt_ends(&stack, &id, 2).await;
+    let r = stack.wait_attempt_ends(&id, 2).await;
     assert_eq!(r["status"], "COMPLETED", "{r}\n{}", stack.logs());
     assert_eq!(
         attempts(&r),
@@ -195,7 +178,7 @@ async fn retry_from_start_and_a_reset_by_hand_each_make_a_new_attempt() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let r = wait_attempt_ends(&stack, &id, 3).await;
+    let r = stack.wait_attempt_ends(&id, 3).await;
     assert_eq!(r["status"], "COMPLETED", "{r}");
     assert_eq!(
         attempts(&r),

@@ -655,6 +655,24 @@ impl Stack {
             .await
     }
 
+    /// Waits until attempt `attempt` of the task has ended; returns the record.
+    pub async fn wait_attempt_ends(&self, id: &str, attempt: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let r = self.record(id).await;
+            let status: TaskStatus = serde_json::from_value(r["status"].clone()).unwrap();
+            if r["attempt"] == attempt && status.is_terminal() {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "attempt {attempt} of {id} did not end: {r}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn events(&self, id: &str) -> Vec<TaskEvent> {
         let (status, v) = self.get_json(&format!("/api/tasks/{id}/events")).await;
         assert_eq!(status, 200, "{v}");
