@@ -114,6 +114,11 @@ pub fn service(config: &Config, stores: &Stores, client: Client) -> anyhow::Resu
         batch_concurrency: config.batch.batch_concurrency,
         // Per task, from its tenant's quota (the gateway sets it when it starts one).
         tenant_max_running: 0,
+        // Follow-up turns are built through the workflow, the store and the agent, but no
+        // door sends the `message` update yet: until one does, an ended task's workflow
+        // closes at once instead of waiting `followup_idle_hours` for nobody.
+        followup_idle_secs: 0,
+        continue_as_new_events: config.temporal.continue_as_new_events,
     };
     Ok(TaskService::new(
         stores.tasks.clone(),

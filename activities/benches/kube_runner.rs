@@ -123,6 +123,7 @@ async fn main() {
         compactions: 0,
         wall_ms: 1,
         files_changed: vec![],
+        tests_passed: None,
         error: None,
         sandbox: None,
     };

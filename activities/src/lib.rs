@@ -30,9 +30,9 @@ use patchflow_platform::cache::{CacheError, Hot};
 use patchflow_platform::status::{self, CacheDuty, StatusWrite};
 use patchflow_platform::{ObjectStore, StatusChange, StoreError, TaskStore};
 use patchflow_workflows::io::{
-    FetchInput, FetchOutput, PrepareInput, PreparedEnv, PublishInput, PublishOutput,
-    PullRequestInput, PullRequestOutput, RunAgentInput, SlotInput, StageInput, StageOutput,
-    StatusUpdate,
+    CandidateUpdate, FetchInput, FetchOutput, PrepareInput, PreparedEnv, PublishCandidatesInput,
+    PublishInput, PublishOutput, PullRequestInput, PullRequestOutput, RunAgentInput, SlotInput,
+    StageInput, StageOutput, StatusUpdate, TurnStart,
 };
 use patchflow_workflows::steps::markers as steps;
 use temporalio_macros::activities;
@@ -41,7 +41,8 @@ use temporalio_sdk::activities::{ActivityContext, ActivityError};
 use tokio_util::sync::CancellationToken;
 
 pub use runner::{
-    AgentRunner, KubeRunner, KubeRunnerConfig, LocalRunner, LocalRunnerConfig, RunnerError,
+    AgentRunner, KubeRunner, KubeRunnerConfig, LocalRunner, LocalRunnerConfig, RunTarget,
+    RunnerError,
 };
 
 /// How often a running agent's batch slot lease is renewed (leases last `batch_lease`).
@@ -354,9 +355,67 @@ impl Activities {
         Ok(path)
     }
 
-    async fn record_agent_event(&self, task: &TaskId, event: &AgentEvent) {
-        self.record_event(task, TaskEventKind::Agent, event.describe())
-            .await;
+    /// Ends follow-up turn `turn` in the task's record: its status, the agent's account of
+    /// it, the time. Best effort: the task's own status is already stored.
+    async fn end_turn(&self, id: &TaskId, turn: u32, status: TaskStatus, summary: Option<&str>) {
+        let stored = match self.store.get(id).await {
+            Ok(Some(r)) => r.turns.into_iter().find(|t| t.turn == turn),
+            _ => None,
+        };
+        let Some(mut t) = stored else { return };
+        t.status = status;
+        if let Some(s) = summary {
+            t.summary = s.to_string();
+        }
+        t.finished_at = Some(chrono::Utc::now());
+        if let Err(e) = self.store.put_turn(id, &t).await {
+            tracing::warn!(task_id = %id, turn, error = %e, "cannot record the turn's end");
+        }
+        let _ = self.hot.status.invalidate(id).await;
+    }
+
+    /// Makes follow-up turn `turn`'s results the task's: turn 1's own files are kept at
+    /// `turns/1/` first, the transcript grows by the turn's lines, the rest is replaced
+    /// (the diff is cumulative).
+    async fn adopt_turn(&self, id: &TaskId, turn: u32) -> Result<(), ActivityError> {
+        use patchflow_platform::objectstore::copy_files;
+        let root = layout::results_prefix(id);
+        let first = layout::turn_key(id, 1, "");
+        let objects = self.objects.as_ref();
+        if turn == 2 {
+            copy_files(objects, &root, &first, &layout::RUN_FILES)
+                .await
+                .map_err(transient)?;
+        }
+        let own = layout::run_prefix(id, turn, None);
+        let mut transcript = match objects
+            .get_bytes(&layout::result_key(id, layout::TRANSCRIPT))
+            .await
+        {
+            Ok(b) => b,
+            Err(patchflow_platform::ObjectError::NotFound(_)) => Vec::new(),
+            Err(e) => return Err(transient(e)),
+        };
+        match objects
+            .get_bytes(&format!("{own}{}", layout::TRANSCRIPT))
+            .await
+        {
+            Ok(b) => transcript.extend_from_slice(&b),
+            Err(patchflow_platform::ObjectError::NotFound(_)) => {}
+            Err(e) => return Err(transient(e)),
+        }
+        objects
+            .put_bytes(&layout::result_key(id, layout::TRANSCRIPT), &transcript)
+            .await
+            .map_err(transient)?;
+        let rest: Vec<&str> = layout::RUN_FILES
+            .into_iter()
+            .filter(|f| *f != layout::TRANSCRIPT && *f != layout::TURN_DIFF)
+            .collect();
+        copy_files(objects, &own, &root, &rest)
+            .await
+            .map_err(transient)?;
+        Ok(())
     }
 
     /// Appends an event to the task's history and publishes it to live readers.
@@ -413,6 +472,11 @@ impl Activities {
         {
             StatusChange::Applied { .. } => {
                 tracing::info!(task_id = %id, status = %update.status, message = %update.message, "status");
+                if let Some(turn) = update.turn
+                    && update.status.is_terminal()
+                {
+                    self.end_turn(&id, turn, update.status, None).await;
+                }
             }
             StatusChange::Ignored { current } => {
                 tracing::debug!(task_id = %id, status = %update.status, %current, "status write ignored (out of order)");
@@ -502,8 +566,20 @@ impl Activities {
         let attempt = ctx.info().attempt;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<AgentEvent>();
         let cancel = CancellationToken::new();
-        let work = self.config.work_dir(&id).join(format!("run-{attempt}"));
-        let run = self.runner.run(
+        let target = RunTarget {
+            candidate: input.candidate,
+            followup: input.followup.clone(),
+        };
+        // Candidates run at once and turns one after another: each its own directory.
+        let dir = match (&target.followup, target.candidate) {
+            (Some(f), _) => format!("run-t{}-{attempt}", f.turn),
+            (None, Some(n)) => format!("run-c{n}-{attempt}"),
+            (None, None) => format!("run-{attempt}"),
+        };
+        let work = self.config.work_dir(&id).join(dir);
+        let label = target.label();
+        let run = self.runner.run_target(
+            &target,
             &id,
             &input.spec,
             input.prepared.as_ref(),
@@ -526,7 +602,7 @@ impl Activities {
                     if let AgentEvent::ModelRequest { step } = &event {
                         last_step = *step;
                     }
-                    self.record_agent_event(&id, &event).await;
+                    self.record_event(&id, TaskEventKind::Agent, format!("{label}{}", event.describe())).await;
                     let _ = ctx.record_heartbeat(last_step).await;
                 }
                 _ = tick.tick() => {
@@ -550,7 +626,11 @@ impl Activities {
         while let Ok(event) = rx.try_recv() {
             let _ = self
                 .store
-                .append_event(&id, TaskEventKind::Agent, &event.describe())
+                .append_event(
+                    &id,
+                    TaskEventKind::Agent,
+                    &format!("{label}{}", event.describe()),
+                )
                 .await;
         }
         match result {
@@ -614,6 +694,9 @@ impl Activities {
         input: PublishInput,
     ) -> Result<PublishOutput, ActivityError> {
         let id = task_id(&input.task_id)?;
+        if let Some(turn) = input.turn.filter(|t| *t > 1) {
+            self.adopt_turn(&id, turn).await?;
+        }
         let stored = self
             .objects
             .list(&layout::results_prefix(&id))
@@ -637,7 +720,7 @@ impl Activities {
         } else {
             None
         };
-        let (status, message) = if s.outcome.is_success() {
+        let (status, mut message) = if s.outcome.is_success() {
             let changed = match s.files_changed.len() {
                 0 => "no files changed".to_string(),
                 1 => "1 file changed".to_string(),
@@ -659,13 +742,209 @@ impl Activities {
                 .unwrap_or_else(|| s.outcome.describe().to_string());
             (TaskStatus::Failed, why)
         };
+        if let Some(turn) = input.turn.filter(|t| *t > 1) {
+            message = format!("turn {turn}: {message}");
+        }
         if let StatusChange::Ignored { current } =
             self.change_status(&ctx, &id, status, &message).await?
         {
             tracing::warn!(task_id = %id, %current, %status, "final status not applied");
         }
+        if let Some(turn) = input.turn.filter(|t| *t > 1) {
+            self.end_turn(&id, turn, status, Some(&s.summary)).await;
+        }
         self.keep_attempt_results(&ctx, &id, &stored).await;
         tracing::info!(task_id = %id, %status, %message, "published");
         Ok(PublishOutput { status, message })
     }
+
+    #[activity(definition = steps::BeginTurn)]
+    pub async fn begin_turn(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: TurnStart,
+    ) -> Result<(), ActivityError> {
+        let id = task_id(&input.task_id)?;
+        let run_id = ctx.info().workflow_run_id.clone().filter(|r| !r.is_empty());
+        let turn = patchflow_core::TurnRecord {
+            turn: input.turn,
+            message: input.message,
+            status: TaskStatus::RunningAgent,
+            summary: String::new(),
+            started_at: chrono::Utc::now(),
+            finished_at: None,
+        };
+        match self
+            .store
+            .begin_turn(&id, run_id.as_deref(), &turn)
+            .await
+            .map_err(transient)?
+        {
+            StatusChange::Applied { seq } => {
+                let ev = TaskEvent {
+                    seq,
+                    kind: TaskEventKind::Status,
+                    status: Some(TaskStatus::RunningAgent),
+                    message: format!("turn {}: running the agent on the follow-up", turn.turn),
+                    at: chrono::Utc::now(),
+                };
+                let _ = self.hot.events.publish(&id, &ev).await;
+            }
+            StatusChange::Ignored { .. } => {}
+        }
+        let _ = self.hot.status.invalidate(&id).await;
+        tracing::info!(task_id = %id, turn = turn.turn, "turn begun");
+        Ok(())
+    }
+
+    #[activity(definition = steps::RecordCandidate)]
+    pub async fn record_candidate(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        input: CandidateUpdate,
+    ) -> Result<(), ActivityError> {
+        let id = task_id(&input.task_id)?;
+        let n = input.candidate;
+        let diff_bytes = if input.status.is_terminal() {
+            self.objects
+                .list(&layout::run_prefix(&id, 1, Some(n)))
+                .await
+                .map_err(transient)?
+                .iter()
+                .find(|o| o.key == layout::candidate_key(&id, n, layout::DIFF))
+                .map_or(0, |o| o.size)
+        } else {
+            0
+        };
+        let s = input.summary.as_ref();
+        let record = patchflow_core::CandidateRecord {
+            candidate: n,
+            status: input.status,
+            summary: s.map(|s| s.summary.clone()).unwrap_or_default(),
+            files_changed: s.map(|s| s.files_changed.clone()).unwrap_or_default(),
+            cost_usd: s.map_or(0.0, |s| s.cost_usd),
+            error: input.error.clone(),
+            diff_bytes,
+            tests_passed: s.and_then(|s| s.tests_passed),
+            finished_at: input.status.is_terminal().then(chrono::Utc::now),
+        };
+        self.store
+            .put_candidate(&id, &record)
+            .await
+            .map_err(transient)?;
+        let _ = self.hot.status.invalidate(&id).await;
+        if input.status.is_terminal() {
+            let note = match &input.error {
+                Some(e) => format!("candidate {n}: {} ({e})", input.status),
+                None => format!("candidate {n}: {}", input.status),
+            };
+            self.record_event(&id, TaskEventKind::Agent, note).await;
+        }
+        Ok(())
+    }
+
+    #[activity(definition = steps::PublishCandidates)]
+    pub async fn publish_candidates(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: PublishCandidatesInput,
+    ) -> Result<PublishOutput, ActivityError> {
+        let id = task_id(&input.task_id)?;
+        let record = self
+            .store
+            .get(&id)
+            .await
+            .map_err(transient)?
+            .ok_or_else(|| bad_input(format!("task {id} is not in the task store")))?;
+        let total = record.spec.candidates;
+        let ok = record
+            .candidates
+            .iter()
+            .filter(|c| c.status == TaskStatus::Completed)
+            .count();
+        if ok == 0 {
+            let why = record
+                .candidates
+                .iter()
+                .find_map(|c| c.error.clone())
+                .unwrap_or_else(|| "no candidate finished".into());
+            let message = format!("all {total} candidates failed; the first said: {why}");
+            self.change_status(&ctx, &id, TaskStatus::Failed, &message)
+                .await?;
+            return Ok(PublishOutput {
+                status: TaskStatus::Failed,
+                message,
+            });
+        }
+        let picked = record.spec.auto_select.and_then(|rule| {
+            patchflow_core::conversation::auto_pick(rule, &record.candidates, &input.finish_order)
+                .map(|n| (rule, n))
+        });
+        let mut message = format!("{ok} of {total} candidates finished");
+        match picked {
+            Some((rule, n)) => {
+                let summary = select_candidate(self.store.as_ref(), self.objects.as_ref(), &id, n)
+                    .await
+                    .map_err(transient)?;
+                message.push_str(&format!("; candidate {n} selected ({rule})"));
+                if summary.outcome.is_success() && !summary.files_changed.is_empty() {
+                    match self
+                        .pull_request(&id, &summary, input.commit.as_deref())
+                        .await?
+                    {
+                        Some(Ok(url)) => message.push_str(&format!("; pull request {url}")),
+                        Some(Err(_)) => message.push_str("; no pull request (see pr_error)"),
+                        None => {}
+                    }
+                }
+            }
+            None => {
+                if let Some(rule) = record.spec.auto_select {
+                    message.push_str(&format!("; none qualifies for {rule}"));
+                }
+                message.push_str(&format!("; select one with POST /api/tasks/{id}/select"));
+            }
+        }
+        self.change_status(&ctx, &id, TaskStatus::Completed, &message)
+            .await?;
+        Ok(PublishOutput {
+            status: TaskStatus::Completed,
+            message,
+        })
+    }
+}
+
+/// Makes candidate `n`'s results the task's: its files are copied to the task's own keys,
+/// its summary becomes the task's, and it is recorded as selected. The gateway's `select`
+/// and `auto_select` both come here.
+pub async fn select_candidate(
+    store: &dyn TaskStore,
+    objects: &dyn ObjectStore,
+    id: &TaskId,
+    n: u32,
+) -> Result<AgentSummary, String> {
+    let from = layout::run_prefix(id, 1, Some(n));
+    let bytes = objects
+        .get_bytes(&format!("{from}{}", layout::SUMMARY))
+        .await
+        .map_err(|e| format!("candidate {n} has no summary: {e}"))?;
+    let summary: AgentSummary = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("candidate {n}'s summary is unreadable: {e}"))?;
+    patchflow_platform::objectstore::copy_files(
+        objects,
+        &from,
+        &layout::results_prefix(id),
+        &layout::RUN_FILES,
+    )
+    .await
+    .map_err(|e| format!("cannot copy candidate {n}'s results: {e}"))?;
+    store
+        .set_summary(id, &summary)
+        .await
+        .map_err(|e| e.to_string())?;
+    store
+        .set_selected(id, Some(n))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(summary)
 }

@@ -42,6 +42,46 @@ pub struct AgentArgs {
     /// The task id, for logs.
     #[arg(long, default_value = "")]
     pub task_id: String,
+    /// A follow-up turn: the directory holding the previous turn's `conversation.json`
+    /// and `changes.tar.zst` (laid over the workspace before the run starts).
+    #[arg(long, requires = "followup")]
+    pub resume: Option<PathBuf>,
+    /// The follow-up message (a UTF-8 text file).
+    #[arg(long, requires = "resume")]
+    pub followup: Option<PathBuf>,
+    /// The follow-up's turn number (2 for the first follow-up).
+    #[arg(long, default_value_t = 2, requires = "resume")]
+    pub turn: u32,
+}
+
+/// Reads what a follow-up turn resumes and lays the previous changes over the workspace.
+fn resume_of(a: &AgentArgs) -> anyhow::Result<Option<crate::run::Resume>> {
+    let (Some(dir), Some(message)) = (&a.resume, &a.followup) else {
+        return Ok(None);
+    };
+    let message = std::fs::read_to_string(message)
+        .with_context(|| format!("cannot read the follow-up {}", message.display()))?;
+    let conversation = dir.join(patchflow_core::layout::CONVERSATION);
+    let conversation: Vec<crate::model::Item> = match std::fs::read(&conversation) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a conversation", conversation.display()))?,
+        // A turn that left no conversation (it died): go on from the task alone.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).context("cannot read the conversation"),
+    };
+    let changes = dir.join(patchflow_core::layout::CHANGES);
+    let prior = if changes.exists() {
+        crate::changes::apply_changes(&changes, &a.workspace)
+            .context("cannot restore the previous turn's changes")?
+    } else {
+        Default::default()
+    };
+    Ok(Some(crate::run::Resume {
+        turn: a.turn.max(2),
+        message,
+        conversation,
+        prior,
+    }))
 }
 
 pub async fn run(config: &Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -55,6 +95,7 @@ pub async fn run(config: &Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("{} is not a task spec", a.task.display()))?;
     let ws = Workspace::new(&a.workspace)
         .with_context(|| format!("workspace {} does not exist", a.workspace.display()))?;
+    let resume = resume_of(&a)?;
     let scratch = match &a.scratch {
         Some(s) => s.clone(),
         None => std::env::temp_dir(),
@@ -72,6 +113,7 @@ pub async fn run(config: &Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
         model_override: None,
         max_retries: config.llm.llm_max_retries,
         retry_backoff: Duration::from_millis(config.llm.llm_retry_backoff_ms),
+        resume,
     };
     let stdout = std::io::stdout();
     let summary = run
@@ -133,6 +175,7 @@ pub async fn replay(
         // A recorded answer never fails transiently: no retries, no waiting.
         max_retries: 0,
         retry_backoff: Duration::ZERO,
+        resume: None,
     };
     run.run(tools, |_| {})
         .await

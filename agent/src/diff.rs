@@ -99,7 +99,7 @@ fn is_binary(bytes: &[u8]) -> bool {
 }
 
 /// One file's section of the patch. `None` on a side means the file is absent there.
-fn file_diff(path: &str, old: Option<&[u8]>, new: Option<&[u8]>) -> String {
+pub(crate) fn file_diff(path: &str, old: Option<&[u8]>, new: Option<&[u8]>) -> String {
     let mut s = format!("diff --git a/{path} b/{path}\n");
     match (old, new) {
         (None, Some(_)) => s.push_str("new file mode 100644\n"),

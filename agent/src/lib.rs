@@ -8,6 +8,7 @@
 //! `diff.patch`, `transcript.jsonl`, `summary.json`) and reports progress as
 //! [`patchflow_core::AgentEvent`] lines; uploading them is the runner's job.
 
+pub mod changes;
 pub mod cli;
 pub mod context;
 pub mod diff;

@@ -109,6 +109,48 @@ pub struct AgentRun {
     pub retry_backoff: Duration,
     /// Answer from this instead of the model's endpoint (replay).
     pub model_override: Option<Arc<dyn Model>>,
+    /// A follow-up turn: the conversation it goes on with and the message it answers.
+    pub resume: Option<Resume>,
+}
+
+/// What a follow-up turn resumes (`patchflow agent --resume DIR --followup FILE`).
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    /// 2 for the first follow-up.
+    pub turn: u32,
+    /// The user's follow-up message.
+    pub message: String,
+    /// The conversation the previous turn ended with (`conversation.json`).
+    pub conversation: Vec<Item>,
+    /// The previous turns' changes, already laid over the workspace: the turn's own diff
+    /// is taken against them.
+    pub prior: crate::changes::Changes,
+}
+
+/// What the model is told in a follow-up turn.
+fn followup_prompt(turn: u32, message: &str) -> String {
+    format!(
+        "Follow-up request (turn {turn}). The workspace holds your changes so far. Continue from there:\n{}\n",
+        message.trim()
+    )
+}
+
+/// Whether a shell command runs a project's tests (its exit status then says whether they
+/// passed: `tests_passed` in the summary).
+fn is_test_command(command: &str) -> bool {
+    static TESTS: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r"(?x)\b(
+                pytest | py\.test | -m\s+unittest | tox | nox
+              | cargo\s+(?:\+\S+\s+)?(?:test|nextest)
+              | go\s+test | (?:npm|pnpm|yarn|bun)\s+(?:run\s+)?test | jest | vitest | mocha
+              | rspec | phpunit | mvn\s+(?:\S+\s+)*test | gradle\w*\s+(?:\S+\s+)*test
+              | make\s+(?:test|check) | ctest | dotnet\s+test | mix\s+test
+            )\b",
+        )
+        .unwrap_or_else(|_| unreachable!("a valid pattern"))
+    });
+    TESTS.is_match(command)
 }
 
 /// The smallest window a context-length error can teach (below it no turn fits anyway).
@@ -179,6 +221,8 @@ impl AgentRun {
         let deadline = started + Duration::from_secs(self.spec.limits.wall_seconds);
         std::fs::create_dir_all(&self.out_dir)?;
         let mut transcript = Transcript::create(&self.out_dir.join(layout::TRANSCRIPT))?;
+        let turn = self.resume.as_ref().map_or(1, |r| r.turn);
+        transcript.set_turn(turn);
         let model_name = self
             .spec
             .model
@@ -208,8 +252,18 @@ impl AgentRun {
                 repo_rules.text
             )
         };
-        let user = user_prompt(&self.spec);
-        let mut items = vec![Item::User { text: user.clone() }];
+        let (user, mut items) = match &self.resume {
+            None => {
+                let user = user_prompt(&self.spec);
+                (user.clone(), vec![Item::User { text: user }])
+            }
+            Some(r) => {
+                let user = followup_prompt(r.turn, &r.message);
+                let mut items = r.conversation.clone();
+                items.push(Item::User { text: user.clone() });
+                (user, items)
+            }
+        };
         transcript.write(
             "start",
             json!({
@@ -217,6 +271,7 @@ impl AgentRun {
                 "wire": model.wire(),
                 "context_window": window,
                 "limits": limits,
+                "resumed_items": self.resume.as_ref().map(|r| r.conversation.len()),
                 "tools": tools::schemas().iter().map(|t| t.0).collect::<Vec<_>>(),
             }),
         );
@@ -247,6 +302,7 @@ impl AgentRun {
             wall_ms: 0,
             files_changed: Vec::new(),
             error: None,
+            tests_passed: None,
             sandbox: None,
         };
         // The provider's own count of the last request's prompt, and how many items it
@@ -397,7 +453,12 @@ impl AgentRun {
             );
             if answer.calls.is_empty() {
                 summary.outcome = AgentOutcome::Answered;
-                summary.summary = answer.content;
+                summary.summary = answer.content.clone();
+                items.push(Item::Assistant {
+                    content: answer.content,
+                    calls: Vec::new(),
+                    reasoning: answer.reasoning,
+                });
                 break;
             }
             let calls = answer.calls.clone();
@@ -435,6 +496,13 @@ impl AgentRun {
                 }))
                 .await;
                 for (call, (output, duration_ms)) in batch.iter().zip(outputs) {
+                    if call.name == tools::RUN_SHELL_COMMAND
+                        && let Ok(args) = serde_json::from_str::<serde_json::Value>(&call.arguments)
+                        && args["command_string"].as_str().is_some_and(is_test_command)
+                    {
+                        summary.tests_passed =
+                            Some(output.ok && output.value["exit_code"].as_i64() == Some(0));
+                    }
                     if let Some(s) = self.record_result(
                         step,
                         call,
@@ -463,6 +531,37 @@ impl AgentRun {
                 .map_err(std::io::Error::other)??
         };
         std::fs::write(self.out_dir.join(layout::DIFF), &diff.patch)?;
+        // What a follow-up turn resumes: the workspace's changes and the conversation.
+        {
+            let (workspace, changed, out) = (
+                self.workspace.clone(),
+                diff.files_changed.clone(),
+                self.out_dir.join(layout::CHANGES),
+            );
+            tokio::task::spawn_blocking(move || {
+                crate::changes::write_changes(&workspace, &changed, &out)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+        }
+        std::fs::write(
+            self.out_dir.join(layout::CONVERSATION),
+            serde_json::to_vec(&items).map_err(std::io::Error::other)?,
+        )?;
+        if let Some(r) = &self.resume {
+            let (baseline, workspace, prior, changed) = (
+                self.baseline.clone(),
+                self.workspace.clone(),
+                r.prior.clone(),
+                diff.files_changed.clone(),
+            );
+            let own = tokio::task::spawn_blocking(move || {
+                crate::changes::turn_diff(&baseline, &prior, &workspace, &changed)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            std::fs::write(self.out_dir.join(layout::TURN_DIFF), &own.patch)?;
+        }
         summary.files_changed = diff.files_changed;
         summary.sandbox = tools.sandbox_report();
         summary.wall_ms = started.elapsed().as_millis() as u64;

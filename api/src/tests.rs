@@ -464,6 +464,7 @@ fn record() -> TaskRecord {
             compactions: 0,
             wall_ms: 900,
             files_changed: vec!["src/x.py".into()],
+            tests_passed: None,
             error: None,
             sandbox: None,
         }),
@@ -472,6 +473,9 @@ fn record() -> TaskRecord {
         idempotency_key: Some("b1/i1".into()),
         spec,
         attempt: 1,
+        turns: Vec::new(),
+        candidates: Vec::new(),
+        selected: None,
         attempts: vec![TaskAttempt {
             attempt: 1,
             started_at: at,

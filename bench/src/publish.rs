@@ -172,6 +172,7 @@ async fn setup() -> anyhow::Result<Setup> {
         compactions: 0,
         wall_ms: 900,
         files_changed: vec!["calc.py".into()],
+        tests_passed: None,
         error: None,
         sandbox: None,
     };
@@ -218,6 +219,9 @@ impl Setup {
             spec,
             attempt: 1,
             attempts: Vec::new(),
+            turns: Vec::new(),
+            candidates: Vec::new(),
+            selected: None,
         }
     }
 

@@ -268,6 +268,13 @@ settings! {
         heartbeat_timeout_secs: u64 = 10,
         /// First retry interval of a failed activity (milliseconds; doubles each time).
         retry_initial_interval_ms: u64 = 1000,
+        /// How long an ended task's workflow stays open for follow-up messages (hours,
+        /// fractions allowed); then it completes, and a later message starts a
+        /// continuation from the stored results. 0: it closes at once.
+        followup_idle_hours: f64 = 24.0,
+        /// A conversation's workflow continues as new once its history holds this many
+        /// events (or when Temporal suggests it), carrying its turns over.
+        continue_as_new_events: u32 = 4000,
     }
     /// The model the agent asks.
     llm: LlmSettings {
@@ -543,6 +550,13 @@ impl Config {
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), CoreError> {
         let bad = |k: &str, r: &str| Err(invalid(k, r));
+        let idle = self.temporal.followup_idle_hours;
+        if !(idle.is_finite() && (0.0..=24.0 * 366.0).contains(&idle)) {
+            return bad(
+                "followup_idle_hours",
+                "must be a number of hours from 0 to 8784 (a year)",
+            );
+        }
         if self.server.auth == AuthMode::None
             && ![&self.server.http_addr, &self.server.grpc_addr]
                 .iter()

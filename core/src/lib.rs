@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod conversation;
 pub mod environment;
 pub mod error;
 pub mod event;
@@ -13,6 +14,7 @@ pub mod task;
 pub mod usage;
 
 pub use config::Config;
+pub use conversation::{AutoSelect, CandidateRecord, TurnRecord};
 pub use error::{CoreError, ValidationError};
 pub use event::{AgentEvent, TaskEvent, TaskEventKind};
 pub use secret::Secret;
@@ -34,6 +36,24 @@ pub mod layout {
     pub const SUMMARY: &str = "summary.json";
     /// Every result file, in the order a reader wants them.
     pub const RESULT_FILES: [&str; 4] = [DIFF, TRANSCRIPT, AGENT_LOG, SUMMARY];
+    /// The conversation the agent ends with (what a follow-up turn resumes).
+    pub const CONVERSATION: &str = "conversation.json";
+    /// The workspace's changes against the code the run started from (every changed file's
+    /// content, and the deleted paths): what a follow-up turn's workspace is rebuilt from.
+    pub const CHANGES: &str = "changes.tar.zst";
+    /// A follow-up turn's own change (`diff.patch` is the cumulative one).
+    pub const TURN_DIFF: &str = "turn.patch";
+    /// Every file a run writes, in upload order: the summary last, since its presence says
+    /// the run's files are complete.
+    pub const RUN_FILES: [&str; 7] = [
+        DIFF,
+        TRANSCRIPT,
+        AGENT_LOG,
+        CONVERSATION,
+        CHANGES,
+        TURN_DIFF,
+        SUMMARY,
+    ];
 
     pub fn upload_key(task: &TaskId) -> String {
         format!("uploads/{task}/source.zip")
@@ -60,5 +80,23 @@ pub mod layout {
     }
     pub fn results_prefix(task: &TaskId) -> String {
         format!("results/{task}/")
+    }
+    /// Where one agent run's files go: the task's own results for its first (or only)
+    /// agent, `candidates/<n>/` for candidate `n` of a best-of-N task, `turns/<t>/` for
+    /// follow-up turn `t`. A published candidate or turn is copied to the task's own keys.
+    pub fn run_prefix(task: &TaskId, turn: u32, candidate: Option<u32>) -> String {
+        match (turn, candidate) {
+            (t, _) if t > 1 => format!("results/{task}/turns/{t}/"),
+            (_, Some(n)) => format!("results/{task}/candidates/{n}/"),
+            _ => results_prefix(task),
+        }
+    }
+    /// A candidate's result file.
+    pub fn candidate_key(task: &TaskId, candidate: u32, file: &str) -> String {
+        format!("{}{file}", run_prefix(task, 1, Some(candidate)))
+    }
+    /// A turn's own result file (`turns/1/` holds turn 1's once a second turn ran).
+    pub fn turn_key(task: &TaskId, turn: u32, file: &str) -> String {
+        format!("results/{task}/turns/{turn}/{file}")
     }
 }

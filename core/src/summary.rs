@@ -70,6 +70,10 @@ pub struct AgentSummary {
     pub files_changed: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Whether the last test command the agent ran (pytest, cargo test, npm test, …)
+    /// passed; `None` when it ran none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tests_passed: Option<bool>,
     /// The walls the run's shell commands ran under, as the sandbox probe found them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<SandboxReport>,

@@ -465,6 +465,20 @@ pub struct TaskSpec {
     /// A saved environment of the tenant's, by name (instead of `setup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
+    /// Agents run at once on the same staged code (best-of-N), 1 to 8.
+    #[serde(default = "one_candidate", skip_serializing_if = "is_one_candidate")]
+    pub candidates: u32,
+    /// How a best-of-N task picks its candidate by itself (none: the user selects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_select: Option<crate::AutoSelect>,
+}
+
+fn one_candidate() -> u32 {
+    1
+}
+
+fn is_one_candidate(n: &u32) -> bool {
+    *n == 1
 }
 
 pub fn default_tenant() -> String {
@@ -496,6 +510,8 @@ impl TaskSpec {
             policy: ToolPolicy::default(),
             setup: None,
             environment: None,
+            candidates: 1,
+            auto_select: None,
         }
     }
 
@@ -577,6 +593,15 @@ impl TaskSpec {
         if let Some(name) = &self.environment {
             crate::environment::validate_environment_name(name)
                 .map_err(|e| ValidationError::new("environment", e.reason))?;
+        }
+        if !(1..=crate::conversation::MAX_CANDIDATES).contains(&self.candidates) {
+            return Err(ValidationError::new(
+                "candidates",
+                format!(
+                    "must be between 1 and {}",
+                    crate::conversation::MAX_CANDIDATES
+                ),
+            ));
         }
         self.policy.validate()?;
         self.limits.validate()
@@ -739,6 +764,15 @@ pub struct TaskRecord {
     /// Every attempt, oldest first, each with its outcome.
     #[serde(default)]
     pub attempts: Vec<TaskAttempt>,
+    /// The conversation's turns once a follow-up was sent (empty: the task's one turn).
+    #[serde(default)]
+    pub turns: Vec<crate::TurnRecord>,
+    /// A best-of-N task's candidates (empty for a task with one agent).
+    #[serde(default)]
+    pub candidates: Vec<crate::CandidateRecord>,
+    /// The candidate whose results are the task's.
+    #[serde(default)]
+    pub selected: Option<u32>,
 }
 
 fn first_attempt() -> u32 {

@@ -401,6 +401,7 @@ impl TaskService {
             task_id: task_id.clone(),
             spec: spec.clone(),
             settings,
+            continuation: None,
         };
         // Same id twice never runs twice: a running duplicate is joined, a finished one is
         // refused (and the stored record already answers for it).

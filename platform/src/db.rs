@@ -27,7 +27,8 @@ use chrono::{DateTime, Utc};
 use patchflow_core::auth::ApiToken;
 use patchflow_core::environment::{EnvCacheEntry, EnvironmentRecord};
 use patchflow_core::{
-    AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus, UsageRow,
+    AgentSummary, CandidateRecord, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec,
+    TaskStatus, TurnRecord, UsageRow,
 };
 use thiserror::Error;
 
@@ -175,6 +176,34 @@ pub trait TaskStore: Send + Sync + 'static {
 
     /// Records the task's pull request: its URL, or why there is none (each replaces what
     /// was there; both `None` clears them).
+    /// A follow-up turn begins. A COMPLETED or FAILED task goes back to RUNNING_AGENT within
+    /// its current attempt, whose run becomes `run_id` when given (the workflow run that
+    /// carries the conversation on); `turn` joins its turns (turn 1 written first, from the
+    /// record, when this is the first follow-up); the status event says so. A turn already
+    /// begun changes nothing but the run (`Ignored`): the gateway and the workflow both
+    /// announce a turn, whichever comes first.
+    async fn begin_turn(
+        &self,
+        task_id: &TaskId,
+        run_id: Option<&str>,
+        turn: &TurnRecord,
+    ) -> Result<StatusChange, StoreError>;
+
+    /// Writes one turn over the stored one of the same number (its end).
+    async fn put_turn(&self, task_id: &TaskId, turn: &TurnRecord) -> Result<(), StoreError>;
+
+    /// Writes one candidate over the stored one of the same number. Candidates end
+    /// concurrently, so this reads and writes under the task's lock.
+    async fn put_candidate(
+        &self,
+        task_id: &TaskId,
+        candidate: &CandidateRecord,
+    ) -> Result<(), StoreError>;
+
+    /// The candidate whose results are the task's.
+    async fn set_selected(&self, task_id: &TaskId, selected: Option<u32>)
+    -> Result<(), StoreError>;
+
     async fn set_pull_request(
         &self,
         task_id: &TaskId,

@@ -117,6 +117,29 @@ pub trait ObjectStore: Send + Sync + 'static {
 }
 
 /// A key is a relative `/`-separated path of safe characters: no `..`, no leading `/`.
+/// Copies each of `files` from under the key prefix `from` to under `to` (a candidate's or
+/// a turn's results to the task's own); a file absent at `from` is skipped. Answers how many
+/// were copied.
+pub async fn copy_files(
+    objects: &dyn ObjectStore,
+    from: &str,
+    to: &str,
+    files: &[&str],
+) -> Result<usize, ObjectError> {
+    let mut copied = 0;
+    for file in files {
+        match objects.get_bytes(&format!("{from}{file}")).await {
+            Ok(bytes) => {
+                objects.put_bytes(&format!("{to}{file}"), &bytes).await?;
+                copied += 1;
+            }
+            Err(ObjectError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(copied)
+}
+
 pub fn validate_key(key: &str) -> Result<(), ObjectError> {
     let ok = !key.is_empty()
         && key.len() <= 1024

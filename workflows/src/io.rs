@@ -23,6 +23,14 @@ pub struct WorkflowSettings {
     /// by the gateway per task); 0: no limit. (Absent from histories recorded before.)
     #[serde(default)]
     pub tenant_max_running: u32,
+    /// How long an ended task waits for a follow-up message before its workflow completes
+    /// (seconds; 0: at once). (Absent from histories recorded before: 0.)
+    #[serde(default)]
+    pub followup_idle_secs: u64,
+    /// Continue as new once the history holds this many events; 0: only when Temporal
+    /// suggests it.
+    #[serde(default)]
+    pub continue_as_new_events: u32,
 }
 
 impl Default for WorkflowSettings {
@@ -33,6 +41,8 @@ impl Default for WorkflowSettings {
             retry_initial_interval_ms: 1000,
             batch_concurrency: 0,
             tenant_max_running: 0,
+            followup_idle_secs: 0,
+            continue_as_new_events: 0,
         }
     }
 }
@@ -43,6 +53,77 @@ pub struct CodeTaskInput {
     pub spec: TaskSpec,
     #[serde(default)]
     pub settings: WorkflowSettings,
+    /// Set when this run carries on a conversation (continue-as-new, or a message to a
+    /// task whose workflow had closed): it waits for the next turn instead of starting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continuation: Option<Continuation>,
+}
+
+/// Where a conversation stands when a new run carries it on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Continuation {
+    /// The last turn that ran.
+    pub turns: u32,
+    /// How it ended (COMPLETED or FAILED).
+    pub status: TaskStatus,
+    pub message: String,
+    /// The commit the code was fetched at (a pull request goes on top of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// The prepared workspace the agent starts from, when the task had a setup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<PreparedEnv>,
+}
+
+/// The `message` update: a follow-up turn's instruction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageInput {
+    pub message: String,
+}
+
+/// The `message` update's answer: the turn the message starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnAccepted {
+    pub turn: u32,
+}
+
+/// A follow-up turn of `run_agent`: it resumes the task's stored conversation and changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowUp {
+    pub turn: u32,
+    pub message: String,
+}
+
+/// `begin_turn`: a follow-up turn starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnStart {
+    pub task_id: TaskId,
+    pub turn: u32,
+    pub message: String,
+}
+
+/// `record_candidate`: one candidate started or ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateUpdate {
+    pub task_id: TaskId,
+    pub candidate: u32,
+    pub status: TaskStatus,
+    /// The run's summary, when it produced one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<AgentSummary>,
+    /// Why it failed or stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `publish_candidates`: every candidate ended; pick one (by `auto_select`) and end the task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishCandidatesInput {
+    pub task_id: TaskId,
+    /// Candidate numbers in the order they finished.
+    pub finish_order: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +145,9 @@ pub struct StatusUpdate {
     pub task_id: TaskId,
     pub status: TaskStatus,
     pub message: String,
+    /// The follow-up turn this write belongs to (a final status also ends the turn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,6 +221,12 @@ pub struct RunAgentInput {
     /// The prepared workspace, when the task has a setup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prepared: Option<PreparedEnv>,
+    /// Candidate `n` of a best-of-N task (its files go to `candidates/<n>/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<u32>,
+    /// A follow-up turn (its files go to `turns/<t>/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub followup: Option<FollowUp>,
 }
 
 /// One task's slot in its batch (see `acquire_batch_slot`).
@@ -160,6 +250,9 @@ pub struct PublishInput {
     /// The commit `fetch_code` checked out: a pull request's commit goes on top of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<String>,
+    /// A follow-up turn's results (in `turns/<t>/`), published as the task's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn: Option<u32>,
 }
 
 /// `open_pull_request`: the task, and a new token (sealed) to use instead of its own.
@@ -198,6 +291,7 @@ mod tests {
             task_id: id.clone(),
             status: TaskStatus::Queued,
             message: "waiting for a worker".into(),
+            turn: None,
         };
         let json = serde_json::to_value(&update).unwrap();
         assert_eq!(

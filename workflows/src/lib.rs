@@ -8,7 +8,10 @@ mod pull_request;
 pub mod steps;
 mod workflow;
 
-pub use io::{CodeTaskInput, CodeTaskOutput, StatusView, WorkflowSettings};
+pub use io::{
+    CodeTaskInput, CodeTaskOutput, Continuation, MessageInput, StatusView, TurnAccepted,
+    WorkflowSettings,
+};
 pub use pull_request::OpenPullRequest;
 pub use workflow::{CodeTask, root_cause};
 
@@ -18,3 +21,7 @@ pub const WORKFLOW_TYPE: &str = "CodeTask";
 pub const CANCEL_SIGNAL: &str = "cancel";
 /// The query that answers the task's current status.
 pub const STATUS_QUERY: &str = "status";
+/// The update that sends a follow-up message (refused while a turn runs).
+pub const MESSAGE_UPDATE: &str = "message";
+/// The signal that ends a conversation's wait for follow-ups (a retry sends it).
+pub const CLOSE_SIGNAL: &str = "close";

@@ -7,9 +7,9 @@ use temporalio_macros::activity_definitions;
 use temporalio_sdk::activities::ActivityError;
 
 use crate::io::{
-    FetchInput, FetchOutput, PrepareInput, PreparedEnv, PublishInput, PublishOutput,
-    PullRequestInput, PullRequestOutput, RunAgentInput, SlotInput, StageInput, StageOutput,
-    StatusUpdate,
+    CandidateUpdate, FetchInput, FetchOutput, PrepareInput, PreparedEnv, PublishCandidatesInput,
+    PublishInput, PublishOutput, PullRequestInput, PullRequestOutput, RunAgentInput, SlotInput,
+    StageInput, StageOutput, StatusUpdate, TurnStart,
 };
 use patchflow_core::AgentSummary;
 
@@ -69,6 +69,27 @@ impl Steps {
         unimplemented!()
     }
 
+    /// A follow-up turn begins: the ended task goes back to RUNNING_AGENT and gains the turn.
+    #[activity(name = "begin_turn")]
+    pub fn begin_turn(input: TurnStart) -> Result<(), ActivityError> {
+        unimplemented!()
+    }
+
+    /// Records that one candidate of a best-of-N task started or ended.
+    #[activity(name = "record_candidate")]
+    pub fn record_candidate(input: CandidateUpdate) -> Result<(), ActivityError> {
+        unimplemented!()
+    }
+
+    /// Every candidate ended: selects one when `auto_select` says how, publishes it as the
+    /// task's result and records the final status.
+    #[activity(name = "publish_candidates")]
+    pub fn publish_candidates(
+        input: PublishCandidatesInput,
+    ) -> Result<PublishOutput, ActivityError> {
+        unimplemented!()
+    }
+
     /// Opens (or updates) an ended task's pull request.
     #[activity(name = "open_pull_request")]
     pub fn open_pull_request(input: PullRequestInput) -> Result<PullRequestOutput, ActivityError> {
@@ -80,7 +101,8 @@ impl Steps {
 /// crate that implements them.
 pub mod markers {
     pub use super::steps::{
-        AcquireBatchSlot, FetchCode, OpenPullRequest, PrepareEnvironment, PublishResult,
-        RecordStatus, ReleaseBatchSlot, RunAgent, StageCode,
+        AcquireBatchSlot, BeginTurn, FetchCode, OpenPullRequest, PrepareEnvironment,
+        PublishCandidates, PublishResult, RecordCandidate, RecordStatus, ReleaseBatchSlot,
+        RunAgent, StageCode,
     };
 }

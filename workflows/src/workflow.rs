@@ -15,6 +15,20 @@
 //! A task of a batch with a concurrency limit takes a batch slot before it records
 //! RUNNING_AGENT and gives it back after it recorded the status that follows, so the
 //! recorded RUNNING_AGENT spans of a batch never overlap more than the limit allows.
+//!
+//! **Best-of-N.** A task with `candidates` > 1 runs that many `run_agent` activities at
+//! once on the same staged code (each its own runner execution), records each candidate
+//! as it ends (`record_candidate`), and publishes them together (`publish_candidates`,
+//! which selects one by `auto_select`). With `first_finished`, the others stop when the
+//! first one succeeds.
+//!
+//! **Follow-ups.** An ended (COMPLETED or FAILED) task's workflow stays open for
+//! `followup_idle_secs`, waiting for the `message` update (validated: refused while a turn
+//! runs). Each message is one more turn: `begin_turn`, `run_agent` resuming the stored
+//! conversation and changes, `publish_result` of the turn. The turn state lives here; the
+//! history is carried over with continue-as-new before it grows large. Once the wait is
+//! over the workflow completes; a later message starts a new run with a [`Continuation`]
+//! (update-with-start), so a conversation survives its workflow closing.
 
 use std::time::Duration;
 
@@ -23,23 +37,45 @@ use temporalio_common::data_converters::TemporalDeserializable;
 use temporalio_common::{ActivityDefinition, RetryPolicy};
 use temporalio_macros::{workflow, workflow_methods};
 use temporalio_sdk::{
-    ActivityCancellationType, ActivityExecutionError, ActivityOptions, LocalActivityOptions,
-    SyncWorkflowContext, WorkflowCancellationToken, WorkflowContext, WorkflowContextView,
-    WorkflowResult, WorkflowTermination,
+    ActivityCancellationType, ActivityExecutionError, ActivityOptions, ContinueAsNewOptions,
+    LocalActivityOptions, SyncWorkflowContext, WorkflowCancellationToken, WorkflowContext,
+    WorkflowContextView, WorkflowResult, WorkflowTermination,
 };
 
 use crate::io::{
-    CodeTaskInput, CodeTaskOutput, FetchInput, PrepareInput, PublishInput, RunAgentInput,
-    SlotInput, StageInput, StatusUpdate, StatusView, WorkflowSettings,
+    CandidateUpdate, CodeTaskInput, CodeTaskOutput, Continuation, FetchInput, FollowUp,
+    MessageInput, PrepareInput, PreparedEnv, PublishCandidatesInput, PublishInput, PublishOutput,
+    RunAgentInput, SlotInput, StageInput, StatusUpdate, StatusView, TurnAccepted, TurnStart,
+    WorkflowSettings,
 };
 use crate::steps::Steps;
 
 #[workflow]
 #[derive(Default)]
 pub struct CodeTask {
+    input: Option<CodeTaskInput>,
     status: Option<TaskStatus>,
     message: String,
     cancel_reason: Option<String>,
+    /// The last turn that began (0 before the first).
+    turns: u32,
+    /// A turn runs: the first, or a follow-up.
+    running: bool,
+    /// A follow-up accepted by the `message` update and not begun yet.
+    pending: Option<FollowUp>,
+    /// The `close` signal: stop waiting for follow-ups.
+    closing: bool,
+    /// Best-of-N: the candidates in the order they ended.
+    finish_order: Vec<u32>,
+    /// Best-of-N with `first_finished`: one succeeded, the others stop.
+    stop_candidates: bool,
+}
+
+/// How the first turn ended, for the turns that follow.
+struct FirstTurn {
+    output: CodeTaskOutput,
+    commit: Option<String>,
+    prepared: Option<PreparedEnv>,
 }
 
 /// Why a task stops before its results are published: the final status and its message.
@@ -80,13 +116,170 @@ fn failure(message: String) -> WorkflowTermination {
     temporalio_sdk::ApplicationFailure::non_retryable(std::io::Error::other(message)).into()
 }
 
+/// The longest a run started by a message waits for that message's update to land.
+const MESSAGE_LANDING: Duration = Duration::from_secs(300);
+
 #[workflow_methods]
 impl CodeTask {
+    #[init]
+    pub fn new(_ctx: &WorkflowContextView, input: CodeTaskInput) -> Self {
+        let mut state = Self::default();
+        match &input.continuation {
+            Some(c) => {
+                state.status = Some(c.status);
+                state.message = c.message.clone();
+                state.turns = c.turns;
+            }
+            None => state.running = true,
+        }
+        state.input = Some(input);
+        state
+    }
+
     #[run(name = "CodeTask")]
-    pub async fn run(
-        ctx: &mut WorkflowContext<Self>,
-        input: CodeTaskInput,
-    ) -> WorkflowResult<CodeTaskOutput> {
+    pub async fn run(ctx: &mut WorkflowContext<Self>) -> WorkflowResult<CodeTaskOutput> {
+        let Some(input) = ctx.state(|s| s.input.clone()) else {
+            return Err(failure("the workflow started without its input".into()));
+        };
+        let (mut output, commit, prepared) = match &input.continuation {
+            Some(c) => (
+                CodeTaskOutput {
+                    status: c.status,
+                    message: c.message.clone(),
+                    summary: None,
+                },
+                c.commit.clone(),
+                c.prepared.clone(),
+            ),
+            None => {
+                let first = Self::first_turn(ctx, &input).await?;
+                (first.output, first.commit, first.prepared)
+            }
+        };
+        ctx.state_mut(|s| {
+            s.running = false;
+            s.turns = s.turns.max(1);
+        });
+
+        // The conversation: follow-up turns while messages come within the idle time.
+        let settings = &input.settings;
+        let mut wait = Duration::from_secs(settings.followup_idle_secs);
+        if input.continuation.is_some() {
+            // A run started by a message waits for it, whatever the idle time.
+            wait = wait.max(MESSAGE_LANDING);
+        }
+        loop {
+            let Some(followup) = Self::next_message(ctx, wait).await else {
+                break;
+            };
+            wait = Duration::from_secs(settings.followup_idle_secs);
+            output =
+                Self::follow_up(ctx, &input, &followup, commit.clone(), prepared.clone()).await?;
+            let events = ctx.history_length();
+            if ctx.continue_as_new_suggested()
+                || (settings.continue_as_new_events > 0
+                    && events >= settings.continue_as_new_events)
+            {
+                // Let a message that landed meanwhile be answered first; it begins in the
+                // next run, since the validator accepted it against this one.
+                let _ = ctx.wait_condition(|_: &Self| true).await;
+                let pending = ctx.state(|s| s.pending.is_some());
+                if !pending {
+                    let mut next = input.clone();
+                    next.continuation = Some(Continuation {
+                        turns: followup.turn,
+                        status: output.status,
+                        message: output.message.clone(),
+                        commit: commit.clone(),
+                        prepared: prepared.clone(),
+                    });
+                    ctx.continue_as_new(next, ContinueAsNewOptions::default())?;
+                }
+            }
+        }
+        if output.status == TaskStatus::Failed {
+            // The run ended (limits, model errors) and its results are stored; the workflow
+            // fails too so the Temporal UI shows it and offers Reset.
+            return Err(failure(output.message));
+        }
+        Ok(output)
+    }
+
+    #[signal(name = "cancel")]
+    pub fn cancel(&mut self, _ctx: &mut SyncWorkflowContext<Self>, reason: String) {
+        if self.cancel_reason.is_none() {
+            self.cancel_reason = Some(if reason.trim().is_empty() {
+                "cancelled by request".to_string()
+            } else {
+                reason
+            });
+        }
+    }
+
+    /// Stops waiting for follow-ups: the workflow completes (a retry asks, to run again).
+    #[signal(name = "close")]
+    pub fn close(&mut self, _ctx: &mut SyncWorkflowContext<Self>) {
+        self.closing = true;
+    }
+
+    #[query(name = "status")]
+    pub fn status(&self, _ctx: &WorkflowContextView) -> StatusView {
+        StatusView {
+            status: self.status.unwrap_or(TaskStatus::Queued),
+            message: self.message.clone(),
+        }
+    }
+
+    #[update_validator(message)]
+    pub fn validate_message(
+        &self,
+        _ctx: &WorkflowContextView,
+        input: &MessageInput,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        patchflow_core::conversation::validate_message(&input.message)
+            .map_err(|e| format!("{}: {}", e.field, e.reason))?;
+        if self.running || self.pending.is_some() {
+            return Err(format!(
+                "turn {} is still running: send the next message when it has ended",
+                self.turns.max(1) + u32::from(self.pending.is_some() && !self.running)
+            )
+            .into());
+        }
+        if self.closing || self.cancel_reason.is_some() {
+            return Err("the conversation is closing".into());
+        }
+        match self.status {
+            Some(TaskStatus::Completed | TaskStatus::Failed) => Ok(()),
+            Some(other) => Err(format!(
+                "the task is {other}: only a COMPLETED or FAILED task takes a follow-up"
+            )
+            .into()),
+            None => Err("the task has not started yet".into()),
+        }
+    }
+
+    /// A follow-up message: accepted as the next turn (which begins at once).
+    #[update(name = "message")]
+    pub fn message(
+        &mut self,
+        _ctx: &mut SyncWorkflowContext<Self>,
+        input: MessageInput,
+    ) -> TurnAccepted {
+        let turn = self.turns.max(1) + 1;
+        self.pending = Some(FollowUp {
+            turn,
+            message: input.message,
+        });
+        TurnAccepted { turn }
+    }
+}
+
+impl CodeTask {
+    /// The task as submitted: fetch, stage, prepare, the agent (or its candidates), publish.
+    async fn first_turn(
+        ctx: &WorkflowContext<Self>,
+        input: &CodeTaskInput,
+    ) -> WorkflowResult<FirstTurn> {
         let task_id = input.task_id.clone();
         let settings = input.settings.clone();
         let spec = input.spec.clone();
@@ -107,7 +300,7 @@ impl CodeTask {
                     .retry_policy(retry_policy(&settings))
                     .build();
             if let Err(end) = Self::step(ctx, Steps::acquire_batch_slot, s.clone(), opts).await {
-                return Self::end_early(ctx, &task_id, end, &[s]).await;
+                return Err(Self::end_early(ctx, &task_id, end, &[s]).await);
             }
         }
 
@@ -122,14 +315,16 @@ impl CodeTask {
             task_id: task_id.clone(),
             source: spec.source.clone(),
         };
-        let fetched =
-            match Self::step(ctx, Steps::fetch_code, fetch, io_options(&settings, 600)).await {
-                Ok(v) => v,
-                Err(end) => {
-                    return Self::end_early(ctx, &task_id, end, &held(None, tenant_slot.as_ref()))
-                        .await;
-                }
-            };
+        let fetched = match Self::step(ctx, Steps::fetch_code, fetch, io_options(&settings, 600))
+            .await
+        {
+            Ok(v) => v,
+            Err(end) => {
+                return Err(
+                    Self::end_early(ctx, &task_id, end, &held(None, tenant_slot.as_ref())).await,
+                );
+            }
+        };
 
         Self::record(
             ctx,
@@ -152,14 +347,16 @@ impl CodeTask {
             source: spec.source.clone(),
             tree_dir: fetched.tree_dir.clone(),
         };
-        let staged =
-            match Self::step(ctx, Steps::stage_code, stage, io_options(&settings, 600)).await {
-                Ok(v) => v,
-                Err(end) => {
-                    return Self::end_early(ctx, &task_id, end, &held(None, tenant_slot.as_ref()))
-                        .await;
-                }
-            };
+        let staged = match Self::step(ctx, Steps::stage_code, stage, io_options(&settings, 600))
+            .await
+        {
+            Ok(v) => v,
+            Err(end) => {
+                return Err(
+                    Self::end_early(ctx, &task_id, end, &held(None, tenant_slot.as_ref())).await,
+                );
+            }
+        };
 
         let slot = match (&spec.batch_id, settings.batch_concurrency) {
             (Some(batch), limit) if limit > 0 => Some(SlotInput {
@@ -179,13 +376,13 @@ impl CodeTask {
                     .retry_policy(retry_policy(&settings))
                     .build();
             if let Err(end) = Self::step(ctx, Steps::acquire_batch_slot, s.clone(), opts).await {
-                return Self::end_early(
+                return Err(Self::end_early(
                     ctx,
                     &task_id,
                     end,
                     &held(slot.as_ref(), tenant_slot.as_ref()),
                 )
-                .await;
+                .await);
             }
         }
 
@@ -219,30 +416,32 @@ impl CodeTask {
             match Self::step(ctx, Steps::prepare_environment, input, opts).await {
                 Ok(v) => prepared = Some(v),
                 Err(end) => {
-                    return Self::end_early(
+                    return Err(Self::end_early(
                         ctx,
                         &task_id,
                         end,
                         &held(slot.as_ref(), tenant_slot.as_ref()),
                     )
-                    .await;
+                    .await);
                 }
             }
         }
 
+        let on = match &prepared {
+            Some(p) => format!(
+                "the prepared environment (cache {})",
+                if p.cache_hit { "hit" } else { "miss" }
+            ),
+            None => format!("{} ({} bytes staged)", staged.key, staged.archive_bytes),
+        };
         Self::record(
             ctx,
             &task_id,
             TaskStatus::RunningAgent,
-            &match &prepared {
-                Some(p) => format!(
-                    "running the agent on the prepared environment (cache {})",
-                    if p.cache_hit { "hit" } else { "miss" }
-                ),
-                None => format!(
-                    "running the agent on {} ({} bytes staged)",
-                    staged.key, staged.archive_bytes
-                ),
+            &if spec.candidates > 1 {
+                format!("running {} candidate agents on {on}", spec.candidates)
+            } else {
+                format!("running the agent on {on}")
             },
         )
         .await?;
@@ -250,61 +449,84 @@ impl CodeTask {
             task_id: task_id.clone(),
             spec: spec.clone(),
             batch_slot: slot.clone(),
-            prepared,
+            prepared: prepared.clone(),
+            candidate: None,
+            followup: None,
         };
-        let agent_opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(
-            spec.limits.wall_seconds + 120,
-        ))
-        .heartbeat_timeout(Duration::from_secs(settings.heartbeat_timeout_secs.max(1)))
-        .cancellation_type(ActivityCancellationType::WaitCancellationCompleted)
-        .retry_policy(retry_policy(&settings))
-        .build();
-        let summary: AgentSummary = match Self::step(ctx, Steps::run_agent, run, agent_opts).await {
-            Ok(v) => v,
-            Err(end) => {
-                return Self::end_early(
-                    ctx,
-                    &task_id,
-                    end,
-                    &held(slot.as_ref(), tenant_slot.as_ref()),
-                )
-                .await;
+        let agent_opts = agent_options(&settings, &spec);
+        let published = if spec.candidates > 1 {
+            let raced = Self::race(ctx, &run, agent_opts, fetched.commit.clone()).await;
+            if let Some(s) = &slot {
+                Self::release_slot(ctx, s).await;
             }
-        };
+            match raced {
+                Ok(p) => p,
+                Err(end) => {
+                    return Err(Self::end_early(
+                        ctx,
+                        &task_id,
+                        end,
+                        &held(None, tenant_slot.as_ref()),
+                    )
+                    .await);
+                }
+            }
+        } else {
+            let summary: AgentSummary =
+                match Self::step(ctx, Steps::run_agent, run, agent_opts).await {
+                    Ok(v) => v,
+                    Err(end) => {
+                        return Err(Self::end_early(
+                            ctx,
+                            &task_id,
+                            end,
+                            &held(slot.as_ref(), tenant_slot.as_ref()),
+                        )
+                        .await);
+                    }
+                };
 
-        Self::record(
-            ctx,
-            &task_id,
-            TaskStatus::UploadingResults,
-            &format!(
-                "publishing results ({} after {} steps)",
-                summary.outcome.describe(),
-                summary.steps
-            ),
-        )
-        .await?;
-        if let Some(s) = &slot {
-            Self::release_slot(ctx, s).await;
-        }
-        let publish = PublishInput {
-            task_id: task_id.clone(),
-            summary: summary.clone(),
-            commit: fetched.commit.clone(),
-        };
-        let published = match Self::step(
-            ctx,
-            Steps::publish_result,
-            publish,
-            io_options(&settings, 120),
-        )
-        .await
-        {
-            Ok(v) => v,
-            Err(end) => {
-                return Self::end_early(ctx, &task_id, end, &held(None, tenant_slot.as_ref()))
-                    .await;
+            Self::record(
+                ctx,
+                &task_id,
+                TaskStatus::UploadingResults,
+                &format!(
+                    "publishing results ({} after {} steps)",
+                    summary.outcome.describe(),
+                    summary.steps
+                ),
+            )
+            .await?;
+            if let Some(s) = &slot {
+                Self::release_slot(ctx, s).await;
+            }
+            let publish = PublishInput {
+                task_id: task_id.clone(),
+                summary: summary.clone(),
+                commit: fetched.commit.clone(),
+                turn: None,
+            };
+            match Self::step(
+                ctx,
+                Steps::publish_result,
+                publish,
+                io_options(&settings, 120),
+            )
+            .await
+            {
+                Ok(v) => (v, Some(summary)),
+                Err(end) => {
+                    return Err(Self::end_early(
+                        ctx,
+                        &task_id,
+                        end,
+                        &held(None, tenant_slot.as_ref()),
+                    )
+                    .await);
+                }
             }
         };
+        let (published, summary) = published;
         // The final status is stored: the tenant's next task may start.
         if let Some(s) = &tenant_slot {
             Self::release_slot(ctx, s).await;
@@ -313,11 +535,233 @@ impl CodeTask {
             s.status = Some(published.status);
             s.message = published.message.clone();
         });
-        if published.status == TaskStatus::Failed {
-            // The run ended (limits, model errors) and its results are stored; the workflow
-            // fails too so the Temporal UI shows it and offers Reset.
-            return Err(failure(published.message));
+        Ok(FirstTurn {
+            output: CodeTaskOutput {
+                status: published.status,
+                message: published.message,
+                summary,
+            },
+            commit: fetched.commit,
+            prepared,
+        })
+    }
+
+    /// Best-of-N: `run.spec.candidates` agents at once, each recorded as it ends, then
+    /// published together.
+    async fn race(
+        ctx: &WorkflowContext<Self>,
+        run: &RunAgentInput,
+        agent_opts: ActivityOptions,
+        commit: Option<String>,
+    ) -> Result<(PublishOutput, Option<AgentSummary>), EarlyEnd> {
+        let task_id = &run.task_id;
+        let first_finished =
+            run.spec.auto_select == Some(patchflow_core::AutoSelect::FirstFinished);
+        let runs = (1..=run.spec.candidates).map(|n| {
+            let mut input = run.clone();
+            input.candidate = Some(n);
+            let opts = agent_opts.clone();
+            async move {
+                Self::note_candidate(ctx, task_id, n, TaskStatus::RunningAgent, None, None).await;
+                let ended = Self::step_in_race(ctx, Steps::run_agent, input, opts).await;
+                let (status, summary, error) = match ended {
+                    Ok(s) if s.outcome.is_success() => (TaskStatus::Completed, Some(s), None),
+                    Ok(s) => {
+                        let why = s
+                            .error
+                            .clone()
+                            .unwrap_or_else(|| s.outcome.describe().to_string());
+                        (TaskStatus::Failed, Some(s), Some(why))
+                    }
+                    Err(end) => (end.status(), None, Some(end.message().to_string())),
+                };
+                Self::note_candidate(ctx, task_id, n, status, summary, error).await;
+                ctx.state_mut(|s| {
+                    s.finish_order.push(n);
+                    if first_finished && status == TaskStatus::Completed {
+                        s.stop_candidates = true;
+                    }
+                });
+            }
+        });
+        futures::future::join_all(runs).await;
+        if let Some(reason) = ctx.state(|s| s.cancel_reason.clone()) {
+            return Err(EarlyEnd::Cancelled(reason));
         }
+        let order = ctx.state(|s| s.finish_order.clone());
+        Self::record(
+            ctx,
+            task_id,
+            TaskStatus::UploadingResults,
+            &format!("publishing {} candidates", run.spec.candidates),
+        )
+        .await
+        .map_err(|e| EarlyEnd::Failed(root_cause(&e)))?;
+        let input = PublishCandidatesInput {
+            task_id: task_id.clone(),
+            finish_order: order,
+            commit,
+        };
+        let settings = WorkflowSettings::default();
+        let published = Self::step(
+            ctx,
+            Steps::publish_candidates,
+            input,
+            io_options(&settings, 300),
+        )
+        .await?;
+        Ok((published, None))
+    }
+
+    /// Records a candidate's start or end. Best effort beyond its retries: the candidate's
+    /// files are what selection reads, so a lost record only hides it from the list.
+    async fn note_candidate(
+        ctx: &WorkflowContext<Self>,
+        task_id: &TaskId,
+        candidate: u32,
+        status: TaskStatus,
+        summary: Option<AgentSummary>,
+        error: Option<String>,
+    ) {
+        let update = CandidateUpdate {
+            task_id: task_id.clone(),
+            candidate,
+            status,
+            summary,
+            error,
+        };
+        let _ = ctx
+            .execute_local_activity(Steps::record_candidate, update, local_options(20))
+            .await;
+    }
+
+    /// Waits for the next follow-up: `None` once `wait` passed without one, or the
+    /// conversation is closing.
+    async fn next_message(ctx: &WorkflowContext<Self>, wait: Duration) -> Option<FollowUp> {
+        let ready = |s: &Self| s.pending.is_some() || s.closing || s.cancel_reason.is_some();
+        if !ctx.state(ready) && !wait.is_zero() {
+            let mut timer = std::pin::pin!(ctx.timer(wait));
+            let mut landed = std::pin::pin!(ctx.wait_condition(ready));
+            temporalio_sdk::workflows::select! {
+                _ = timer.as_mut() => {},
+                _ = landed.as_mut() => {},
+            };
+            if !ctx.state(|s| s.pending.is_some()) {
+                use temporalio_sdk::CancellableFuture;
+                timer.cancel();
+            }
+        }
+        ctx.state(|s| s.pending.clone())
+    }
+
+    /// One follow-up turn: the agent resumes the stored conversation and changes, and its
+    /// result is published as the task's. A cancelled turn ends the conversation.
+    async fn follow_up(
+        ctx: &WorkflowContext<Self>,
+        input: &CodeTaskInput,
+        followup: &FollowUp,
+        commit: Option<String>,
+        prepared: Option<PreparedEnv>,
+    ) -> WorkflowResult<CodeTaskOutput> {
+        let task_id = &input.task_id;
+        let settings = &input.settings;
+        let turn = followup.turn;
+        ctx.state_mut(|s| {
+            s.running = true;
+            s.pending = None;
+            s.turns = turn;
+            s.status = Some(TaskStatus::RunningAgent);
+            s.message = format!("turn {turn}: running the agent on the follow-up");
+        });
+        let start = TurnStart {
+            task_id: task_id.clone(),
+            turn,
+            message: followup.message.clone(),
+        };
+        let began = ctx
+            .execute_local_activity(Steps::begin_turn, start, local_options(30))
+            .await;
+        let ended = match began {
+            Err(e) => Err(EarlyEnd::Failed(root_cause(&e))),
+            Ok(()) => {
+                let run = RunAgentInput {
+                    task_id: task_id.clone(),
+                    spec: input.spec.clone(),
+                    batch_slot: None,
+                    prepared,
+                    candidate: None,
+                    followup: Some(followup.clone()),
+                };
+                Self::step(
+                    ctx,
+                    Steps::run_agent,
+                    run,
+                    agent_options(settings, &input.spec),
+                )
+                .await
+            }
+        };
+        let summary = match ended {
+            Ok(s) => s,
+            Err(end) => {
+                let message = format!("turn {turn}: {}", end.message());
+                Self::record_turn(ctx, task_id, end.status(), &message, Some(turn)).await?;
+                ctx.state_mut(|s| s.running = false);
+                if let EarlyEnd::Cancelled(_) = end {
+                    return Err(end.termination());
+                }
+                return Ok(CodeTaskOutput {
+                    status: TaskStatus::Failed,
+                    message,
+                    summary: None,
+                });
+            }
+        };
+        Self::record_turn(
+            ctx,
+            task_id,
+            TaskStatus::UploadingResults,
+            &format!(
+                "turn {turn}: publishing results ({} after {} steps)",
+                summary.outcome.describe(),
+                summary.steps
+            ),
+            Some(turn),
+        )
+        .await?;
+        let publish = PublishInput {
+            task_id: task_id.clone(),
+            summary: summary.clone(),
+            commit,
+            turn: Some(turn),
+        };
+        let published = match Self::step(
+            ctx,
+            Steps::publish_result,
+            publish,
+            io_options(settings, 120),
+        )
+        .await
+        {
+            Ok(p) => p,
+            Err(end) => {
+                let message = format!("turn {turn}: {}", end.message());
+                Self::record_turn(ctx, task_id, end.status(), &message, Some(turn)).await?;
+                ctx.state_mut(|s| s.running = false);
+                if let EarlyEnd::Cancelled(_) = end {
+                    return Err(end.termination());
+                }
+                PublishOutput {
+                    status: TaskStatus::Failed,
+                    message,
+                }
+            }
+        };
+        ctx.state_mut(|s| {
+            s.running = false;
+            s.status = Some(published.status);
+            s.message = published.message.clone();
+        });
         Ok(CodeTaskOutput {
             status: published.status,
             message: published.message,
@@ -325,27 +769,24 @@ impl CodeTask {
         })
     }
 
-    #[signal(name = "cancel")]
-    pub fn cancel(&mut self, _ctx: &mut SyncWorkflowContext<Self>, reason: String) {
-        if self.cancel_reason.is_none() {
-            self.cancel_reason = Some(if reason.trim().is_empty() {
-                "cancelled by request".to_string()
-            } else {
-                reason
-            });
-        }
+    /// [`Self::step`] for one candidate of a race: it also stops when another candidate won
+    /// (`first_finished`).
+    async fn step_in_race<AD>(
+        ctx: &WorkflowContext<Self>,
+        activity: AD,
+        input: AD::Input,
+        options: ActivityOptions,
+    ) -> Result<AD::Output, EarlyEnd>
+    where
+        AD: ActivityDefinition,
+        AD::Output: TemporalDeserializable,
+    {
+        Self::step_until(ctx, activity, input, options, |s: &Self| {
+            s.cancel_reason.is_some() || s.stop_candidates
+        })
+        .await
     }
 
-    #[query(name = "status")]
-    pub fn status(&self, _ctx: &WorkflowContextView) -> StatusView {
-        StatusView {
-            status: self.status.unwrap_or(TaskStatus::Queued),
-            message: self.message.clone(),
-        }
-    }
-}
-
-impl CodeTask {
     /// Runs one activity, racing it against a cancel request.
     async fn step<AD>(
         ctx: &WorkflowContext<Self>,
@@ -357,11 +798,32 @@ impl CodeTask {
         AD: ActivityDefinition,
         AD::Output: TemporalDeserializable,
     {
+        Self::step_until(ctx, activity, input, options, |s: &Self| {
+            s.cancel_reason.is_some()
+        })
+        .await
+    }
+    /// Runs one activity, racing it against `stop` (a cancel request, or another
+    /// candidate's win).
+    async fn step_until<AD>(
+        ctx: &WorkflowContext<Self>,
+        activity: AD,
+        input: AD::Input,
+        options: ActivityOptions,
+        stop: fn(&Self) -> bool,
+    ) -> Result<AD::Output, EarlyEnd>
+    where
+        AD: ActivityDefinition,
+        AD::Output: TemporalDeserializable,
+    {
         if let Some(reason) = ctx.state(|s| s.cancel_reason.clone()) {
             return Err(EarlyEnd::Cancelled(reason));
         }
+        if ctx.state(stop) {
+            return Err(EarlyEnd::Cancelled(cancel_reason(ctx)));
+        }
         let activity = std::pin::pin!(ctx.execute_activity(activity, input, options));
-        let cancel = std::pin::pin!(ctx.wait_condition(|s: &Self| s.cancel_reason.is_some()));
+        let cancel = std::pin::pin!(ctx.wait_condition(stop));
         let mut activity = activity;
         let mut cancel = cancel;
         let outcome = temporalio_sdk::workflows::select! {
@@ -392,6 +854,17 @@ impl CodeTask {
         status: TaskStatus,
         message: &str,
     ) -> WorkflowResult<()> {
+        Self::record_turn(ctx, task_id, status, message, None).await
+    }
+
+    /// [`Self::record`] of a follow-up turn's status (a final one ends the turn).
+    async fn record_turn(
+        ctx: &WorkflowContext<Self>,
+        task_id: &TaskId,
+        status: TaskStatus,
+        message: &str,
+        turn: Option<u32>,
+    ) -> WorkflowResult<()> {
         ctx.state_mut(|s| {
             s.status = Some(status);
             s.message = message.to_string();
@@ -400,6 +873,7 @@ impl CodeTask {
             task_id: task_id.clone(),
             status,
             message: message.to_string(),
+            turn,
         };
         // A local activity: the write runs in the worker that holds the workflow task, with
         // no extra round trip through the server (seven status writes per task).
@@ -448,12 +922,14 @@ impl CodeTask {
         task_id: &TaskId,
         end: EarlyEnd,
         slots: &[&SlotInput],
-    ) -> WorkflowResult<CodeTaskOutput> {
-        Self::record(ctx, task_id, end.status(), end.message()).await?;
+    ) -> WorkflowTermination {
+        if let Err(e) = Self::record(ctx, task_id, end.status(), end.message()).await {
+            return e;
+        }
         for slot in slots {
             Self::release_slot(ctx, slot).await;
         }
-        Err(end.termination())
+        end.termination()
     }
 }
 
@@ -475,6 +951,34 @@ fn retry_policy(settings: &WorkflowSettings) -> RetryPolicy {
         ))
         .maximum_interval(Duration::from_secs(60))
         .maximum_attempts(settings.activity_max_attempts.max(1))
+        .build()
+}
+
+/// `run_agent`'s options: the task's wall time, heartbeats, and a cancellation that waits
+/// for the agent to be gone.
+fn agent_options(settings: &WorkflowSettings, spec: &patchflow_core::TaskSpec) -> ActivityOptions {
+    ActivityOptions::with_start_to_close_timeout(Duration::from_secs(
+        spec.limits.wall_seconds + 120,
+    ))
+    .heartbeat_timeout(Duration::from_secs(settings.heartbeat_timeout_secs.max(1)))
+    .cancellation_type(ActivityCancellationType::WaitCancellationCompleted)
+    .retry_policy(retry_policy(settings))
+    .build()
+}
+
+/// A local activity's options: a few quick retries, and no cancellation inherited from
+/// the workflow (what it records must be recorded).
+fn local_options(attempts: u32) -> LocalActivityOptions {
+    LocalActivityOptions::builder()
+        .start_to_close_timeout(Duration::from_secs(30))
+        .retry_policy(
+            RetryPolicy::builder()
+                .initial_interval(Duration::from_millis(200))
+                .maximum_interval(Duration::from_secs(10))
+                .maximum_attempts(attempts)
+                .build(),
+        )
+        .cancellation_token(WorkflowCancellationToken::new())
         .build()
 }
 

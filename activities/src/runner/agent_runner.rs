@@ -6,7 +6,7 @@ use std::path::Path;
 use async_trait::async_trait;
 use patchflow_core::{AgentEvent, AgentSummary, TaskId, TaskSpec};
 use patchflow_platform::ObjectStore;
-use patchflow_workflows::io::PreparedEnv;
+use patchflow_workflows::io::{FollowUp, PreparedEnv};
 use thiserror::Error;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
@@ -27,8 +27,60 @@ pub enum RunnerError {
     Io(#[from] std::io::Error),
 }
 
+/// Which of a task's agent runs this is: its first agent, candidate `n` of a best-of-N
+/// task, or a follow-up turn. It says where the run's files go
+/// ([`patchflow_core::layout::run_prefix`]) and what a follow-up resumes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunTarget {
+    pub candidate: Option<u32>,
+    pub followup: Option<FollowUp>,
+}
+
+impl RunTarget {
+    pub fn turn(&self) -> u32 {
+        self.followup.as_ref().map_or(1, |f| f.turn)
+    }
+
+    /// Where this run's files go.
+    pub fn prefix(&self, task: &TaskId) -> String {
+        patchflow_core::layout::run_prefix(task, self.turn(), self.candidate)
+    }
+
+    /// How its events are told apart in the task's history ("" for the task's one agent).
+    pub fn label(&self) -> String {
+        match (&self.followup, self.candidate) {
+            (Some(f), _) => format!("turn {}: ", f.turn),
+            (None, Some(n)) => format!("candidate {n}: "),
+            (None, None) => String::new(),
+        }
+    }
+}
+
 #[async_trait]
 pub trait AgentRunner: Send + Sync + 'static {
+    /// [`AgentRunner::run`] for a candidate or a follow-up turn. A runner that does not
+    /// implement them refuses them with a clear error.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_target(
+        &self,
+        target: &RunTarget,
+        task: &TaskId,
+        spec: &TaskSpec,
+        prepared: Option<&PreparedEnv>,
+        objects: &dyn ObjectStore,
+        work: &Path,
+        events: UnboundedSender<AgentEvent>,
+        cancel: CancellationToken,
+    ) -> Result<AgentSummary, RunnerError> {
+        if *target != RunTarget::default() {
+            return Err(RunnerError::BadInput(
+                "this worker's runner does not run best-of-N candidates or follow-up turns yet (the local runner does)".into(),
+            ));
+        }
+        self.run(task, spec, prepared, objects, work, events, cancel)
+            .await
+    }
+
     /// Runs one attempt, from the `prepared` workspace when the task had a setup (else
     /// from the staged code). `work` is a directory private to this attempt. Progress goes to
     /// `events`; `cancel` asks the run to stop, and the runner returns

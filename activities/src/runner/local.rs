@@ -17,7 +17,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
-use super::agent_runner::{AgentRunner, RunnerError};
+use super::agent_runner::{AgentRunner, RunTarget, RunnerError};
 use patchflow_platform::archive;
 
 /// Extra time past the task's wall budget before the runner kills an agent that did not
@@ -98,17 +98,37 @@ impl LocalRunner {
     }
 }
 
+/// Uploads the run's files under `prefix`, the summary last.
 async fn upload_results(
     objects: &dyn ObjectStore,
-    task: &TaskId,
+    prefix: &str,
     out: &Path,
 ) -> Result<(), RunnerError> {
-    for file in layout::RESULT_FILES {
+    for file in layout::RUN_FILES {
         let path = out.join(file);
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-            objects
-                .put_file(&layout::result_key(task, file), &path)
-                .await?;
+            objects.put_file(&format!("{prefix}{file}"), &path).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Downloads what a follow-up resumes (the task's current conversation and changes) into
+/// `dir`; a file the task does not have is left out.
+async fn download_resume(
+    objects: &dyn ObjectStore,
+    task: &TaskId,
+    dir: &Path,
+) -> Result<(), RunnerError> {
+    tokio::fs::create_dir_all(dir).await?;
+    for file in [layout::CONVERSATION, layout::CHANGES] {
+        match objects
+            .get_to_file(&layout::result_key(task, file), &dir.join(file))
+            .await
+        {
+            Ok(_) => {}
+            Err(patchflow_platform::ObjectError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
@@ -205,6 +225,30 @@ impl AgentRunner for LocalRunner {
         events: UnboundedSender<AgentEvent>,
         cancel: CancellationToken,
     ) -> Result<AgentSummary, RunnerError> {
+        self.run_target(
+            &RunTarget::default(),
+            task,
+            spec,
+            prepared,
+            objects,
+            work,
+            events,
+            cancel,
+        )
+        .await
+    }
+
+    async fn run_target(
+        &self,
+        target: &RunTarget,
+        task: &TaskId,
+        spec: &TaskSpec,
+        prepared: Option<&PreparedEnv>,
+        objects: &dyn ObjectStore,
+        work: &Path,
+        events: UnboundedSender<AgentEvent>,
+        cancel: CancellationToken,
+    ) -> Result<AgentSummary, RunnerError> {
         if work.exists() {
             tokio::fs::remove_dir_all(work).await?;
         }
@@ -228,6 +272,7 @@ impl AgentRunner for LocalRunner {
         tokio::fs::write(&spec_path, spec_json).await?;
         let log_path = out.join(layout::AGENT_LOG);
         let log = std::fs::File::create(&log_path)?;
+        let prefix = target.prefix(task);
 
         let mut cmd = agent_command(
             &self.config.program,
@@ -240,6 +285,18 @@ impl AgentRunner for LocalRunner {
             },
             task.as_str(),
         );
+        if let Some(f) = &target.followup {
+            let resume = work.join("resume");
+            download_resume(objects, task, &resume).await?;
+            let message = work.join("followup.txt");
+            tokio::fs::write(&message, &f.message).await?;
+            cmd.arg("--resume")
+                .arg(&resume)
+                .arg("--followup")
+                .arg(&message)
+                .arg("--turn")
+                .arg(f.turn.to_string());
+        }
         cmd.env_clear()
             .envs(self.environment(&scratch, spec, |k| std::env::var(k).ok()))
             .stdin(Stdio::null())
@@ -276,7 +333,7 @@ impl AgentRunner for LocalRunner {
                 let _ = relay.await;
                 tracing::info!(task_id = %task, "agent stopped on cancel");
                 // Keep what the agent wrote so far for whoever looks at a cancelled task.
-                let _ = upload_results(objects, task, &out).await;
+                let _ = upload_results(objects, &prefix, &out).await;
                 return Err(RunnerError::Cancelled);
             }
             _ = tokio::time::sleep(limit) => {
@@ -285,7 +342,7 @@ impl AgentRunner for LocalRunner {
             }
         };
         let _ = relay.await;
-        upload_results(objects, task, &out).await?;
+        upload_results(objects, &prefix, &out).await?;
         let summary_path = out.join(layout::SUMMARY);
         let summary = match tokio::fs::read(&summary_path).await {
             Ok(bytes) => serde_json::from_slice::<AgentSummary>(&bytes).map_err(|e| {

@@ -6,7 +6,7 @@ mod agent_runner;
 pub mod kube;
 mod local;
 
-pub use agent_runner::{AgentRunner, RunnerError};
+pub use agent_runner::{AgentRunner, RunTarget, RunnerError};
 pub use kube::{KubeRunner, KubeRunnerConfig};
 pub use local::{
     AGENT_BINARY, AgentPaths, LocalRunner, LocalRunnerConfig, agent_command, agent_program,

@@ -249,6 +249,7 @@ pub async fn run_script(
         out_dir: out.clone(),
         settings: patchflow_agent::ModelSettings::new("scripted", Some(model.base_url()), None),
         model_override: None,
+        resume: None,
         max_retries: 0,
         retry_backoff: Duration::from_millis(10),
     };

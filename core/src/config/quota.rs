@@ -24,6 +24,9 @@ pub struct TenantQuota {
     pub wall_seconds: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u64>,
+    /// Most `candidates` one task may ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_candidates: Option<u32>,
     /// Cap on `limits.max_cost_usd`, in US dollars: a task that names none gets this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cost_usd: Option<crate::Usd>,
@@ -46,6 +49,7 @@ impl TenantQuotas {
             wall_seconds: own.wall_seconds.or(any.wall_seconds),
             max_tokens: own.max_tokens.or(any.max_tokens),
             max_cost_usd: own.max_cost_usd.or(any.max_cost_usd),
+            max_candidates: own.max_candidates.or(any.max_candidates),
         }
     }
 

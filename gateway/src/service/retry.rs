@@ -125,6 +125,7 @@ impl TaskService {
             task_id: task_id.clone(),
             spec: record.spec.clone(),
             settings: self.config.settings.clone(),
+            continuation: None,
         };
         // A closed run's id may be used again; a running one (a retry racing this one)
         // refuses the start rather than joining it.

@@ -624,6 +624,7 @@ mod tests {
                 compactions: 1,
                 wall_ms: 4200,
                 files_changed: vec![HOSTILE.to_string()],
+                tests_passed: None,
                 error: Some(HOSTILE.to_string()),
                 sandbox: None,
             }),
@@ -632,6 +633,9 @@ mod tests {
             idempotency_key: None,
             spec,
             attempt: 2,
+            turns: Vec::new(),
+            candidates: Vec::new(),
+            selected: None,
             attempts: (1..=2)
                 .map(|n| TaskAttempt {
                     attempt: n,

@@ -208,6 +208,9 @@ fn record(task_id: &TaskId, status: TaskStatus, message: &str) -> TaskRecord {
         spec,
         attempt: 1,
         attempts: Vec::new(),
+        turns: Vec::new(),
+        candidates: Vec::new(),
+        selected: None,
     }
 }
 

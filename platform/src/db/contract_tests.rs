@@ -606,6 +606,7 @@ pub(crate) async fn record_keeps_what_was_stored_and_unknown_tasks_are_refused(u
         compactions: 2,
         wall_ms: 9_876,
         files_changed: vec!["src/x.py".into(), "README.md".into()],
+        tests_passed: None,
         error: Some("none really".into()),
         sandbox: None,
     };
@@ -730,6 +731,7 @@ fn used(model: &str, tokens: [u64; 4], cost_usd: f64) -> AgentSummary {
         compactions: 0,
         wall_ms: 1,
         files_changed: Vec::new(),
+        tests_passed: None,
         error: None,
         sandbox: None,
     }

@@ -12,7 +12,7 @@ use sqlx::{ColumnIndex, Database, Decode, Row, Type};
 use super::StoreError;
 
 /// The columns of `tasks` that [`record_of`] reads, in the order the back-ends select them.
-pub(super) const COLUMNS: &str = "task_id, tenant, idempotency_key, batch_id, status, message, spec, summary, pr_url, pr_error, created_at, updated_at, attempt";
+pub(super) const COLUMNS: &str = "task_id, tenant, idempotency_key, batch_id, status, message, spec, summary, pr_url, pr_error, created_at, updated_at, attempt, turns, candidates, selected";
 
 pub(super) fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
@@ -42,6 +42,9 @@ where
     let status: String = row.try_get("status")?;
     let spec: String = row.try_get("spec")?;
     let summary: Option<String> = row.try_get("summary")?;
+    let turns: Option<String> = row.try_get("turns")?;
+    let candidates: Option<String> = row.try_get("candidates")?;
+    let selected: Option<i64> = row.try_get("selected")?;
     Ok(TaskRecord {
         task_id: id.parse().map_err(|e| corrupt(&id, &e))?,
         status: status.parse().map_err(|e| corrupt(&id, &e))?,
@@ -61,7 +64,21 @@ where
         attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).unwrap_or(1),
         // Filled in by the back-end from `task_attempts` ([`ATTEMPT_COLUMNS`]).
         attempts: Vec::new(),
+        turns: json_list(&id, turns.as_deref())?,
+        candidates: json_list(&id, candidates.as_deref())?,
+        selected: selected.and_then(|n| u32::try_from(n).ok()),
     })
+}
+
+/// A JSON array column (`turns`, `candidates`); NULL is empty.
+pub(super) fn json_list<T: serde::de::DeserializeOwned>(
+    task: &str,
+    text: Option<&str>,
+) -> Result<Vec<T>, StoreError> {
+    match text {
+        None => Ok(Vec::new()),
+        Some(t) => serde_json::from_str(t).map_err(|e| corrupt(task, &e)),
+    }
 }
 
 /// The columns of `task_attempts` that [`attempt_of`] reads.

@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use patchflow_core::auth::ApiToken;
 use patchflow_core::environment::{EnvCacheEntry, EnvironmentRecord};
 use patchflow_core::{
-    AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec, TaskStatus, UsageRow,
+    AgentSummary, CandidateRecord, TaskEvent, TaskEventKind, TaskId, TaskRecord, TaskSpec,
+    TaskStatus, TurnRecord, UsageRow,
 };
 use sqlx::{ColumnIndex, Decode, Encode, Executor, IntoArguments, Pool, QueryBuilder, Type};
 
@@ -147,10 +148,70 @@ where
             .push(", updated_at = ")
             .push_bind(now);
         if let Some(number) = new_attempt {
+            // A new attempt runs the task again from its first turn.
             q.push(", attempt = ").push_bind(i64::from(number));
+            q.push(", turns = NULL, candidates = NULL, selected = NULL");
         }
         q.push(" WHERE task_id = ").push_bind(task_id.as_str());
         q.build().execute(&mut *conn).await?;
+        Ok(())
+    }
+
+    /// Begins a transaction holding the task's lock (see [`TaskLock`]).
+    async fn locked(&self) -> Result<sqlx::Transaction<'static, DB>, StoreError> {
+        Ok(match DB::TASK_LOCK {
+            TaskLock::WholeDatabase { begin } => self.pool.begin_with(begin).await?,
+            TaskLock::Row => self.pool.begin().await?,
+        })
+    }
+
+    /// The run that carries attempt `attempt` on from now (a conversation's next run).
+    async fn adopt_run(
+        tx: &mut DB::Connection,
+        task_id: &TaskId,
+        attempt: i64,
+        run_id: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut q = QueryBuilder::<DB>::new("UPDATE task_attempts SET run_id = ");
+        q.push_bind(run_id)
+            .push(" WHERE task_id = ")
+            .push_bind(task_id.as_str())
+            .push(" AND attempt = ")
+            .push_bind(attempt);
+        q.build().execute(&mut *tx).await?;
+        Ok(())
+    }
+
+    /// Reads one JSON list column of a task under the lock taken by [`Self::locked`].
+    async fn locked_list<T: serde::de::DeserializeOwned>(
+        tx: &mut DB::Connection,
+        task_id: &TaskId,
+        column: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut q = QueryBuilder::<DB>::new(format!("SELECT {column} FROM tasks WHERE task_id = "));
+        q.push_bind(task_id.as_str()).push(row_lock::<DB>());
+        let row: Option<(Option<String>,)> = q.build_query_as().fetch_optional(&mut *tx).await?;
+        let Some((text,)) = row else {
+            return Err(StoreError::NotFound(task_id.clone()));
+        };
+        super::rows::json_list(task_id.as_str(), text.as_deref())
+    }
+
+    /// Writes one JSON list column of a task.
+    async fn write_list<T: serde::Serialize>(
+        tx: &mut DB::Connection,
+        task_id: &TaskId,
+        column: &str,
+        list: &[T],
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(list).map_err(|e| corrupt(task_id.as_str(), &e))?;
+        let mut q = QueryBuilder::<DB>::new(format!("UPDATE tasks SET {column} = "));
+        q.push_bind(json.as_str())
+            .push(", updated_at = ")
+            .push_bind(now_ms())
+            .push(" WHERE task_id = ")
+            .push_bind(task_id.as_str());
+        q.build().execute(&mut *tx).await?;
         Ok(())
     }
 
@@ -165,10 +226,7 @@ where
         message: &str,
     ) -> Result<StatusChange, StoreError> {
         let now = now_ms();
-        let mut tx = match DB::TASK_LOCK {
-            TaskLock::WholeDatabase { begin } => self.pool.begin_with(begin).await?,
-            TaskLock::Row => self.pool.begin().await?,
-        };
+        let mut tx = self.locked().await?;
         let mut q = QueryBuilder::<DB>::new("SELECT status, attempt FROM tasks WHERE task_id = ");
         q.push_bind(task_id.as_str()).push(row_lock::<DB>());
         let row: Option<(String, i64)> = q.build_query_as().fetch_optional(&mut *tx).await?;
@@ -480,6 +538,143 @@ where
             ))
         });
         Ok(usage)
+    }
+
+    async fn begin_turn(
+        &self,
+        task_id: &TaskId,
+        run_id: Option<&str>,
+        turn: &TurnRecord,
+    ) -> Result<StatusChange, StoreError> {
+        let now = now_ms();
+        let mut tx = self.locked().await?;
+        let mut q = QueryBuilder::<DB>::new(
+            "SELECT status, attempt, turns, spec, summary, created_at, updated_at FROM tasks WHERE task_id = ",
+        );
+        q.push_bind(task_id.as_str()).push(row_lock::<DB>());
+        type Row = (
+            String,
+            i64,
+            Option<String>,
+            String,
+            Option<String>,
+            i64,
+            i64,
+        );
+        let row: Option<Row> = q.build_query_as().fetch_optional(&mut *tx).await?;
+        let Some((current, attempt, turns, spec, summary, created, updated)) = row else {
+            return Err(StoreError::NotFound(task_id.clone()));
+        };
+        let id = task_id.as_str();
+        let current: TaskStatus = current.parse().map_err(|e| corrupt(id, &e))?;
+        let mut turns: Vec<TurnRecord> = super::rows::json_list(id, turns.as_deref())?;
+        if turns.iter().any(|t| t.turn == turn.turn)
+            || !matches!(current, TaskStatus::Completed | TaskStatus::Failed)
+        {
+            // Begun already (or not a task that can go on): only the run that carries it.
+            if run_id.is_some() && turns.iter().any(|t| t.turn == turn.turn) {
+                Self::adopt_run(&mut tx, task_id, attempt, run_id).await?;
+            }
+            tx.commit().await?;
+            return Ok(StatusChange::Ignored { current });
+        }
+        if turns.is_empty() {
+            let spec: TaskSpec = serde_json::from_str(&spec).map_err(|e| corrupt(id, &e))?;
+            let summary = summary
+                .map(|s| serde_json::from_str::<AgentSummary>(&s))
+                .transpose()
+                .map_err(|e| corrupt(id, &e))?;
+            turns.push(TurnRecord {
+                turn: 1,
+                message: spec.task_description,
+                status: current,
+                summary: summary.map(|s| s.summary).unwrap_or_default(),
+                started_at: super::rows::time_of(created),
+                finished_at: Some(super::rows::time_of(updated)),
+            });
+        }
+        turns.push(turn.clone());
+        Self::write_list(&mut tx, task_id, "turns", &turns).await?;
+        let message = format!("turn {}: running the agent on the follow-up", turn.turn);
+        Self::update_task(
+            &mut tx,
+            task_id,
+            TaskStatus::RunningAgent,
+            &message,
+            now,
+            None,
+        )
+        .await?;
+        let mut q = QueryBuilder::<DB>::new("UPDATE task_attempts SET status = ");
+        q.push_bind(TaskStatus::RunningAgent.as_str())
+            .push(", message = ")
+            .push_bind(&*DB::storable_text(&message))
+            .push(", finished_at = ")
+            .push_bind(None::<i64>)
+            .push(" WHERE task_id = ")
+            .push_bind(id)
+            .push(" AND attempt = ")
+            .push_bind(attempt);
+        q.build().execute(&mut *tx).await?;
+        if run_id.is_some() {
+            Self::adopt_run(&mut tx, task_id, attempt, run_id).await?;
+        }
+        let seq = Self::insert_event(
+            &mut tx,
+            task_id,
+            TaskEventKind::Status,
+            Some(TaskStatus::RunningAgent),
+            &message,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(StatusChange::Applied { seq })
+    }
+
+    async fn put_turn(&self, task_id: &TaskId, turn: &TurnRecord) -> Result<(), StoreError> {
+        let mut tx = self.locked().await?;
+        let mut turns: Vec<TurnRecord> = Self::locked_list(&mut tx, task_id, "turns").await?;
+        match turns.iter_mut().find(|t| t.turn == turn.turn) {
+            Some(t) => *t = turn.clone(),
+            None => {
+                turns.push(turn.clone());
+                turns.sort_by_key(|t| t.turn);
+            }
+        }
+        Self::write_list(&mut tx, task_id, "turns", &turns).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn put_candidate(
+        &self,
+        task_id: &TaskId,
+        candidate: &CandidateRecord,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.locked().await?;
+        let mut list: Vec<CandidateRecord> =
+            Self::locked_list(&mut tx, task_id, "candidates").await?;
+        match list.iter_mut().find(|c| c.candidate == candidate.candidate) {
+            Some(c) => *c = candidate.clone(),
+            None => {
+                list.push(candidate.clone());
+                list.sort_by_key(|c| c.candidate);
+            }
+        }
+        Self::write_list(&mut tx, task_id, "candidates", &list).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn set_selected(
+        &self,
+        task_id: &TaskId,
+        selected: Option<u32>,
+    ) -> Result<(), StoreError> {
+        let mut q = QueryBuilder::<DB>::new("UPDATE tasks SET selected = ");
+        q.push_bind(selected.map(i64::from));
+        self.set_columns(q, task_id).await
     }
 
     async fn set_pull_request(

@@ -274,6 +274,7 @@ fn summary() -> AgentSummary {
         compactions: 0,
         wall_ms: 1000,
         files_changed: vec!["a.rs".into()],
+        tests_passed: None,
         error: None,
         sandbox: None,
     }
