@@ -180,11 +180,8 @@ impl CodeTask {
                 || (settings.continue_as_new_events > 0
                     && events >= settings.continue_as_new_events)
             {
-                // Let a message that landed meanwhile be answered first; it begins in the
-                // next run, since the validator accepted it against this one.
-                let _ = ctx.wait_condition(|_: &Self| true).await;
-                let pending = ctx.state(|s| s.pending.is_some());
-                if !pending {
+                // A message accepted meanwhile begins in this run first.
+                if ctx.state(|s| s.pending.is_none()) {
                     let mut next = input.clone();
                     next.continuation = Some(Continuation {
                         turns: followup.turn,
@@ -239,9 +236,9 @@ impl CodeTask {
         patchflow_core::conversation::validate_message(&input.message)
             .map_err(|e| format!("{}: {}", e.field, e.reason))?;
         if self.running || self.pending.is_some() {
+            let turn = self.pending.as_ref().map_or(self.turns.max(1), |p| p.turn);
             return Err(format!(
-                "turn {} is still running: send the next message when it has ended",
-                self.turns.max(1) + u32::from(self.pending.is_some() && !self.running)
+                "turn {turn} is still running: send the next message when it has ended"
             )
             .into());
         }
@@ -453,14 +450,13 @@ impl CodeTask {
             candidate: None,
             followup: None,
         };
-        let agent_opts = agent_options(&settings, &spec);
         let published = if spec.candidates > 1 {
-            let raced = Self::race(ctx, &run, agent_opts, fetched.commit.clone()).await;
+            let raced = Self::race(ctx, &run, &settings, fetched.commit.clone()).await;
             if let Some(s) = &slot {
                 Self::release_slot(ctx, s).await;
             }
             match raced {
-                Ok(p) => p,
+                Ok(p) => (p, None),
                 Err(end) => {
                     return Err(Self::end_early(
                         ctx,
@@ -473,7 +469,8 @@ impl CodeTask {
             }
         } else {
             let summary: AgentSummary =
-                match Self::step(ctx, Steps::run_agent, run, agent_opts).await {
+                match Self::step(ctx, Steps::run_agent, run, agent_options(&settings, &spec)).await
+                {
                     Ok(v) => v,
                     Err(end) => {
                         return Err(Self::end_early(
@@ -551,19 +548,21 @@ impl CodeTask {
     async fn race(
         ctx: &WorkflowContext<Self>,
         run: &RunAgentInput,
-        agent_opts: ActivityOptions,
+        settings: &WorkflowSettings,
         commit: Option<String>,
-    ) -> Result<(PublishOutput, Option<AgentSummary>), EarlyEnd> {
+    ) -> Result<PublishOutput, EarlyEnd> {
         let task_id = &run.task_id;
         let first_finished =
             run.spec.auto_select == Some(patchflow_core::AutoSelect::FirstFinished);
         let runs = (1..=run.spec.candidates).map(|n| {
             let mut input = run.clone();
             input.candidate = Some(n);
-            let opts = agent_opts.clone();
+            let opts = agent_options(settings, &run.spec);
             async move {
                 Self::note_candidate(ctx, task_id, n, TaskStatus::RunningAgent, None, None).await;
-                let ended = Self::step_in_race(ctx, Steps::run_agent, input, opts).await;
+                // A candidate also stops when another one won (`first_finished`).
+                let stop = |s: &Self| s.cancel_reason.is_some() || s.stop_candidates;
+                let ended = Self::step_until(ctx, Steps::run_agent, input, opts, stop).await;
                 let (status, summary, error) = match ended {
                     Ok(s) if s.outcome.is_success() => (TaskStatus::Completed, Some(s), None),
                     Ok(s) => {
@@ -602,15 +601,13 @@ impl CodeTask {
             finish_order: order,
             commit,
         };
-        let settings = WorkflowSettings::default();
-        let published = Self::step(
+        Self::step(
             ctx,
             Steps::publish_candidates,
             input,
-            io_options(&settings, 300),
+            io_options(settings, 300),
         )
-        .await?;
-        Ok((published, None))
+        .await
     }
 
     /// Records a candidate's start or end. Best effort beyond its retries: the candidate's
@@ -767,24 +764,6 @@ impl CodeTask {
             message: published.message,
             summary: Some(summary),
         })
-    }
-
-    /// [`Self::step`] for one candidate of a race: it also stops when another candidate won
-    /// (`first_finished`).
-    async fn step_in_race<AD>(
-        ctx: &WorkflowContext<Self>,
-        activity: AD,
-        input: AD::Input,
-        options: ActivityOptions,
-    ) -> Result<AD::Output, EarlyEnd>
-    where
-        AD: ActivityDefinition,
-        AD::Output: TemporalDeserializable,
-    {
-        Self::step_until(ctx, activity, input, options, |s: &Self| {
-            s.cancel_reason.is_some() || s.stop_candidates
-        })
-        .await
     }
 
     /// Runs one activity, racing it against a cancel request.
