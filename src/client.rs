@@ -1,4 +1,5 @@
-//! The client commands (`submit`, `status`, `result`, `cancel`, `retry`, `list`, `usage`): thin
+//! The client commands (`submit`, `status`, `result`, `cancel`, `retry`, `say`,
+//! `candidates`, `select`, `list`, `usage`): thin
 //! callers of the HTTP API, so they work against any gateway. The bodies they send and
 //! read are patchflow-api's types. The options and helpers every client command shares
 //! (server addresses, [`SubmitArgs`], [`zip_directory`]) live here too; `submit --grpc`
@@ -13,8 +14,8 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Args;
 use patchflow_api::{
-    CancelBody, ErrorBody, LimitsBody, RetryBody, StatusAnswer, SubmitBody, TaskPage, TaskView,
-    UsageAnswer,
+    CancelBody, ErrorBody, LimitsBody, MessageBody, RetryBody, SelectBody, StatusAnswer,
+    SubmitBody, TaskPage, TaskView, TurnAnswer, UsageAnswer,
 };
 use patchflow_core::{AgentSummary, Config, TaskEvent, TaskStatus};
 use serde::Serialize;
@@ -91,6 +92,13 @@ pub struct SubmitArgs {
     /// `setup` object (`{"setup_script": "...", ...}`).
     #[arg(long, value_name = "FILE")]
     pub setup: Option<PathBuf>,
+    /// Best-of-N: race this many agents on the same code (1 to 8).
+    #[arg(long, value_name = "N")]
+    pub candidates: Option<u32>,
+    /// Pick the candidate unasked: `first_finished` or `smallest_passing` (else
+    /// `patchflow select`).
+    #[arg(long, value_parser = ["first_finished", "smallest_passing"])]
+    pub auto_select: Option<String>,
     /// Follow the task's progress until it ends.
     #[arg(long)]
     pub wait: bool,
@@ -155,6 +163,44 @@ pub struct ResultArgs {
     #[arg(long)]
     pub summary: bool,
     /// Print the result as one JSON document (diff, summary, status).
+    #[arg(long)]
+    pub json: bool,
+    /// One candidate's files instead of the task's (best-of-N).
+    #[arg(long, value_name = "N", conflicts_with_all = ["turn", "summary", "json"])]
+    pub candidate: Option<u32>,
+    /// One turn's own change (and transcript, log) instead of the cumulative ones.
+    #[arg(long, value_name = "N", conflicts_with_all = ["summary", "json"])]
+    pub turn: Option<u32>,
+    #[command(flatten)]
+    pub server: ServerOpt,
+}
+
+#[derive(Debug, Args)]
+pub struct SayArgs {
+    pub task_id: String,
+    /// The follow-up instruction (`-` reads it from standard input).
+    pub message: String,
+    /// Follow the turn's progress until it ends.
+    #[arg(long)]
+    pub wait: bool,
+    #[command(flatten)]
+    pub server: ServerOpt,
+}
+
+#[derive(Debug, Args)]
+pub struct CandidatesArgs {
+    pub task_id: String,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: ServerOpt,
+}
+
+#[derive(Debug, Args)]
+pub struct SelectArgs {
+    pub task_id: String,
+    /// The candidate whose diff becomes the task's.
+    pub candidate: u32,
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -330,6 +376,8 @@ fn submit_body(a: &SubmitArgs) -> anyhow::Result<SubmitBody> {
         limits: (!limits.is_empty()).then_some(limits),
         environment: a.environment.clone(),
         setup,
+        candidates: a.candidates,
+        auto_select: a.auto_select.as_deref().map(str::parse).transpose()?,
         ..SubmitBody::default()
     })
 }
@@ -556,11 +604,122 @@ pub async fn result(config: &Config, a: ResultArgs) -> anyhow::Result<ExitCode> 
     } else {
         "diff"
     };
-    let body = send(client.get(format!("{base}/api/tasks/{id}/{what}")), &base)
-        .await?
-        .bytes()
-        .await?;
+    let url = match (a.candidate, a.turn) {
+        (Some(n), _) => format!("{base}/api/tasks/{id}/candidates/{n}/{what}"),
+        (None, Some(t)) => format!("{base}/api/tasks/{id}/{what}?turn={t}"),
+        (None, None) => format!("{base}/api/tasks/{id}/{what}"),
+    };
+    let body = send(client.get(url), &base).await?.bytes().await?;
     std::io::stdout().write_all(&body)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `patchflow say TASK_ID "..."`: a follow-up turn (`POST /api/tasks/{id}/messages`).
+pub async fn say(config: &Config, a: SayArgs) -> anyhow::Result<ExitCode> {
+    let base = a.server.base(config);
+    let client = http(config)?;
+    let message = if a.message == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read the message")?
+    } else {
+        a.message.clone()
+    };
+    let answer: TurnAnswer = send(
+        client
+            .post(format!("{base}/api/tasks/{}/messages", a.task_id))
+            .json(&MessageBody { message }),
+        &base,
+    )
+    .await?
+    .json()
+    .await?;
+    println!("{}  turn {}  accepted", answer.task_id, answer.turn);
+    if !a.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // The turn's end: the record back at a final status with this turn recorded.
+    loop {
+        let r = get_record(&client, &base, &a.task_id).await?;
+        let turn = r.turns.iter().find(|t| t.turn == answer.turn);
+        if let Some(t) = turn.filter(|t| t.status.is_terminal()) {
+            println!(
+                "{}  turn {}  {}  {}",
+                a.task_id, t.turn, t.status, r.message
+            );
+            return Ok(if t.status == TaskStatus::Completed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `patchflow candidates TASK_ID`: a best-of-N task's candidates, one per line.
+pub async fn candidates(config: &Config, a: CandidatesArgs) -> anyhow::Result<ExitCode> {
+    let base = a.server.base(config);
+    let client = http(config)?;
+    let r = get_record(&client, &base, &a.task_id).await?;
+    if a.json {
+        print_json(&serde_json::json!({
+            "task_id": r.task_id,
+            "selected": r.selected,
+            "candidates": r.candidates,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if r.candidates.is_empty() {
+        println!("{}  ran one agent: no candidates", r.task_id);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("CANDIDATE  STATUS          FILES  COST_USD  SUMMARY");
+    for c in &r.candidates {
+        let mark = if r.selected == Some(c.candidate) {
+            "*"
+        } else {
+            " "
+        };
+        let summary = c.error.as_deref().unwrap_or(&c.summary);
+        println!(
+            "{mark}{:<9} {:<15} {:>5}  {:>8.4}  {}",
+            c.candidate,
+            c.status.as_str(),
+            c.files_changed.len(),
+            c.cost_usd,
+            summary.lines().next().unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `patchflow select TASK_ID N`: candidate N's diff becomes the task's.
+pub async fn select(config: &Config, a: SelectArgs) -> anyhow::Result<ExitCode> {
+    let base = a.server.base(config);
+    let client = http(config)?;
+    let r: TaskView = send(
+        client
+            .post(format!("{base}/api/tasks/{}/select", a.task_id))
+            .json(&SelectBody {
+                candidate: a.candidate,
+            }),
+        &base,
+    )
+    .await?
+    .json()
+    .await?;
+    if a.json {
+        print_json(&r)?;
+    } else {
+        println!(
+            "{}  candidate {} selected{}",
+            a.task_id,
+            a.candidate,
+            r.pr_url
+                .as_deref()
+                .map(|u| format!("  pull request {u}"))
+                .unwrap_or_default()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -106,6 +106,8 @@ fn options(a: &SubmitArgs) -> anyhow::Result<proto::TaskOptions> {
             ),
             None => None,
         },
+        candidates: a.candidates,
+        auto_select: a.auto_select.clone(),
         ..proto::TaskOptions::default()
     })
 }

@@ -51,6 +51,12 @@ enum Command {
     Retry(client::RetryArgs),
     /// Open (or update) the pull request of a COMPLETED task now.
     Pr(client::PrArgs),
+    /// Send a follow-up to a COMPLETED or FAILED task: the agent goes on from its last turn.
+    Say(client::SayArgs),
+    /// List a best-of-N task's candidates (status, files, cost, summary; `*` selected).
+    Candidates(client::CandidatesArgs),
+    /// Make candidate N's result the task's (its diff and, with open_pr, its pull request).
+    Select(client::SelectArgs),
     /// Follow a task's events over gRPC until it ends; resumes after the last event.
     Watch(grpc_client::WatchArgs),
     /// List tasks, newest first.
@@ -120,6 +126,9 @@ fn main() -> ExitCode {
             | Command::Cancel(_)
             | Command::Retry(_)
             | Command::Pr(_)
+            | Command::Say(_)
+            | Command::Candidates(_)
+            | Command::Select(_)
             | Command::Watch(_)
             | Command::List(_)
             | Command::Usage(_)
@@ -153,6 +162,9 @@ fn main() -> ExitCode {
             Command::Cancel(a) => client::cancel(&config, a).await,
             Command::Retry(a) => client::retry(&config, a).await,
             Command::Pr(a) => client::pull_request(&config, a).await,
+            Command::Say(a) => client::say(&config, a).await,
+            Command::Candidates(a) => client::candidates(&config, a).await,
+            Command::Select(a) => client::select(&config, a).await,
             Command::Watch(a) => grpc_client::watch(&config, a).await,
             Command::List(a) => client::list(&config, a).await,
             Command::Usage(a) => client::usage(&config, a).await,

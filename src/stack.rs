@@ -114,10 +114,9 @@ pub fn service(config: &Config, stores: &Stores, client: Client) -> anyhow::Resu
         batch_concurrency: config.batch.batch_concurrency,
         // Per task, from its tenant's quota (the gateway sets it when it starts one).
         tenant_max_running: 0,
-        // Follow-up turns are built through the workflow, the store and the agent, but no
-        // door sends the `message` update yet: until one does, an ended task's workflow
-        // closes at once instead of waiting `followup_idle_hours` for nobody.
-        followup_idle_secs: 0,
+        // An ended task's workflow waits this long for a follow-up message (a retry
+        // closes it first; a message after it closed starts a continuation).
+        followup_idle_secs: (config.temporal.followup_idle_hours * 3600.0).round() as u64,
         continue_as_new_events: config.temporal.continue_as_new_events,
     };
     Ok(TaskService::new(

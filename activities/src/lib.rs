@@ -375,34 +375,37 @@ impl Activities {
     }
 
     /// Makes follow-up turn `turn`'s results the task's: turn 1's own files are kept at
-    /// `turns/1/` first, the transcript grows by the turn's lines, the rest is replaced
-    /// (the diff is cumulative).
+    /// `turns/1/` first, the transcript becomes every turn's lines in order, the rest is
+    /// replaced (the diff is cumulative). Safe to run again: a retried publish neither
+    /// overwrites turn 1's files with a later turn's nor repeats transcript lines.
     async fn adopt_turn(&self, id: &TaskId, turn: u32) -> Result<(), ActivityError> {
         use patchflow_platform::objectstore::copy_files;
         let root = layout::results_prefix(id);
-        let first = layout::turn_key(id, 1, "");
         let objects = self.objects.as_ref();
-        if turn == 2 {
-            copy_files(objects, &root, &first, &layout::RUN_FILES)
-                .await
-                .map_err(transient)?;
+        let kept = objects
+            .exists(&layout::turn_key(id, 1, layout::SUMMARY))
+            .await
+            .map_err(transient)?;
+        if turn == 2 && !kept {
+            copy_files(
+                objects,
+                &root,
+                &layout::turn_key(id, 1, ""),
+                &layout::RUN_FILES,
+            )
+            .await
+            .map_err(transient)?;
         }
-        let own = layout::run_prefix(id, turn, None);
-        let mut transcript = match objects
-            .get_bytes(&layout::result_key(id, layout::TRANSCRIPT))
-            .await
-        {
-            Ok(b) => b,
-            Err(patchflow_platform::ObjectError::NotFound(_)) => Vec::new(),
-            Err(e) => return Err(transient(e)),
-        };
-        match objects
-            .get_bytes(&format!("{own}{}", layout::TRANSCRIPT))
-            .await
-        {
-            Ok(b) => transcript.extend_from_slice(&b),
-            Err(patchflow_platform::ObjectError::NotFound(_)) => {}
-            Err(e) => return Err(transient(e)),
+        let mut transcript = Vec::new();
+        for t in 1..=turn {
+            match objects
+                .get_bytes(&layout::turn_key(id, t, layout::TRANSCRIPT))
+                .await
+            {
+                Ok(b) => transcript.extend_from_slice(&b),
+                Err(patchflow_platform::ObjectError::NotFound(_)) => {}
+                Err(e) => return Err(transient(e)),
+            }
         }
         objects
             .put_bytes(&layout::result_key(id, layout::TRANSCRIPT), &transcript)
@@ -412,7 +415,7 @@ impl Activities {
             .into_iter()
             .filter(|f| *f != layout::TRANSCRIPT && *f != layout::TURN_DIFF)
             .collect();
-        copy_files(objects, &own, &root, &rest)
+        copy_files(objects, &layout::run_prefix(id, turn, None), &root, &rest)
             .await
             .map_err(transient)?;
         Ok(())
@@ -883,9 +886,14 @@ impl Activities {
         let mut message = format!("{ok} of {total} candidates finished");
         match picked {
             Some((rule, n)) => {
-                let summary = select_candidate(self.store.as_ref(), self.objects.as_ref(), &id, n)
-                    .await
-                    .map_err(transient)?;
+                let summary = patchflow_platform::results::select_candidate(
+                    self.store.as_ref(),
+                    self.objects.as_ref(),
+                    &id,
+                    n,
+                )
+                .await
+                .map_err(transient)?;
                 message.push_str(&format!("; candidate {n} selected ({rule})"));
                 if summary.outcome.is_success() && !summary.files_changed.is_empty() {
                     match self
@@ -912,39 +920,4 @@ impl Activities {
             message,
         })
     }
-}
-
-/// Makes candidate `n`'s results the task's: its files are copied to the task's own keys,
-/// its summary becomes the task's, and it is recorded as selected. The gateway's `select`
-/// and `auto_select` both come here.
-pub async fn select_candidate(
-    store: &dyn TaskStore,
-    objects: &dyn ObjectStore,
-    id: &TaskId,
-    n: u32,
-) -> Result<AgentSummary, String> {
-    let from = layout::run_prefix(id, 1, Some(n));
-    let bytes = objects
-        .get_bytes(&format!("{from}{}", layout::SUMMARY))
-        .await
-        .map_err(|e| format!("candidate {n} has no summary: {e}"))?;
-    let summary: AgentSummary = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("candidate {n}'s summary is unreadable: {e}"))?;
-    patchflow_platform::objectstore::copy_files(
-        objects,
-        &from,
-        &layout::results_prefix(id),
-        &layout::RUN_FILES,
-    )
-    .await
-    .map_err(|e| format!("cannot copy candidate {n}'s results: {e}"))?;
-    store
-        .set_summary(id, &summary)
-        .await
-        .map_err(|e| e.to_string())?;
-    store
-        .set_selected(id, Some(n))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(summary)
 }

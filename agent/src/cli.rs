@@ -52,6 +52,9 @@ pub struct AgentArgs {
     /// The follow-up's turn number (2 for the first follow-up).
     #[arg(long, default_value_t = 2, requires = "resume")]
     pub turn: u32,
+    /// A best-of-N candidate's number: sent as the model's sampling `seed`.
+    #[arg(long)]
+    pub candidate: Option<u32>,
 }
 
 /// Reads what a follow-up turn resumes and lays the previous changes over the workspace.
@@ -109,7 +112,10 @@ pub async fn run(config: &Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
         workspace: a.workspace.clone(),
         baseline: a.baseline.clone(),
         out_dir: a.out.clone(),
-        settings: crate::ModelSettings::from_config(config),
+        settings: crate::ModelSettings {
+            seed: a.candidate.map(u64::from),
+            ..crate::ModelSettings::from_config(config)
+        },
         model_override: None,
         max_retries: config.llm.llm_max_retries,
         retry_backoff: Duration::from_millis(config.llm.llm_retry_backoff_ms),

@@ -32,6 +32,9 @@ pub struct ModelSettings {
     pub stream: bool,
     pub models: ModelTable,
     pub default_context_window: u64,
+    /// The sampling seed sent with each request (Chat Completions' `seed`): a best-of-N
+    /// candidate's number, so its samples differ from its siblings' but repeat themselves.
+    pub seed: Option<u64>,
 }
 
 impl ModelSettings {
@@ -45,6 +48,7 @@ impl ModelSettings {
             stream: true,
             models: ModelTable::default(),
             default_context_window: 128_000,
+            seed: None,
         }
     }
 
@@ -58,6 +62,7 @@ impl ModelSettings {
             stream: config.llm.llm_stream,
             models: config.model_table.models.clone(),
             default_context_window: config.llm.default_context_window,
+            seed: None,
         }
     }
 
@@ -88,6 +93,7 @@ impl ModelSettings {
             max_output_tokens: profile.max_output_tokens,
             reasoning_effort: profile.reasoning_effort.clone(),
             extra_headers: profile.extra_headers.clone(),
+            seed: self.seed,
         };
         (endpoint, profile)
     }

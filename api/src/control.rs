@@ -79,3 +79,24 @@ impl CancelBody {
         from_json(bytes)
     }
 }
+
+/// `POST /api/tasks/{task_id}/messages`: `{"message": "..."}`, the next turn's instruction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageBody {
+    pub message: String,
+}
+
+/// How a follow-up is answered (`202`): the turn it became.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnAnswer {
+    pub task_id: patchflow_core::TaskId,
+    pub turn: u32,
+}
+
+/// `POST /api/tasks/{task_id}/select`: `{"candidate": N}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectBody {
+    pub candidate: u32,
+}

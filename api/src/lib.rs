@@ -26,7 +26,9 @@ pub mod submit;
 pub mod usage;
 pub mod view;
 
-pub use control::{CancelBody, RetryBody, RetryMode, UnknownRetryMode};
+pub use control::{
+    CancelBody, MessageBody, RetryBody, RetryMode, SelectBody, TurnAnswer, UnknownRetryMode,
+};
 pub use environment::{
     EnvironmentBody, EnvironmentInput, EnvironmentList, EnvironmentView, ResetCacheAnswer,
 };

@@ -70,6 +70,14 @@ pub struct SubmitBody {
     /// A saved environment of the tenant's, by name (instead of `setup`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
+    /// Best-of-N: how many agents race on the same code (1 to 8; the tenant's quota may
+    /// cap it lower).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<u32>,
+    /// How a best-of-N task picks its candidate unasked (`first_finished`,
+    /// `smallest_passing`); without it, `POST /api/tasks/{id}/select` does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_select: Option<patchflow_core::AutoSelect>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -213,6 +221,10 @@ impl SubmitBody {
         }
         spec.batch_id = given(self.batch_id);
         spec.idempotency_key = given(self.idempotency_key);
+        if let Some(n) = self.candidates {
+            spec.candidates = n;
+        }
+        spec.auto_select = self.auto_select;
         Ok(spec)
     }
 }
@@ -257,6 +269,7 @@ impl FormFields {
             "setup" => serde_json::from_str(text)
                 .map_err(|e| InvalidBody::FormFields(format!("setup is not a JSON object: {e}")))?,
             "max_steps" | "max_tokens" | "wall_seconds" | "max_cost_usd" | "git_token"
+            | "candidates" | "auto_select"
                 if text.trim().is_empty() =>
             {
                 return Ok(());
@@ -288,6 +301,12 @@ impl FormFields {
                 limits.insert(name.to_string(), n);
                 return Ok(());
             }
+            "candidates" => json!(
+                text.trim()
+                    .parse::<u32>()
+                    .map_err(|_| InvalidBody::NotANumber(name.to_string()))?
+            ),
+            "auto_select" => json!(text.trim()),
             _ => json!(text),
         };
         self.fields.insert(name.to_string(), value);

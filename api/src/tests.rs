@@ -513,10 +513,20 @@ fn the_task_view_round_trips_with_its_field_names() {
         "idempotency_key",
         "attempt",
         "attempts",
+        "turns",
+        "candidates",
+        "selected",
         "links",
     ];
     want.sort_unstable();
     assert_eq!(keys, want);
+    // One turn before any follow-up: the task as submitted, ended with the task.
+    assert_eq!(v["turns"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["turns"][0]["turn"], 1);
+    assert_eq!(v["turns"][0]["status"], "COMPLETED");
+    assert_eq!(v["turns"][0]["finished_at"], v["updated_at"]);
+    assert_eq!(v["candidates"], json!([]));
+    assert_eq!(v["selected"], Value::Null);
     assert_eq!(v["status"], "COMPLETED");
     assert_eq!(v["source"], "https://example.com/r.git@main");
     assert_eq!(v["links"]["diff"], format!("/api/tasks/{id}/diff"));

@@ -36,6 +36,15 @@ pub struct TaskView {
     /// The current attempt (1 until the task is retried) and every attempt's outcome.
     pub attempt: u32,
     pub attempts: Vec<AttemptView>,
+    /// The conversation: turn 1 is the task as submitted, each follow-up adds one.
+    #[serde(default)]
+    pub turns: Vec<patchflow_core::TurnRecord>,
+    /// A best-of-N task's candidates (empty for a task with one agent).
+    #[serde(default)]
+    pub candidates: Vec<patchflow_core::CandidateRecord>,
+    /// The candidate whose results are the task's (`None` until chosen).
+    #[serde(default)]
+    pub selected: Option<u32>,
     pub links: Links,
 }
 
@@ -64,6 +73,24 @@ impl TaskView {
     /// The view of a record; `workflow` is the Web UI link of its workflow, if any.
     pub fn new(r: TaskRecord, workflow: Option<String>) -> Self {
         let base = format!("/api/tasks/{}", r.task_id);
+        let turns = if r.turns.is_empty() {
+            // One turn so far: the task as submitted (the store lists turns once a
+            // follow-up adds the second).
+            vec![patchflow_core::TurnRecord {
+                turn: 1,
+                message: r.spec.task_description.clone(),
+                status: r.status,
+                summary: r
+                    .summary
+                    .as_ref()
+                    .map(|s| s.summary.clone())
+                    .unwrap_or_default(),
+                started_at: r.created_at,
+                finished_at: r.status.is_terminal().then_some(r.updated_at),
+            }]
+        } else {
+            r.turns
+        };
         Self {
             links: Links {
                 diff: format!("{base}/diff"),
@@ -101,6 +128,9 @@ impl TaskView {
                     message: a.message,
                 })
                 .collect(),
+            turns,
+            candidates: r.candidates,
+            selected: r.selected,
         }
     }
 }

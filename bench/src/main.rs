@@ -6,7 +6,8 @@
 //! - `agent`: the agent alone against an instant scripted model (see `agent`).
 //! - `tools`: the sandboxed tools per call (WASM vs native) and the shell sandbox's
 //!   start-up (see `tools`).
-//! - `pipeline`, `status`: an embedded stack running one-step tasks (see `pipeline`).
+//! - `pipeline`, `status`, `conversation`: an embedded stack running one-step tasks,
+//!   follow-ups and best-of-N races (see `pipeline`).
 //! - `watch`, `store`, `kafka`: the gateway's fan-out, the object stores, the Kafka trigger.
 //! - `publish`: what opening a pull request adds to the publish step (see `publish`).
 //! - `envcache`: packing and restoring a prepared environment (see `envcache`).
@@ -125,6 +126,12 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Follow-up turns (message -> first model request, -> COMPLETED) and best-of-N wall
+    /// time for 1, 2 and 4 candidates, through an embedded stack.
+    Conversation {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
     /// Whole tasks through an embedded stack.
     Pipeline {
         /// Tasks submitted one after another (latency).
@@ -190,6 +197,15 @@ async fn run(config: Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Publish { runs } => publish::run(runs).await,
+        BenchCommand::Conversation { runs } => {
+            pipeline::with_stack(
+                &config,
+                None,
+                pipeline::Drive::Conversation { runs },
+                patchflow_core::config::AuthMode::Tokens,
+            )
+            .await
+        }
         BenchCommand::Envcache { dir, runs } => envcache::run(dir, runs).await,
         BenchCommand::Environment { runs } => {
             pipeline::with_stack(

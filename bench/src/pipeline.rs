@@ -43,6 +43,11 @@ pub enum Drive {
     Environment {
         runs: usize,
     },
+    /// Follow-ups (message -> the follow-up's first model request, message -> turn
+    /// COMPLETED) and best-of-N wall time for 1, 2 and 4 candidates.
+    Conversation {
+        runs: usize,
+    },
 }
 
 /// Runs `drive` against an embedded stack (dev server, worker, gateway, instant model),
@@ -72,11 +77,13 @@ pub async fn with_stack(
             "init",
         ],
     )?;
-    let model = ScriptedModel::start(
-        Script::calls_then_finish(vec![]),
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-    )
-    .await?;
+    // One `finish` per turn: a follow-up asks for the turn after the last one it carries.
+    let mut script = Script::calls_then_finish(vec![]);
+    if let Drive::Conversation { runs } = drive_mode {
+        let finish = script.turns[0].clone();
+        script.turns = vec![finish; runs + 2];
+    }
+    let model = ScriptedModel::start(script, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
 
     let mut config = Config::default();
     config.server.data_dir = dir.path().join("data");
@@ -126,6 +133,9 @@ pub async fn with_stack(
                 }
                 Drive::Environment { runs } => {
                     environment(&url, token.as_deref(), &repo_url, runs).await
+                }
+                Drive::Conversation { runs } => {
+                    conversation(&url, token.as_deref(), &repo_url, &model, runs).await
                 }
             };
             let _ = stop_tx.send(true);
@@ -355,6 +365,86 @@ async fn drive(
     for (name, v) in per_stage {
         let (p50, p95, _) = stats(v);
         println!("  {name:<38} p50 {p50:>7.1}  p95 {p95:>7.1}");
+    }
+    Ok(())
+}
+
+/// Follow-ups on one task, one after another: message -> the follow-up's first model
+/// request and message -> COMPLETED; then best-of-N tasks (1, 2 and 4 candidates of a
+/// one-step task): submit -> COMPLETED.
+async fn conversation(
+    url: &str,
+    token: Option<&str>,
+    repo_url: &str,
+    model: &ScriptedModel,
+    runs: usize,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .default_headers(auth_headers(token)?)
+        .build()?;
+    let (id, _) = submit_and_wait(&http, url, repo_url).await?;
+    let (mut to_request, mut to_done) = (Vec::new(), Vec::new());
+    for n in 0..runs {
+        let before = model.observed().arrivals.len();
+        let t0 = Instant::now();
+        let answer: Value = http
+            .post(format!("{url}/api/tasks/{id}/messages"))
+            .json(&json!({"message": format!("follow-up {n}")}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let turn = answer["turn"].as_u64().context("no turn")?;
+        loop {
+            let r: Value = http
+                .get(format!("{url}/api/tasks/{id}"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let ended = r["turns"].as_array().is_some_and(|t| {
+                t.iter()
+                    .any(|t| t["turn"] == turn && t["status"] == "COMPLETED")
+            });
+            if ended && r["status"] == "COMPLETED" {
+                break;
+            }
+            if r["status"] == "FAILED" {
+                bail!("turn {turn} failed: {}", r["message"]);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        to_done.push(ms(t0.elapsed()));
+        let seen = model.observed();
+        let first = seen.arrivals.get(before).context("no model request")?;
+        to_request.push(ms(first.duration_since(t0)));
+    }
+    let (p50, p95, _) = stats(to_request);
+    let (dp50, dp95, _) = stats(to_done);
+    println!("follow-ups ({runs} turns of one task, its workflow open):");
+    println!("  message -> the turn's first model request  p50 {p50:>7.1} ms  p95 {p95:>7.1} ms");
+    println!("  message -> turn COMPLETED                  p50 {dp50:>7.1} ms  p95 {dp95:>7.1} ms");
+    println!(
+        "best-of-N (one-step task, {runs} tasks each, one after another): submit -> COMPLETED"
+    );
+    let mut one = None;
+    for n in [1u32, 2, 4] {
+        let mut lat = Vec::new();
+        for _ in 0..runs {
+            // Every candidate runs to its end (no auto_select): the race's whole cost.
+            let mut body = json!({"git_url": repo_url, "task_description": "benchmark task"});
+            if n > 1 {
+                body["candidates"] = json!(n);
+            }
+            lat.push(ms(submit_body_and_wait(&http, url, &body).await?.1));
+        }
+        let (p50, p95, _) = stats(lat);
+        let base = *one.get_or_insert(p50);
+        println!(
+            "  {n} candidate(s): p50 {p50:>7.1} ms  p95 {p95:>7.1} ms  ({:.2}x one)",
+            p50 / base
+        );
     }
     Ok(())
 }

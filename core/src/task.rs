@@ -603,6 +603,12 @@ impl TaskSpec {
                 ),
             ));
         }
+        if self.auto_select.is_some() && self.candidates < 2 {
+            return Err(ValidationError::new(
+                "auto_select",
+                "chooses among candidates: set candidates to 2 or more",
+            ));
+        }
         self.policy.validate()?;
         self.limits.validate()
     }

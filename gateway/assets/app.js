@@ -52,7 +52,7 @@
   const events = $("#events");
   const dot = $(".live-dot");
   // Sections the server re-renders on every status change; the event list only grows.
-  const parts = ["#head", "#timeline", "#summary", "#diff", "#transcript"];
+  const parts = ["#head", "#timeline", "#candidates", "#conversation", "#summary", "#diff", "#transcript"];
 
   // The status the stream announced last. The record may lag its event by a moment, so a
   // refresh that still shows an older status (or fails) is tried again, a few times.
@@ -129,7 +129,8 @@
     if (dot) dot.hidden = true;
   };
 
-  // Cancel and Retry through the API, staying on the page; the plain form is the fallback.
+  // Cancel, Retry, a follow-up and Select through the API, staying on the page; the plain
+  // form is the fallback.
   function bindActions() {
     $$("form[data-api]").forEach((form) => {
       if (form.dataset.bound) return;
@@ -138,12 +139,17 @@
         e.preventDefault();
         const button = $("button", form);
         button.disabled = true;
-        const mode = form.elements.mode?.value;
+        // The form's own fields as the API's body: a retry's mode, a follow-up's
+        // message, the candidate to select.
+        const el = form.elements, body = {};
+        if (el.mode) body.mode = el.mode.value;
+        if (el.message) body.message = el.message.value;
+        if (el.candidate) body.candidate = Number(el.candidate.value);
         try {
           const r = await fetch(form.dataset.api, {
             method: "POST",
-            headers: { "Content-Type": "application/json", "X-CSRF-Token": form.elements.csrf?.value || "" },
-            body: JSON.stringify(mode ? { mode } : {}),
+            headers: { "Content-Type": "application/json", "X-CSRF-Token": el.csrf?.value || "" },
+            body: JSON.stringify(body),
           });
           if (!r.ok) {
             const body = await r.json().catch(() => ({}));

@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Principal;
 use crate::error::ServiceError;
-use crate::service::{RetryMode, SubmitOutcome, TaskService, Upload};
+use crate::service::{RetryMode, RunFile, SubmitOutcome, TaskService, Upload};
 use crate::submit::{spec_of, temp_upload_path};
 use proto::tasks_server::{Tasks, TasksServer};
 
@@ -175,6 +175,32 @@ pub fn task_message(service: &TaskService, r: &TaskRecord) -> proto::Task {
         attempt: r.attempt,
         attempts: r.attempts.iter().map(attempt_message).collect(),
         workflow_url: service.workflow_link(&r.task_id),
+        // The same turns the HTTP view lists (turn 1 before any follow-up).
+        turns: patchflow_api::TaskView::new(r.clone(), None)
+            .turns
+            .iter()
+            .map(|t| proto::Turn {
+                turn: t.turn,
+                message: t.message.clone(),
+                status: t.status.to_string(),
+                summary: t.summary.clone(),
+                started_at: time(t.started_at),
+                finished_at: t.finished_at.map(time),
+            })
+            .collect(),
+        candidates: r
+            .candidates
+            .iter()
+            .map(|c| proto::Candidate {
+                candidate: c.candidate,
+                status: c.status.to_string(),
+                summary: c.summary.clone(),
+                files_changed: c.files_changed.clone(),
+                cost_usd: c.cost_usd,
+                error: c.error.clone(),
+            })
+            .collect(),
+        selected: r.selected,
     }
 }
 
@@ -232,6 +258,13 @@ fn submit_body(
         branch_name: non_empty(o.branch_name),
         environment: non_empty(o.environment),
         setup,
+        candidates: o.candidates,
+        auto_select: match non_empty(o.auto_select) {
+            Some(rule) => Some(rule.parse().map_err(|e: patchflow_core::ValidationError| {
+                Status::invalid_argument(e.to_string())
+            })?),
+            None => None,
+        },
         ..SubmitBody::default()
     })
 }
@@ -547,6 +580,39 @@ impl Tasks for TasksApi {
         Ok(Response::new(task_message(&self.service, &rec)))
     }
 
+    async fn send_message(
+        &self,
+        request: Request<proto::SendMessageRequest>,
+    ) -> Result<Response<proto::SendMessageResponse>, Status> {
+        let who = self.who(&request).await?;
+        let r = request.into_inner();
+        let id = parse_id(&r.task_id)?;
+        let accepted = self
+            .service
+            .send_message(&who, &id, &r.message)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(proto::SendMessageResponse {
+            task_id: id.to_string(),
+            turn: accepted.turn,
+        }))
+    }
+
+    async fn select_candidate(
+        &self,
+        request: Request<proto::SelectCandidateRequest>,
+    ) -> Result<Response<proto::Task>, Status> {
+        let who = self.who(&request).await?;
+        let r = request.into_inner();
+        let id = parse_id(&r.task_id)?;
+        let rec = self
+            .service
+            .select(&who, &id, r.candidate)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(task_message(&self.service, &rec)))
+    }
+
     async fn create_environment(
         &self,
         request: Request<proto::CreateEnvironmentRequest>,
@@ -710,8 +776,13 @@ impl Tasks for TasksApi {
         request: Request<proto::GetResultRequest>,
     ) -> Result<Response<proto::TaskResult>, Status> {
         let who = self.who(&request).await?;
-        let id = parse_id(&request.into_inner().task_id)?;
+        let req = request.into_inner();
+        let id = parse_id(&req.task_id)?;
         let rec = self.task_for(&who, &id).await?;
+        let which = RunFile {
+            candidate: req.candidate,
+            turn: req.turn,
+        };
         let not_ready = || {
             status_of(&ServiceError::NotReady(format!(
                 "the result of task {id} is not available (status {})",
@@ -721,12 +792,17 @@ impl Tasks for TasksApi {
         if !rec.status.is_terminal() {
             return Err(not_ready());
         }
+        if which.candidate.is_some() && which.turn.is_some() {
+            return Err(Status::invalid_argument(
+                "ask for a candidate or a turn, not both",
+            ));
+        }
         let read = |file: &'static str| {
             let service = self.service.clone();
-            let id = id.clone();
+            let rec = rec.clone();
             async move {
                 service
-                    .read_result(&id, file, MAX_RESULT_FILE_BYTES)
+                    .read_run_result(&rec, file, which, MAX_RESULT_FILE_BYTES)
                     .await
                     .map_err(|e| status_of(&e))
             }
@@ -746,7 +822,14 @@ impl Tasks for TasksApi {
             status: rec.status.to_string(),
             diff,
             transcript,
-            summary: rec.summary.as_ref().map(summary_message),
+            summary: match which.candidate {
+                Some(_) => read(layout::SUMMARY)
+                    .await?
+                    .and_then(|(b, _)| serde_json::from_slice::<AgentSummary>(&b).ok())
+                    .as_ref()
+                    .map(summary_message),
+                None => rec.summary.as_ref().map(summary_message),
+            },
             diff_truncated,
             transcript_truncated,
         }))

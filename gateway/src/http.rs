@@ -10,6 +10,10 @@
 //! | `GET /api/tasks/{task_id}/events` | history as JSON, or live as Server-Sent Events |
 //! | `POST /api/tasks/{task_id}/cancel` | ask a running task to stop |
 //! | `POST /api/tasks/{task_id}/retry` | a new attempt of an ended task (`{"mode": "from_start" \| "from_failed_step"}`) |
+//! | `POST /api/tasks/{task_id}/messages` | a follow-up turn (`{"message"}`): `202 {"task_id", "turn"}`, `409` while a turn runs |
+//! | `POST /api/tasks/{task_id}/select` | makes a candidate the task's result (`{"candidate": N}`) |
+//! | `GET /api/tasks/{task_id}/candidates/{n}/diff`, `/transcript`, `/log` | one candidate's files |
+//! | `…/diff?turn=N`, `…/transcript?turn=N`, `…/log?turn=N` | one turn's own change, lines, log |
 //! | `POST /api/tokens`, `GET /api/tokens`, `DELETE /api/tokens/{token_id}` | token management (admin) |
 //! | `POST /api/environments`, `GET /api/environments` | create (`201`, `409` if the name is taken) and list the tenant's saved environments |
 //! | `GET`, `PUT`, `DELETE /api/environments/{name}` | one environment: read, replace (a body without `secrets` keeps the stored ones), delete |
@@ -37,8 +41,8 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use patchflow_api::error::from_json;
 use patchflow_api::{
-    CancelBody, ErrorBody, EventPage, Health, RetryBody, StatusAnswer, SubmitBody, TaskPage,
-    TaskView,
+    CancelBody, ErrorBody, EventPage, Health, MessageBody, RetryBody, SelectBody, StatusAnswer,
+    SubmitBody, TaskPage, TaskView, TurnAnswer,
 };
 use patchflow_core::{TaskId, TaskRecord, TaskStatus, layout};
 use patchflow_platform::db::{ListCursor, ListFilter};
@@ -46,7 +50,7 @@ use serde::Deserialize;
 
 use crate::auth::{Principal, TokenRequest};
 use crate::error::ServiceError;
-use crate::service::{ResultFile, TaskService};
+use crate::service::{ResultFile, RunFile, TaskService};
 use crate::submit::{read_multipart, spec_of};
 
 /// Largest JSON body accepted (a task description is at most 64 KiB).
@@ -152,6 +156,12 @@ pub fn router(service: TaskService) -> Router {
         .route("/api/tasks/{task_id}/cancel", post(cancel))
         .route("/api/tasks/{task_id}/retry", post(retry))
         .route("/api/tasks/{task_id}/pull-request", post(pull_request))
+        .route("/api/tasks/{task_id}/messages", post(send_message))
+        .route("/api/tasks/{task_id}/select", post(select))
+        .route(
+            "/api/tasks/{task_id}/candidates/{candidate}/{file}",
+            get(candidate_file),
+        )
         .route("/api/tokens", post(create_token).get(list_tokens))
         .route("/api/tokens/{token_id}", delete(revoke_token))
         .route(
@@ -539,10 +549,12 @@ async fn get_task(
     Ok(Json(view(&service, r)))
 }
 
-/// `?attempt=N`: one attempt's copy of a result file instead of the latest.
+/// `?attempt=N`: one attempt's copy of a result file instead of the latest; `?turn=N`:
+/// one turn's own (its change, its transcript lines, its log).
 #[derive(Debug, Deserialize)]
 struct AttemptQuery {
     attempt: Option<u32>,
+    turn: Option<u32>,
 }
 
 async fn result_file(
@@ -550,12 +562,125 @@ async fn result_file(
     who: &Principal,
     id: &str,
     file: &str,
-    attempt: Option<u32>,
+    q: AttemptQuery,
     content_type: &str,
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
     service.get_for(who, &id).await?;
-    respond(service.open_result(&id, file, attempt).await?, content_type)
+    let opened = match (q.attempt, q.turn) {
+        (Some(_), Some(_)) => {
+            return Err(
+                ServiceError::BadRequest("ask for an attempt or a turn, not both".into()).into(),
+            );
+        }
+        (_, Some(turn)) => {
+            let which = RunFile {
+                candidate: None,
+                turn: Some(turn),
+            };
+            service.open_run_result(&id, file, which).await?
+        }
+        (attempt, None) => service.open_result(&id, file, attempt).await?,
+    };
+    respond(opened, content_type)
+}
+
+/// The result files a candidate has, and how each is served.
+fn result_file_of(name: &str) -> Option<(&'static str, &'static str)> {
+    match name {
+        "diff" => Some((layout::DIFF, "text/x-diff; charset=utf-8")),
+        "transcript" => Some((layout::TRANSCRIPT, "application/x-ndjson")),
+        "log" => Some((layout::AGENT_LOG, "text/plain; charset=utf-8")),
+        _ => None,
+    }
+}
+
+/// `GET /api/tasks/{id}/candidates/{n}/{diff|transcript|log}`.
+async fn candidate_file(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    Path((id, candidate, file)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    service.get_for(&who, &id).await?;
+    let Some((file, content_type)) = result_file_of(&file) else {
+        return Ok(error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "a candidate has diff, transcript and log",
+        ));
+    };
+    let Ok(n) = candidate.parse::<u32>() else {
+        return Err(
+            ServiceError::Missing(format!("task {id} has no candidate `{candidate}`")).into(),
+        );
+    };
+    let which = RunFile {
+        candidate: Some(n),
+        turn: None,
+    };
+    respond(
+        service.open_run_result(&id, file, which).await?,
+        content_type,
+    )
+}
+
+/// A JSON object body read as `T` (serde would also take an array for a struct's fields).
+fn object_body<T: serde::de::DeserializeOwned>(bytes: &[u8], shape: &str) -> Result<T, ApiError> {
+    if !bytes.trim_ascii_start().starts_with(b"{") {
+        return Err(
+            ServiceError::BadRequest(format!("the body must be a JSON object: {shape}")).into(),
+        );
+    }
+    Ok(from_json(bytes).map_err(ServiceError::from)?)
+}
+
+/// Largest message body: a message of 64 KiB, escaped.
+const MAX_MESSAGE_BODY_BYTES: usize = 512 * 1024;
+
+/// `202 {"task_id", "turn"}`; `409` while a turn runs (or the task cannot go on).
+async fn send_message(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    who.must_write()?;
+    // Another tenant's task is a 404 whatever the body says.
+    service.get_for(&who, &id).await?;
+    let bytes = axum::body::to_bytes(req.into_body(), MAX_MESSAGE_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError(ServiceError::TooLarge {
+                limit: MAX_MESSAGE_BODY_BYTES as u64,
+            })
+        })?;
+    let body: MessageBody = object_body(&bytes, r#"{"message": "..."}"#)?;
+    let accepted = service.send_message(&who, &id, &body.message).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(TurnAnswer {
+            task_id: id,
+            turn: accepted.turn,
+        }),
+    )
+        .into_response())
+}
+
+/// `200` with the task record, whose diff is now the candidate's.
+async fn select(
+    State(service): State<TaskService>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    who.must_write()?;
+    service.get_for(&who, &id).await?;
+    let body: SelectBody = object_body(&body, r#"{"candidate": N}"#)?;
+    let r = service.select(&who, &id, body.candidate).await?;
+    Ok(Json(view(&service, r)).into_response())
 }
 
 /// An opened object as the answer: a redirect to its presigned URL, or its bytes.
@@ -589,7 +714,7 @@ async fn diff(
         &who,
         &id,
         layout::DIFF,
-        q.attempt,
+        q,
         "text/x-diff; charset=utf-8",
     )
     .await
@@ -606,7 +731,7 @@ async fn transcript(
         &who,
         &id,
         layout::TRANSCRIPT,
-        q.attempt,
+        q,
         "application/x-ndjson",
     )
     .await
@@ -651,7 +776,7 @@ async fn agent_log(
         &who,
         &id,
         layout::AGENT_LOG,
-        q.attempt,
+        q,
         "text/plain; charset=utf-8",
     )
     .await

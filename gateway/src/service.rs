@@ -24,10 +24,12 @@ use temporalio_client::{
 
 use crate::error::ServiceError;
 
+mod conversation;
 mod environments;
 mod pull_request;
 mod retry;
 mod usage;
+pub use conversation::RunFile;
 pub use retry::{RetryMode, reset_point};
 
 #[derive(Debug, Clone)]
@@ -172,6 +174,14 @@ impl TaskService {
                     "limits.{name} = {asked} is over tenant `{t}`'s cap ({name} = {cap})"
                 )));
             }
+        }
+        if let Some(cap) = q.max_candidates
+            && spec.candidates > cap
+        {
+            return Err(ServiceError::BadRequest(format!(
+                "candidates = {} is over tenant `{t}`'s cap (max_candidates = {cap})",
+                spec.candidates
+            )));
         }
         // No cost cap asked: the tenant's applies.
         if let Some(cap) = q.max_cost_usd {
@@ -734,9 +744,18 @@ impl TaskService {
         file: &str,
         limit: u64,
     ) -> Result<Option<(Vec<u8>, bool)>, ServiceError> {
+        self.read_object(&layout::result_key(task_id, file), limit)
+            .await
+    }
+
+    /// Up to `limit` bytes of an object, and whether it is longer; `None` if there is none.
+    async fn read_object(
+        &self,
+        key: &str,
+        limit: u64,
+    ) -> Result<Option<(Vec<u8>, bool)>, ServiceError> {
         use tokio::io::AsyncReadExt;
-        let key = layout::result_key(task_id, file);
-        let (reader, size) = match self.objects.open_read(&key).await {
+        let (reader, size) = match self.objects.open_read(key).await {
             Ok(r) => r,
             Err(patchflow_platform::ObjectError::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e.into()),

@@ -30,7 +30,7 @@ use serde::Deserialize;
 
 use crate::auth::Principal;
 use crate::error::ServiceError;
-use crate::service::TaskService;
+use crate::service::{RunFile, TaskService};
 use crate::submit::{read_multipart, spec_of};
 use html::SignedIn;
 use pages::{FormState, ListFilterView, TaskPageData};
@@ -72,6 +72,8 @@ pub fn routes(upload_limit: usize, service: TaskService) -> Router<TaskService> 
         .route("/tasks/{task_id}", get(task_page))
         .route("/tasks/{task_id}/cancel", post(cancel_form))
         .route("/tasks/{task_id}/retry", post(retry_form))
+        .route("/tasks/{task_id}/messages", post(message_form))
+        .route("/tasks/{task_id}/select", post(select_form))
         .route("/signout", post(signout))
         .route_layer(axum::middleware::from_fn_with_state(
             service,
@@ -398,7 +400,30 @@ async fn task_page(
         result_text(&service, &id, layout::DIFF),
         result_text(&service, &id, layout::TRANSCRIPT)
     );
+    // Each candidate's diff, side by side (a share of the page's budget each).
+    let mut candidate_diffs = Vec::new();
+    if record.spec.candidates > 1 {
+        let share = MAX_RENDERED_BYTES / u64::from(record.spec.candidates);
+        for n in 1..=record.spec.candidates {
+            let which = RunFile {
+                candidate: Some(n),
+                turn: None,
+            };
+            let text = match service
+                .read_run_result(&record, layout::DIFF, which, share)
+                .await
+            {
+                Ok(t) => t.map(|(b, cut)| (String::from_utf8_lossy(&b).into_owned(), cut)),
+                Err(e) => {
+                    tracing::warn!(task_id = %id, candidate = n, error = %e, "cannot read a candidate's diff for the page");
+                    None
+                }
+            };
+            candidate_diffs.push((n, text));
+        }
+    }
     let data = TaskPageData {
+        candidate_diffs,
         record: &record,
         events: &events,
         workflow_link: service.workflow_link(&id),
@@ -579,6 +604,60 @@ async fn retry_form(
         Err(e) => return error_html(&ServiceError::from(e)),
     };
     match service.retry(&id, mode).await {
+        Ok(_) => see_task(&id),
+        Err(e) => error_html(&e),
+    }
+}
+
+/// The follow-up box without JavaScript: `message=…`, form-encoded.
+async fn message_form(
+    State(service): State<TaskService>,
+    Extension(session): Extension<Session>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = same_origin(&headers) {
+        return r;
+    }
+    if let Some(r) = session.check(form_value(&body, "csrf").as_deref()) {
+        return r;
+    }
+    let id = match id.parse::<TaskId>() {
+        Ok(id) => id,
+        Err(e) => return error_html(&ServiceError::Invalid(e)),
+    };
+    let message = form_value(&body, "message").unwrap_or_default();
+    match service.send_message(&session.who, &id, &message).await {
+        Ok(_) => see_task(&id),
+        Err(e) => error_html(&e),
+    }
+}
+
+/// A candidate's Select button without JavaScript: `candidate=N`, form-encoded.
+async fn select_form(
+    State(service): State<TaskService>,
+    Extension(session): Extension<Session>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = same_origin(&headers) {
+        return r;
+    }
+    if let Some(r) = session.check(form_value(&body, "csrf").as_deref()) {
+        return r;
+    }
+    let id = match id.parse::<TaskId>() {
+        Ok(id) => id,
+        Err(e) => return error_html(&ServiceError::Invalid(e)),
+    };
+    let Some(n) = form_value(&body, "candidate").and_then(|v| v.trim().parse::<u32>().ok()) else {
+        return error_html(&ServiceError::BadRequest(
+            "candidate must be a number".into(),
+        ));
+    };
+    match service.select(&session.who, &id, n).await {
         Ok(_) => see_task(&id),
         Err(e) => error_html(&e),
     }

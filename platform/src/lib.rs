@@ -10,6 +10,7 @@
 //! - [`forge`]: GitHub and GitLab REST APIs: pull (merge) requests and issue comments.
 //! - [`git_remote`]: which git remotes a worker may reach (no private addresses, no
 //!   credentials in URLs), checked before git runs.
+//! - [`results`]: making a best-of-N candidate's results the task's.
 //! - [`status`]: the one way to change a task's status (store, then event and cache).
 //!
 //! Callers pick an implementation from a URL with [`db::open`] and [`objectstore::open`],
@@ -23,6 +24,7 @@ pub mod forge;
 pub mod git_remote;
 pub mod objectstore;
 pub mod process;
+pub mod results;
 pub mod secret_box;
 pub mod status;
 

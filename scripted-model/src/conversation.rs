@@ -462,6 +462,9 @@ pub fn reply_for(script: &Script, wire: Wire, body: &Value) -> Result<Outcome, S
             ));
         }
     }
+    // `{{seed}}` in an argument is the request's sampling seed (a best-of-N candidate's
+    // number; `0` without one), so candidates of one script make different changes.
+    let seed = body["seed"].as_u64().unwrap_or(0).to_string();
     let calls: Vec<ReplyCall> = t
         .tool_calls
         .iter()
@@ -469,7 +472,7 @@ pub fn reply_for(script: &Script, wire: Wire, body: &Value) -> Result<Outcome, S
         .map(|(i, c)| ReplyCall {
             id: format!("call_{}_{}", turn + 1, i + 1),
             name: c.name.clone(),
-            arguments: c.arguments.to_string(),
+            arguments: with_seed(&c.arguments, &seed).to_string(),
         })
         .collect();
     let usage = t.usage.clone().unwrap_or_else(|| {
@@ -485,6 +488,20 @@ pub fn reply_for(script: &Script, wire: Wire, body: &Value) -> Result<Outcome, S
         usage,
         delay_ms: t.delay_ms,
     }))
+}
+
+/// `value` with `{{seed}}` in its strings replaced by `seed`.
+fn with_seed(value: &Value, seed: &str) -> Value {
+    match value {
+        Value::String(text) => Value::String(text.replace("{{seed}}", seed)),
+        Value::Array(items) => Value::Array(items.iter().map(|v| with_seed(v, seed)).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), with_seed(v, seed)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
 }
 
 /// Splits `text` into about `pieces` parts on character boundaries: at least two when it

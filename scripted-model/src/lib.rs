@@ -159,6 +159,10 @@ pub struct Failure {
     /// Sent as a `Retry-After: <seconds>` header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
+    /// Only requests carrying one of these `seed`s fail (a best-of-N candidate's); the
+    /// others are answered. Empty: every request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<u64>,
     /// The error's `code` (`invalid_api_key` for a 401 when unset, else null).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
@@ -172,6 +176,7 @@ impl Default for Failure {
             message: default_failure_message(),
             retry_after: None,
             code: None,
+            seeds: Vec::new(),
         }
     }
 }
@@ -497,6 +502,7 @@ fn plan(shared: &Mutex<Shared>, wire: Wire, path: &str, text: &str) -> Plan {
     }
     if let Some(f) = s.failure.clone()
         && f.times.is_none_or(|n| s.failed < n)
+        && (f.seeds.is_empty() || body["seed"].as_u64().is_some_and(|v| f.seeds.contains(&v)))
     {
         s.failed += 1;
         s.observed.failed_on_purpose += 1;

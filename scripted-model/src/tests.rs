@@ -802,6 +802,7 @@ async fn failures_are_openai_shaped_with_retry_after_and_code() {
             retry_after: Some(3),
             code: Some("rate_limit_exceeded".into()),
             message: "Rate limit reached".into(),
+            seeds: Vec::new(),
         }),
         ..four_turns()
     })
@@ -987,4 +988,54 @@ fn parse_call_id_reads_only_our_ids() {
     ] {
         assert_eq!(parse_call_id(id), None, "{id}");
     }
+}
+
+/// A best-of-N candidate's seed: a failure aimed at some seeds spares the others, and
+/// `{{seed}}` in a scripted argument becomes the request's seed (`0` without one).
+#[tokio::test]
+async fn seeds_choose_which_requests_fail_and_fill_scripted_arguments() {
+    let model = start(Script {
+        model: Some("m".into()),
+        turns: vec![Turn {
+            tool_calls: vec![call(
+                "edit_file_content",
+                json!({"file_path": "a.py", "old_text": "x", "new_text": "x  # {{seed}} {{seed}}"}),
+            )],
+            ..Turn::default()
+        }],
+        fail: Some(Failure {
+            status: 400,
+            message: "doomed".into(),
+            seeds: vec![2],
+            ..Failure::default()
+        }),
+        ..Script::default()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/chat/completions", model.base_url());
+    let ask = |seed: Option<u64>| {
+        let mut body = chat_body(json!([{"role": "user", "content": "x"}]));
+        if let Some(s) = seed {
+            body["seed"] = json!(s);
+        }
+        let (http, url) = (http.clone(), url.clone());
+        async move { http.post(&url).json(&body).send().await.unwrap() }
+    };
+    let r = ask(Some(2)).await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("doomed"));
+    for (seed, want) in [(Some(7), "x  # 7 7"), (None, "x  # 0 0")] {
+        let r = ask(seed).await;
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        let args: Value = serde_json::from_str(
+            v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(args["new_text"], want, "{v}");
+    }
+    assert_eq!(model.observed().failed_on_purpose, 1);
 }

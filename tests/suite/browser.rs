@@ -841,3 +841,104 @@ async fn in_a_browser_cancel_stops_a_running_task_and_the_page_follows() {
     assert_eq!(stack.record(&id).await["status"], "CANCELLED");
     c.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_browser_candidates_are_compared_selected_and_a_follow_up_is_sent() {
+    let mut script = demo_script();
+    // Each candidate marks its fix with its number (the request's seed).
+    script.turns[2].tool_calls[0].arguments["new_text"] =
+        json!("return a + b  # candidate {{seed}}");
+    script.turns.extend(
+        serde_json::from_value::<Vec<patchflow_scripted_model::Turn>>(json!([
+            {"tool_calls": [{"name": "edit_file_content", "arguments":
+                {"file_path": "calc.py", "old_text": "return a * b", "new_text": "return b * a"}}]},
+            {"tool_calls": [{"name": "finish", "arguments": {"summary": "Swapped the factors."}}]}
+        ]))
+        .unwrap(),
+    );
+    let stack = Stack::start(Mode::Up, script, &[]).await;
+    let repo = demo_git_repo(stack.dir.path());
+    let (c, v) = stack
+        .post_json(
+            "/api/tasks",
+            &json!({"git_url": format!("file://{}", repo.display()), "task_description": "fix",
+                    "candidates": 2}),
+        )
+        .await;
+    assert_eq!(c, 202, "{v}");
+    let id = v["task_id"].as_str().unwrap().to_string();
+    assert_eq!(stack.wait_terminal(&id).await["status"], "COMPLETED");
+
+    let driver = Chromedriver::start(stack.dir.path());
+    let c = driver.client().await;
+    sign_in(&c, &stack).await;
+    c.goto(&format!("{}/tasks/{id}", stack.base)).await.unwrap();
+    c.execute("window.__notReloaded = true", vec![])
+        .await
+        .unwrap();
+    // Side by side, each with its own diff; no follow-up until one is selected.
+    wait_for(&c, &stack, "#candidate-1 .diff", 20).await;
+    assert!(text_of(&c, "#candidate-1").await.contains("# candidate 1"));
+    assert!(text_of(&c, "#candidate-2").await.contains("# candidate 2"));
+    let side_by_side = c
+        .execute(
+            "const a = document.querySelector('#candidate-1').getBoundingClientRect(),
+                   b = document.querySelector('#candidate-2').getBoundingClientRect();
+             return Math.abs(a.top - b.top) < 2 && b.left > a.right - 1",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(side_by_side, json!(true));
+    assert!(c.find(Locator::Id("message-box")).await.is_err());
+    screenshot(&c, &stack, 1400, "candidates.png").await;
+
+    c.find(Locator::Id("select-2"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(&c, &stack, "#candidate-2.selected", 20).await;
+    assert_eq!(stack.record(&id).await["selected"], 2);
+    wait_for(&c, &stack, "#message-box", 20).await;
+    assert!(text_of(&c, "#diff").await.contains("# candidate 2"));
+
+    // The follow-up box: the turn runs and the page follows it to its end.
+    c.find(Locator::Id("message-box"))
+        .await
+        .unwrap()
+        .send_keys("Swap the factors <script>alert(1)</script>")
+        .await
+        .unwrap();
+    c.find(Locator::Id("send-message"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(
+        &c,
+        &stack,
+        ".turn[data-turn=\"2\"] .badge[data-status=\"COMPLETED\"]",
+        60,
+    )
+    .await;
+    wait_for(&c, &stack, "#head .badge[data-status=\"COMPLETED\"]", 30).await;
+    let conversation = text_of(&c, "#conversation").await;
+    assert!(
+        conversation.contains("Swap the factors <script>alert(1)</script>"),
+        "{conversation}"
+    );
+    assert!(text_of(&c, "#diff").await.contains("return b * a"));
+    let same_document = c
+        .execute("return window.__notReloaded === true", vec![])
+        .await
+        .unwrap();
+    assert_eq!(same_document, json!(true), "the page reloaded");
+    // Selection is final once the conversation went on.
+    assert!(c.find(Locator::Id("select-1")).await.is_err());
+    let r = stack.record(&id).await;
+    assert_eq!(r["turns"].as_array().unwrap().len(), 2, "{r}");
+    c.close().await.unwrap();
+}

@@ -156,6 +156,7 @@ async fn grpc_submits_git_and_zip_watches_to_the_end_and_gets_the_result() {
         let result = c
             .get_result(proto::GetResultRequest {
                 task_id: id.to_string(),
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -1,6 +1,7 @@
 mod api;
 mod backends;
 mod browser;
+mod conversations;
 mod deploy;
 mod durability;
 mod e2e;

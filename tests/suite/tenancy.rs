@@ -80,6 +80,9 @@ async fn tenants_see_only_their_tasks_and_every_door_wants_a_live_token() {
         ("POST", format!("/api/tasks/{TASK_ID}/cancel")),
         ("POST", format!("/api/tasks/{TASK_ID}/retry")),
         ("POST", format!("/api/tasks/{TASK_ID}/pull-request")),
+        ("POST", format!("/api/tasks/{TASK_ID}/messages")),
+        ("POST", format!("/api/tasks/{TASK_ID}/select")),
+        ("GET", format!("/api/tasks/{TASK_ID}/candidates/1/diff")),
         ("GET", "/api/tokens".to_string()),
         ("POST", "/api/tokens".to_string()),
         ("DELETE", "/api/tokens/tok_x".to_string()),
@@ -123,6 +126,20 @@ async fn tenants_see_only_their_tasks_and_every_door_wants_a_live_token() {
         .await
         .unwrap_err()
         .code(),
+        anon.send_message(proto::SendMessageRequest {
+            task_id: TASK_ID.into(),
+            message: "go on".into(),
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        anon.select_candidate(proto::SelectCandidateRequest {
+            task_id: TASK_ID.into(),
+            candidate: 1,
+        })
+        .await
+        .unwrap_err()
+        .code(),
         anon.retry_task(proto::RetryTaskRequest {
             task_id: TASK_ID.into(),
             ..Default::default()
@@ -140,6 +157,7 @@ async fn tenants_see_only_their_tasks_and_every_door_wants_a_live_token() {
         .code(),
         anon.get_result(proto::GetResultRequest {
             task_id: TASK_ID.into(),
+            ..Default::default()
         })
         .await
         .unwrap_err()
@@ -220,6 +238,11 @@ async fn tenants_see_only_their_tasks_and_every_door_wants_a_live_token() {
         ("POST", format!("/api/tasks/{id}/cancel")),
         ("POST", format!("/api/tasks/{id}/retry")),
         ("POST", format!("/api/tasks/{id}/pull-request")),
+        ("POST", format!("/api/tasks/{id}/messages")),
+        ("POST", format!("/api/tasks/{id}/select")),
+        ("GET", format!("/api/tasks/{id}/candidates/1/diff")),
+        ("GET", format!("/api/tasks/{id}/diff?turn=1")),
+        ("GET", format!("/api/tasks/{id}/transcript?turn=1")),
     ] {
         let (c, theirs, _) = call(&http_b, method, &format!("{}{path}", stack.base), None).await;
         let missing_path = path.replace(&id, TASK_ID);
@@ -255,7 +278,33 @@ async fn tenants_see_only_their_tasks_and_every_door_wants_a_live_token() {
     assert_eq!(
         grpc_b
             .get_result(proto::GetResultRequest {
-                task_id: id.clone()
+                task_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    // Follow-ups, selection and a candidate's or turn's files of another tenant's task are
+    // NOT_FOUND too, never a hint that it exists.
+    assert_eq!(
+        grpc_b
+            .send_message(proto::SendMessageRequest {
+                task_id: id.clone(),
+                message: "go on".into(),
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        grpc_b
+            .get_result(proto::GetResultRequest {
+                task_id: id.clone(),
+                turn: Some(1),
+                ..Default::default()
             })
             .await
             .unwrap_err()

@@ -322,6 +322,25 @@ impl Stack {
         stack
     }
 
+    /// Kills `patchflow up` (and with it the embedded Temporal, whose database is kept)
+    /// with SIGKILL, and starts it again on the same data directory.
+    pub async fn kill_and_restart_up(&mut self) {
+        if let Some(mut up) = self.up.take() {
+            let group = Pid::from_raw(up.pid());
+            up.kill9();
+            // Its children (the dev server, an agent) go down with it, as in a crash.
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+        let data_dir = self.data_dir.display().to_string();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !processes_mentioning(&data_dir).is_empty() {
+            assert!(Instant::now() < deadline, "the old stack outlived SIGKILL");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.up = Some(self.spawn_patchflow("up", &["up"]));
+        self.wait_healthy().await;
+    }
+
     /// A gRPC client of this stack's gateway with `token` (default: the admin token).
     pub async fn grpc_as(&self, token: Option<&str>) -> Grpc {
         let channel = tonic::transport::Endpoint::from_shared(self.grpc.clone())
@@ -462,9 +481,12 @@ impl Stack {
     }
 
     /// The workflow's description once it has closed. The task record reaches its final
-    /// status a moment before the workflow itself completes, so this waits for that.
+    /// status a moment before the workflow itself completes, so this waits for that; an
+    /// ended task's workflow waits for follow-ups, so it is asked to close (the `close`
+    /// signal a retry sends too).
     pub async fn closed_workflow(&self, task_id: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut asked = false;
         loop {
             let out = self.temporal_cli(&[
                 "workflow",
@@ -481,6 +503,19 @@ impl Stack {
                 .to_string();
             if !status.is_empty() && status != "WORKFLOW_EXECUTION_STATUS_RUNNING" {
                 return desc;
+            }
+            if !asked && !status.is_empty() {
+                asked = true;
+                self.temporal_cli(&[
+                    "workflow",
+                    "signal",
+                    "--workflow-id",
+                    task_id,
+                    "--name",
+                    "close",
+                    "--input",
+                    "null",
+                ]);
             }
             assert!(
                 Instant::now() < deadline,

@@ -297,6 +297,9 @@ impl AgentRunner for LocalRunner {
                 .arg("--turn")
                 .arg(f.turn.to_string());
         }
+        if let Some(n) = target.candidate {
+            cmd.arg("--candidate").arg(n.to_string());
+        }
         cmd.env_clear()
             .envs(self.environment(&scratch, spec, |k| std::env::var(k).ok()))
             .stdin(Stdio::null())

@@ -65,6 +65,9 @@ impl ChatWire {
         if let Some(e) = &self.endpoint.reasoning_effort {
             body["reasoning_effort"] = json!(e);
         }
+        if let Some(seed) = self.endpoint.seed {
+            body["seed"] = json!(seed);
+        }
         if stream {
             body["stream"] = json!(true);
             body["stream_options"] = json!({"include_usage": true});

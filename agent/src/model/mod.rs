@@ -228,6 +228,8 @@ pub struct Endpoint {
     pub max_output_tokens: Option<u32>,
     pub reasoning_effort: Option<String>,
     pub extra_headers: BTreeMap<String, String>,
+    /// Chat Completions' `seed` (the Responses API has none).
+    pub seed: Option<u64>,
 }
 
 impl Endpoint {

@@ -251,6 +251,7 @@ mod tests {
             max_output_tokens: None,
             reasoning_effort: Some("low".into()),
             extra_headers: Default::default(),
+            seed: None,
         };
         let client = Client::with_config(OpenAIConfig::new());
         ResponsesWire::new(

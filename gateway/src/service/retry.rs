@@ -20,7 +20,7 @@ use temporalio_client::grpc::WorkflowService;
 use temporalio_client::{
     NamespacedClient, WorkflowDescribeOptions, WorkflowExecutionStatus,
     WorkflowFetchHistoryOptions, WorkflowIdConflictPolicy, WorkflowIdReusePolicy,
-    WorkflowStartOptions,
+    WorkflowSignalOptions, WorkflowStartOptions,
 };
 use temporalio_common::protos::temporal::api::common::v1::WorkflowExecution;
 use temporalio_common::protos::temporal::api::enums::v1::{EventType, ResetReapplyExcludeType};
@@ -82,7 +82,8 @@ impl TaskService {
         self.get_from_store(task_id).await
     }
 
-    /// The id of the task's latest run once it has closed. A run still open after
+    /// The id of the task's latest run once it has closed (an ended task's run waiting for
+    /// follow-ups is asked to close). A run still open after
     /// [`CLOSE_WAIT`] (the record ended but the workflow did not) refuses the retry.
     async fn closed_run(
         &self,
@@ -93,6 +94,7 @@ impl TaskService {
             .temporal
             .get_workflow_handle::<CodeTask>(task_id.to_string());
         let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        let mut asked = false;
         loop {
             let desc = handle
                 .describe(WorkflowDescribeOptions::default())
@@ -104,6 +106,14 @@ impl TaskService {
                 })?;
             if desc.status() != WorkflowExecutionStatus::Running {
                 return Ok(desc.run_id().to_string());
+            }
+            if !asked {
+                // An ended task's workflow waits for follow-ups: a retry closes the
+                // conversation first (a turn that is running refuses the retry above).
+                asked = true;
+                let _ = handle
+                    .signal(CodeTask::close, (), WorkflowSignalOptions::default())
+                    .await;
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(ServiceError::StillRunning {
@@ -186,8 +196,12 @@ impl TaskService {
             workflow_task_finish_event_id: point,
             // One reset per attempt even if the request is sent twice.
             request_id: format!("{task_id}-retry-{attempt}"),
-            // A cancel signal of the old run must not cancel the new one.
-            reset_reapply_exclude_types: vec![ResetReapplyExcludeType::Signal as i32],
+            // A cancel or close signal of the old run must not stop the new one, nor a
+            // follow-up message of the old run start a turn in it.
+            reset_reapply_exclude_types: vec![
+                ResetReapplyExcludeType::Signal as i32,
+                ResetReapplyExcludeType::Update as i32,
+            ],
             ..Default::default()
         };
         let response =

@@ -248,6 +248,8 @@ pub struct TaskPageData<'a> {
     pub split: bool,
     pub now: DateTime<Utc>,
     pub who: Option<SignedIn<'a>>,
+    /// A best-of-N task's candidates' diffs (text, cut short), by candidate number.
+    pub candidate_diffs: Vec<(u32, Option<(String, bool)>)>,
 }
 
 /// One row of the facts list.
@@ -330,6 +332,110 @@ fn actions(d: &TaskPageData<'_>) -> Markup {
             }
         }
         p id="flash" class="error" role="alert" hidden {}
+    }
+}
+
+/// The conversation: each turn's message and outcome, and the box for the next one.
+fn conversation(d: &TaskPageData<'_>) -> Markup {
+    let r = d.record;
+    let id = &r.task_id;
+    let turns = patchflow_api::TaskView::new(r.clone(), None).turns;
+    let open = matches!(r.status, TaskStatus::Completed | TaskStatus::Failed)
+        && (r.spec.candidates <= 1 || r.selected.is_some());
+    html! {
+        section id="conversation" class="card" {
+            h2 { "Conversation" }
+            ol class="turns" {
+                @for t in &turns {
+                    li class="turn" data-turn=(t.turn) {
+                        div class="bar" {
+                            strong { "Turn " (t.turn) } " " (badge(t.status))
+                            @if turns.len() > 1 {
+                                " "
+                                a href={ "/api/tasks/" (id) "/diff?turn=" (t.turn) } { "its change" }
+                            }
+                        }
+                        p class="say" { (t.message) }
+                        @if !t.summary.is_empty() { p class="msg" { (t.summary) } }
+                    }
+                }
+            }
+            @if open {
+                form method="post" action={ "/tasks/" (id) "/messages" } class="message"
+                    data-api={ "/api/tasks/" (id) "/messages" } {
+                    @if let Some(w) = &d.who { input type="hidden" name="csrf" value=(w.csrf); }
+                    label for="message" { "Follow-up" }
+                    textarea name="message" id="message-box" rows="3" required
+                        placeholder="Now also add a test for it" {}
+                    button type="submit" id="send-message" { "Send" }
+                }
+            } @else if r.spec.candidates > 1 && r.selected.is_none() && r.status.is_terminal() {
+                p class="empty" { "Select a candidate to go on from it." }
+            }
+        }
+    }
+}
+
+/// A best-of-N task's candidates side by side: outcome, cost, files, diff, and Select.
+fn candidates(d: &TaskPageData<'_>) -> Markup {
+    let r = d.record;
+    let id = &r.task_id;
+    if r.spec.candidates <= 1 {
+        return html! {};
+    }
+    let selectable = r.status.is_terminal() && r.turns.len() <= 1;
+    html! {
+        section id="candidates" class="card" {
+            h2 { (r.spec.candidates) " candidates"
+                @if let Some(rule) = r.spec.auto_select { " · auto-select " (rule.as_str()) } }
+            div class="candidates" {
+                @for n in 1..=r.spec.candidates {
+                    @let c = r.candidates.iter().find(|c| c.candidate == n);
+                    @let chosen = r.selected == Some(n);
+                    div class={ "candidate" @if chosen { " selected" } } id={ "candidate-" (n) } {
+                        div class="bar" {
+                            strong { "Candidate " (n) }
+                            " "
+                            (badge(c.map_or(TaskStatus::Queued, |c| c.status)))
+                            @if chosen { " " span class="chosen" { "selected" } }
+                        }
+                        @if let Some(c) = c {
+                            p class="msg" { (c.error.as_deref().unwrap_or(&c.summary)) }
+                            p class="figures" {
+                                (usd(c.cost_usd)) " · " (c.files_changed.len()) " files"
+                                @if let Some(ok) = c.tests_passed {
+                                    " · tests " (if ok { "passed" } else { "failed" })
+                                }
+                            }
+                        }
+                        @match d.candidate_diffs.iter().find(|(m, _)| *m == n).and_then(|(_, t)| t.as_ref()) {
+                            None => p class="empty" { "No diff yet." },
+                            Some((text, _)) if text.trim().is_empty() => p class="empty" { "No change." },
+                            Some((text, cut)) => {
+                                (PreEscaped(diff::render_unified(&diff::parse(text))))
+                                @if *cut {
+                                    p class="empty" {
+                                        a href={ "/api/tasks/" (id) "/candidates/" (n) "/diff" } { "the whole diff" }
+                                    }
+                                }
+                            }
+                        }
+                        @if selectable && !chosen && c.is_some_and(|c| c.status == TaskStatus::Completed) {
+                            form method="post" action={ "/tasks/" (id) "/select" } class="inline"
+                                data-api={ "/api/tasks/" (id) "/select" } {
+                                @if let Some(w) = &d.who { input type="hidden" name="csrf" value=(w.csrf); }
+                                input type="hidden" name="candidate" value=(n);
+                                button type="submit" id={ "select-" (n) } { "Select" }
+                            }
+                        }
+                        span class="raw" {
+                            a href={ "/api/tasks/" (id) "/candidates/" (n) "/transcript" } { "transcript" } " · "
+                            a href={ "/api/tasks/" (id) "/candidates/" (n) "/log" } { "log" }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -544,6 +650,8 @@ pub fn task_page(d: &TaskPageData<'_>) -> String {
                 (timeline(d.events, &r.attempts))
                 (agent_events(d.events))
             }
+            (candidates(d))
+            (conversation(d))
             (summary(r.summary.as_ref()))
             (diff_section(d))
             (transcript_section(d))
@@ -699,8 +807,34 @@ mod tests {
 
     #[test]
     fn the_task_page_escapes_record_events_diff_and_transcript() {
-        let r = hostile_record();
+        let mut r = hostile_record();
         let now = Utc::now();
+        // A raced task with follow-ups: candidates' and turns' text is the user's too.
+        r.spec.candidates = 2;
+        r.selected = Some(1);
+        r.candidates = (1..=2)
+            .map(|n| patchflow_core::CandidateRecord {
+                candidate: n,
+                status: TaskStatus::Completed,
+                summary: HOSTILE.to_string(),
+                files_changed: vec![HOSTILE.to_string()],
+                cost_usd: 0.5,
+                error: (n == 2).then(|| HOSTILE.to_string()),
+                diff_bytes: 10,
+                tests_passed: Some(true),
+                finished_at: Some(now),
+            })
+            .collect();
+        r.turns = (1..=2)
+            .map(|t| patchflow_core::TurnRecord {
+                turn: t,
+                message: HOSTILE.to_string(),
+                status: TaskStatus::Completed,
+                summary: HOSTILE.to_string(),
+                started_at: now,
+                finished_at: Some(now),
+            })
+            .collect();
         let events = vec![
             TaskEvent {
                 seq: 1,
@@ -734,8 +868,11 @@ mod tests {
                 split,
                 now,
                 who: None,
+                candidate_diffs: vec![(1, Some((diff.clone(), true))), (2, None)],
             });
             assert_clean(&html);
+            assert!(html.contains("id=\"candidate-2\""), "{html}");
+            assert!(html.contains("id=\"message-box\""), "{html}");
             assert!(html.contains(&format!(
                 "data-task=\"{}\" data-last=\"2\" data-terminal=\"1\"",
                 r.task_id
@@ -798,6 +935,7 @@ mod tests {
             split: false,
             now: Utc::now(),
             who: None,
+            candidate_diffs: Vec::new(),
         });
         assert!(page.contains(&format!("<h1>{escaped}</h1>")), "{page}");
         assert!(

@@ -23,6 +23,7 @@ macro_rules! tests_for {
                 environments_are_per_tenant_created_once_and_replaced_only_when_there,
                 env_cache_is_lru_ordered_and_a_reset_removes_only_its_environment_entries,
                 usage_is_summed_per_day_tenant_and_model_within_the_range,
+                turns_reopen_an_ended_task_and_candidates_are_kept_per_attempt,
             ],
             // Cases whose writers race each other need threads to race on.
             two_threads: [

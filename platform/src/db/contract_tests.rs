@@ -1355,3 +1355,128 @@ pub(crate) async fn env_cache_is_lru_ordered_and_a_reset_removes_only_its_enviro
     assert!(s.env_cache_list("team-a").await.unwrap().is_empty());
     assert_eq!(s.env_cache_list("team-b").await.unwrap().len(), 1);
 }
+
+/// Follow-ups and candidates: an ended task reopens for a turn within its attempt (the
+/// gateway and the workflow may both announce it; the run that carries it is adopted), a
+/// running one does not; candidates written at once are all kept; a new attempt starts
+/// with none of them.
+pub(crate) async fn turns_reopen_an_ended_task_and_candidates_are_kept_per_attempt(url: String) {
+    use TaskStatus::*;
+    let s = open_store(&url).await;
+    let id = TaskId::generate();
+    let mut spec = spec(None);
+    spec.task_description = "fix it — «quoted» 'single' \"double\" ✓".into();
+    s.insert(&id, &spec).await.unwrap();
+    for (st, m) in [(Queued, "q"), (RunningAgent, "run"), (Completed, "done")] {
+        s.set_run_status(&id, "run-1", st, m).await.unwrap();
+    }
+    let turn = |n: u32, message: &str| patchflow_core::TurnRecord {
+        turn: n,
+        message: message.into(),
+        status: RunningAgent,
+        summary: String::new(),
+        started_at: chrono::Utc::now(),
+        finished_at: None,
+    };
+    let hostile = "also'); DROP TABLE tasks; -- \u{202e} 🦀";
+    // The gateway announces turn 2 (no run id yet); the workflow's run does it again.
+    assert!(matches!(
+        s.begin_turn(&id, None, &turn(2, hostile)).await.unwrap(),
+        StatusChange::Applied { .. }
+    ));
+    assert_eq!(
+        s.begin_turn(&id, Some("run-2"), &turn(2, "again"))
+            .await
+            .unwrap(),
+        StatusChange::Ignored {
+            current: RunningAgent
+        }
+    );
+    let r = s.get(&id).await.unwrap().unwrap();
+    assert_eq!((r.status, r.attempt), (RunningAgent, 1));
+    assert_eq!(r.turns.len(), 2);
+    assert_eq!(
+        (
+            r.turns[0].turn,
+            r.turns[0].status,
+            r.turns[0].message.as_str()
+        ),
+        (1, Completed, spec.task_description.as_str())
+    );
+    assert_eq!((r.turns[1].turn, r.turns[1].message.as_str()), (2, hostile));
+    // A running task takes no other turn.
+    assert!(matches!(
+        s.begin_turn(&id, None, &turn(3, "no")).await.unwrap(),
+        StatusChange::Ignored { .. }
+    ));
+    // The adopted run's writes land in attempt 1 and end the turn's task again.
+    assert!(matches!(
+        s.set_run_status(&id, "run-2", Completed, "turn 2: done")
+            .await
+            .unwrap(),
+        StatusChange::Applied { .. }
+    ));
+    let mut ended = turn(2, hostile);
+    ended.status = Completed;
+    ended.summary = "added it".into();
+    ended.finished_at = Some(chrono::Utc::now());
+    s.put_turn(&id, &ended).await.unwrap();
+    let r = s.get(&id).await.unwrap().unwrap();
+    assert_eq!((r.status, r.attempt, r.attempts.len()), (Completed, 1, 1));
+    assert_eq!(r.turns[1].status, Completed);
+    assert_eq!(r.turns[1].summary, "added it");
+    assert!(r.turns[1].finished_at.is_some());
+
+    // Candidates that end at once are all kept, in order; a later write replaces its own.
+    let candidate = |n: u32, status: TaskStatus| patchflow_core::CandidateRecord {
+        candidate: n,
+        status,
+        summary: format!("candidate {n}"),
+        files_changed: vec!["calc.py".into()],
+        cost_usd: 0.25 * f64::from(n),
+        error: None,
+        diff_bytes: u64::from(n) * 100,
+        tests_passed: Some(n != 2),
+        finished_at: None,
+    };
+    futures::future::join_all((1..=3).rev().map(|n| {
+        let s = s.clone();
+        let id = id.clone();
+        async move { s.put_candidate(&id, &candidate(n, RunningAgent)).await }
+    }))
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()
+    .unwrap();
+    s.put_candidate(&id, &candidate(2, Failed)).await.unwrap();
+    s.set_selected(&id, Some(3)).await.unwrap();
+    let r = s.get(&id).await.unwrap().unwrap();
+    let kept: Vec<(u32, TaskStatus)> = r
+        .candidates
+        .iter()
+        .map(|c| (c.candidate, c.status))
+        .collect();
+    assert_eq!(kept, [(1, RunningAgent), (2, Failed), (3, RunningAgent)]);
+    assert_eq!(r.candidates[2].cost_usd, 0.75);
+    assert_eq!(r.candidates[1].tests_passed, Some(false));
+    assert_eq!(r.selected, Some(3));
+    s.set_selected(&id, None).await.unwrap();
+    assert_eq!(s.get(&id).await.unwrap().unwrap().selected, None);
+    s.set_selected(&id, Some(1)).await.unwrap();
+    assert!(matches!(
+        s.put_candidate(&TaskId::generate(), &candidate(1, Failed))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // A new attempt begins with no turns, candidates or selection of the last.
+    s.set_run_status(&id, "run-9", Queued, "retry")
+        .await
+        .unwrap();
+    let r = s.get(&id).await.unwrap().unwrap();
+    assert_eq!(r.attempt, 2);
+    assert!(
+        r.turns.is_empty() && r.candidates.is_empty() && r.selected.is_none(),
+        "{r:?}"
+    );
+}
