@@ -407,6 +407,49 @@ async fn bind(
     Ok((listener, local))
 }
 
+/// Serves `GET /metrics` (Prometheus text) on `addr` until `stop`; `off` (or empty)
+/// serves nothing. An address that cannot be bound is a warning, not a failure: the
+/// process's work matters more than its metrics.
+pub async fn serve_metrics(
+    addr: &str,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Option<std::net::SocketAddr> {
+    let addr = addr.trim();
+    if addr.is_empty() || addr.eq_ignore_ascii_case("off") {
+        return None;
+    }
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "cannot serve metrics (metrics_addr); going on without them");
+            return None;
+        }
+    };
+    let local = listener.local_addr().ok();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                patchflow_platform::metrics::global().encode(),
+            )
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::warn!(error = %e, "the metrics server stopped");
+        }
+    });
+    tracing::info!(addr = ?local, "metrics at /metrics");
+    local
+}
+
 /// Serves the HTTP API until `stop` resolves.
 pub async fn serve_http(
     config: &Config,
@@ -519,6 +562,7 @@ pub async fn worker(config: Config, kafka: bool) -> anyhow::Result<ExitCode> {
     let stores = open_stores(&config).await?;
     let client = devserver::connect(&config).await?;
     let (_tx, rx) = stop_channel();
+    serve_metrics(&config.server.metrics_addr, stopped(&rx)).await;
     let trigger = if kafka {
         let service = service(&config, &stores, client.clone())?;
         let t = crate::kafka::start_trigger(&config, service, rx.clone()).await?;
@@ -572,6 +616,7 @@ pub async fn gateway(config: Config) -> anyhow::Result<ExitCode> {
     let stores = open_stores(&config).await?;
     let client = devserver::connect(&config).await?;
     let (_tx, rx) = stop_channel();
+    serve_metrics(&config.server.metrics_addr, stopped(&rx)).await;
     let service = service(&config, &stores, client)?;
     bootstrap_auth(&config, &service).await?;
     let trigger = crate::kafka::start_trigger(&config, service.clone(), rx.clone()).await?;
@@ -598,6 +643,7 @@ pub async fn up(config: Config) -> anyhow::Result<ExitCode> {
         let stores = open_stores(&config).await?;
         let client = devserver::connect(&config).await?;
         let (tx, rx) = stop_channel();
+        serve_metrics(&config.server.metrics_addr, stopped(&rx)).await;
         let service = service(&config, &stores, client.clone())?;
         bootstrap_auth(&config, &service).await?;
         let trigger = crate::kafka::start_trigger(&config, service.clone(), rx.clone()).await?;

@@ -27,6 +27,7 @@ use patchflow_core::{
     AgentEvent, AgentSummary, TaskEvent, TaskEventKind, TaskId, TaskStatus, layout,
 };
 use patchflow_platform::cache::{CacheError, Hot};
+use patchflow_platform::metrics;
 use patchflow_platform::status::{self, CacheDuty, StatusWrite};
 use patchflow_platform::{ObjectStore, StatusChange, StoreError, TaskStore};
 use patchflow_workflows::io::{
@@ -443,6 +444,21 @@ impl Activities {
     }
 }
 
+/// Records a step's duration when it is dropped, however the step ended.
+struct StepTimer(&'static str, std::time::Instant);
+
+impl StepTimer {
+    fn new(step: &'static str) -> Self {
+        Self(step, std::time::Instant::now())
+    }
+}
+
+impl Drop for StepTimer {
+    fn drop(&mut self) {
+        metrics::global().step(self.0, self.1.elapsed().as_secs_f64());
+    }
+}
+
 /// A failure that retrying cannot fix.
 pub(crate) fn bad_input(msg: impl std::fmt::Display) -> ActivityError {
     ApplicationFailure::non_retryable(std::io::Error::other(msg.to_string())).into()
@@ -475,6 +491,15 @@ impl Activities {
         {
             StatusChange::Applied { .. } => {
                 tracing::info!(task_id = %id, status = %update.status, message = %update.message, "status");
+                if update.status == TaskStatus::DownloadingCode {
+                    // The queue step: from the attempt's start (its QUEUED) to a worker.
+                    if let Ok(Some(r)) = self.store.get(&id).await
+                        && let Some(a) = r.attempts.iter().find(|a| a.attempt == r.attempt)
+                    {
+                        let waited = chrono::Utc::now() - a.started_at;
+                        metrics::global().step("queue", waited.as_seconds_f64().max(0.0));
+                    }
+                }
                 if let Some(turn) = update.turn
                     && update.status.is_terminal()
                 {
@@ -524,6 +549,7 @@ impl Activities {
             .source
             .validate(self.config.allow_local_sources)
             .map_err(|e| bad_input(format!("refused task source: {e}")))?;
+        let _timer = StepTimer::new("fetch");
         fetch::fetch(&self.config, self.objects.as_ref(), &id, &input.source).await
     }
 
@@ -534,6 +560,7 @@ impl Activities {
         input: StageInput,
     ) -> Result<StageOutput, ActivityError> {
         let id = task_id(&input.task_id)?;
+        let _timer = StepTimer::new("stage");
         stage::stage(&self.config, self.objects.as_ref(), &id, &input).await
     }
 
@@ -548,6 +575,7 @@ impl Activities {
             .spec
             .validate(self.config.allow_local_sources)
             .map_err(|e| bad_input(format!("refused task: {e}")))?;
+        let _timer = StepTimer::new("environment");
         self.prepare(&ctx, &id, &input).await
     }
 
@@ -567,6 +595,8 @@ impl Activities {
             self.wait_for_slot(&ctx, slot).await?;
         }
         let attempt = ctx.info().attempt;
+        let _running = metrics::RunningAgent::start();
+        let started = std::time::Instant::now();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<AgentEvent>();
         let cancel = CancellationToken::new();
         let target = RunTarget {
@@ -602,8 +632,12 @@ impl Activities {
             tokio::select! {
                 r = &mut run => break r,
                 Some(event) = rx.recv() => {
-                    if let AgentEvent::ModelRequest { step } = &event {
-                        last_step = *step;
+                    match &event {
+                        AgentEvent::ModelRequest { step } => last_step = *step,
+                        AgentEvent::ToolResult { tool, ok, duration_ms, .. } => {
+                            metrics::global().tool_call(tool, *ok, *duration_ms as f64 / 1000.0);
+                        }
+                        _ => {}
                     }
                     self.record_event(&id, TaskEventKind::Agent, format!("{label}{}", event.describe())).await;
                     let _ = ctx.record_heartbeat(last_step).await;
@@ -625,8 +659,18 @@ impl Activities {
                 }
             }
         };
+        metrics::global().step("agent", started.elapsed().as_secs_f64());
         // Events still queued when the run ended.
         while let Ok(event) = rx.try_recv() {
+            if let AgentEvent::ToolResult {
+                tool,
+                ok,
+                duration_ms,
+                ..
+            } = &event
+            {
+                metrics::global().tool_call(tool, *ok, *duration_ms as f64 / 1000.0);
+            }
             let _ = self
                 .store
                 .append_event(
@@ -637,7 +681,10 @@ impl Activities {
                 .await;
         }
         match result {
-            Ok(summary) => Ok(summary),
+            Ok(summary) => {
+                metrics::global().agent_ran(&summary);
+                Ok(summary)
+            }
             Err(RunnerError::Cancelled) => Err(ActivityError::cancelled()),
             Err(RunnerError::BadInput(m)) => Err(bad_input(m)),
             Err(e) => Err(transient(e)),
@@ -697,6 +744,7 @@ impl Activities {
         input: PublishInput,
     ) -> Result<PublishOutput, ActivityError> {
         let id = task_id(&input.task_id)?;
+        let _timer = StepTimer::new("publish");
         if let Some(turn) = input.turn.filter(|t| *t > 1) {
             self.adopt_turn(&id, turn).await?;
         }

@@ -141,12 +141,22 @@ pub async fn with_stack(
             let _ = stop_tx.send(true);
             r
         };
-        let (worker, report) = tokio::join!(
-            patchflow::stack::run_worker(&config, &stores, client, stop_rx.clone()),
-            driver
-        );
+        // A worker that cannot start (a binary missing beside the bench, say) ends the
+        // bench with its error instead of leaving the driver waiting for it forever.
+        let worker = patchflow::stack::run_worker(&config, &stores, client, stop_rx.clone());
+        tokio::pin!(worker);
+        tokio::pin!(driver);
+        let report = tokio::select! {
+            report = &mut driver => {
+                (&mut worker).await?;
+                report
+            }
+            failed = &mut worker => {
+                failed?;
+                bail!("the worker stopped before the benchmark ended");
+            }
+        };
         let _ = http.await;
-        worker?;
         report
     })
     .await

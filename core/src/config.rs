@@ -178,6 +178,8 @@ settings! {
         http_addr: String = "127.0.0.1:8787".into(),
         /// gRPC API address.
         grpc_addr: String = "127.0.0.1:8788".into(),
+        /// Where the process serves Prometheus metrics (`GET /metrics`); `off` serves none.
+        metrics_addr: String = "127.0.0.1:9898".into(),
         /// `tokens` (default: `Authorization: Bearer pf_…` on every API call), `jwt`, or
         /// `none` (only when every listening address is loopback).
         auth: AuthMode = AuthMode::Tokens,

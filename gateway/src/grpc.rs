@@ -445,7 +445,8 @@ impl Tasks for TasksApi {
             .service
             .submit(spec, None)
             .await
-            .map_err(|e| status_of(&e))?;
+            .map_err(|e| status_of(&e))?
+            .counted("grpc");
         Ok(Response::new(submitted(outcome)))
     }
 
@@ -483,7 +484,8 @@ impl Tasks for TasksApi {
             .service
             .submit_admitted(spec, Some(upload))
             .await
-            .map_err(|e| status_of(&e))?;
+            .map_err(|e| status_of(&e))?
+            .counted("grpc");
         Ok(Response::new(submitted(outcome)))
     }
 
@@ -853,6 +855,7 @@ pub async fn serve(
     // grpcurl and older tools still ask the v1alpha service.
     let reflection_v1alpha = reflection().build_v1alpha()?;
     tonic::transport::Server::builder()
+        .layer(CountCalls)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -863,4 +866,77 @@ pub async fn serve(
         )
         .await?;
     Ok(())
+}
+
+/// Counts every call in `patchflow_grpc_requests_total{method,code}`: the code is the
+/// `grpc-status` of a trailers-only answer (every error tonic returns), else `Ok`.
+#[derive(Debug, Clone, Copy)]
+struct CountCalls;
+
+impl<S> tower::Layer<S> for CountCalls {
+    type Service = Counted<S>;
+
+    fn layer(&self, inner: S) -> Counted<S> {
+        Counted(inner)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Counted<S>(S);
+
+impl<S, B, RB> tower::Service<http::Request<B>> for Counted<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = method_label(req.uri().path());
+        let answer = self.0.call(req);
+        Box::pin(async move {
+            let r = answer.await;
+            let code = match &r {
+                Ok(resp) => resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|c| c.parse::<i32>().ok())
+                    .map_or_else(
+                        || "Ok".to_string(),
+                        |c| format!("{:?}", tonic::Code::from(c)),
+                    ),
+                Err(_) => "Unavailable".to_string(),
+            };
+            patchflow_platform::metrics::global().grpc(&method, &code);
+            r
+        })
+    }
+}
+
+/// `Service/Method` of a call's path (`/patchflow.v1.Tasks/SubmitTask` → `Tasks/SubmitTask`);
+/// a path that is not one (a client chooses it) is `other`, so no label is a caller's text.
+fn method_label(path: &str) -> String {
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    let (Some(service), Some(method)) = (parts.next(), parts.next()) else {
+        return "other".into();
+    };
+    let service = service.rsplit('.').next().unwrap_or(service);
+    let word = |s: &str| {
+        !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    };
+    if word(service) && word(method) {
+        format!("{service}/{method}")
+    } else {
+        "other".into()
+    }
 }

@@ -196,6 +196,19 @@ pub fn router(service: TaskService) -> Router {
         .merge(crate::web::routes(upload_limit, service.clone()))
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(service)
+        .layer(axum::middleware::from_fn(count_request))
+}
+
+/// Counts every answer in `patchflow_http_requests_total{route,code}`, by the route's
+/// pattern (`/api/tasks/{task_id}`), never the path a caller sent.
+async fn count_request(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let response = next.run(req).await;
+    patchflow_platform::metrics::global().http(&route, response.status().as_u16());
+    response
 }
 
 /// The token check in front of every `/api/*` route: the caller becomes a [`Principal`]
@@ -475,7 +488,7 @@ async fn submit(
     }
     body.tenant = Some(who.tenant_for_submit(body.tenant.as_deref())?);
     let spec = spec_of(body, upload.as_ref()).await?;
-    let outcome = service.submit_admitted(spec, upload).await?;
+    let outcome = service.submit_admitted(spec, upload).await?.counted("http");
     let status = if outcome.created {
         StatusCode::ACCEPTED
     } else {

@@ -318,6 +318,12 @@ async fn handle(shared: &LaneShared, msg: &OwnedMessage) -> bool {
         attempt += 1;
         match shared.service.submit(spec.clone(), None).await {
             Ok(out) => {
+                let out = out.counted("kafka");
+                patchflow_platform::metrics::global().kafka(if out.created {
+                    "started"
+                } else {
+                    "duplicate"
+                });
                 tracing::info!(
                     task_id = %out.record.task_id,
                     created = out.created,
@@ -340,6 +346,7 @@ async fn handle(shared: &LaneShared, msg: &OwnedMessage) -> bool {
                 return dead_letter(shared, msg, Malformed::Invalid, &e.to_string()).await;
             }
             Err(e) => {
+                patchflow_platform::metrics::global().kafka("retried");
                 let wait = match &e {
                     ServiceError::RateLimited {
                         retry_after_secs, ..
@@ -367,6 +374,7 @@ async fn dead_letter(
     kind: Malformed,
     error: &str,
 ) -> bool {
+    patchflow_platform::metrics::global().kafka("dead_letter");
     let (topic, partition, offset) = (msg.topic(), msg.partition(), msg.offset());
     tracing::warn!(partition, offset, kind = kind.as_str(), %error, "malformed Kafka message");
     let Some(producer) = &shared.dlq else {

@@ -88,6 +88,16 @@ pub struct SubmitOutcome {
     pub created: bool,
 }
 
+impl SubmitOutcome {
+    /// Counts a new task in `patchflow_tasks_submitted_total{door}` (a repeat is not one).
+    pub fn counted(self, door: &str) -> Self {
+        if self.created {
+            patchflow_platform::metrics::global().submitted(door);
+        }
+        self
+    }
+}
+
 #[derive(Clone)]
 pub struct TaskService {
     store: Arc<dyn TaskStore>,

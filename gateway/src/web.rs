@@ -536,6 +536,7 @@ async fn submit_form(
     };
     match service.submit(spec, upload).await {
         Ok(outcome) => {
+            let outcome = outcome.counted("web");
             tracing::info!(task_id = %outcome.record.task_id, "task submitted from the web page");
             see_task(&outcome.record.task_id)
         }

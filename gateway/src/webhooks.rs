@@ -255,7 +255,10 @@ async fn start(
             repo_url: t.clone_url.clone(),
             number: t.issue,
         });
-        service.submit_admitted(spec, None).await
+        Ok(service
+            .submit_admitted(spec, None)
+            .await?
+            .counted("webhook"))
     }
     .await;
     match result {

@@ -10,6 +10,7 @@
 //! - [`forge`]: GitHub and GitLab REST APIs: pull (merge) requests and issue comments.
 //! - [`git_remote`]: which git remotes a worker may reach (no private addresses, no
 //!   credentials in URLs), checked before git runs.
+//! - [`metrics`]: the process's Prometheus metrics.
 //! - [`results`]: making a best-of-N candidate's results the task's.
 //! - [`status`]: the one way to change a task's status (store, then event and cache).
 //!
@@ -22,6 +23,7 @@ pub mod cache;
 pub mod db;
 pub mod forge;
 pub mod git_remote;
+pub mod metrics;
 pub mod objectstore;
 pub mod process;
 pub mod results;

@@ -63,6 +63,9 @@ pub async fn change_status(
         }
     };
     if let StatusChange::Applied { seq } = change {
+        if write.status.is_terminal() {
+            crate::metrics::global().finished(write.status.as_str());
+        }
         let event = TaskEvent {
             seq,
             kind: TaskEventKind::Status,

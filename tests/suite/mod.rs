@@ -12,6 +12,7 @@ mod grpc;
 mod isolation;
 mod kafka;
 mod kube_pod;
+mod metrics;
 mod pull_requests;
 mod replay;
 mod retry;

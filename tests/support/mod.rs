@@ -207,6 +207,8 @@ pub struct Stack {
     pub http: reqwest::Client,
     /// The bootstrap admin token of the stack.
     pub token: String,
+    /// `patchflow up`'s (or the first process's) metrics, as a URL (`…/metrics`).
+    pub metrics: String,
 }
 
 /// Adds `authorization: Bearer <token>` to every gRPC call.
@@ -252,7 +254,12 @@ impl Stack {
         let http_port = free_port();
         let grpc_port = free_port();
         let temporal_port = free_port();
+        let metrics_port = free_port();
         let mut env: Vec<(String, String)> = vec![
+            (
+                "PATCHFLOW_METRICS_ADDR".into(),
+                format!("127.0.0.1:{metrics_port}"),
+            ),
             ("PATCHFLOW_DATA_DIR".into(), data_dir.display().to_string()),
             (
                 "PATCHFLOW_HTTP_ADDR".into(),
@@ -303,6 +310,7 @@ impl Stack {
             workers: Vec::new(),
             http: reqwest::Client::new(),
             token: String::new(),
+            metrics: format!("http://127.0.0.1:{metrics_port}/metrics"),
         };
         match mode {
             Mode::Up => {
