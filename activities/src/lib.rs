@@ -795,14 +795,13 @@ impl Activities {
         };
         if let Some(turn) = input.turn.filter(|t| *t > 1) {
             message = format!("turn {turn}: {message}");
+            // The turn ends first: a reader woken by the final status finds it ended.
+            self.end_turn(&id, turn, status, Some(&s.summary)).await;
         }
         if let StatusChange::Ignored { current } =
             self.change_status(&ctx, &id, status, &message).await?
         {
             tracing::warn!(task_id = %id, %current, %status, "final status not applied");
-        }
-        if let Some(turn) = input.turn.filter(|t| *t > 1) {
-            self.end_turn(&id, turn, status, Some(&s.summary)).await;
         }
         self.keep_attempt_results(&ctx, &id, &stored).await;
         tracing::info!(task_id = %id, %status, %message, "published");

@@ -450,10 +450,18 @@ fn timeline(events: &[TaskEvent], attempts: &[TaskAttempt]) -> Markup {
             h2 { "Status" }
             ol class="timeline" {
                 @for (i, e) in statuses.iter().enumerate() {
-                    // A step after an ended one opens the next attempt (a retry).
+                    // A step after an ended one opens the next turn (a follow-up) or the
+                    // next attempt (a retry).
                     @if i > 0 && ended(statuses[i - 1]) {
                         li class="sep" {
-                            "Attempt " (1 + statuses[..i].iter().filter(|p| ended(p)).count())
+                            @if let Some(t) = turn_of(&e.message) {
+                                "Turn " (t)
+                            } @else {
+                                "Attempt "
+                                (1 + (1..=i)
+                                    .filter(|j| ended(statuses[j - 1]) && turn_of(&statuses[*j].message).is_none())
+                                    .count())
+                            }
                         }
                     }
                     li class={ "st" (status_class(e.status)) } {
@@ -493,6 +501,16 @@ fn timeline(events: &[TaskEvent], attempts: &[TaskAttempt]) -> Markup {
             }
         }
     }
+}
+
+/// The follow-up turn a status message belongs to (`turn 2: …`).
+fn turn_of(message: &str) -> Option<u32> {
+    message
+        .strip_prefix("turn ")?
+        .split_once(':')?
+        .0
+        .parse()
+        .ok()
 }
 
 /// The timeline's colour for a step: the end states stand out.
@@ -943,5 +961,40 @@ mod tests {
             "{page}"
         );
         assert!(!page.contains("<script>alert(1)"), "{page}");
+    }
+
+    #[test]
+    fn the_timeline_names_a_follow_up_a_turn_and_a_retry_an_attempt() {
+        let now = Utc::now();
+        let ev = |seq: i64, status: TaskStatus, message: &str| TaskEvent {
+            seq,
+            kind: TaskEventKind::Status,
+            status: Some(status),
+            message: message.to_string(),
+            at: now,
+        };
+        let events = [
+            ev(1, TaskStatus::Queued, "q"),
+            ev(2, TaskStatus::Completed, "done"),
+            ev(
+                3,
+                TaskStatus::RunningAgent,
+                "turn 2: running the agent on the follow-up",
+            ),
+            ev(4, TaskStatus::Completed, "turn 2: done"),
+            ev(
+                5,
+                TaskStatus::Queued,
+                "retry from the start requested (attempt 2)",
+            ),
+            ev(6, TaskStatus::Completed, "done again"),
+        ];
+        let html = timeline(&events, &[]).into_string();
+        let seps: Vec<&str> = html
+            .split("<li class=\"sep\">")
+            .skip(1)
+            .map(|rest| rest.split("</li>").next().unwrap())
+            .collect();
+        assert_eq!(seps, ["Turn 2", "Attempt 2"], "{html}");
     }
 }
