@@ -73,24 +73,7 @@ impl TaskView {
     /// The view of a record; `workflow` is the Web UI link of its workflow, if any.
     pub fn new(r: TaskRecord, workflow: Option<String>) -> Self {
         let base = format!("/api/tasks/{}", r.task_id);
-        let turns = if r.turns.is_empty() {
-            // One turn so far: the task as submitted (the store lists turns once a
-            // follow-up adds the second).
-            vec![patchflow_core::TurnRecord {
-                turn: 1,
-                message: r.spec.task_description.clone(),
-                status: r.status,
-                summary: r
-                    .summary
-                    .as_ref()
-                    .map(|s| s.summary.clone())
-                    .unwrap_or_default(),
-                started_at: r.created_at,
-                finished_at: r.status.is_terminal().then_some(r.updated_at),
-            }]
-        } else {
-            r.turns
-        };
+        let turns = Self::turns_of(&r);
         Self {
             links: Links {
                 diff: format!("{base}/diff"),
@@ -132,6 +115,28 @@ impl TaskView {
             candidates: r.candidates,
             selected: r.selected,
         }
+    }
+}
+
+impl TaskView {
+    /// The turns a record shows: its stored ones, or before any follow-up the task as
+    /// submitted (the store lists turns once a follow-up adds the second).
+    pub fn turns_of(r: &TaskRecord) -> Vec<patchflow_core::TurnRecord> {
+        if !r.turns.is_empty() {
+            return r.turns.clone();
+        }
+        vec![patchflow_core::TurnRecord {
+            turn: 1,
+            message: r.spec.task_description.clone(),
+            status: r.status,
+            summary: r
+                .summary
+                .as_ref()
+                .map(|s| s.summary.clone())
+                .unwrap_or_default(),
+            started_at: r.created_at,
+            finished_at: r.status.is_terminal().then_some(r.updated_at),
+        }]
     }
 }
 

@@ -176,8 +176,7 @@ pub fn task_message(service: &TaskService, r: &TaskRecord) -> proto::Task {
         attempts: r.attempts.iter().map(attempt_message).collect(),
         workflow_url: service.workflow_link(&r.task_id),
         // The same turns the HTTP view lists (turn 1 before any follow-up).
-        turns: patchflow_api::TaskView::new(r.clone(), None)
-            .turns
+        turns: patchflow_api::TaskView::turns_of(r)
             .iter()
             .map(|t| proto::Turn {
                 turn: t.turn,

@@ -544,6 +544,24 @@ async fn submit_form(
     }
 }
 
+/// What every form on a task's page checks first: sent from this site, with the session's
+/// CSRF token, about a well-formed task id. The refusal is the page to answer.
+fn task_form(
+    headers: &HeaderMap,
+    session: &Session,
+    body: &[u8],
+    id: &str,
+) -> Result<TaskId, Box<Response>> {
+    if let Some(r) = same_origin(headers) {
+        return Err(Box::new(r));
+    }
+    if let Some(r) = session.check(form_value(body, "csrf").as_deref()) {
+        return Err(Box::new(r));
+    }
+    id.parse::<TaskId>()
+        .map_err(|e| Box::new(error_html(&ServiceError::Invalid(e))))
+}
+
 async fn cancel_form(
     State(service): State<TaskService>,
     Extension(session): Extension<Session>,
@@ -551,15 +569,9 @@ async fn cancel_form(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = same_origin(&headers) {
-        return r;
-    }
-    if let Some(r) = session.check(form_value(&body, "csrf").as_deref()) {
-        return r;
-    }
-    let id = match id.parse::<TaskId>() {
+    let id = match task_form(&headers, &session, &body, &id) {
         Ok(id) => id,
-        Err(e) => return error_html(&ServiceError::Invalid(e)),
+        Err(refused) => return *refused,
     };
     if let Err(e) = session.who.must_write() {
         return error_html(&e);
@@ -581,15 +593,9 @@ async fn retry_form(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = same_origin(&headers) {
-        return r;
-    }
-    if let Some(r) = session.check(form_value(&body, "csrf").as_deref()) {
-        return r;
-    }
-    let id = match id.parse::<TaskId>() {
+    let id = match task_form(&headers, &session, &body, &id) {
         Ok(id) => id,
-        Err(e) => return error_html(&ServiceError::Invalid(e)),
+        Err(refused) => return *refused,
     };
     if let Err(e) = session.who.must_write() {
         return error_html(&e);
@@ -618,15 +624,9 @@ async fn message_form(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = same_origin(&headers) {
-        return r;
-    }
-    if let Some(r) = session.check(form_value(&body, "csrf").as_deref()) {
-        return r;
-    }
-    let id = match id.parse::<TaskId>() {
+    let id = match task_form(&headers, &session, &body, &id) {
         Ok(id) => id,
-        Err(e) => return error_html(&ServiceError::Invalid(e)),
+        Err(refused) => return *refused,
     };
     let message = form_value(&body, "message").unwrap_or_default();
     match service.send_message(&session.who, &id, &message).await {
@@ -643,15 +643,9 @@ async fn select_form(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = same_origin(&headers) {
-        return r;
-    }
-    if let Some(r) = session.check(form_value(&body, "csrf").as_deref()) {
-        return r;
-    }
-    let id = match id.parse::<TaskId>() {
+    let id = match task_form(&headers, &session, &body, &id) {
         Ok(id) => id,
-        Err(e) => return error_html(&ServiceError::Invalid(e)),
+        Err(refused) => return *refused,
     };
     let Some(n) = form_value(&body, "candidate").and_then(|v| v.trim().parse::<u32>().ok()) else {
         return error_html(&ServiceError::BadRequest(

@@ -86,7 +86,7 @@ impl TaskService {
             spec: record.spec.clone(),
             settings,
             continuation: Some(Continuation {
-                turns: u32::try_from(record.turns.len()).unwrap_or(u32::MAX).max(1),
+                turns: turns_of(record),
                 status: record.status,
                 message: record.message.clone(),
                 commit: None,
@@ -326,6 +326,11 @@ fn describe(which: RunFile) -> String {
     }
 }
 
+/// How many turns `record` has had (1 before any follow-up).
+fn turns_of(record: &TaskRecord) -> u32 {
+    u32::try_from(record.turns.len()).unwrap_or(u32::MAX).max(1)
+}
+
 /// The object key of `file` for a candidate or a turn of `record`.
 fn run_file_key(record: &TaskRecord, file: &str, which: RunFile) -> Result<String, ServiceError> {
     let id = &record.task_id;
@@ -346,7 +351,7 @@ fn run_file_key(record: &TaskRecord, file: &str, which: RunFile) -> Result<Strin
     let Some(turn) = which.turn else {
         return Ok(layout::result_key(id, file));
     };
-    let turns = u32::try_from(record.turns.len()).unwrap_or(u32::MAX).max(1);
+    let turns = turns_of(record);
     if turn == 0 || turn > turns {
         return Err(ServiceError::Missing(format!(
             "task {id} has no turn {turn} (it has {turns})"

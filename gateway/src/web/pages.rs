@@ -339,7 +339,7 @@ fn actions(d: &TaskPageData<'_>) -> Markup {
 fn conversation(d: &TaskPageData<'_>) -> Markup {
     let r = d.record;
     let id = &r.task_id;
-    let turns = patchflow_api::TaskView::new(r.clone(), None).turns;
+    let turns = patchflow_api::TaskView::turns_of(r);
     let open = matches!(r.status, TaskStatus::Completed | TaskStatus::Failed)
         && (r.spec.candidates <= 1 || r.selected.is_some());
     html! {
