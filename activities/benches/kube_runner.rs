@@ -142,14 +142,26 @@ async fn main() {
             kube::Client::new(mock, NS),
             KubeRunnerConfig::new(NS, "patchflow:bench", "llm", "key", "m"),
         );
-        let name = patchflow_activities::runner::kube::job_name(&task, 1);
+        let name = patchflow_activities::runner::kube::job_name(
+            &task,
+            &patchflow_activities::runner::RunTarget::default(),
+            1,
+        );
         let marks = Arc::new(Mutex::new(Marks::default()));
         let server = tokio::spawn(serve(handle, name, marks.clone()));
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let work = dir.path().join(format!("run-1-{i}"));
+        let work = dir.path().join(i.to_string()).join("run-1");
         let started = Instant::now();
         let got = runner
-            .run(&task, &spec, &store, &work, tx, CancellationToken::new())
+            .run(
+                &task,
+                &spec,
+                None,
+                &store,
+                &work,
+                tx,
+                CancellationToken::new(),
+            )
             .await
             .expect("the run completes");
         let ended = Instant::now();

@@ -77,7 +77,12 @@ impl ActivityConfig {
     }
 }
 
-/// The activity implementations with their shared state.
+/// The `run_agent` activity alone, for a worker that polls only the agents' task queue.
+pub use self::activities::RunAgent as RunAgentActivity;
+
+/// The activity implementations with their shared state (cheap to clone: a worker's agents
+/// and its other steps poll apart with one copy each).
+#[derive(Clone)]
 pub struct Activities {
     pub store: Arc<dyn TaskStore>,
     pub objects: Arc<dyn ObjectStore>,
@@ -595,6 +600,25 @@ impl Activities {
             self.wait_for_slot(&ctx, slot).await?;
         }
         let attempt = ctx.info().attempt;
+        // Time in the agents' task queue: waiting for a worker with a free agent slot.
+        if let Some(waited) = ctx
+            .info()
+            .current_attempt_scheduled_time
+            .and_then(|t| t.elapsed().ok())
+        {
+            metrics::global().step("agent_queue", waited.as_secs_f64());
+            if waited >= Duration::from_secs(2) {
+                self.record_event(
+                    &id,
+                    TaskEventKind::Status,
+                    format!(
+                        "waited {:.0} s for a free agent slot (every worker was at worker_max_agents)",
+                        waited.as_secs_f64()
+                    ),
+                )
+                .await;
+            }
+        }
         let _running = metrics::RunningAgent::start();
         let started = std::time::Instant::now();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<AgentEvent>();
@@ -602,6 +626,7 @@ impl Activities {
         let target = RunTarget {
             candidate: input.candidate,
             followup: input.followup.clone(),
+            workflow_run: ctx.info().workflow_run_id.clone().filter(|r| !r.is_empty()),
         };
         // Candidates run at once and turns one after another: each its own directory.
         let dir = match (&target.followup, target.candidate) {

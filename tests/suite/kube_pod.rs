@@ -1,7 +1,8 @@
 //! The agent Job's containers (`patchflow agent-pod fetch|run`) against a real S3 server,
 //! with nothing but presigned URLs, as a pod on a cluster gets them: the staged code comes
-//! in, the agent runs on the scripted model, the results go out; a bad URL fails clearly
-//! without printing the URL's signature.
+//! in, the agent runs on the scripted model, the results go out; a follow-up turn's pod
+//! resumes the task's conversation and changes, a candidate's pod seeds the model with its
+//! number; a bad URL or setting fails clearly without printing the URL's signature.
 //!
 //! Also the opt-in live test: the demo task as a Kubernetes Job on a real cluster.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,7 +15,8 @@ use tokio::process::Command;
 use patchflow_core::{AgentSummary, TaskId, TaskSource, TaskSpec, layout};
 use patchflow_platform::ObjectStore;
 use patchflow_platform::objectstore::S3ObjectStore;
-use patchflow_scripted_model::ScriptedModel;
+use patchflow_scripted_model::{ScriptedCall, ScriptedModel, Turn};
+use serde_json::{Value, json};
 
 use crate::support::{S3Server, bin, demo_git_repo, demo_script};
 
@@ -183,6 +185,249 @@ async fn the_pod_steps_move_code_and_results_by_presigned_urls_only() {
     );
 }
 
+/// Every result variable of the pod contract and its file, the summary last.
+const RESULT_VARS: [(&str, &str); 7] = [
+    ("PATCHFLOW_RESULT_URL_DIFF", layout::DIFF),
+    ("PATCHFLOW_RESULT_URL_TRANSCRIPT", layout::TRANSCRIPT),
+    ("PATCHFLOW_RESULT_URL_LOG", layout::AGENT_LOG),
+    ("PATCHFLOW_RESULT_URL_CONVERSATION", layout::CONVERSATION),
+    ("PATCHFLOW_RESULT_URL_CHANGES", layout::CHANGES),
+    ("PATCHFLOW_RESULT_URL_TURN_DIFF", layout::TURN_DIFF),
+    ("PATCHFLOW_RESULT_URL_SUMMARY", layout::SUMMARY),
+];
+
+/// One pod's own directories (its two `emptyDir` volumes) and the variables both
+/// containers see.
+fn pod_volumes(
+    dir: &Path,
+    name: &str,
+    task: &TaskId,
+) -> (std::path::PathBuf, Vec<(&'static str, String)>) {
+    let (workspace, scratch) = (
+        dir.join(name).join("workspace"),
+        dir.join(name).join("scratch"),
+    );
+    std::fs::create_dir_all(&workspace).unwrap();
+    std::fs::create_dir_all(&scratch).unwrap();
+    let env = vec![
+        ("PATCHFLOW_TASK_ID", task.to_string()),
+        ("PATCHFLOW_WORKSPACE", workspace.display().to_string()),
+        ("PATCHFLOW_SCRATCH", scratch.display().to_string()),
+        (
+            "PATCHFLOW_BASELINE",
+            scratch.join("code.tar.zst").display().to_string(),
+        ),
+        ("HOME", scratch.display().to_string()),
+        ("TMPDIR", scratch.display().to_string()),
+    ];
+    (workspace, env)
+}
+
+/// The agent container's variables for a run storing under `prefix`.
+async fn run_vars(
+    objects: &S3ObjectStore,
+    prefix: &str,
+    model: &ScriptedModel,
+) -> Vec<(&'static str, String)> {
+    let spec = TaskSpec::new(
+        TaskSource::Git {
+            url: "https://git.example/demo.git".into(),
+            git_ref: None,
+            git_token: None,
+        },
+        "Fix add() so the tests pass",
+    );
+    let mut env = vec![
+        ("PATCHFLOW_TASK_SPEC", serde_json::to_string(&spec).unwrap()),
+        ("PATCHFLOW_MODEL", "scripted-test".into()),
+        ("OPENAI_BASE_URL", model.base_url()),
+        ("OPENAI_API_KEY", "sk-pod-secret-0042".into()),
+    ];
+    for (var, file) in RESULT_VARS {
+        let url = objects
+            .presign_put(&format!("{prefix}{file}"), EXPIRY)
+            .await
+            .unwrap();
+        env.push((var, url));
+    }
+    env
+}
+
+async fn stored_text(objects: &S3ObjectStore, key: &str) -> String {
+    text(
+        &objects
+            .get_bytes(key)
+            .await
+            .unwrap_or_else(|e| panic!("{key}: {e}")),
+    )
+}
+
+/// The request bodies whose last user message holds `text`.
+fn asking<'a>(bodies: &'a [Value], text: &str) -> Vec<&'a Value> {
+    bodies
+        .iter()
+        .filter(|b| {
+            b["messages"].as_array().is_some_and(|m| {
+                m.iter()
+                    .rev()
+                    .find(|m| m["role"] == "user")
+                    .is_some_and(|m| m["content"].as_str().unwrap_or_default().contains(text))
+            })
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_follow_up_pod_resumes_the_task_and_a_candidate_pod_seeds_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(dir.path());
+    let objects = store(&s3, "pods-turns").await;
+    let task = TaskId::generate();
+    let repo = demo_git_repo(dir.path());
+    let staged = dir.path().join("code.tar.zst");
+    patchflow_platform::archive::pack_tar_zst(&repo, &staged, 3).unwrap();
+    objects
+        .put_file(&layout::staged_key(&task), &staged)
+        .await
+        .unwrap();
+    let staged_url = objects
+        .presign_get(&layout::staged_key(&task), EXPIRY)
+        .await
+        .unwrap();
+
+    // The demo, then one follow-up turn adding subtract().
+    let mut script = demo_script();
+    script.turns.extend([
+        Turn {
+            tool_calls: vec![ScriptedCall {
+                name: "edit_file_content".into(),
+                arguments: json!({
+                    "file_path": "calc.py",
+                    "old_text": "return a * b",
+                    "new_text": "return a * b\n\n\ndef subtract(a, b):\n    return a - b",
+                }),
+            }],
+            ..Turn::default()
+        },
+        Turn {
+            tool_calls: vec![ScriptedCall {
+                name: "finish".into(),
+                arguments: json!({"summary": "Added subtract()."}),
+            }],
+            ..Turn::default()
+        },
+    ]);
+    let model = ScriptedModel::start(script, SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+
+    // Turn 1: the task's own files, the conversation and changes among them.
+    let (_, pod) = pod_volumes(dir.path(), "turn-1", &task);
+    let mut env = pod.clone();
+    env.push(("PATCHFLOW_STAGED_URL", staged_url.clone()));
+    let out = pod_step("fetch", &env).await;
+    assert!(out.status.success(), "fetch: {}", text(&out.stderr));
+    let mut env = pod.clone();
+    env.extend(run_vars(&objects, &layout::results_prefix(&task), &model).await);
+    let out = pod_step("run", &env).await;
+    assert!(out.status.success(), "run: {}", text(&out.stderr));
+    for file in [layout::CONVERSATION, layout::CHANGES] {
+        assert!(
+            objects
+                .exists(&layout::result_key(&task, file))
+                .await
+                .unwrap(),
+            "turn 1 did not store {file}"
+        );
+    }
+
+    // Turn 2, in a new pod: only presigned URLs of the task's current files to resume from.
+    let (workspace, pod) = pod_volumes(dir.path(), "turn-2", &task);
+    let resume = dir.path().join("turn-2/scratch/resume");
+    let mut env = pod.clone();
+    env.push(("PATCHFLOW_STAGED_URL", staged_url.clone()));
+    env.push(("PATCHFLOW_RESUME_DIR", resume.display().to_string()));
+    for (var, file) in [
+        ("PATCHFLOW_RESUME_URL_CONVERSATION", layout::CONVERSATION),
+        ("PATCHFLOW_RESUME_URL_CHANGES", layout::CHANGES),
+    ] {
+        let url = objects
+            .presign_get(&layout::result_key(&task, file), EXPIRY)
+            .await
+            .unwrap();
+        env.push((var, url));
+    }
+    let out = pod_step("fetch", &env).await;
+    assert!(out.status.success(), "fetch: {}", text(&out.stderr));
+    assert!(resume.join(layout::CONVERSATION).is_file());
+    assert!(resume.join(layout::CHANGES).is_file());
+    assert!(workspace.join("calc.py").is_file());
+    let turn2 = layout::turn_key(&task, 2, "");
+    let mut env = pod.clone();
+    env.extend(run_vars(&objects, &turn2, &model).await);
+    env.extend([
+        ("PATCHFLOW_TURN", "2".to_string()),
+        (
+            "PATCHFLOW_FOLLOWUP_MESSAGE",
+            "Also add subtract().".to_string(),
+        ),
+        ("PATCHFLOW_RESUME_DIR", resume.display().to_string()),
+    ]);
+    let out = pod_step("run", &env).await;
+    assert!(out.status.success(), "run: {}", text(&out.stderr));
+    let seen = model.observed();
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    let asked = asking(&seen.bodies, "Also add subtract().");
+    assert!(!asked.is_empty(), "the follow-up never reached the model");
+    let carried = asked[0].to_string();
+    for earlier in ["return a - b", "Fixed add() in calc.py"] {
+        assert!(
+            carried.contains(earlier),
+            "{earlier} missing from {carried}"
+        );
+    }
+    let cumulative = stored_text(&objects, &format!("{turn2}{}", layout::DIFF)).await;
+    assert!(
+        cumulative.contains("+    return a + b") && cumulative.contains("+def subtract(a, b):"),
+        "{cumulative}"
+    );
+    let own = stored_text(&objects, &format!("{turn2}{}", layout::TURN_DIFF)).await;
+    assert!(own.contains("+def subtract(a, b):"), "{own}");
+    assert!(
+        !own.contains("+    return a + b"),
+        "turn 1's change in turn 2's own diff: {own}"
+    );
+    let summary: AgentSummary =
+        serde_json::from_str(&stored_text(&objects, &format!("{turn2}{}", layout::SUMMARY)).await)
+            .unwrap();
+    assert_eq!(summary.summary, "Added subtract().");
+
+    // A candidate's pod: its number is the model's seed; its files under its own prefix.
+    let model = ScriptedModel::start(demo_script(), SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let (_, pod) = pod_volumes(dir.path(), "candidate-2", &task);
+    let mut env = pod.clone();
+    env.push(("PATCHFLOW_STAGED_URL", staged_url));
+    let out = pod_step("fetch", &env).await;
+    assert!(out.status.success(), "fetch: {}", text(&out.stderr));
+    let prefix = layout::candidate_key(&task, 2, "");
+    let mut env = pod.clone();
+    env.extend(run_vars(&objects, &prefix, &model).await);
+    env.push(("PATCHFLOW_CANDIDATE", "2".to_string()));
+    let out = pod_step("run", &env).await;
+    assert!(out.status.success(), "run: {}", text(&out.stderr));
+    let seen = model.observed();
+    assert!(!seen.bodies.is_empty());
+    assert!(
+        seen.bodies.iter().all(|b| b["seed"] == 2),
+        "{:?}",
+        seen.bodies[0]
+    );
+    let diff = stored_text(&objects, &format!("{prefix}{}", layout::DIFF)).await;
+    assert!(diff.contains("+    return a + b"), "{diff}");
+}
+
 #[tokio::test]
 async fn a_pod_with_a_bad_url_fails_clearly_without_printing_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -232,6 +477,55 @@ async fn a_pod_with_a_bad_url_fails_clearly_without_printing_it() {
         "{}",
         text(&out.stderr)
     );
+
+    // A turn or candidate that is not a number is refused before the agent starts, and
+    // so is a follow-up turn without its message.
+    let spec = TaskSpec::new(
+        TaskSource::Git {
+            url: "https://git.example/demo.git".into(),
+            git_ref: None,
+            git_token: None,
+        },
+        "x",
+    );
+    let mut base = vec![
+        ("PATCHFLOW_TASK_ID", task.to_string()),
+        ("PATCHFLOW_TASK_SPEC", serde_json::to_string(&spec).unwrap()),
+        ("PATCHFLOW_WORKSPACE", workspace.display().to_string()),
+        ("PATCHFLOW_SCRATCH", dir.path().display().to_string()),
+        (
+            "PATCHFLOW_BASELINE",
+            dir.path().join("code.tar.zst").display().to_string(),
+        ),
+    ];
+    for (var, _) in RESULT_VARS {
+        base.push((var, "http://127.0.0.1:9/never".into()));
+    }
+    for (extra, expected) in [
+        (
+            vec![("PATCHFLOW_TURN", "2; rm -rf /")],
+            "PATCHFLOW_TURN is not a number",
+        ),
+        (
+            vec![("PATCHFLOW_CANDIDATE", "-1")],
+            "PATCHFLOW_CANDIDATE is not a number",
+        ),
+        (
+            vec![("PATCHFLOW_TURN", "3")],
+            "PATCHFLOW_FOLLOWUP_MESSAGE is not set",
+        ),
+    ] {
+        let mut env = base.clone();
+        env.extend(extra.into_iter().map(|(k, v)| (k, v.to_string())));
+        let out = pod_step("run", &env).await;
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains(expected), "{expected}: {err}");
+        assert!(
+            !dir.path().join("out").join(layout::AGENT_LOG).exists(),
+            "the agent ran"
+        );
+    }
 }
 
 /// The demo task as a Kubernetes Job on a real cluster. Needs `PATCHFLOW_KUBE_TEST=1`, a

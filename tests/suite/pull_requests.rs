@@ -118,10 +118,19 @@ fn host_of(url: &str) -> String {
 }
 
 async fn start(forges: &Forges, gitlab: bool, extra: &[(&str, &str)]) -> Stack {
+    start_with(forges, gitlab, extra, demo_script()).await
+}
+
+async fn start_with(
+    forges: &Forges,
+    gitlab: bool,
+    extra: &[(&str, &str)],
+    script: patchflow_scripted_model::Script,
+) -> Stack {
     let env = forges.env(gitlab);
     let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     all.extend_from_slice(extra);
-    Stack::start(crate::support::Mode::Up, demo_script(), &all).await
+    Stack::start(crate::support::Mode::Up, script, &all).await
 }
 
 async fn submit(stack: &Stack, body: Value) -> String {
@@ -735,4 +744,101 @@ async fn a_github_app_mints_an_installation_token_for_the_one_repository() {
         !config.contains("PRIVATE KEY"),
         "patchflow config shows the App's key"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_up_turn_updates_the_open_pull_request() {
+    use patchflow_scripted_model::{ScriptedCall, Turn};
+    let f = Forges::start().await;
+    let mut script = demo_script();
+    let call = |name: &str, arguments: Value| Turn {
+        tool_calls: vec![ScriptedCall {
+            name: name.into(),
+            arguments,
+        }],
+        ..Turn::default()
+    };
+    script.turns.extend([
+        call(
+            "edit_file_content",
+            json!({"file_path": "README.md", "old_text": "calculator", "new_text": "calculator (add fixed)"}),
+        ),
+        call("finish", json!({"summary": "Noted the fix in the README."})),
+    ]);
+    let stack = start_with(&f, false, &[], script).await;
+    let url = f.git.url("acme/app.git");
+    let id = submit(
+        &stack,
+        json!({"git_url": url, "task_description": "fix the bug", "open_pr": true,
+               "github_token": TOKEN}),
+    )
+    .await;
+    let done = stack.wait_terminal(&id).await;
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+    let pr_url = format!("{}/acme/app/pull/1", f.forge.base_url());
+    assert_eq!(done["pr_url"], pr_url.as_str(), "{done}");
+    let branch = format!("patchflow/{id}");
+    let first_tip = f.git(&["rev-parse", &branch]);
+    assert_eq!(
+        f.git(&["diff", "--name-only", "main", &branch]).trim(),
+        "calc.py"
+    );
+    let patches_before = f
+        .forge
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .count();
+
+    let (c, v) = stack
+        .post_json(
+            &format!("/api/tasks/{id}/messages"),
+            &json!({"message": "Also note the fix in the README."}),
+        )
+        .await;
+    assert_eq!(c, 202, "{v}");
+    assert_eq!(v["turn"], 2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let after = loop {
+        let r = stack.record(&id).await;
+        let ended = r["turns"].as_array().unwrap().iter().any(|t| {
+            t["turn"] == 2 && ["COMPLETED", "FAILED"].contains(&t["status"].as_str().unwrap())
+        });
+        if ended && r["status"] == "COMPLETED" {
+            break r;
+        }
+        assert!(r["status"] != "FAILED", "{r}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "turn 2 did not end: {r}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(after["turns"][1]["status"], "COMPLETED", "{after}");
+
+    // The same pull request, brought up to date: the branch holds both turns' changes as
+    // one commit on main, pushed over the first turn's.
+    assert_eq!(after["pr_url"], pr_url.as_str(), "{after}");
+    assert_eq!(f.forge.pulls().len(), 1, "{:?}", f.forge.pulls());
+    let patches_after = f
+        .forge
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path == "/repos/acme/app/pulls/1")
+        .count();
+    assert!(
+        patches_after > patches_before,
+        "the pull request was not updated"
+    );
+    let tip = f.git(&["rev-parse", &branch]);
+    assert_ne!(tip.trim(), first_tip.trim(), "turn 2 was not pushed");
+    let parent = f.git(&["rev-parse", &format!("{branch}^")]);
+    assert_eq!(parent.trim(), f.git(&["rev-parse", "main"]).trim());
+    let changed = f.git(&["diff", "--name-only", "main", &branch]);
+    let changed: Vec<&str> = changed.lines().collect();
+    assert_eq!(changed, ["README.md", "calc.py"], "{changed:?}");
+    let pushed = f.git(&["diff", "main", &branch]);
+    assert!(pushed.contains("+    return a + b"), "{pushed}");
+    assert!(pushed.contains("calculator (add fixed)"), "{pushed}");
+    assert!(!stack.logs().contains(TOKEN), "the logs hold the token");
 }

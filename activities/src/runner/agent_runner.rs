@@ -34,6 +34,8 @@ pub enum RunnerError {
 pub struct RunTarget {
     pub candidate: Option<u32>,
     pub followup: Option<FollowUp>,
+    /// The workflow run asking (a retried task's new run reuses attempt numbers).
+    pub workflow_run: Option<String>,
 }
 
 impl RunTarget {
@@ -58,8 +60,13 @@ impl RunTarget {
 
 #[async_trait]
 pub trait AgentRunner: Send + Sync + 'static {
-    /// [`AgentRunner::run`] for a candidate or a follow-up turn. A runner that does not
-    /// implement them refuses them with a clear error.
+    /// Runs one attempt of `target` (the task's agent, a candidate or a follow-up turn),
+    /// from the `prepared` workspace when the task had a setup (else from the staged code),
+    /// its files stored under [`RunTarget::prefix`]. `work` is a directory private to this
+    /// attempt. Progress goes to `events`; `cancel` asks the run to stop, and the runner
+    /// returns [`RunnerError::Cancelled`] only once the agent is gone.
+    // Each argument is a different concern the activity hands over; a struct of them
+    // would only move the list.
     #[allow(clippy::too_many_arguments)]
     async fn run_target(
         &self,
@@ -71,22 +78,9 @@ pub trait AgentRunner: Send + Sync + 'static {
         work: &Path,
         events: UnboundedSender<AgentEvent>,
         cancel: CancellationToken,
-    ) -> Result<AgentSummary, RunnerError> {
-        if *target != RunTarget::default() {
-            return Err(RunnerError::BadInput(
-                "this worker's runner does not run best-of-N candidates or follow-up turns yet (the local runner does)".into(),
-            ));
-        }
-        self.run(task, spec, prepared, objects, work, events, cancel)
-            .await
-    }
+    ) -> Result<AgentSummary, RunnerError>;
 
-    /// Runs one attempt, from the `prepared` workspace when the task had a setup (else
-    /// from the staged code). `work` is a directory private to this attempt. Progress goes to
-    /// `events`; `cancel` asks the run to stop, and the runner returns
-    /// [`RunnerError::Cancelled`] only once the agent is gone.
-    // Each argument is a different concern the activity hands over; a struct of them
-    // would only move the list.
+    /// [`AgentRunner::run_target`] for the task's one agent.
     #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
@@ -97,5 +91,17 @@ pub trait AgentRunner: Send + Sync + 'static {
         work: &Path,
         events: UnboundedSender<AgentEvent>,
         cancel: CancellationToken,
-    ) -> Result<AgentSummary, RunnerError>;
+    ) -> Result<AgentSummary, RunnerError> {
+        self.run_target(
+            &RunTarget::default(),
+            task,
+            spec,
+            prepared,
+            objects,
+            work,
+            events,
+            cancel,
+        )
+        .await
+    }
 }

@@ -215,29 +215,6 @@ async fn log_tail(path: &Path) -> String {
 
 #[async_trait]
 impl AgentRunner for LocalRunner {
-    async fn run(
-        &self,
-        task: &TaskId,
-        spec: &TaskSpec,
-        prepared: Option<&PreparedEnv>,
-        objects: &dyn ObjectStore,
-        work: &Path,
-        events: UnboundedSender<AgentEvent>,
-        cancel: CancellationToken,
-    ) -> Result<AgentSummary, RunnerError> {
-        self.run_target(
-            &RunTarget::default(),
-            task,
-            spec,
-            prepared,
-            objects,
-            work,
-            events,
-            cancel,
-        )
-        .await
-    }
-
     async fn run_target(
         &self,
         target: &RunTarget,

@@ -6,6 +6,10 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, DeleteParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+
+/// How long a replaced Job may take to be gone (its pod stopped) before the attempt fails.
+const GONE_WITHIN: Duration = Duration::from_secs(120);
 
 /// Creates the Job, or adopts the one an earlier try of this attempt made.
 pub async fn create_or_adopt(api: &Api<Job>, job: &Job) -> Result<Job, kube::Error> {
@@ -36,6 +40,28 @@ pub async fn delete_job(api: &Api<Job>, name: &str) -> Result<(), kube::Error> {
         }
     };
     once.retry(api_backoff()).when(transient).await
+}
+
+/// Deletes `old` (foreground) and waits, by watching it, until it is gone, so its name is
+/// free again.
+pub async fn delete_and_wait(api: &Api<Job>, old: &Job) -> Result<(), String> {
+    let name = old.metadata.name.clone().unwrap_or_default();
+    let uid = old.metadata.uid.clone().unwrap_or_default();
+    delete_job(api, &name)
+        .await
+        .map_err(|e| format!("cannot delete the Job {name}: {e}"))?;
+    match tokio::time::timeout(
+        GONE_WITHIN,
+        await_condition(api.clone(), &name, conditions::is_deleted(&uid)),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("watching the Job {name} go: {e}")),
+        Err(_) => Err(format!(
+            "the Job {name} was still there {GONE_WITHIN:?} after its delete"
+        )),
+    }
 }
 
 pub fn api_backoff() -> ExponentialBuilder {

@@ -17,9 +17,9 @@ use patchflow_core::{TaskId, TaskSpec};
 
 use super::config::KubeRunnerConfig;
 use super::pod_contract::{
-    self, AGENT_CONTAINER, COMMAND, FETCH_STEP, PodUrls, RUN_STEP, SCRATCH, WORKSPACE,
+    self, AGENT_CONTAINER, COMMAND, FETCH_STEP, PodRun, PodUrls, RUN_STEP, SCRATCH, WORKSPACE,
 };
-use crate::runner::agent_runner::RunnerError;
+use crate::runner::agent_runner::{RunTarget, RunnerError};
 
 /// Seconds the Job may run past the task's wall budget before Kubernetes stops it.
 pub const DEADLINE_GRACE_SECS: u64 = 60;
@@ -28,20 +28,32 @@ const NAME_LABEL: &str = "app.kubernetes.io/name";
 const TASK_LABEL: &str = "patchflow.dev/task-id";
 const TENANT_LABEL: &str = "patchflow.dev/tenant";
 const BATCH_LABEL: &str = "patchflow.dev/batch-id";
+const CANDIDATE_LABEL: &str = "patchflow.dev/candidate";
+const TURN_LABEL: &str = "patchflow.dev/turn";
+/// The annotation naming the workflow run the Job belongs to.
+const RUN_ANNOTATION: &str = "patchflow.dev/workflow-run";
 
-/// The Job of one attempt (`name`, see [`job_name`]) of `task`, its pods reading `urls`.
+/// The Job of one attempt (`name`, see [`job_name`]) of `task`'s `run`, its pods reading
+/// `urls`.
 pub fn build_job(
     c: &KubeRunnerConfig,
     name: &str,
     task: &TaskId,
     spec: &TaskSpec,
     urls: &PodUrls,
+    run: &PodRun,
 ) -> Result<Job, RunnerError> {
     let mut labels = BTreeMap::from([
         (NAME_LABEL.to_string(), "patchflow-agent".to_string()),
         (TASK_LABEL.to_string(), label_value(task.as_str())),
         (TENANT_LABEL.to_string(), label_value(&spec.tenant)),
     ]);
+    if let Some(n) = run.candidate {
+        labels.insert(CANDIDATE_LABEL.to_string(), n.to_string());
+    }
+    if let Some((turn, _)) = &run.followup {
+        labels.insert(TURN_LABEL.to_string(), turn.to_string());
+    }
     let mut annotations = BTreeMap::from([
         (TASK_LABEL.to_string(), task.as_str().to_string()),
         (TENANT_LABEL.to_string(), spec.tenant.clone()),
@@ -50,10 +62,13 @@ pub fn build_job(
         labels.insert(BATCH_LABEL.to_string(), label_value(batch));
         annotations.insert(BATCH_LABEL.to_string(), batch.clone());
     }
+    if let Some(run_id) = &run.workflow_run {
+        annotations.insert(RUN_ANNOTATION.to_string(), run_id.clone());
+    }
     let spec_json =
         serde_json::to_string(spec).map_err(|e| RunnerError::BadInput(e.to_string()))?;
     let init_env = plain_env(pod_contract::fetch_env(task, urls));
-    let mut agent_env = plain_env(pod_contract::run_env(task, &spec_json, &c.model, urls));
+    let mut agent_env = plain_env(pod_contract::run_env(task, &spec_json, &c.model, urls, run));
     if let Some(u) = &c.openai_base_url {
         agent_env.extend(plain_env([("OPENAI_BASE_URL", u.clone())]));
     }
@@ -272,9 +287,26 @@ pub fn owned_by(job: &Job, task: &TaskId) -> bool {
         .is_some_and(|t| t == task.as_str())
 }
 
-/// `patchflow-<task id, DNS-1123>-<attempt>`, at most 63 characters.
-pub fn job_name(task: &TaskId, attempt: u32) -> String {
-    let suffix = format!("-{attempt}");
+/// Whether `job` was made by an earlier workflow run of its task than `run` (a retry of the
+/// task reuses attempt numbers, so names meet). A Job naming no run is not known to be.
+pub fn of_another_run(job: &Job, run: &PodRun) -> bool {
+    let theirs = job
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(RUN_ANNOTATION));
+    matches!((theirs, &run.workflow_run), (Some(a), Some(b)) if a != b)
+}
+
+/// `patchflow-<task id, DNS-1123>-<attempt>` (with `-c<n>` before the attempt for candidate
+/// `n`, `-t<turn>` for a follow-up turn), at most 63 characters.
+pub fn job_name(task: &TaskId, target: &RunTarget, attempt: u32) -> String {
+    let run = match (&target.followup, target.candidate) {
+        (Some(f), _) => format!("-t{}", f.turn),
+        (None, Some(n)) => format!("-c{n}"),
+        (None, None) => String::new(),
+    };
+    let suffix = format!("{run}-{attempt}");
     let room = 63 - "patchflow-".len() - suffix.len();
     let id: String = task
         .as_str()

