@@ -118,6 +118,7 @@ pub fn service(config: &Config, stores: &Stores, client: Client) -> anyhow::Resu
         // closes it first; a message after it closed starts a continuation).
         followup_idle_secs: (config.temporal.followup_idle_hours * 3600.0).round() as u64,
         continue_as_new_events: config.temporal.continue_as_new_events,
+        agent_task_queue: Some(config.agent_task_queue()),
     };
     Ok(TaskService::new(
         stores.tasks.clone(),
@@ -492,6 +493,11 @@ pub async fn serve_grpc(
 
 /// Runs a worker until the process is told to stop; a worker error ends the process
 /// (non-zero) so a supervisor restarts it, never a live process without a poller.
+///
+/// Told to stop, it drains: it stops polling at once, lets the agents it runs finish for up
+/// to `drain_timeout_secs` (reporting how many are left), then Temporal's worker cancels the
+/// rest, which it reports as a retryable failure (`WorkerShutdown`), so another worker runs
+/// them again. A second SIGTERM or Ctrl-C stops it without waiting.
 pub async fn run_worker(
     config: &Config,
     stores: &Stores,
@@ -500,31 +506,141 @@ pub async fn run_worker(
 ) -> anyhow::Result<()> {
     let runtime = Runtime::from_current_tokio(Default::default())
         .context("cannot start the Temporal runtime")?;
+    let drain = Duration::from_secs(config.temporal.drain_timeout_secs);
+    let acts = activities(config, stores).await?;
+    // The agents' own queue and slots: a task beyond them waits in Temporal for any
+    // worker with a free slot, and never holds up another task's fetch or publish here.
+    let (cpus, memory) = machine();
+    let max_agents = config.max_agents(cpus, memory);
+    let agents_queue = config.agent_task_queue();
+    let agents = WorkerOptions::new(agents_queue.clone())
+        .graceful_shutdown_period(drain)
+        .tuner(agent_tuner(config, max_agents))
+        .register_activity::<patchflow_activities::RunAgentActivity>(Arc::new(acts.clone()))
+        .build();
+    // Workflows, fetch, stage, publish, and the agents of tasks started before the agents
+    // had a queue of their own.
     let options = WorkerOptions::new(config.temporal.task_queue.clone())
-        .register_activities(activities(config, stores).await?)
+        .graceful_shutdown_period(drain)
+        .register_activities(acts)
         .register_workflow::<CodeTask>()?
         .register_workflow::<patchflow_workflows::OpenPullRequest>()?
         .build();
-    let mut worker =
-        Worker::new(&runtime, client, options).context("cannot create the Temporal worker")?;
-    let shutdown = worker.shutdown_handle();
-    tracing::info!(task_queue = %config.temporal.task_queue, "worker polling");
-    let run = worker.run();
+    let mut worker = Worker::new(&runtime, client.clone(), options)
+        .context("cannot create the Temporal worker")?;
+    let mut agent_worker = Worker::new(&runtime, client, agents)
+        .context("cannot create the agents' Temporal worker")?;
+    patchflow_platform::metrics::global().set_agent_slots(max_agents);
+    let (shutdown, shutdown_agents) = (worker.shutdown_handle(), agent_worker.shutdown_handle());
+    tracing::info!(
+        task_queue = %config.temporal.task_queue,
+        agents_task_queue = %agents_queue,
+        max_agents,
+        tuner = %config.temporal.worker_tuner,
+        "worker polling"
+    );
+    let run = async {
+        let (a, b) = tokio::join!(worker.run(), agent_worker.run());
+        a.and(b)
+    };
     tokio::pin!(run);
     let mut stop = stop;
     tokio::select! {
         r = &mut run => return r.context("the worker stopped"),
         _ = stop.wait_for(|s| *s) => {}
     }
-    tracing::info!("worker shutting down (running activities are cancelled)");
+    let running = || patchflow_platform::metrics::global().agents_running.get();
+    tracing::info!(
+        agents_running = running(),
+        drain_timeout_secs = drain.as_secs(),
+        "worker draining: no new work is taken; running agents may finish"
+    );
     shutdown();
-    match tokio::time::timeout(Duration::from_secs(30), &mut run).await {
-        Ok(r) => r.context("the worker stopped with an error"),
-        Err(_) => {
-            tracing::warn!("worker did not stop within 30 s");
-            Ok(())
+    shutdown_agents();
+    let started = tokio::time::Instant::now();
+    // Past the drain, the cancelled agents need a moment to stop and report.
+    let deadline = started + drain + Duration::from_secs(30);
+    let mut progress = tokio::time::interval(Duration::from_secs(5));
+    progress.tick().await;
+    let again = shutdown_signal();
+    tokio::pin!(again);
+    loop {
+        tokio::select! {
+            r = &mut run => {
+                tracing::info!(
+                    after_secs = started.elapsed().as_secs_f64(),
+                    agents_running = running(),
+                    "worker drained"
+                );
+                return r.context("the worker stopped with an error");
+            }
+            _ = progress.tick() => {
+                let left = drain.saturating_sub(started.elapsed());
+                tracing::info!(
+                    agents_running = running(),
+                    cancel_in_secs = left.as_secs(),
+                    "worker draining"
+                );
+            }
+            _ = &mut again => {
+                tracing::warn!(agents_running = running(), "stopping at once (second signal); running agents are cut off and retried elsewhere");
+                return Ok(());
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(agents_running = running(), "worker did not stop within the drain; exiting");
+                return Ok(());
+            }
         }
     }
+}
+
+/// This machine's CPUs and memory (the cgroup's limits when they are lower).
+fn machine() -> (usize, u64) {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kb| kb * 1024);
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(u64::MAX);
+    (cpus, total.min(cgroup))
+}
+
+/// The agents' slots: `max` fixed, or Temporal's resource-based tuner up to `max`.
+fn agent_tuner(config: &Config, max: usize) -> temporalio_sdk::runtime::worker_tuner::WorkerTuner {
+    use patchflow_core::config::WorkerTunerKind;
+    use temporalio_sdk::runtime::worker_tuner::{
+        FixedSizeSlotSupplier, ResourceBasedSlotOptions, ResourceBasedSlotsForType,
+        ResourceBasedTunerOptions, SlotSupplier, TunerHolder,
+    };
+    let activities: SlotSupplier = match config.temporal.worker_tuner {
+        WorkerTunerKind::Fixed => FixedSizeSlotSupplier::new(max).into(),
+        WorkerTunerKind::Resource => ResourceBasedSlotsForType::new(
+            ResourceBasedTunerOptions::builder()
+                .target_memory_usage(config.temporal.worker_target_memory)
+                .target_cpu_usage(config.temporal.worker_target_cpu)
+                .build(),
+            ResourceBasedSlotOptions::builder()
+                .minimum_slots(1)
+                .maximum_slots(max)
+                .build(),
+        )
+        .into(),
+    };
+    // This worker only runs agents: a few slots for the rest, which it never gets.
+    TunerHolder::builder()
+        .workflow_task_slot_supplier(FixedSizeSlotSupplier::new(2))
+        .activity_task_slot_supplier(activities)
+        .local_activity_task_slot_supplier(FixedSizeSlotSupplier::new(2))
+        .nexus_task_slot_supplier(FixedSizeSlotSupplier::new(1))
+        .build()
+        .into()
 }
 
 fn stop_channel() -> (

@@ -132,6 +132,16 @@ choice_setting! {
 }
 
 choice_setting! {
+    /// How a worker sizes its agent slots.
+    WorkerTunerKind {
+        /// A fixed number: `worker_max_agents`.
+        Fixed = "fixed",
+        /// Temporal's resource-based tuner, up to `worker_max_agents`.
+        Resource = "resource",
+    }
+}
+
+choice_setting! {
     /// How strictly shell commands are confined.
     SandboxMode {
         /// Refuse to run a command unless every layer is in force.
@@ -277,6 +287,23 @@ settings! {
         /// A conversation's workflow continues as new once its history holds this many
         /// events (or when Temporal suggests it), carrying its turns over.
         continue_as_new_events: u32 = 4000,
+        /// How long a stopping worker (SIGTERM) lets its running agents finish after it stops
+        /// taking work (seconds); then it cancels the rest with a retryable error, so another
+        /// worker runs them again. A second signal stops it at once.
+        drain_timeout_secs: u64 = 600,
+        /// Most agents one worker runs at once, through Temporal's slots on the agents' own
+        /// task queue (`<task_queue>-agents`), so a task beyond it waits in Temporal for any
+        /// worker with a free slot and fetch, stage and publish never wait behind agents.
+        /// 0: from the machine (local runner: 4 per CPU, at most one per 256 MiB of memory;
+        /// kube runner: 64, the agents running in their own pods).
+        worker_max_agents: u32 = 0,
+        /// How the agents' slots are sized: `fixed` (worker_max_agents) or `resource`
+        /// (Temporal's resource-based tuner: more slots while the machine's memory and CPU
+        /// stay below worker_target_memory and worker_target_cpu, at most worker_max_agents).
+        worker_tuner: WorkerTunerKind = WorkerTunerKind::Fixed,
+        /// The resource-based tuner's targets, as fractions of the machine (0 to 1).
+        worker_target_memory: f64 = 0.8,
+        worker_target_cpu: f64 = 0.9,
     }
     /// The model the agent asks.
     llm: LlmSettings {
@@ -549,6 +576,23 @@ impl Config {
         Ok(())
     }
 
+    /// The task queue the agents run on: their own, so their slots bound only them.
+    pub fn agent_task_queue(&self) -> String {
+        format!("{}-agents", self.temporal.task_queue)
+    }
+
+    /// `worker_max_agents`, or what this machine (`cpus`, `memory_bytes`) can hold.
+    pub fn max_agents(&self, cpus: usize, memory_bytes: u64) -> usize {
+        match self.temporal.worker_max_agents {
+            0 if self.kube.runner == Runner::Kube => 64,
+            0 => {
+                let by_memory = usize::try_from(memory_bytes / (256 << 20)).unwrap_or(usize::MAX);
+                (cpus.max(1) * 4).min(by_memory).max(1)
+            }
+            n => n as usize,
+        }
+    }
+
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), CoreError> {
         let bad = |k: &str, r: &str| Err(invalid(k, r));
@@ -557,6 +601,23 @@ impl Config {
             return bad(
                 "followup_idle_hours",
                 "must be a number of hours from 0 to 8784 (a year)",
+            );
+        }
+        for (key, v) in [
+            ("worker_target_memory", self.temporal.worker_target_memory),
+            ("worker_target_cpu", self.temporal.worker_target_cpu),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v <= 1.0) {
+                return bad(
+                    key,
+                    "must be a fraction of the machine above 0 and at most 1",
+                );
+            }
+        }
+        if self.temporal.worker_max_agents > 10_000 {
+            return bad(
+                "worker_max_agents",
+                "must be at most 10000 (0 sizes it from the machine)",
             );
         }
         if self.server.auth == AuthMode::None
@@ -1023,5 +1084,46 @@ mod tests {
         assert_eq!(in_sections, Config::KEYS.len());
         assert_eq!(c.text("openai_api_key").as_deref(), Some("sk-x"));
         assert_eq!(c.text("nope"), None);
+    }
+
+    #[test]
+    fn agent_slots_come_from_the_machine_unless_set_and_bad_tuner_targets_are_refused() {
+        let mut c = Config::default();
+        const GIB: u64 = 1 << 30;
+        // 4 per CPU, at most one per 256 MiB, at least one.
+        assert_eq!(c.max_agents(2, 24 * GIB), 8);
+        assert_eq!(c.max_agents(16, GIB), 4);
+        assert_eq!(c.max_agents(0, 0), 1);
+        c.set("runner", "kube").unwrap();
+        assert_eq!(
+            c.max_agents(2, GIB),
+            64,
+            "kube agents run in their own pods"
+        );
+        c.set("worker_max_agents", "3").unwrap();
+        assert_eq!(c.max_agents(64, 512 * GIB), 3);
+        assert_eq!(c.agent_task_queue(), "patchflow-agents");
+        c.validate().unwrap();
+        assert!(c.set("worker_max_agents", "-1").is_err());
+        assert!(c.set("worker_tuner", "magic").is_err());
+        c.set("worker_tuner", "resource").unwrap();
+        for (key, bad) in [
+            ("worker_target_cpu", "1.5"),
+            ("worker_target_cpu", "0"),
+            ("worker_target_memory", "NaN"),
+            ("worker_target_memory", "-0.2"),
+        ] {
+            let mut c = c.clone();
+            c.set(key, bad).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{key}={bad}: {e}");
+        }
+        c.set("worker_max_agents", "20000").unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("worker_max_agents")
+        );
     }
 }

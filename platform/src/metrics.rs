@@ -2,7 +2,8 @@
 //! as text at `http://<metrics_addr>/metrics` (the binary's `stack::serve_metrics`). Names and labels are the
 //! operator's contract (README): `patchflow_tasks_submitted_total{door}`,
 //! `patchflow_tasks_finished_total{status}`, `patchflow_task_step_seconds{step}`,
-//! `patchflow_agents_running`, `patchflow_llm_requests_total{model,outcome}`,
+//! `patchflow_agents_running`, `patchflow_worker_slots{state}` (`used`, `free`: a worker's
+//! agent slots), `patchflow_llm_requests_total{model,outcome}`,
 //! `patchflow_llm_tokens_total{model,kind}`, `patchflow_llm_cost_usd_total{model}`,
 //! `patchflow_tool_calls_total{tool,ok}`, `patchflow_tool_call_seconds{tool}`,
 //! `patchflow_http_requests_total{route,code}`, `patchflow_grpc_requests_total{method,code}`,
@@ -26,6 +27,11 @@ pub struct Door {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Status {
     pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SlotState {
+    pub state: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -88,6 +94,9 @@ pub struct Metrics {
     pub tasks_finished: Family<Status, Counter>,
     pub task_step_seconds: Seconds,
     pub agents_running: Gauge,
+    pub worker_slots: Family<SlotState, Gauge>,
+    /// The agent slots of this process's worker (0: not a worker).
+    agent_slots: Gauge,
     pub llm_requests: Family<ModelOutcome, Counter>,
     pub llm_tokens: Family<ModelKind, Counter>,
     pub llm_cost_usd: Family<Model, Counter<f64, AtomicU64>>,
@@ -116,6 +125,8 @@ impl Metrics {
             tasks_finished: Family::default(),
             task_step_seconds: Family::new_with_constructor(step_histogram),
             agents_running: Gauge::default(),
+            worker_slots: Family::default(),
+            agent_slots: Gauge::default(),
             llm_requests: Family::default(),
             llm_tokens: Family::default(),
             llm_cost_usd: Family::default(),
@@ -145,6 +156,11 @@ impl Metrics {
             "agents_running",
             "Agent runs in progress in this process",
             m.agents_running.clone(),
+        );
+        registry.register(
+            "worker_slots",
+            "This worker's agent slots (worker_max_agents), used and free",
+            m.worker_slots.clone(),
         );
         registry.register(
             "llm_requests",
@@ -187,6 +203,24 @@ impl Metrics {
             m.kafka_messages.clone(),
         );
         Self { registry, ..m }
+    }
+
+    /// This process runs a worker with `slots` agent slots.
+    pub fn set_agent_slots(&self, slots: usize) {
+        self.agent_slots
+            .set(i64::try_from(slots).unwrap_or(i64::MAX));
+        self.slots_changed();
+    }
+
+    fn slots_changed(&self) {
+        let used = self.agents_running.get();
+        let slot = |state: &str| SlotState {
+            state: state.to_string(),
+        };
+        self.worker_slots.get_or_create(&slot("used")).set(used);
+        self.worker_slots
+            .get_or_create(&slot("free"))
+            .set((self.agent_slots.get() - used).max(0));
     }
 
     /// The Prometheus text exposition of every metric.
@@ -326,6 +360,7 @@ pub struct RunningAgent(());
 impl RunningAgent {
     pub fn start() -> Self {
         global().agents_running.inc();
+        global().slots_changed();
         Self(())
     }
 }
@@ -333,6 +368,7 @@ impl RunningAgent {
 impl Drop for RunningAgent {
     fn drop(&mut self) {
         global().agents_running.dec();
+        global().slots_changed();
     }
 }
 
@@ -350,7 +386,9 @@ mod tests {
         m.http("/api/tasks", 202);
         m.grpc("SubmitTask", "OK");
         m.kafka("started");
+        m.set_agent_slots(4);
         m.agents_running.inc();
+        m.slots_changed();
         let summary = patchflow_core::AgentSummary {
             model: "gpt-x".into(),
             steps: 5,
@@ -371,6 +409,8 @@ mod tests {
             "patchflow_tasks_finished_total{status=\"COMPLETED\"} 1",
             "patchflow_task_step_seconds_count{step=\"agent\"} 1",
             "patchflow_agents_running 1",
+            "patchflow_worker_slots{state=\"used\"} 1",
+            "patchflow_worker_slots{state=\"free\"} 3",
             "patchflow_llm_requests_total{model=\"gpt-x\",outcome=\"ok\"} 5",
             "patchflow_llm_tokens_total{model=\"gpt-x\",kind=\"prompt\"} 100",
             "patchflow_llm_cost_usd_total{model=\"gpt-x\"} 0.5",

@@ -269,6 +269,22 @@ fn the_configmap_holds_valid_settings_and_runs_agents_on_the_deployed_image() {
             .collect();
         assert_eq!(sa.len(), 1, "{overlay}: the agents' service account");
         assert_eq!(sa[0].automount_service_account_token, Some(false));
+        // A worker's pod outlives its drain: Kubernetes must not SIGKILL agents the drain
+        // lets finish.
+        let workers: Vec<&Value> = of_kind(&objects, "Deployment")
+            .filter(|d| d["spec"]["template"]["spec"]["containers"][0]["args"][0] == "worker")
+            .collect();
+        assert!(!workers.is_empty(), "{overlay}: no worker Deployment");
+        for d in workers {
+            let grace = d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+                .as_u64()
+                .unwrap_or(30);
+            assert!(
+                grace >= config.temporal.drain_timeout_secs + 30,
+                "{overlay}: the worker's terminationGracePeriodSeconds {grace} is shorter than drain_timeout_secs {} + 30",
+                config.temporal.drain_timeout_secs
+            );
+        }
     }
 }
 

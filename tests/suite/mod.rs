@@ -1,6 +1,7 @@
 mod api;
 mod backends;
 mod browser;
+mod capacity;
 mod conversations;
 mod deploy;
 mod durability;

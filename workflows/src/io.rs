@@ -31,6 +31,11 @@ pub struct WorkflowSettings {
     /// suggests it.
     #[serde(default)]
     pub continue_as_new_events: u32,
+    /// The task queue `run_agent` is scheduled on (the agents' own, whose worker slots
+    /// bound the agents a worker runs); unset: the workflow's. (Absent from histories
+    /// recorded before.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_task_queue: Option<String>,
 }
 
 impl Default for WorkflowSettings {
@@ -43,6 +48,7 @@ impl Default for WorkflowSettings {
             tenant_max_running: 0,
             followup_idle_secs: 0,
             continue_as_new_events: 0,
+            agent_task_queue: None,
         }
     }
 }

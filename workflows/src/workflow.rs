@@ -933,12 +933,14 @@ fn retry_policy(settings: &WorkflowSettings) -> RetryPolicy {
         .build()
 }
 
-/// `run_agent`'s options: the task's wall time, heartbeats, and a cancellation that waits
-/// for the agent to be gone.
+/// `run_agent`'s options: the agents' task queue, the task's wall time (from the start:
+/// waiting for a free agent slot does not count), heartbeats, and a cancellation that
+/// waits for the agent to be gone.
 fn agent_options(settings: &WorkflowSettings, spec: &patchflow_core::TaskSpec) -> ActivityOptions {
     ActivityOptions::with_start_to_close_timeout(Duration::from_secs(
         spec.limits.wall_seconds + 120,
     ))
+    .maybe_task_queue(settings.agent_task_queue.clone())
     .heartbeat_timeout(Duration::from_secs(settings.heartbeat_timeout_secs.max(1)))
     .cancellation_type(ActivityCancellationType::WaitCancellationCompleted)
     .retry_policy(retry_policy(settings))
