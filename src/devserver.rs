@@ -97,14 +97,7 @@ impl DevServer {
 pub async fn connect(config: &Config) -> anyhow::Result<Client> {
     let url = Url::from_str(&config.temporal_url())
         .with_context(|| format!("invalid Temporal address `{}`", config.temporal_url()))?;
-    let identity = format!(
-        "patchflow@{}:{}",
-        nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "host".into()),
-        std::process::id()
-    );
+    let identity = patchflow_platform::process::worker_identity();
     let options = ConnectionOptions::new(url)
         .identity(identity)
         .connect_timeout(Duration::from_secs(5))

@@ -619,6 +619,19 @@ impl Activities {
                 .await;
             }
         }
+        // The record names the worker that runs the agent (the last one, if a crash moved it).
+        if let Some(run_id) = ctx
+            .info()
+            .workflow_run_id
+            .as_deref()
+            .filter(|r| !r.is_empty())
+            && let Err(e) = self
+                .store
+                .set_attempt_worker(&id, run_id, &patchflow_platform::process::worker_identity())
+                .await
+        {
+            tracing::warn!(task_id = %id, error = %e, "cannot record the attempt's worker");
+        }
         let _running = metrics::RunningAgent::start();
         let started = std::time::Instant::now();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<AgentEvent>();

@@ -483,6 +483,7 @@ fn record() -> TaskRecord {
             status: TaskStatus::Completed,
             message: "done".into(),
             run_id: Some("run-1".into()),
+            worker: Some("patchflow@w1:42".into()),
         }],
     }
 }
@@ -533,6 +534,7 @@ fn the_task_view_round_trips_with_its_field_names() {
     assert_eq!(v["links"]["workflow"], "http://ui/wf");
     assert_eq!(v["updated_at"], "2026-01-02T03:04:06.500Z");
     assert_eq!(v["attempts"][0].get("run_id"), None, "{v}");
+    assert_eq!(v["attempts"][0]["worker"], "patchflow@w1:42", "{v}");
     // The CLI reads the view back and prints it: nothing is lost on the way.
     let back: TaskView = serde_json::from_value(v.clone()).unwrap();
     assert_eq!(back, view);

@@ -56,6 +56,9 @@ pub struct AttemptView {
     pub finished_at: Option<DateTime<Utc>>,
     pub status: TaskStatus,
     pub message: String,
+    /// The worker that ran the attempt's agent (`patchflow@host:pid`), once one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
 }
 
 /// Where the task's result files, events and workflow are.
@@ -109,6 +112,7 @@ impl TaskView {
                     finished_at: a.finished_at,
                     status: a.status,
                     message: a.message,
+                    worker: a.worker,
                 })
                 .collect(),
             turns,

@@ -1103,6 +1103,7 @@ mod tests {
         c.set("worker_max_agents", "3").unwrap();
         assert_eq!(c.max_agents(64, 512 * GIB), 3);
         assert_eq!(c.agent_task_queue(), "patchflow-agents");
+        c.set("runner", "local").unwrap();
         c.validate().unwrap();
         assert!(c.set("worker_max_agents", "-1").is_err());
         assert!(c.set("worker_tuner", "magic").is_err());

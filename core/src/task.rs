@@ -798,6 +798,10 @@ pub struct TaskAttempt {
     /// The Temporal run that carries it, once known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
+    /// The worker that ran its agent (`patchflow@host:pid`), once one started it; the last
+    /// one when a crash moved it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
 }
 
 #[cfg(test)]

@@ -147,6 +147,7 @@ fn attempt_message(a: &TaskAttempt) -> proto::Attempt {
         finished_at: a.finished_at.map(time),
         status: a.status.to_string(),
         message: a.message.clone(),
+        worker: a.worker.clone(),
     }
 }
 

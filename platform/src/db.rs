@@ -200,6 +200,15 @@ pub trait TaskStore: Send + Sync + 'static {
         candidate: &CandidateRecord,
     ) -> Result<(), StoreError>;
 
+    /// Names the worker that runs the agent of the attempt carried by Temporal run `run_id`;
+    /// `false` when no attempt has that run.
+    async fn set_attempt_worker(
+        &self,
+        task_id: &TaskId,
+        run_id: &str,
+        worker: &str,
+    ) -> Result<bool, StoreError>;
+
     /// The candidate whose results are the task's.
     async fn set_selected(&self, task_id: &TaskId, selected: Option<u32>)
     -> Result<(), StoreError>;

@@ -42,3 +42,16 @@ pub async fn stop_group(child: &mut tokio::process::Child, grace: Duration) {
     // Anything the leader left behind in its group.
     signal_group(pid, Signal::SIGKILL);
 }
+
+/// This process as Temporal knows it, `patchflow@<host>:<pid>`: the identity of its worker
+/// and client, and the `worker` a task's attempt names.
+pub fn worker_identity() -> String {
+    format!(
+        "patchflow@{}:{}",
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "host".into()),
+        std::process::id()
+    )
+}

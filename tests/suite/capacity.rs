@@ -162,6 +162,7 @@ async fn a_stopping_worker_lets_its_agent_finish_and_one_past_the_drain_runs_aga
     // 1. Within the drain: the agent finishes on the stopping worker.
     let first = stack.submit_demo().await;
     asked(&stack, 1).await;
+    let draining = stack.workers[0].pid();
     kill(Pid::from_raw(stack.workers[0].pid()), Signal::SIGTERM).unwrap();
     let status = wait_exit(&mut stack.workers[0], Duration::from_secs(90));
     assert!(
@@ -194,6 +195,12 @@ async fn a_stopping_worker_lets_its_agent_finish_and_one_past_the_drain_runs_aga
     let r = stack.wait_terminal(&first).await;
     assert_eq!(r["status"], "COMPLETED", "{r}");
     assert_eq!(stack.activity_attempts(&first, "run_agent"), vec![1]);
+    // The record names the worker that ran the agent.
+    let worker = r["attempts"][0]["worker"].as_str().unwrap_or_default();
+    assert!(
+        worker.starts_with("patchflow@") && worker.ends_with(&format!(":{draining}")),
+        "{r}"
+    );
     assert_eq!(
         stack.model.observed().requests,
         turns,
@@ -242,9 +249,15 @@ async fn a_stopping_worker_lets_its_agent_finish_and_one_past_the_drain_runs_aga
         r["status"], "CANCELLED",
         "a drained agent cancelled the task: {r}"
     );
-    stack.start_worker();
+    let n = stack.start_worker();
+    let next = stack.workers[n].pid();
     let r = stack.wait_terminal(&second).await;
     assert_eq!(r["status"], "COMPLETED", "{r}\n{}", stack.logs());
+    let worker = r["attempts"][0]["worker"].as_str().unwrap_or_default();
+    assert!(
+        worker.ends_with(&format!(":{next}")),
+        "the agent's last worker is the one that finished it: {r}"
+    );
     let attempts = stack.activity_attempts(&second, "run_agent");
     assert_eq!(
         attempts,

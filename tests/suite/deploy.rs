@@ -2,8 +2,10 @@
 //! object parses into its typed k8s-openapi struct; every pod template is locked down, the
 //! worker's Role grants nothing beyond what the kube runner needs, and no secret is written
 //! inline. Network: a default-deny policy selects every patchflow pod (gateway, worker and
-//! the agent Jobs' labels), only the gateway takes ingress, and no egress rule reaches the
-//! cloud metadata address or the cluster at large. Admission: the worker's Jobs are held to
+//! the agent Jobs' labels), only the gateway takes ingress (and the metrics port, from the
+//! monitoring namespace only), and no egress rule reaches the cloud metadata address or the
+//! cluster at large. Metrics: a ServiceMonitor scrapes every gateway and worker, and the
+//! Grafana dashboard reads only metrics that exist. Admission: the worker's Jobs are held to
 //! the agent's shape by a ValidatingAdmissionPolicy that fails closed. Nothing is evaluated
 //! against a cluster: these are static checks of the rendered objects.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -70,6 +72,12 @@ fn parse_all(objects: &[Value]) {
             }
             "ValidatingAdmissionPolicyBinding" => {
                 serde_json::from_value::<ValidatingAdmissionPolicyBinding>(v).is_ok()
+            }
+            // The Prometheus Operator's; k8s-openapi has no type for it (its own test below).
+            "ServiceMonitor" => {
+                o["apiVersion"] == "monitoring.coreos.com/v1"
+                    && o["spec"]["selector"]["matchLabels"].is_object()
+                    && o["spec"]["endpoints"].is_array()
             }
             other => panic!("unexpected kind {other}"),
         };
@@ -227,6 +235,7 @@ fn the_configmap_holds_valid_settings_and_runs_agents_on_the_deployed_image() {
         let objects = render(overlay);
         let maps: Vec<ConfigMap> = of_kind(&objects, "ConfigMap")
             .map(|m| serde_json::from_value(m.clone()).unwrap())
+            .filter(|m: &ConfigMap| m.metadata.name.as_deref() == Some("patchflow-config"))
             .collect();
         assert_eq!(maps.len(), 1, "{overlay}");
         let data = maps[0].data.clone().unwrap();
@@ -456,6 +465,12 @@ fn every_patchflow_pod_is_selected_by_the_default_deny_policy_and_its_own_allow_
             } else {
                 pod.as_str()
             };
+            // Besides its own, a gateway or worker is open to Prometheus on its metrics
+            // port (checked in the ingress test); an agent never is.
+            let allows: Vec<&str> = allows
+                .into_iter()
+                .filter(|n| !(*n == "patchflow-metrics" && pod != "patchflow-agent"))
+                .collect();
             assert_eq!(allows, [own], "{overlay}: the allow policies of {pod}");
         }
     }
@@ -622,6 +637,196 @@ fn each_component_gets_only_the_egress_it_needs() {
     }
 }
 
+/// The metric names this build exports (counters with `_total`, histograms with their
+/// series), from the process registry's own exposition once every family has a sample (an
+/// empty family is not printed).
+fn exported_metrics() -> Vec<String> {
+    let m = patchflow_platform::metrics::global();
+    m.submitted("http");
+    m.finished("COMPLETED");
+    m.step("agent", 1.0);
+    m.tool_call("read_file_content", true, 0.01);
+    m.http("/api/tasks", 202);
+    m.grpc("SubmitTask", "OK");
+    m.kafka("started");
+    m.set_agent_slots(2);
+    m.agent_ran(
+        &serde_json::from_value(serde_json::json!({
+            "outcome": "finished", "summary": "", "model": "m", "steps": 1,
+            "tool_calls": 0, "prompt_tokens": 1, "completion_tokens": 1,
+            "total_tokens": 2, "cached_tokens": 1, "reasoning_tokens": 1, "cost_usd": 0.1,
+            "wall_ms": 0, "files_changed": []
+        }))
+        .unwrap(),
+    );
+    let text = m.encode();
+    let mut names = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let (name, kind) = rest.split_once(' ').unwrap();
+        match kind {
+            "counter" => names.push(format!("{name}_total")),
+            "histogram" => {
+                names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")));
+            }
+            _ => names.push(name.to_string()),
+        }
+    }
+    names
+}
+
+/// The `patchflow_*` names a PromQL expression reads.
+fn metrics_in(expr: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("patchflow_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        found.push(name);
+    }
+    found
+}
+
+#[test]
+fn prometheus_scrapes_every_gateway_and_worker_and_the_dashboard_reads_metrics_that_exist() {
+    let exported = exported_metrics();
+    assert!(
+        exported.contains(&"patchflow_tasks_finished_total".to_string()),
+        "{exported:?}"
+    );
+    for overlay in OVERLAYS {
+        let objects = render(overlay);
+        // The processes listen where the Services point.
+        let maps: Vec<ConfigMap> = of_kind(&objects, "ConfigMap")
+            .map(|m| serde_json::from_value(m.clone()).unwrap())
+            .filter(|m: &ConfigMap| m.metadata.name.as_deref() == Some("patchflow-config"))
+            .collect();
+        let addr = maps[0].data.as_ref().unwrap()["PATCHFLOW_METRICS_ADDR"].clone();
+        assert_eq!(
+            addr, "0.0.0.0:9898",
+            "{overlay}: metrics must listen beyond loopback"
+        );
+        let monitors: Vec<&Value> = of_kind(&objects, "ServiceMonitor").collect();
+        assert_eq!(monitors.len(), 1, "{overlay}");
+        let monitor = monitors[0];
+        let endpoint = &monitor["spec"]["endpoints"][0];
+        assert_eq!(endpoint["port"], "metrics");
+        assert_eq!(endpoint["path"], "/metrics");
+        let wanted: BTreeMap<String, String> =
+            serde_json::from_value(monitor["spec"]["selector"]["matchLabels"].clone()).unwrap();
+        let deployments: BTreeMap<String, Deployment> = of_kind(&objects, "Deployment")
+            .map(|d| {
+                let d: Deployment = serde_json::from_value(d.clone()).unwrap();
+                (d.metadata.name.clone().unwrap(), d)
+            })
+            .collect();
+        let mut scraped = Vec::new();
+        for svc in of_kind(&objects, "Service") {
+            let svc: Service = serde_json::from_value(svc.clone()).unwrap();
+            let labels = svc.metadata.labels.clone().unwrap_or_default();
+            if !wanted.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+                continue;
+            }
+            let spec = svc.spec.unwrap();
+            let selector = spec.selector.unwrap();
+            let port = spec
+                .ports
+                .unwrap()
+                .into_iter()
+                .find(|p| p.name.as_deref() == Some("metrics"))
+                .expect("a metrics port");
+            assert_eq!(port.port, 9898);
+            // The Service selects one Deployment's pods, whose container names that port.
+            let (name, d) = deployments
+                .iter()
+                .find(|(_, d)| {
+                    let pod = d.spec.template.metadata.as_ref().unwrap();
+                    let l = pod.labels.clone().unwrap();
+                    selector.iter().all(|(k, v)| l.get(k) == Some(v))
+                })
+                .unwrap_or_else(|| panic!("{overlay}: {selector:?} selects no Deployment"));
+            let container = &d.spec.template.spec.as_ref().unwrap().containers[0];
+            assert!(
+                container
+                    .ports
+                    .iter()
+                    .flatten()
+                    .any(|p| p.name.as_deref() == Some("metrics") && p.container_port == 9898),
+                "{overlay}: {name} does not name its metrics port"
+            );
+            scraped.push(name.clone());
+        }
+        scraped.sort();
+        assert_eq!(
+            scraped,
+            ["patchflow-gateway", "patchflow-worker"],
+            "{overlay}"
+        );
+
+        // The dashboard ships for Grafana's sidecar, and every query reads a metric this
+        // build exports.
+        let boards: Vec<ConfigMap> = of_kind(&objects, "ConfigMap")
+            .map(|m| serde_json::from_value(m.clone()).unwrap())
+            .filter(|m: &ConfigMap| {
+                m.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("grafana_dashboard"))
+                    == Some(&"1".to_string())
+            })
+            .collect();
+        assert_eq!(boards.len(), 1, "{overlay}");
+        let json = &boards[0].data.as_ref().unwrap()["patchflow.json"];
+        let board: Value = serde_json::from_str(json).unwrap();
+        let panels = board["panels"].as_array().unwrap();
+        assert!(panels.len() >= 8, "{overlay}: {} panels", panels.len());
+        let mut read = std::collections::BTreeSet::new();
+        for panel in panels {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                let names = metrics_in(expr);
+                assert!(!names.is_empty(), "{expr}");
+                for n in names {
+                    assert!(
+                        exported.contains(&n),
+                        "{overlay}: the dashboard reads {n}, which nothing exports"
+                    );
+                    read.insert(n);
+                }
+            }
+        }
+        // The operator's essentials are on it.
+        for n in [
+            "patchflow_tasks_finished_total",
+            "patchflow_task_step_seconds_bucket",
+            "patchflow_worker_slots",
+            "patchflow_llm_cost_usd_total",
+        ] {
+            assert!(read.contains(n), "{overlay}: no panel reads {n}");
+        }
+    }
+    // The README's queries read real metrics too.
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let block = readme
+        .split("```promql")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    for n in metrics_in(block) {
+        assert!(
+            exported.contains(&n),
+            "the README's query reads {n}, which nothing exports"
+        );
+    }
+}
+
 #[test]
 fn only_the_gateway_takes_ingress_and_only_on_its_http_and_grpc_ports() {
     for overlay in OVERLAYS {
@@ -643,12 +848,41 @@ fn only_the_gateway_takes_ingress_and_only_on_its_http_and_grpc_ports() {
             .collect();
         assert_eq!(
             container_ports,
-            [("http".to_string(), 8787), ("grpc".to_string(), 8788)]
+            [
+                ("http".to_string(), 8787),
+                ("grpc".to_string(), 8788),
+                ("metrics".to_string(), 9898)
+            ]
         );
         let mut opened = Vec::new();
         for (name, spec) in network_policies(&objects) {
             let rules = spec.ingress.clone().unwrap_or_default();
             if rules.is_empty() {
+                continue;
+            }
+            if name == "patchflow-metrics" {
+                // The metrics port of the gateway and the workers, from the monitoring
+                // namespace only; never an agent's pod.
+                for (pod, labels) in &pods {
+                    assert_eq!(
+                        selects(spec.pod_selector.as_ref(), labels),
+                        pod != "patchflow-agent",
+                        "{overlay}: {name} on {pod}"
+                    );
+                }
+                for rule in rules {
+                    let from = rule.from.unwrap_or_default();
+                    assert!(!from.is_empty(), "{overlay}: metrics from anywhere");
+                    assert!(
+                        from.iter().all(|p| namespace_of(p) == Some("monitoring")
+                            && p.ip_block.is_none()
+                            && p.pod_selector.is_none()),
+                        "{overlay}: metrics from {from:?}"
+                    );
+                    let ports: Vec<_> =
+                        rule.ports.unwrap_or_default().iter().map(port_of).collect();
+                    assert_eq!(ports, [("TCP".to_string(), 9898)], "{overlay}");
+                }
                 continue;
             }
             for (pod, labels) in &pods {

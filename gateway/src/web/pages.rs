@@ -483,7 +483,7 @@ fn timeline(events: &[TaskEvent], attempts: &[TaskAttempt]) -> Markup {
             @if attempts.len() > 1 {
                 h3 { "Attempts" }
                 table class="attempts" {
-                    tr { th { "#" } th { "started" } th { "finished" } th { "outcome" } }
+                    tr { th { "#" } th { "started" } th { "finished" } th { "outcome" } th { "worker" } }
                     @for a in attempts {
                         tr {
                             td { (a.attempt) }
@@ -495,6 +495,7 @@ fn timeline(events: &[TaskEvent], attempts: &[TaskAttempt]) -> Markup {
                                 }
                             }
                             td { (a.status) " " span class="m" { (a.message) } }
+                            td class="m" { (a.worker.as_deref().unwrap_or("—")) }
                         }
                     }
                 }
@@ -770,6 +771,7 @@ mod tests {
                     status: TaskStatus::Failed,
                     message: HOSTILE.to_string(),
                     run_id: None,
+                    worker: Some(HOSTILE.to_string()),
                 })
                 .collect(),
         }

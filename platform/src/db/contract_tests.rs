@@ -949,6 +949,24 @@ pub(crate) async fn attempts_are_numbered_kept_and_old_runs_ignored(url: String)
             StatusChange::Applied { .. }
         ));
     }
+    // The worker that ran attempt 1's agent, named by its run; a run no attempt has
+    // names nothing.
+    assert!(
+        s.set_attempt_worker(&id, "run-1", "patchflow@w1:7")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.set_attempt_worker(&id, "run-9", "patchflow@w9:9")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.set_attempt_worker(&TaskId::generate(), "run-1", "x")
+            .await
+            .unwrap(),
+        "an unknown task"
+    );
     // The gateway cannot reopen an ended task; only a new run can.
     assert_eq!(
         s.set_status(&id, Queued, "again").await.unwrap(),
@@ -1006,6 +1024,8 @@ pub(crate) async fn attempts_are_numbered_kept_and_old_runs_ignored(url: String)
             (3, Completed, "done", Some("run-3"), true),
         ]
     );
+    let workers: Vec<Option<&str>> = rec.attempts.iter().map(|a| a.worker.as_deref()).collect();
+    assert_eq!(workers, [Some("patchflow@w1:7"), None, None]);
     // Lists carry the attempts too.
     let page = s
         .list(&ListFilter {

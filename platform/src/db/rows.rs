@@ -83,7 +83,7 @@ pub(super) fn json_list<T: serde::de::DeserializeOwned>(
 
 /// The columns of `task_attempts` that [`attempt_of`] reads.
 pub(super) const ATTEMPT_COLUMNS: &str =
-    "task_id, attempt, run_id, status, message, started_at, finished_at";
+    "task_id, attempt, run_id, status, message, started_at, finished_at, worker";
 
 /// A `task_attempts` row selected with [`ATTEMPT_COLUMNS`], with its task id.
 pub(super) fn attempt_of<R, DB>(row: &R) -> Result<(String, TaskAttempt), StoreError>
@@ -104,6 +104,7 @@ where
         status: status.parse().map_err(|e| corrupt(&id, &e))?,
         message: row.try_get("message")?,
         run_id: row.try_get("run_id")?,
+        worker: row.try_get("worker")?,
     };
     Ok((id, attempt))
 }

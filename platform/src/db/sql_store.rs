@@ -667,6 +667,22 @@ where
         Ok(())
     }
 
+    async fn set_attempt_worker(
+        &self,
+        task_id: &TaskId,
+        run_id: &str,
+        worker: &str,
+    ) -> Result<bool, StoreError> {
+        let mut q = QueryBuilder::<DB>::new("UPDATE task_attempts SET worker = ");
+        q.push_bind(worker)
+            .push(" WHERE task_id = ")
+            .push_bind(task_id.as_str())
+            .push(" AND run_id = ")
+            .push_bind(run_id);
+        let done = q.build().execute(&self.pool).await?;
+        Ok(DB::rows_affected(&done) > 0)
+    }
+
     async fn set_selected(
         &self,
         task_id: &TaskId,
