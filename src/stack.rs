@@ -260,6 +260,8 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
             environments: patchflow_activities::environment::EnvSettings {
                 config: config.clone(),
             },
+            // Set by `run_worker`, which polls it.
+            worker_queue: None,
         },
         results: crate::kafka::results_topic(config).await?,
         runner,
@@ -507,7 +509,14 @@ pub async fn run_worker(
     let runtime = Runtime::from_current_tokio(Default::default())
         .context("cannot start the Temporal runtime")?;
     let drain = Duration::from_secs(config.temporal.drain_timeout_secs);
-    let acts = activities(config, stores).await?;
+    let mut acts = activities(config, stores).await?;
+    // This worker's own queue: the stage after its fetch comes here, where the tree is.
+    let own_queue = format!(
+        "{}-host-{}",
+        config.temporal.task_queue,
+        patchflow_platform::process::worker_identity()
+    );
+    acts.config.worker_queue = Some(own_queue.clone());
     // The agents' own queue and slots: a task beyond them waits in Temporal for any
     // worker with a free slot, and never holds up another task's fetch or publish here.
     let (cpus, memory) = machine();
@@ -522,26 +531,37 @@ pub async fn run_worker(
     // had a queue of their own.
     let options = WorkerOptions::new(config.temporal.task_queue.clone())
         .graceful_shutdown_period(drain)
-        .register_activities(acts)
+        .register_activities(acts.clone())
         .register_workflow::<CodeTask>()?
         .register_workflow::<patchflow_workflows::OpenPullRequest>()?
         .build();
+    let own = WorkerOptions::new(own_queue.clone())
+        .graceful_shutdown_period(drain)
+        .register_activity::<patchflow_activities::StageCodeActivity>(Arc::new(acts.clone()))
+        .build();
     let mut worker = Worker::new(&runtime, client.clone(), options)
         .context("cannot create the Temporal worker")?;
+    let mut own_worker = Worker::new(&runtime, client.clone(), own)
+        .context("cannot create this worker's own Temporal worker")?;
     let mut agent_worker = Worker::new(&runtime, client, agents)
         .context("cannot create the agents' Temporal worker")?;
     patchflow_platform::metrics::global().set_agent_slots(max_agents);
-    let (shutdown, shutdown_agents) = (worker.shutdown_handle(), agent_worker.shutdown_handle());
+    let (shutdown, shutdown_agents, shutdown_own) = (
+        worker.shutdown_handle(),
+        agent_worker.shutdown_handle(),
+        own_worker.shutdown_handle(),
+    );
     tracing::info!(
         task_queue = %config.temporal.task_queue,
         agents_task_queue = %agents_queue,
+        own_task_queue = %own_queue,
         max_agents,
         tuner = %config.temporal.worker_tuner,
         "worker polling"
     );
     let run = async {
-        let (a, b) = tokio::join!(worker.run(), agent_worker.run());
-        a.and(b)
+        let (a, b, c) = tokio::join!(worker.run(), agent_worker.run(), own_worker.run());
+        a.and(b).and(c)
     };
     tokio::pin!(run);
     let mut stop = stop;
@@ -557,6 +577,7 @@ pub async fn run_worker(
     );
     shutdown();
     shutdown_agents();
+    shutdown_own();
     let started = tokio::time::Instant::now();
     // Past the drain, the cancelled agents need a moment to stop and report.
     let deadline = started + drain + Duration::from_secs(30);

@@ -96,6 +96,7 @@ pub async fn fetch(
         commit,
         files,
         bytes,
+        worker_queue: None,
     })
 }
 

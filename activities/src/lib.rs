@@ -69,6 +69,9 @@ pub struct ActivityConfig {
     pub pull_requests: pull_request::PrSettings,
     /// Setup scripts: the sandbox they run in and the environment cache.
     pub environments: environment::EnvSettings,
+    /// The task queue only this worker polls (for `stage_code`, after its own `fetch_code`);
+    /// `None` where no such queue is polled.
+    pub worker_queue: Option<String>,
 }
 
 impl ActivityConfig {
@@ -79,6 +82,8 @@ impl ActivityConfig {
 
 /// The `run_agent` activity alone, for a worker that polls only the agents' task queue.
 pub use self::activities::RunAgent as RunAgentActivity;
+/// The `stage_code` activity alone, for the task queue only one worker polls.
+pub use self::activities::StageCode as StageCodeActivity;
 
 /// The activity implementations with their shared state (cheap to clone: a worker's agents
 /// and its other steps poll apart with one copy each).
@@ -555,7 +560,10 @@ impl Activities {
             .validate(self.config.allow_local_sources)
             .map_err(|e| bad_input(format!("refused task source: {e}")))?;
         let _timer = StepTimer::new("fetch");
-        fetch::fetch(&self.config, self.objects.as_ref(), &id, &input.source).await
+        let mut fetched =
+            fetch::fetch(&self.config, self.objects.as_ref(), &id, &input.source).await?;
+        fetched.worker_queue.clone_from(&self.config.worker_queue);
+        Ok(fetched)
     }
 
     #[activity(definition = steps::StageCode)]

@@ -156,6 +156,7 @@ async fn setup() -> anyhow::Result<Setup> {
         batch_lease: Duration::from_secs(30),
         pull_requests,
         environments: Default::default(),
+        worker_queue: None,
     };
     let summary = AgentSummary {
         outcome: AgentOutcome::Finished,

@@ -265,3 +265,81 @@ async fn a_stopping_worker_lets_its_agent_finish_and_one_past_the_drain_runs_aga
         "the retried attempt is the one that completed: {attempts:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_is_staged_on_the_worker_that_fetched_it() {
+    let mut stack = Stack::start(Mode::Split, demo_script(), &[]).await;
+    stack.start_worker();
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(stack.submit_demo().await);
+    }
+    for id in &ids {
+        let r = stack.wait_terminal(id).await;
+        assert_eq!(r["status"], "COMPLETED", "{r}");
+        let history = stack.history(id);
+        let events = history["events"].as_array().unwrap();
+        // activity type -> (scheduled event id, task queue)
+        let scheduled = |activity: &str| {
+            events
+                .iter()
+                .find(|e| {
+                    e["activityTaskScheduledEventAttributes"]["activityType"]["name"] == activity
+                })
+                .map(|e| {
+                    (
+                        e["eventId"]
+                            .as_str()
+                            .map_or_else(|| e["eventId"].to_string(), str::to_string),
+                        e["activityTaskScheduledEventAttributes"]["taskQueue"]["name"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    )
+                })
+                .unwrap_or_else(|| panic!("{id}: no {activity}"))
+        };
+        let identity = |scheduled_id: &str| {
+            events
+                .iter()
+                .find(|e| {
+                    let a = &e["activityTaskStartedEventAttributes"];
+                    a["scheduledEventId"]
+                        .as_str()
+                        .map_or_else(|| a["scheduledEventId"].to_string(), str::to_string)
+                        == scheduled_id
+                })
+                .map(|e| {
+                    e["activityTaskStartedEventAttributes"]["identity"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .unwrap_or_else(|| panic!("{id}: {scheduled_id} never started"))
+        };
+        let (fetch, _) = scheduled("fetch_code");
+        let (stage, queue) = scheduled("stage_code");
+        assert!(
+            queue.starts_with("patchflow-host-patchflow@"),
+            "{id}: stage_code on {queue}"
+        );
+        let (fetched_by, staged_by) = (identity(&fetch), identity(&stage));
+        assert!(!fetched_by.is_empty());
+        assert_eq!(
+            fetched_by, staged_by,
+            "{id}: fetched and staged by different workers"
+        );
+        assert!(
+            queue.ends_with(fetched_by.trim_start_matches("patchflow@")),
+            "{queue} {fetched_by}"
+        );
+        // The agent ran on the agents' own queue.
+        let (_, agents) = scheduled("run_agent");
+        assert_eq!(agents, "patchflow-agents", "{id}");
+    }
+    let logs = stack.logs();
+    assert!(
+        !logs.contains("fetched tree not on this worker"),
+        "a task was fetched twice"
+    );
+}

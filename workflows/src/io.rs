@@ -170,6 +170,10 @@ pub struct FetchOutput {
     pub commit: Option<String>,
     pub files: u64,
     pub bytes: u64,
+    /// The task queue only the worker that fetched polls, so `stage_code` runs where the
+    /// tree is instead of fetching it again. (Absent from histories recorded before.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_queue: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

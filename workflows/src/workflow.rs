@@ -83,6 +83,10 @@ struct FirstTurn {
 enum EarlyEnd {
     /// A step failed (after its retries); the message is the step's own words.
     Failed(String),
+    /// No worker took the step before its schedule-to-start timeout (it was routed to one
+    /// worker's own queue and that worker is gone): a failure, unless the caller routes it
+    /// elsewhere.
+    NotStarted(String),
     /// A cancel signal or a Temporal cancellation; the message is the reason.
     Cancelled(String),
 }
@@ -90,14 +94,14 @@ enum EarlyEnd {
 impl EarlyEnd {
     fn status(&self) -> TaskStatus {
         match self {
-            Self::Failed(_) => TaskStatus::Failed,
+            Self::Failed(_) | Self::NotStarted(_) => TaskStatus::Failed,
             Self::Cancelled(_) => TaskStatus::Cancelled,
         }
     }
 
     fn message(&self) -> &str {
         match self {
-            Self::Failed(m) | Self::Cancelled(m) => m,
+            Self::Failed(m) | Self::NotStarted(m) | Self::Cancelled(m) => m,
         }
     }
 
@@ -106,7 +110,7 @@ impl EarlyEnd {
     fn termination(self) -> WorkflowTermination {
         match self {
             Self::Cancelled(_) => WorkflowTermination::cancelled(),
-            Self::Failed(message) => failure(message),
+            Self::Failed(message) | Self::NotStarted(message) => failure(message),
         }
     }
 }
@@ -344,9 +348,25 @@ impl CodeTask {
             source: spec.source.clone(),
             tree_dir: fetched.tree_dir.clone(),
         };
-        let staged = match Self::step(ctx, Steps::stage_code, stage, io_options(&settings, 600))
-            .await
-        {
+        // Stage where the tree was fetched: on that worker's own queue; if it does not take
+        // the step soon (it died), on the shared queue, where a worker fetches again.
+        let here = match &fetched.worker_queue {
+            Some(queue) => {
+                let mut on_fetcher = io_options(&settings, 600);
+                on_fetcher.task_queue = Some(queue.clone());
+                on_fetcher.schedule_to_start_timeout = Some(Duration::from_secs(30));
+                Some(Self::step(ctx, Steps::stage_code, stage.clone(), on_fetcher).await)
+            }
+            None => None,
+        };
+        let staged = match here {
+            Some(Ok(v)) => Ok(v),
+            Some(Err(EarlyEnd::NotStarted(_))) | None => {
+                Self::step(ctx, Steps::stage_code, stage, io_options(&settings, 600)).await
+            }
+            Some(Err(end)) => Err(end),
+        };
+        let staged = match staged {
             Ok(v) => v,
             Err(end) => {
                 return Err(
@@ -814,6 +834,7 @@ impl CodeTask {
             Some(Err(ActivityExecutionError::Cancelled(_))) => {
                 Err(EarlyEnd::Cancelled(cancel_reason(ctx)))
             }
+            Some(Err(e)) if never_started(&e) => Err(EarlyEnd::NotStarted(root_cause(&e))),
             Some(Err(e)) => Err(EarlyEnd::Failed(root_cause(&e))),
             None => {
                 // Ask the activity to stop and wait for its answer (run_agent confirms its
@@ -967,6 +988,23 @@ fn io_options(settings: &WorkflowSettings, timeout_secs: u64) -> ActivityOptions
     ActivityOptions::with_start_to_close_timeout(Duration::from_secs(timeout_secs))
         .retry_policy(retry_policy(settings))
         .build()
+}
+
+/// Whether the activity failed because no worker started it in time (a schedule-to-start
+/// timeout), as opposed to failing while it ran.
+fn never_started(e: &ActivityExecutionError) -> bool {
+    use temporalio_common::protos::temporal::api::enums::v1::TimeoutType;
+    use temporalio_common::protos::temporal::api::failure::v1::failure::FailureInfo;
+    let mut failure = e.failure();
+    while let Some(f) = failure {
+        if let Some(FailureInfo::TimeoutFailureInfo(t)) = &f.failure_info
+            && t.timeout_type == TimeoutType::ScheduleToStart as i32
+        {
+            return true;
+        }
+        failure = f.cause.as_deref();
+    }
+    false
 }
 
 /// The innermost message of an activity failure: the activity's own words, not the
