@@ -410,14 +410,15 @@ async fn bind(
     Ok((listener, local))
 }
 
-/// Serves `GET /metrics` (Prometheus text) on `addr` until `stop`; `off` (or empty)
-/// serves nothing. An address that cannot be bound is a warning, not a failure: the
+/// Serves `GET /metrics` (Prometheus text) on `metrics_addr` until `stop`; `off` (or
+/// empty) serves nothing. An address that cannot be bound is a warning, not a failure: the
 /// process's work matters more than its metrics.
 pub async fn serve_metrics(
-    addr: &str,
+    config: &Config,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Option<std::net::SocketAddr> {
-    let addr = addr.trim();
+    patchflow_platform::metrics::global().set_tenant_labels(config.server.metrics_tenant_labels);
+    let addr = config.server.metrics_addr.trim();
     if addr.is_empty() || addr.eq_ignore_ascii_case("off") {
         return None;
     }
@@ -699,7 +700,7 @@ pub async fn worker(config: Config, kafka: bool) -> anyhow::Result<ExitCode> {
     let stores = open_stores(&config).await?;
     let client = devserver::connect(&config).await?;
     let (_tx, rx) = stop_channel();
-    serve_metrics(&config.server.metrics_addr, stopped(&rx)).await;
+    serve_metrics(&config, stopped(&rx)).await;
     let trigger = if kafka {
         let service = service(&config, &stores, client.clone())?;
         let t = crate::kafka::start_trigger(&config, service, rx.clone()).await?;
@@ -753,7 +754,7 @@ pub async fn gateway(config: Config) -> anyhow::Result<ExitCode> {
     let stores = open_stores(&config).await?;
     let client = devserver::connect(&config).await?;
     let (_tx, rx) = stop_channel();
-    serve_metrics(&config.server.metrics_addr, stopped(&rx)).await;
+    serve_metrics(&config, stopped(&rx)).await;
     let service = service(&config, &stores, client)?;
     bootstrap_auth(&config, &service).await?;
     let trigger = crate::kafka::start_trigger(&config, service.clone(), rx.clone()).await?;
@@ -780,7 +781,7 @@ pub async fn up(config: Config) -> anyhow::Result<ExitCode> {
         let stores = open_stores(&config).await?;
         let client = devserver::connect(&config).await?;
         let (tx, rx) = stop_channel();
-        serve_metrics(&config.server.metrics_addr, stopped(&rx)).await;
+        serve_metrics(&config, stopped(&rx)).await;
         let service = service(&config, &stores, client.clone())?;
         bootstrap_auth(&config, &service).await?;
         let trigger = crate::kafka::start_trigger(&config, service.clone(), rx.clone()).await?;

@@ -728,7 +728,7 @@ impl Activities {
         }
         match result {
             Ok(summary) => {
-                metrics::global().agent_ran(&summary);
+                metrics::global().agent_ran(&summary, &input.spec.tenant);
                 Ok(summary)
             }
             Err(RunnerError::Cancelled) => Err(ActivityError::cancelled()),

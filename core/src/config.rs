@@ -190,6 +190,9 @@ settings! {
         grpc_addr: String = "127.0.0.1:8788".into(),
         /// Where the process serves Prometheus metrics (`GET /metrics`); `off` serves none.
         metrics_addr: String = "127.0.0.1:9898".into(),
+        /// Label tasks submitted and finished and the model cost by tenant too
+        /// (`tenant="…"`); off by default, since every tenant is then a series of its own.
+        metrics_tenant_labels: bool = false,
         /// `tokens` (default: `Authorization: Bearer pf_…` on every API call), `jwt`, or
         /// `none` (only when every listening address is loopback).
         auth: AuthMode = AuthMode::Tokens,

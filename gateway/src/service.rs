@@ -92,7 +92,7 @@ impl SubmitOutcome {
     /// Counts a new task in `patchflow_tasks_submitted_total{door}` (a repeat is not one).
     pub fn counted(self, door: &str) -> Self {
         if self.created {
-            patchflow_platform::metrics::global().submitted(door);
+            patchflow_platform::metrics::global().submitted(door, &self.record.tenant);
         }
         self
     }

@@ -7,27 +7,44 @@
 //! `patchflow_llm_tokens_total{model,kind}`, `patchflow_llm_cost_usd_total{model}`,
 //! `patchflow_tool_calls_total{tool,ok}`, `patchflow_tool_call_seconds{tool}`,
 //! `patchflow_http_requests_total{route,code}`, `patchflow_grpc_requests_total{method,code}`,
-//! `patchflow_kafka_messages_total{outcome}`. No label carries a tenant name.
+//! `patchflow_kafka_messages_total{outcome}`. No label carries a tenant name unless
+//! `metrics_tenant_labels` is on ([`Metrics::set_tenant_labels`]): then tasks submitted and
+//! finished and the model cost also carry `tenant`.
 
 use std::sync::OnceLock;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Door {
-    pub door: String,
+/// A label set of one label and, with `metrics_tenant_labels`, the tenant.
+macro_rules! tenant_label_set {
+    ($name:ident, $label:ident) => {
+        #[derive(Clone, Debug, Hash, PartialEq, Eq)]
+        pub struct $name {
+            pub $label: String,
+            /// Only with `metrics_tenant_labels`; otherwise no `tenant` label at all.
+            pub tenant: Option<String>,
+        }
+
+        impl EncodeLabelSet for $name {
+            fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+                (stringify!($label), self.$label.as_str()).encode(encoder.encode_label())?;
+                if let Some(t) = &self.tenant {
+                    ("tenant", t.as_str()).encode(encoder.encode_label())?;
+                }
+                Ok(())
+            }
+        }
+    };
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Status {
-    pub status: String,
-}
+tenant_label_set!(Door, door);
+tenant_label_set!(Status, status);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SlotState {
@@ -51,10 +68,7 @@ pub struct ModelKind {
     pub kind: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Model {
-    pub model: String,
-}
+tenant_label_set!(Model, model);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ToolOk {
@@ -97,6 +111,7 @@ pub struct Metrics {
     pub worker_slots: Family<SlotState, Gauge>,
     /// The agent slots of this process's worker (0: not a worker).
     agent_slots: Gauge,
+    tenant_labels: AtomicBool,
     pub llm_requests: Family<ModelOutcome, Counter>,
     pub llm_tokens: Family<ModelKind, Counter>,
     pub llm_cost_usd: Family<Model, Counter<f64, AtomicU64>>,
@@ -127,6 +142,7 @@ impl Metrics {
             agents_running: Gauge::default(),
             worker_slots: Family::default(),
             agent_slots: Gauge::default(),
+            tenant_labels: AtomicBool::new(false),
             llm_requests: Family::default(),
             llm_tokens: Family::default(),
             llm_cost_usd: Family::default(),
@@ -232,16 +248,36 @@ impl Metrics {
         out
     }
 
-    pub fn submitted(&self, door: &str) {
+    /// `metrics_tenant_labels`: whether tenants become labels from now on.
+    pub fn set_tenant_labels(&self, on: bool) {
+        self.tenant_labels.store(on, Ordering::Relaxed);
+    }
+
+    pub fn tenant_labels(&self) -> bool {
+        self.tenant_labels.load(Ordering::Relaxed)
+    }
+
+    /// The `tenant` label value, when tenants are labels.
+    fn tenant(&self, tenant: Option<&str>) -> Option<String> {
+        self.tenant_labels()
+            .then(|| label(tenant.unwrap_or("unknown")))
+    }
+
+    pub fn submitted(&self, door: &str, tenant: &str) {
         self.tasks_submitted
-            .get_or_create(&Door { door: door.into() })
+            .get_or_create(&Door {
+                door: door.into(),
+                tenant: self.tenant(Some(tenant)),
+            })
             .inc();
     }
 
-    pub fn finished(&self, status: &str) {
+    /// A task reached `status` (its tenant, when known, for `metrics_tenant_labels`).
+    pub fn finished(&self, status: &str, tenant: Option<&str>) {
         self.tasks_finished
             .get_or_create(&Status {
                 status: status.into(),
+                tenant: self.tenant(tenant),
             })
             .inc();
     }
@@ -264,8 +300,9 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// An agent run's model use, from its summary.
-    pub fn agent_ran(&self, summary: &patchflow_core::AgentSummary) {
+    /// An agent run's model use, from its summary; `tenant` labels its cost when tenants
+    /// are labels.
+    pub fn agent_ran(&self, summary: &patchflow_core::AgentSummary, tenant: &str) {
         let model = label(&summary.model);
         let failed = summary
             .error
@@ -301,7 +338,10 @@ impl Metrics {
         }
         if summary.cost_usd.is_finite() && summary.cost_usd > 0.0 {
             self.llm_cost_usd
-                .get_or_create(&Model { model })
+                .get_or_create(&Model {
+                    model,
+                    tenant: self.tenant(Some(tenant)),
+                })
                 .inc_by(summary.cost_usd);
         }
     }
@@ -379,8 +419,8 @@ mod tests {
     #[test]
     fn the_exposition_names_every_metric_with_its_labels() {
         let m = Metrics::new();
-        m.submitted("http");
-        m.finished("COMPLETED");
+        m.submitted("http", "acme");
+        m.finished("COMPLETED", Some("acme"));
         m.step("agent", 1.5);
         m.tool_call("read_file_content", true, 0.002);
         m.http("/api/tasks", 202);
@@ -402,8 +442,9 @@ mod tests {
             }))
             .unwrap()
         };
-        m.agent_ran(&summary);
+        m.agent_ran(&summary, "acme");
         let text = m.encode();
+        assert!(!text.contains("tenant"), "a tenant became a label:\n{text}");
         for want in [
             "patchflow_tasks_submitted_total{door=\"http\"} 1",
             "patchflow_tasks_finished_total{status=\"COMPLETED\"} 1",
@@ -428,5 +469,45 @@ mod tests {
         let text = m.encode();
         assert!(!text.contains("\npatchflow_fake"), "{text}");
         assert!(text.contains("route=\"/x_}_1_patchflow_fake_2\""), "{text}");
+    }
+
+    #[test]
+    fn tenants_become_labels_only_when_asked_and_reduced_to_plain_characters() {
+        let m = Metrics::new();
+        m.set_tenant_labels(true);
+        m.submitted("http", "acme\"} 1\npatchflow_fake 2");
+        m.finished("FAILED", None);
+        let summary: patchflow_core::AgentSummary = serde_json::from_value(serde_json::json!({
+            "outcome": "finished", "summary": "", "model": "gpt-x", "steps": 1,
+            "tool_calls": 0, "prompt_tokens": 1, "completion_tokens": 1,
+            "total_tokens": 2, "cost_usd": 0.25, "wall_ms": 0, "files_changed": []
+        }))
+        .unwrap();
+        m.agent_ran(&summary, "globex");
+        let text = m.encode();
+        for want in [
+            "patchflow_tasks_finished_total{status=\"FAILED\",tenant=\"unknown\"} 1",
+            "patchflow_llm_cost_usd_total{model=\"gpt-x\",tenant=\"globex\"} 0.25",
+        ] {
+            assert!(text.contains(want), "{want} missing from:\n{text}");
+        }
+        let submitted = text
+            .lines()
+            .find(|l| l.starts_with("patchflow_tasks_submitted_total{"))
+            .unwrap();
+        assert!(
+            submitted.starts_with("patchflow_tasks_submitted_total{door=\"http\",tenant=\""),
+            "{submitted}"
+        );
+        assert!(
+            !text.contains("\npatchflow_fake"),
+            "a tenant name broke out of its label:\n{text}"
+        );
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("patchflow_tasks_submitted_total"))
+                .count(),
+            1
+        );
     }
 }

@@ -64,7 +64,14 @@ pub async fn change_status(
     };
     if let StatusChange::Applied { seq } = change {
         if write.status.is_terminal() {
-            crate::metrics::global().finished(write.status.as_str());
+            let m = crate::metrics::global();
+            // The tenant costs a read, made only when tenants are labels.
+            let tenant = if m.tenant_labels() {
+                store.get(write.task).await.ok().flatten().map(|r| r.tenant)
+            } else {
+                None
+            };
+            m.finished(write.status.as_str(), tenant.as_deref());
         }
         let event = TaskEvent {
             seq,

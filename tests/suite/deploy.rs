@@ -642,8 +642,8 @@ fn each_component_gets_only_the_egress_it_needs() {
 /// empty family is not printed).
 fn exported_metrics() -> Vec<String> {
     let m = patchflow_platform::metrics::global();
-    m.submitted("http");
-    m.finished("COMPLETED");
+    m.submitted("http", "t");
+    m.finished("COMPLETED", None);
     m.step("agent", 1.0);
     m.tool_call("read_file_content", true, 0.01);
     m.http("/api/tasks", 202);
@@ -658,6 +658,7 @@ fn exported_metrics() -> Vec<String> {
             "wall_ms": 0, "files_changed": []
         }))
         .unwrap(),
+        "t",
     );
     let text = m.encode();
     let mut names = Vec::new();

@@ -97,3 +97,37 @@ async fn one_scrape_of_up_sees_the_task_its_steps_its_agent_and_its_calls() {
     assert!(!text.contains("patchflow_fake"), "{text}");
     assert!(!text.contains("tenant"), "a tenant became a label:\n{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_metrics_tenant_labels_the_task_counts_and_cost_name_the_tenant() {
+    let stack = Stack::start(
+        Mode::Up,
+        demo_script(),
+        &[("PATCHFLOW_METRICS_TENANT_LABELS", "true")],
+    )
+    .await;
+    let id = stack.submit_demo().await;
+    let r = stack.wait_terminal(&id).await;
+    assert_eq!(r["status"], "COMPLETED");
+    let tenant = r["tenant"].as_str().unwrap().to_string();
+    let text = reqwest::get(&stack.metrics)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        format!("patchflow_tasks_submitted_total{{door=\"http\",tenant=\"{tenant}\"}}"),
+        format!("patchflow_tasks_finished_total{{status=\"COMPLETED\",tenant=\"{tenant}\"}}"),
+    ] {
+        assert_eq!(sample(&text, &series), 1.0, "{series} in:\n{text}");
+    }
+    // (The scripted model's answers cost nothing, so no cost series: the unit test in
+    // platform::metrics checks the cost's tenant label.) Only those: the step and tool series stay per-process.
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("patchflow_task_step_seconds") && l.contains("tenant")),
+        "{text}"
+    );
+}
