@@ -80,6 +80,29 @@ impl ActivityConfig {
     }
 }
 
+/// Heartbeats the activity every second while it lives: a step whose worker dies is
+/// retried elsewhere once the heartbeat timeout passes, not its whole start-to-close time.
+struct Beating(tokio::task::JoinHandle<()>);
+
+impl Beating {
+    fn start(ctx: &ActivityContext) -> Self {
+        let ctx = ctx.clone();
+        Self(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let _ = ctx.record_heartbeat(()).await;
+            }
+        }))
+    }
+}
+
+impl Drop for Beating {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The `run_agent` activity alone, for a worker that polls only the agents' task queue.
 pub use self::activities::RunAgent as RunAgentActivity;
 /// The `stage_code` activity alone, for the task queue only one worker polls.
@@ -550,9 +573,10 @@ impl Activities {
     #[activity(definition = steps::FetchCode)]
     pub async fn fetch_code(
         self: Arc<Self>,
-        _ctx: ActivityContext,
+        ctx: ActivityContext,
         input: FetchInput,
     ) -> Result<FetchOutput, ActivityError> {
+        let _beating = Beating::start(&ctx);
         let id = task_id(&input.task_id)?;
         // A workflow started in Temporal directly never met a gateway: check it as one would.
         input
@@ -569,9 +593,10 @@ impl Activities {
     #[activity(definition = steps::StageCode)]
     pub async fn stage_code(
         self: Arc<Self>,
-        _ctx: ActivityContext,
+        ctx: ActivityContext,
         input: StageInput,
     ) -> Result<StageOutput, ActivityError> {
+        let _beating = Beating::start(&ctx);
         let id = task_id(&input.task_id)?;
         let _timer = StepTimer::new("stage");
         stage::stage(&self.config, self.objects.as_ref(), &id, &input).await
@@ -789,6 +814,7 @@ impl Activities {
         ctx: ActivityContext,
         input: PublishInput,
     ) -> Result<PublishOutput, ActivityError> {
+        let _beating = Beating::start(&ctx);
         let id = task_id(&input.task_id)?;
         let _timer = StepTimer::new("publish");
         if let Some(turn) = input.turn.filter(|t| *t > 1) {
@@ -945,6 +971,7 @@ impl Activities {
         ctx: ActivityContext,
         input: PublishCandidatesInput,
     ) -> Result<PublishOutput, ActivityError> {
+        let _beating = Beating::start(&ctx);
         let id = task_id(&input.task_id)?;
         let record = self
             .store

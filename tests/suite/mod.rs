@@ -17,6 +17,7 @@ mod metrics;
 mod pull_requests;
 mod replay;
 mod retry;
+mod scale_out;
 mod setup;
 mod tenancy;
 mod usage;

@@ -394,6 +394,11 @@ impl Stack {
 
     /// Another gateway process on its own port, sharing everything else; returns its base URL.
     pub async fn start_extra_gateway(&mut self) -> String {
+        self.start_extra_gateway_with_grpc().await.0
+    }
+
+    /// [`Stack::start_extra_gateway`], with its gRPC address too (`http://127.0.0.1:PORT`).
+    pub async fn start_extra_gateway_with_grpc(&mut self) -> (String, String) {
         let addr = format!("127.0.0.1:{}", free_port());
         let grpc = format!("127.0.0.1:{}", free_port());
         let p = self.spawn_patchflow_with(
@@ -411,7 +416,7 @@ impl Stack {
             if let Ok(r) = self.http.get(format!("{base}/healthz")).send().await
                 && r.status().is_success()
             {
-                return base;
+                return (base, format!("http://{grpc}"));
             }
             assert!(
                 Instant::now() < deadline,

@@ -984,8 +984,11 @@ fn local_options(attempts: u32) -> LocalActivityOptions {
         .build()
 }
 
+/// A short step's options. Its activity heartbeats every second (`Beating`), so a worker
+/// that dies holding it costs the heartbeat timeout, not `timeout_secs`.
 fn io_options(settings: &WorkflowSettings, timeout_secs: u64) -> ActivityOptions {
     ActivityOptions::with_start_to_close_timeout(Duration::from_secs(timeout_secs))
+        .heartbeat_timeout(Duration::from_secs(settings.heartbeat_timeout_secs.max(1)))
         .retry_policy(retry_policy(settings))
         .build()
 }
