@@ -735,3 +735,94 @@ async fn first_finished_selects_the_winner_and_stops_the_others() {
     assert!(d.contains(&format!("# candidate {n}")), "{d}");
     assert_eq!(r["summary"]["files_changed"], json!(["calc.py"]), "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_conversation_continues_as_new_and_keeps_every_turn() {
+    // A small history budget: the conversation's workflow continues as new between turns.
+    let stack = Stack::start(
+        Mode::Up,
+        conversation_script(),
+        &[("PATCHFLOW_CONTINUE_AS_NEW_EVENTS", "40")],
+    )
+    .await;
+    let id = stack.submit_demo().await;
+    assert_eq!(stack.wait_terminal(&id).await["status"], "COMPLETED");
+    let path = format!("/api/tasks/{id}/messages");
+    for (n, message) in [
+        (2, "Also add subtract()."),
+        (3, "Run the tests."),
+        (4, "Note subtract() in the README."),
+    ] {
+        let (c, v) = post(&stack, &path, json!({ "message": message })).await;
+        assert_eq!(c, 202, "turn {n}: {v}");
+        assert_eq!(v["turn"], n);
+        let r = wait_turn(&stack, &id, n).await;
+        assert_eq!(r["status"], "COMPLETED", "turn {n}: {r}\n{}", stack.logs());
+    }
+    // The workflow was carried over at least once, and the last run is the one open.
+    let out = stack.temporal_cli(&[
+        "workflow",
+        "list",
+        "--query",
+        &format!("WorkflowId='{id}'"),
+        "-o",
+        "json",
+    ]);
+    let runs: Vec<Value> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let continued = runs
+        .iter()
+        .filter(|r| {
+            r["status"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("CONTINUED_AS_NEW")
+        })
+        .count();
+    assert!(continued >= 1, "never continued as new: {runs:?}");
+    // Every turn is kept, in order, with its own summary; the last turn's first request
+    // carried the first turn's conversation across the runs.
+    let r = stack.record(&id).await;
+    let turns: Vec<(u64, String)> = r["turns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["turn"].as_u64().unwrap(),
+                t["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        turns,
+        (1..=4)
+            .map(|n| (n, "COMPLETED".to_string()))
+            .collect::<Vec<_>>(),
+        "{r}"
+    );
+    assert_eq!(r["turns"][3]["summary"], "Noted subtract() in the README.");
+    let asked = requests_asking(
+        &stack.model.observed().bodies,
+        "Note subtract() in the README.",
+    );
+    assert!(!asked.is_empty());
+    let carried = asked[0].to_string();
+    for earlier in ["Fixed add() in calc.py", "Added subtract()."] {
+        assert!(
+            carried.contains(earlier),
+            "{earlier} missing from {carried}"
+        );
+    }
+    let (_, diff) = stack.get_text(&format!("/api/tasks/{id}/diff")).await;
+    for change in [
+        "+    return a + b",
+        "+def subtract(a, b):",
+        "calculator (with subtract)",
+    ] {
+        assert!(
+            diff.contains(change),
+            "{change} missing from the cumulative diff:\n{diff}"
+        );
+    }
+}
