@@ -540,18 +540,19 @@ pub async fn run_worker(
         .graceful_shutdown_period(drain)
         .register_activity::<patchflow_activities::StageCodeActivity>(Arc::new(acts.clone()))
         .build();
-    let mut worker = Worker::new(&runtime, client.clone(), options)
-        .context("cannot create the Temporal worker")?;
-    let mut own_worker = Worker::new(&runtime, client.clone(), own)
-        .context("cannot create this worker's own Temporal worker")?;
-    let mut agent_worker = Worker::new(&runtime, client, agents)
-        .context("cannot create the agents' Temporal worker")?;
+    let mut workers = Vec::with_capacity(3);
+    for (options, what) in [
+        (options, "the Temporal worker"),
+        (own, "this worker's own Temporal worker"),
+        (agents, "the agents' Temporal worker"),
+    ] {
+        workers.push(
+            Worker::new(&runtime, client.clone(), options)
+                .with_context(|| format!("cannot create {what}"))?,
+        );
+    }
     patchflow_platform::metrics::global().set_agent_slots(max_agents);
-    let (shutdown, shutdown_agents, shutdown_own) = (
-        worker.shutdown_handle(),
-        agent_worker.shutdown_handle(),
-        own_worker.shutdown_handle(),
-    );
+    let shutdowns: Vec<_> = workers.iter().map(Worker::shutdown_handle).collect();
     tracing::info!(
         task_queue = %config.temporal.task_queue,
         agents_task_queue = %agents_queue,
@@ -561,8 +562,10 @@ pub async fn run_worker(
         "worker polling"
     );
     let run = async {
-        let (a, b, c) = tokio::join!(worker.run(), agent_worker.run(), own_worker.run());
-        a.and(b).and(c)
+        futures::future::join_all(workers.iter_mut().map(Worker::run))
+            .await
+            .into_iter()
+            .collect::<Result<(), _>>()
     };
     tokio::pin!(run);
     let mut stop = stop;
@@ -576,9 +579,9 @@ pub async fn run_worker(
         drain_timeout_secs = drain.as_secs(),
         "worker draining: no new work is taken; running agents may finish"
     );
-    shutdown();
-    shutdown_agents();
-    shutdown_own();
+    for shutdown in &shutdowns {
+        shutdown();
+    }
     let started = tokio::time::Instant::now();
     // Past the drain, the cancelled agents need a moment to stop and report.
     let deadline = started + drain + Duration::from_secs(30);

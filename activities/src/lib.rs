@@ -652,15 +652,12 @@ impl Activities {
                 .await;
             }
         }
+        let workflow_run = ctx.info().workflow_run_id.clone().filter(|r| !r.is_empty());
         // The record names the worker that runs the agent (the last one, if a crash moved it).
-        if let Some(run_id) = ctx
-            .info()
-            .workflow_run_id
-            .as_deref()
-            .filter(|r| !r.is_empty())
+        if let Some(run_id) = &workflow_run
             && let Err(e) = self
                 .store
-                .set_attempt_worker(&id, run_id, &patchflow_platform::process::worker_identity())
+                .set_attempt_worker(&id, run_id, patchflow_platform::process::worker_identity())
                 .await
         {
             tracing::warn!(task_id = %id, error = %e, "cannot record the attempt's worker");
@@ -672,7 +669,7 @@ impl Activities {
         let target = RunTarget {
             candidate: input.candidate,
             followup: input.followup.clone(),
-            workflow_run: ctx.info().workflow_run_id.clone().filter(|r| !r.is_empty()),
+            workflow_run,
         };
         // Candidates run at once and turns one after another: each its own directory.
         let dir = match (&target.followup, target.candidate) {

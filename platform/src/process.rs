@@ -45,13 +45,16 @@ pub async fn stop_group(child: &mut tokio::process::Child, grace: Duration) {
 
 /// This process as Temporal knows it, `patchflow@<host>:<pid>`: the identity of its worker
 /// and client, and the `worker` a task's attempt names.
-pub fn worker_identity() -> String {
-    format!(
-        "patchflow@{}:{}",
-        nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "host".into()),
-        std::process::id()
-    )
+pub fn worker_identity() -> &'static str {
+    static IDENTITY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    IDENTITY.get_or_init(|| {
+        format!(
+            "patchflow@{}:{}",
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "host".into()),
+            std::process::id()
+        )
+    })
 }

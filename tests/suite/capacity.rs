@@ -78,12 +78,7 @@ async fn a_worker_runs_at_most_worker_max_agents_and_the_next_task_waits_for_the
     // One agent runs; the slot is taken.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let text = reqwest::get(&stack.metrics)
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = stack.scrape().await;
         if text.contains("patchflow_worker_slots{state=\"used\"} 1")
             && text.contains("patchflow_worker_slots{state=\"free\"} 0")
         {
@@ -128,12 +123,7 @@ async fn a_worker_runs_at_most_worker_max_agents_and_the_next_task_waits_for_the
         }
     }
     assert_eq!(waited, 1, "exactly one task waited for the slot");
-    let text = reqwest::get(&stack.metrics)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = stack.scrape().await;
     assert!(
         text.contains("patchflow_task_step_seconds_count{step=\"agent_queue\"} 2"),
         "{text}"

@@ -17,7 +17,9 @@ use patchflow_gateway::grpc::proto;
 use patchflow_scripted_model::{Failure, Script, ScriptedCall, Turn};
 use serde_json::{Value, json};
 
-use crate::support::{Mode, Stack, demo_git_repo, demo_script, processes_mentioning};
+use crate::support::{
+    Mode, Stack, demo_git_repo, demo_script, processes_mentioning, requests_asking,
+};
 
 fn call(name: &str, arguments: Value) -> ScriptedCall {
     ScriptedCall {
@@ -65,22 +67,6 @@ fn conversation_script() -> Script {
         finish("Noted subtract() in the README."),
     ]);
     script
-}
-
-/// The request bodies whose last user message is `text` (a turn's first request).
-fn requests_asking(bodies: &[Value], text: &str) -> Vec<Value> {
-    bodies
-        .iter()
-        .filter(|b| {
-            b["messages"].as_array().is_some_and(|m| {
-                m.iter()
-                    .rev()
-                    .find(|m| m["role"] == "user")
-                    .is_some_and(|m| m["content"].as_str().unwrap_or_default().contains(text))
-            })
-        })
-        .cloned()
-        .collect()
 }
 
 /// Waits until turn `n` of the task has ended; returns the record.

@@ -16,9 +16,9 @@ use patchflow_core::{AgentSummary, TaskId, TaskSource, TaskSpec, layout};
 use patchflow_platform::ObjectStore;
 use patchflow_platform::objectstore::S3ObjectStore;
 use patchflow_scripted_model::{ScriptedCall, ScriptedModel, Turn};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::support::{S3Server, bin, demo_git_repo, demo_script};
+use crate::support::{S3Server, bin, demo_git_repo, demo_script, requests_asking};
 
 const EXPIRY: Duration = Duration::from_secs(600);
 
@@ -262,21 +262,6 @@ async fn stored_text(objects: &S3ObjectStore, key: &str) -> String {
     )
 }
 
-/// The request bodies whose last user message holds `text`.
-fn asking<'a>(bodies: &'a [Value], text: &str) -> Vec<&'a Value> {
-    bodies
-        .iter()
-        .filter(|b| {
-            b["messages"].as_array().is_some_and(|m| {
-                m.iter()
-                    .rev()
-                    .find(|m| m["role"] == "user")
-                    .is_some_and(|m| m["content"].as_str().unwrap_or_default().contains(text))
-            })
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn a_follow_up_pod_resumes_the_task_and_a_candidate_pod_seeds_the_model() {
     let dir = tempfile::tempdir().unwrap();
@@ -377,7 +362,7 @@ async fn a_follow_up_pod_resumes_the_task_and_a_candidate_pod_seeds_the_model() 
     assert!(out.status.success(), "run: {}", text(&out.stderr));
     let seen = model.observed();
     assert!(seen.violations.is_empty(), "{:?}", seen.violations);
-    let asked = asking(&seen.bodies, "Also add subtract().");
+    let asked = requests_asking(&seen.bodies, "Also add subtract().");
     assert!(!asked.is_empty(), "the follow-up never reached the model");
     let carried = asked[0].to_string();
     for earlier in ["return a - b", "Fixed add() in calc.py"] {

@@ -110,12 +110,7 @@ async fn with_metrics_tenant_labels_the_task_counts_and_cost_name_the_tenant() {
     let r = stack.wait_terminal(&id).await;
     assert_eq!(r["status"], "COMPLETED");
     let tenant = r["tenant"].as_str().unwrap().to_string();
-    let text = reqwest::get(&stack.metrics)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = stack.scrape().await;
     for series in [
         format!("patchflow_tasks_submitted_total{{door=\"http\",tenant=\"{tenant}\"}}"),
         format!("patchflow_tasks_finished_total{{status=\"COMPLETED\",tenant=\"{tenant}\"}}"),

@@ -72,6 +72,22 @@ pub fn free_port() -> u16 {
     panic!("no free test port below the ephemeral range");
 }
 
+/// The model request bodies whose last user message holds `text` (a turn's first request).
+pub fn requests_asking(bodies: &[Value], text: &str) -> Vec<Value> {
+    bodies
+        .iter()
+        .filter(|b| {
+            b["messages"].as_array().is_some_and(|m| {
+                m.iter()
+                    .rev()
+                    .find(|m| m["role"] == "user")
+                    .is_some_and(|m| m["content"].as_str().unwrap_or_default().contains(text))
+            })
+        })
+        .cloned()
+        .collect()
+}
+
 /// The demo's script, as the demo runs it.
 pub fn demo_script() -> Script {
     Script::from_json(
@@ -665,6 +681,16 @@ impl Stack {
     /// [`Stack::submit_demo_to`] this stack's gateway.
     pub async fn submit_demo(&self) -> String {
         self.submit_demo_to(&self.base).await
+    }
+
+    /// One scrape of the stack's metrics (Prometheus text).
+    pub async fn scrape(&self) -> String {
+        reqwest::get(&self.metrics)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub async fn record(&self, id: &str) -> Value {

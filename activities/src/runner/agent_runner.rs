@@ -34,7 +34,8 @@ pub enum RunnerError {
 pub struct RunTarget {
     pub candidate: Option<u32>,
     pub followup: Option<FollowUp>,
-    /// The workflow run asking (a retried task's new run reuses attempt numbers).
+    /// The workflow run asking (a retried task's new run reuses attempt numbers; the kube
+    /// runner annotates its Jobs with it, never the pod's environment).
     pub workflow_run: Option<String>,
 }
 

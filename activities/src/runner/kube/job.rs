@@ -17,7 +17,7 @@ use patchflow_core::{TaskId, TaskSpec};
 
 use super::config::KubeRunnerConfig;
 use super::pod_contract::{
-    self, AGENT_CONTAINER, COMMAND, FETCH_STEP, PodRun, PodUrls, RUN_STEP, SCRATCH, WORKSPACE,
+    self, AGENT_CONTAINER, COMMAND, FETCH_STEP, PodUrls, RUN_STEP, SCRATCH, WORKSPACE,
 };
 use crate::runner::agent_runner::{RunTarget, RunnerError};
 
@@ -41,7 +41,7 @@ pub fn build_job(
     task: &TaskId,
     spec: &TaskSpec,
     urls: &PodUrls,
-    run: &PodRun,
+    run: &RunTarget,
 ) -> Result<Job, RunnerError> {
     let mut labels = BTreeMap::from([
         (NAME_LABEL.to_string(), "patchflow-agent".to_string()),
@@ -51,8 +51,8 @@ pub fn build_job(
     if let Some(n) = run.candidate {
         labels.insert(CANDIDATE_LABEL.to_string(), n.to_string());
     }
-    if let Some((turn, _)) = &run.followup {
-        labels.insert(TURN_LABEL.to_string(), turn.to_string());
+    if let Some(f) = &run.followup {
+        labels.insert(TURN_LABEL.to_string(), f.turn.to_string());
     }
     let mut annotations = BTreeMap::from([
         (TASK_LABEL.to_string(), task.as_str().to_string()),
@@ -289,7 +289,7 @@ pub fn owned_by(job: &Job, task: &TaskId) -> bool {
 
 /// Whether `job` was made by an earlier workflow run of its task than `run` (a retry of the
 /// task reuses attempt numbers, so names meet). A Job naming no run is not known to be.
-pub fn of_another_run(job: &Job, run: &PodRun) -> bool {
+pub fn of_another_run(job: &Job, run: &RunTarget) -> bool {
     let theirs = job
         .metadata
         .annotations

@@ -49,7 +49,7 @@ use self::api::{create_or_adopt, delete_and_wait, delete_job};
 pub use self::config::KubeRunnerConfig;
 pub use self::job::job_name;
 use self::job::{DEADLINE_GRACE_SECS, build_job, of_another_run, owned_by};
-use self::pod_contract::{PodRun, PodUrls, RESULT_URLS, RESUME_URLS};
+use self::pod_contract::{PodUrls, RESULT_URLS, RESUME_URLS};
 use self::watch::JobWatch;
 use crate::runner::agent_runner::{AgentRunner, RunTarget, RunnerError};
 
@@ -239,21 +239,13 @@ impl AgentRunner for KubeRunner {
     ) -> Result<AgentSummary, RunnerError> {
         let name = job_name(task, target, attempt_of(work));
         let urls = self.presign(target, task, spec, prepared, objects).await?;
-        let run = PodRun {
-            candidate: target.candidate,
-            followup: target
-                .followup
-                .as_ref()
-                .map(|f| (f.turn, f.message.clone())),
-            workflow_run: target.workflow_run.clone(),
-        };
-        let job = build_job(&self.config, &name, task, spec, &urls, &run)?;
+        let job = build_job(&self.config, &name, task, spec, &urls, target)?;
         let jobs = self.jobs();
         let create = async {
             match create_or_adopt(&jobs, &job).await {
                 // A retry of the task (a new workflow run) reuses attempt numbers: the Job
                 // under this name is the earlier run's, whose outcome is not this run's.
-                Ok(old) if owned_by(&old, task) && of_another_run(&old, &run) => {
+                Ok(old) if owned_by(&old, task) && of_another_run(&old, target) => {
                     tracing::info!(task_id = %task, job = %name, "the Job is an earlier run's of this task; replacing it");
                     delete_and_wait(&jobs, &old)
                         .await
@@ -278,7 +270,7 @@ impl AgentRunner for KubeRunner {
                     "the Job {name} already exists for another task; not adopting it"
                 )));
             }
-            Ok(j) if of_another_run(&j, &run) => {
+            Ok(j) if of_another_run(&j, target) => {
                 return Err(RunnerError::Failed(format!(
                     "the Job {name} of an earlier run came back while it was replaced"
                 )));

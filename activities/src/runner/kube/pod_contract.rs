@@ -41,6 +41,7 @@ use backon::{ExponentialBuilder, Retryable};
 use patchflow_core::{TaskId, TaskSpec, layout};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::runner::agent_runner::RunTarget;
 use crate::runner::local::{AgentPaths, agent_command};
 
 /// What both containers run, followed by the step.
@@ -101,17 +102,6 @@ pub struct PodUrls {
     pub resume: Vec<(&'static str, String)>,
 }
 
-/// Which run of the task a pod is, beyond the task itself.
-#[derive(Debug, Clone, Default)]
-pub struct PodRun {
-    pub candidate: Option<u32>,
-    /// A follow-up's `(turn, message)`.
-    pub followup: Option<(u32, String)>,
-    /// The workflow run it belongs to (an annotation of the Job, not in the pod's
-    /// environment).
-    pub workflow_run: Option<String>,
-}
-
 /// What both containers see.
 fn common_env(task: &TaskId) -> Vec<(&'static str, String)> {
     [
@@ -149,7 +139,7 @@ pub fn run_env(
     spec_json: &str,
     model: &str,
     urls: &PodUrls,
-    run: &PodRun,
+    run: &RunTarget,
 ) -> Vec<(&'static str, String)> {
     let mut env = common_env(task);
     env.push((TASK_SPEC_VAR, spec_json.to_string()));
@@ -160,9 +150,9 @@ pub fn run_env(
     if let Some(n) = run.candidate {
         env.push((CANDIDATE_VAR, n.to_string()));
     }
-    if let Some((turn, message)) = &run.followup {
-        env.push((TURN_VAR, turn.to_string()));
-        env.push((FOLLOWUP_VAR, message.clone()));
+    if let Some(f) = &run.followup {
+        env.push((TURN_VAR, f.turn.to_string()));
+        env.push((FOLLOWUP_VAR, f.message.clone()));
         env.push((RESUME_DIR_VAR, RESUME_DIR.to_string()));
     }
     env
