@@ -510,7 +510,6 @@ impl Activities {
         );
         tokio::pin!(run);
         let mut shown = 0u64;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
         let outcome = loop {
             tokio::select! {
                 r = &mut run => break r,
@@ -520,7 +519,6 @@ impl Activities {
                         self.record_event(id, TaskEventKind::Agent, format!("{which}: {line}")).await;
                     }
                 }
-                _ = tick.tick() => { let _ = ctx.record_heartbeat(()).await; }
                 _ = ctx.cancelled() => return Err(ActivityError::cancelled()),
             }
         };

@@ -608,6 +608,10 @@ impl Activities {
         ctx: ActivityContext,
         input: PrepareInput,
     ) -> Result<PreparedEnv, ActivityError> {
+        // Through every phase (restore, the script, packing and storing the products), not
+        // the script alone: packing a large environment on a busy machine outlasted the
+        // heartbeat timeout and ran the step twice.
+        let _beating = Beating::start(&ctx);
         let id = task_id(&input.task_id)?;
         input
             .spec
