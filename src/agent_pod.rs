@@ -21,10 +21,21 @@ pub struct AgentPodArgs {
     pub step: PodStep,
 }
 
-pub async fn run(a: AgentPodArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(config: &patchflow_core::Config, a: AgentPodArgs) -> anyhow::Result<ExitCode> {
     match a.step {
         PodStep::Fetch => pod_contract::fetch().await?,
-        PodStep::Run => pod_contract::run(&patchflow::stack::agent_program()?).await?,
+        PodStep::Run => {
+            // The agent's model requests, tokens and tool calls, counted here too, for a
+            // scrape of the pod while it runs (the worker counts them from its log as well).
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            patchflow::stack::serve_metrics(config, async move {
+                let _ = stopped.await;
+            })
+            .await;
+            let ran = pod_contract::run(&patchflow::stack::agent_program()?).await;
+            let _ = stop.send(());
+            ran?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -105,9 +105,19 @@ pub async fn connect(config: &Config) -> anyhow::Result<Client> {
     let connection = Connection::connect(options)
         .await
         .with_context(|| format!("cannot reach Temporal at {}", config.temporal_url()))?;
+    // With tracing on, the SDK's plugin carries the trace from a workflow's start into the
+    // workflow and each of its activities (the `_tracer-data` header), spans each of them,
+    // and makes the worker's span ids replay-safe.
+    let tracing = config
+        .server
+        .otlp_endpoint
+        .is_some()
+        .then(|| temporalio_sdk::opentelemetry::OpenTelemetryPlugin::builder().build());
     let client = Client::new(
         connection,
-        ClientOptions::new(config.temporal.temporal_namespace.clone()).build(),
+        ClientOptions::new(config.temporal.temporal_namespace.clone())
+            .plugins(tracing)
+            .build(),
     )
     .context("cannot create the Temporal client")?;
     // Listing needs the namespace, so this also proves it exists.

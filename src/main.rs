@@ -139,7 +139,15 @@ fn main() -> ExitCode {
             | Command::Env(_)
             | Command::Batch(_)
     );
-    settings::init_logging(&config, quiet);
+    let service = match &cli.command {
+        Command::Up => Some("patchflow-up"),
+        Command::Worker { .. } => Some("patchflow-worker"),
+        Command::Gateway => Some("patchflow-gateway"),
+        Command::Agent(_) => Some("patchflow-agent"),
+        Command::AgentPod(_) => Some("patchflow-agent-pod"),
+        _ => None,
+    };
+    let mut telemetry = settings::init_logging(&config, quiet, service);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -170,7 +178,7 @@ fn main() -> ExitCode {
             Command::Usage(a) => client::usage(&config, a).await,
             Command::Replay(a) => replay::run(&config, a).await,
             Command::Agent(a) => patchflow_agent::cli::run(&config, a).await,
-            Command::AgentPod(a) => agent_pod::run(a).await,
+            Command::AgentPod(a) => agent_pod::run(&config, a).await,
             Command::Migrate => stack::migrate(config).await,
             Command::Config => {
                 print!("{}", settings::describe(&config));
@@ -190,6 +198,8 @@ fn main() -> ExitCode {
             Command::Env(e) => environments::run(&config, e).await,
         }
     });
+    // The spans of the last moments (an agent's end, a drained worker's) are sent first.
+    telemetry.shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {

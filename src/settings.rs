@@ -85,13 +85,26 @@ pub fn load(opts: &GlobalOpts) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-pub fn init_logging(config: &Config, quiet: bool) {
+/// Logs to stderr and, with `otlp_endpoint`, traces as `service` (`None`: a client
+/// command, which traces nothing). Span ids are replay-safe, as the Temporal SDK's
+/// tracing plugin needs them in a worker.
+pub fn init_logging(
+    config: &Config,
+    quiet: bool,
+    service: Option<&str>,
+) -> patchflow_agent::telemetry::Telemetry {
+    use patchflow_agent::telemetry::{self, Tracing};
     let default = if quiet {
         "warn"
     } else {
         "info,temporalio_sdk_core=warn,temporalio_sdk=warn"
     };
-    patchflow_agent::cli::init_logging(config.server.log_format, default);
+    let tracing = Tracing::new(
+        service.unwrap_or("patchflow"),
+        service.and(config.server.otlp_endpoint.as_deref()),
+    )
+    .with_ids(temporalio_sdk::opentelemetry::WorkflowIdGenerator::default());
+    telemetry::init(config.server.log_format, default, tracing)
 }
 
 /// `patchflow config`: the effective settings, secrets as `***`, and what they select.

@@ -281,6 +281,7 @@ fn agent_env(config: &Config, local: bool) -> Vec<(String, String)> {
     Config::section_keys("sandbox")
         .iter()
         .chain(&MODEL_KEYS)
+        .chain(&["otlp_endpoint"])
         .filter_map(|key| {
             let mut value = config.text(key)?;
             if local && *key == "sandbox_toolchains" && value.trim() == "auto" {

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use patchflow_core::config::{DocSearchProvider, LogFormat};
+use patchflow_core::config::DocSearchProvider;
 use patchflow_core::{Config, TaskSpec};
+use tracing::Instrument as _;
 
 use crate::sandbox::{ShellSandbox, toolchains};
 use crate::tools::{DocSearch, GuestRunner, HostHandle, HttpDocs, WorkspaceDocs};
@@ -130,6 +131,7 @@ pub async fn run(config: &Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
                 let _ = out.flush();
             }
         })
+        .instrument(crate::telemetry::agent_span(&a.task_id))
         .await
         .context("cannot write the agent's results")?;
     tracing::info!(
@@ -356,22 +358,6 @@ pub fn shell_sandbox(
         crate::sandbox::toolchains::resolve(&s.sandbox_toolchains, |k| std::env::var(k).ok())
             .map_err(anyhow::Error::msg)?;
     Ok(sandbox)
-}
-
-/// Logging to stderr, as text or JSON lines (`log_format`); `RUST_LOG` overrides
-/// `default_filter`.
-pub fn init_logging(log_format: LogFormat, default_filter: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if log_format == LogFormat::Json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 /// Settings from `file` (TOML), if any, then the `PATCHFLOW_*` variables over them: the

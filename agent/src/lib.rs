@@ -17,6 +17,7 @@ pub mod model;
 pub mod run;
 pub mod sandbox;
 pub mod setup;
+pub mod telemetry;
 pub mod tools;
 pub mod transcript;
 pub mod truncate;

@@ -13,11 +13,13 @@ use std::time::{Duration, Instant};
 use patchflow_core::config::{ModelProfile, ModelTable, WireApi, price};
 use patchflow_core::{AgentEvent, AgentOutcome, AgentSummary, Secret, TaskSpec, layout};
 use serde_json::json;
+use tracing::Instrument as _;
 
 use crate::context::{self, Budget};
 use crate::diff::diff_against_archive;
 pub use crate::model::DEFAULT_BASE_URL;
 use crate::model::{Answer, Endpoint, Item, Model, ModelError, Request, ToolCall};
+use crate::telemetry::TRACE_TARGET;
 use crate::tools::{self, ToolDispatch};
 use crate::transcript::Transcript;
 
@@ -494,9 +496,20 @@ impl AgentRun {
                 }
                 let outputs = futures::future::join_all(batch.iter().map(|call| {
                     let tools = tools.clone();
+                    let span = tracing::info_span!(
+                        target: TRACE_TARGET,
+                        "tool_call",
+                        tool = %call.name,
+                        step,
+                        ok = tracing::field::Empty,
+                    );
                     async move {
                         let t0 = Instant::now();
-                        let out = tools.call(&call.name, &call.arguments).await;
+                        let out = tools
+                            .call(&call.name, &call.arguments)
+                            .instrument(span.clone())
+                            .await;
+                        span.record("ok", out.ok);
                         (out, t0.elapsed().as_millis() as u64)
                     }
                 }))
@@ -655,8 +668,35 @@ impl AgentRun {
                     "wall time ran out while waiting for the model".into(),
                 ));
             }
-            let err = match tokio::time::timeout(left, model.ask(request)).await {
-                Ok(Ok(a)) => return Ok(a),
+            let span = tracing::info_span!(
+                target: TRACE_TARGET,
+                "model_request",
+                wire = model.wire(),
+                step,
+                attempt,
+                outcome = tracing::field::Empty,
+                prompt_tokens = tracing::field::Empty,
+                completion_tokens = tracing::field::Empty,
+            );
+            let asked = tokio::time::timeout(left, model.ask(request))
+                .instrument(span.clone())
+                .await;
+            span.record(
+                "outcome",
+                match &asked {
+                    Ok(Ok(_)) => "ok",
+                    Ok(Err(e)) => e.kind(),
+                    Err(_) => "timeout",
+                },
+            );
+            let err = match asked {
+                Ok(Ok(a)) => {
+                    if let Some(u) = &a.usage {
+                        span.record("prompt_tokens", u.prompt_tokens);
+                        span.record("completion_tokens", u.completion_tokens);
+                    }
+                    return Ok(a);
+                }
                 Ok(Err(e)) => e,
                 Err(_) => ModelError::Fatal("wall time ran out while waiting for the model".into()),
             };

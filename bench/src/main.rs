@@ -234,7 +234,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    settings::init_logging(&config, false);
+    let _telemetry = settings::init_logging(&config, false, Some("patchflow-bench"));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -193,6 +193,10 @@ settings! {
         /// Label tasks submitted and finished and the model cost by tenant too
         /// (`tenant="…"`); off by default, since every tenant is then a series of its own.
         metrics_tenant_labels: bool = false,
+        /// Where every process sends its traces: an OTLP/HTTP collector's base URL
+        /// (`http://otel-collector:4318`; `/v1/traces` is added) or its full traces URL.
+        /// Unset, nothing is traced.
+        otlp_endpoint: Option<String> = None,
         /// `tokens` (default: `Authorization: Bearer pf_…` on every API call), `jwt`, or
         /// `none` (only when every listening address is loopback).
         auth: AuthMode = AuthMode::Tokens,
@@ -671,6 +675,25 @@ impl Config {
                 }
             }
         }
+        if let Some(endpoint) = &self.server.otlp_endpoint {
+            match url::Url::parse(endpoint) {
+                Ok(u) if !matches!(u.scheme(), "http" | "https") || u.host().is_none() => {
+                    return bad(
+                        "otlp_endpoint",
+                        "must be an http:// or https:// URL of an OTLP/HTTP collector",
+                    );
+                }
+                Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                    return bad(
+                        "otlp_endpoint",
+                        "must not carry credentials (they would be shown wherever the URL \
+                         is); put them in OTEL_EXPORTER_OTLP_HEADERS",
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => return bad("otlp_endpoint", &format!("is not a URL: {e}")),
+            }
+        }
         for (key, tenant) in [
             ("github_webhook_tenant", &self.forge.github_webhook_tenant),
             ("gitlab_webhook_tenant", &self.forge.gitlab_webhook_tenant),
@@ -1023,6 +1046,30 @@ mod tests {
         c.set("auth_jwt_tenant_claim", " ").unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("auth_jwt_tenant_claim"), "{e}");
+    }
+
+    #[test]
+    fn traces_go_to_an_http_collector_without_credentials_in_its_url() {
+        let mut c = Config::default();
+        for (refused, says) in [
+            ("collector:4318", "http"),
+            ("file:///tmp/spans", "http"),
+            ("grpc://c:4317", "http"),
+            ("not a url", "not a URL"),
+            ("http://user:hunter2@c:4318", "credentials"),
+        ] {
+            c.set("otlp_endpoint", refused).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("otlp_endpoint") && e.contains(says),
+                "{refused}: {e}"
+            );
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        for fine in ["http://127.0.0.1:4318", "https://otel.example/v1/traces"] {
+            c.set("otlp_endpoint", fine).unwrap();
+            c.validate().unwrap();
+        }
     }
 
     #[test]

@@ -14,6 +14,10 @@ pub mod task;
 pub mod usage;
 
 pub use config::Config;
+
+/// The `tracing` target of patchflow's trace spans (a task's submit, the agent, each model
+/// request and tool call): exported over OTLP when `otlp_endpoint` is set, never logged.
+pub const TRACE_TARGET: &str = "patchflow_trace";
 pub use conversation::{AutoSelect, CandidateRecord, TurnRecord};
 pub use error::{CoreError, ValidationError};
 pub use event::{AgentEvent, TaskEvent, TaskEventKind};

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use tracing::Instrument as _;
 
 use patchflow_core::{
     GitToken, TaskEvent, TaskId, TaskRecord, TaskSource, TaskSpec, TaskStatus, layout,
@@ -281,7 +282,21 @@ impl TaskService {
         mut spec: TaskSpec,
         upload: Option<Upload>,
     ) -> Result<SubmitOutcome, ServiceError> {
-        let result = self.submit_inner(&mut spec, upload.as_ref()).await;
+        // The root of the task's trace (with tracing on): the workflow's start carries it on.
+        let span = tracing::info_span!(
+            target: patchflow_core::TRACE_TARGET,
+            "submit_task",
+            task_id = tracing::field::Empty,
+            created = tracing::field::Empty,
+        );
+        let result = self
+            .submit_inner(&mut spec, upload.as_ref())
+            .instrument(span.clone())
+            .await;
+        if let Ok(o) = &result {
+            span.record("task_id", o.record.task_id.as_str());
+            span.record("created", o.created);
+        }
         if let Some(u) = upload {
             let _ = tokio::fs::remove_file(&u.path).await;
         }

@@ -28,6 +28,7 @@ mod conversation;
 pub mod forge;
 pub mod git_server;
 pub mod oidc;
+pub mod otlp;
 pub mod responses;
 
 use std::net::SocketAddr;

@@ -58,7 +58,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    cli::init_logging(config.server.log_format, "info");
+    let mut telemetry = patchflow_agent::telemetry::init(
+        config.server.log_format,
+        "info",
+        patchflow_agent::telemetry::Tracing::new(
+            "patchflow-agent",
+            config.server.otlp_endpoint.as_deref(),
+        ),
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -69,7 +76,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::run(&config, cli.args)) {
+    let result = runtime.block_on(cli::run(&config, cli.args));
+    telemetry.shutdown();
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("patchflow-agent: {e:#}");

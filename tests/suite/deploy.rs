@@ -602,6 +602,8 @@ fn each_component_gets_only_the_egress_it_needs() {
             port("TCP", 9092),
             port("TCP", 443),
             port("TCP", 9000),
+            // The OTLP/HTTP trace collector.
+            port("TCP", 4318),
         ];
         for (name, extra) in [
             ("patchflow-gateway", vec![]),

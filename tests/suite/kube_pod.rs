@@ -107,10 +107,13 @@ async fn the_pod_steps_move_code_and_results_by_presigned_urls_only() {
     );
     assert!(baseline.exists(), "the baseline stays for the diff");
 
-    // The agent container.
-    let model = ScriptedModel::start(demo_script(), SocketAddr::from(([127, 0, 0, 1], 0)))
+    // The agent container. Its last answer is slow, so its metrics can be read mid-run.
+    let mut script = demo_script();
+    script.turns.last_mut().unwrap().delay_ms = 1500;
+    let model = ScriptedModel::start(script, SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .unwrap();
+    let metrics = format!("127.0.0.1:{}", crate::support::free_port());
     let spec = TaskSpec::new(
         TaskSource::Git {
             url: "https://git.example/demo.git".into(),
@@ -125,6 +128,7 @@ async fn the_pod_steps_move_code_and_results_by_presigned_urls_only() {
         ("PATCHFLOW_MODEL", "scripted-test".into()),
         ("OPENAI_BASE_URL", model.base_url()),
         ("OPENAI_API_KEY", "sk-pod-secret-0042".into()),
+        ("PATCHFLOW_METRICS_ADDR", metrics.clone()),
     ]);
     for (var, file) in [
         ("PATCHFLOW_RESULT_URL_DIFF", layout::DIFF),
@@ -138,7 +142,33 @@ async fn the_pod_steps_move_code_and_results_by_presigned_urls_only() {
             .unwrap();
         env.push((var, url));
     }
-    let out = pod_step("run", &env).await;
+    let run = tokio::spawn(async move { pod_step("run", &env).await });
+    // While it runs, the pod serves its own metrics: the agent running, its tool calls so
+    // far (counted from its event stream).
+    let scrape_url = format!("http://{metrics}/metrics");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let scrape = loop {
+        if let Ok(r) = reqwest::get(&scrape_url).await
+            && let Ok(t) = r.text().await
+            && t.contains("patchflow_tool_calls_total{tool=\"run_shell_command\",ok=\"true\"} 1")
+        {
+            break t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pod served no metrics"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(
+        scrape.contains("\npatchflow_agents_running 1\n"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("patchflow_tool_calls_total{tool=\"read_file_content\",ok=\"true\"} 1"),
+        "{scrape}"
+    );
+    let out = run.await.unwrap();
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "run: {stderr}\n{stdout}");
     // Progress events on stdout, one JSON object per line: what the runner relays.

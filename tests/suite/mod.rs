@@ -20,5 +20,6 @@ mod retry;
 mod scale_out;
 mod setup;
 mod tenancy;
+mod traces;
 mod usage;
 mod wires;

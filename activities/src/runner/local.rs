@@ -278,8 +278,12 @@ impl AgentRunner for LocalRunner {
             cmd.arg("--candidate").arg(n.to_string());
         }
         cmd.env_clear()
-            .envs(self.environment(&scratch, spec, |k| std::env::var(k).ok()))
-            .stdin(Stdio::null())
+            .envs(self.environment(&scratch, spec, |k| std::env::var(k).ok()));
+        // The agent's spans go under this step's, when tracing is on.
+        if let Some(parent) = patchflow_agent::telemetry::traceparent() {
+            cmd.env(patchflow_agent::telemetry::TRACEPARENT, parent);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .process_group(0)

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, LocalObjectReference,
-    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile,
-    SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    LocalObjectReference, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -30,6 +30,8 @@ const TENANT_LABEL: &str = "patchflow.dev/tenant";
 const BATCH_LABEL: &str = "patchflow.dev/batch-id";
 const CANDIDATE_LABEL: &str = "patchflow.dev/candidate";
 const TURN_LABEL: &str = "patchflow.dev/turn";
+/// Where an agent pod serves its metrics (`agent-pod run`).
+pub const POD_METRICS_PORT: u16 = 9898;
 /// The annotation naming the workflow run the Job belongs to.
 const RUN_ANNOTATION: &str = "patchflow.dev/workflow-run";
 
@@ -73,6 +75,19 @@ pub fn build_job(
         agent_env.extend(plain_env([("OPENAI_BASE_URL", u.clone())]));
     }
     agent_env.extend(plain_env(c.agent_env.iter().cloned()));
+    // Its metrics on the pod's address (a PodMonitor scrapes `metrics`), and the trace it
+    // belongs to: the run_agent step's span, when tracing is on.
+    agent_env.extend(plain_env(
+        [(
+            "PATCHFLOW_METRICS_ADDR".to_string(),
+            format!("0.0.0.0:{POD_METRICS_PORT}"),
+        )]
+        .into_iter()
+        .chain(
+            patchflow_agent::telemetry::traceparent()
+                .map(|t| (patchflow_agent::telemetry::TRACEPARENT.to_string(), t)),
+        ),
+    ));
     agent_env.push(EnvVar {
         name: "OPENAI_API_KEY".into(),
         value: None,
@@ -150,7 +165,14 @@ pub fn build_job(
                     service_account_name: c.service_account.clone(),
                     security_context: Some(pod_security()),
                     init_containers: Some(vec![container(FETCH_STEP, FETCH_STEP, init_env)]),
-                    containers: vec![container(AGENT_CONTAINER, RUN_STEP, agent_env)],
+                    containers: vec![Container {
+                        ports: Some(vec![ContainerPort {
+                            name: Some("metrics".into()),
+                            container_port: i32::from(POD_METRICS_PORT),
+                            ..Default::default()
+                        }]),
+                        ..container(AGENT_CONTAINER, RUN_STEP, agent_env)
+                    }],
                     volumes: Some(vec![
                         Volume {
                             name: "workspace".into(),

@@ -300,7 +300,7 @@ async fn fetch_into(
 pub async fn run(program: &Path) -> Result<(), PodError> {
     let task_id = var(TASK_ID_VAR)?;
     let spec_json = var(TASK_SPEC_VAR)?;
-    serde_json::from_str::<TaskSpec>(&spec_json).map_err(PodError::BadSpec)?;
+    let spec = serde_json::from_str::<TaskSpec>(&spec_json).map_err(PodError::BadSpec)?;
     let workspace = PathBuf::from(var(WORKSPACE_VAR)?);
     let baseline = PathBuf::from(var(BASELINE_VAR)?);
     let scratch = PathBuf::from(var(SCRATCH_VAR)?);
@@ -367,18 +367,21 @@ pub async fn run(program: &Path) -> Result<(), PodError> {
     cmd.env_remove(STAGED_URL_VAR)
         .env_remove(FOLLOWUP_VAR)
         .stdin(Stdio::null())
-        // Progress events go straight to the container's log, which the runner follows.
-        .stdout(Stdio::inherit())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     for (name, _) in RESULT_URLS.iter().chain(&RESUME_URLS) {
         cmd.env_remove(name);
     }
+    let running = patchflow_platform::metrics::RunningAgent::start();
     let mut child = cmd.spawn().map_err(io("cannot start the agent"))?;
     let log_path = out.join(layout::AGENT_LOG);
     let stderr = child.stderr.take();
     let tee = tokio::spawn(tee_log(stderr, log_path));
+    let relay = tokio::spawn(relay_events(child.stdout.take()));
     let status = child.wait().await.map_err(io("waiting for the agent"))?;
+    let _ = relay.await;
+    drop(running);
     match tee.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => eprintln!("patchflow agent-pod: the agent's log is incomplete: {e}"),
@@ -403,14 +406,37 @@ pub async fn run(program: &Path) -> Result<(), PodError> {
             .map_err(|reason| PodError::Upload { file, reason })?;
         stored += 1;
     }
-    if !tokio::fs::try_exists(out.join(layout::SUMMARY))
-        .await
-        .unwrap_or(false)
-    {
+    let Ok(summary) = tokio::fs::read(out.join(layout::SUMMARY)).await else {
         return Err(PodError::NoSummary { status, stored });
+    };
+    if let Ok(summary) = serde_json::from_slice::<patchflow_core::AgentSummary>(&summary) {
+        patchflow_platform::metrics::global().agent_ran(&summary, &spec.tenant);
     }
     eprintln!("patchflow agent-pod: agent {status}; {stored} result files uploaded");
     Ok(())
+}
+
+/// Passes the agent's progress events on to this container's stdout (the log the runner
+/// follows), line for line, and counts its tool calls in this process's metrics.
+async fn relay_events(stdout: Option<tokio::process::ChildStdout>) {
+    use tokio::io::AsyncBufReadExt;
+    let Some(stdout) = stdout else { return };
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut out = tokio::io::stdout();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Ok(patchflow_core::AgentEvent::ToolResult {
+            tool,
+            ok,
+            duration_ms,
+            ..
+        }) = serde_json::from_str(&line)
+        {
+            patchflow_platform::metrics::global().tool_call(&tool, ok, duration_ms as f64 / 1000.0);
+        }
+        let _ = out.write_all(line.as_bytes()).await;
+        let _ = out.write_all(b"\n").await;
+        let _ = out.flush().await;
+    }
 }
 
 /// Copies the agent's stderr into `agent.log` and onto this container's stderr.

@@ -712,6 +712,15 @@ async fn posts_a_restricted_job_and_completes_with_the_stored_summary() {
     }
     assert_eq!(ae["PATCHFLOW_MODEL"], "gpt-x");
     assert_eq!(ae["OPENAI_BASE_URL"], "https://llm.test/v1");
+    // The agent container serves its metrics on the pod's address, as a named port a
+    // PodMonitor scrapes; nothing traced here, so no TRACEPARENT.
+    assert_eq!(ae["PATCHFLOW_METRICS_ADDR"], "0.0.0.0:9898");
+    assert_eq!(
+        agent["ports"],
+        json!([{"name": "metrics", "containerPort": 9898}])
+    );
+    assert!(init.get("ports").is_none());
+    assert!(!ae.contains_key("TRACEPARENT"));
     assert_eq!(ae["PATCHFLOW_TASK_ID"], TASK);
     let spec_back: TaskSpec =
         serde_json::from_str(ae["PATCHFLOW_TASK_SPEC"].as_str().unwrap()).unwrap();
