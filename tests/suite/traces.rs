@@ -140,3 +140,23 @@ async fn one_task_is_one_connected_trace_from_submit_to_each_tool_call() {
     assert!(!otlp.bodies_contain(&stack.token));
     assert_eq!(otlp.refused(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_down_costs_the_spans_never_the_task() {
+    // Nothing listens on the discard port of loopback.
+    let stack = Stack::start(
+        Mode::Up,
+        demo_script(),
+        &[
+            ("PATCHFLOW_OTLP_ENDPOINT", "http://127.0.0.1:9"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    let id = stack.submit_demo().await;
+    let record = stack.wait_terminal(&id).await;
+    assert_eq!(record["status"], "COMPLETED", "{record}");
+    let (code, diff) = stack.get_text(&format!("/api/tasks/{id}/diff")).await;
+    assert_eq!(code, 200);
+    assert!(diff.contains("+    return a + b"), "{diff}");
+}
