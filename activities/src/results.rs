@@ -3,9 +3,11 @@
 //!
 //! Why after the store: a consumer of the topic that looks the task up must find it
 //! finished. Why wait for the delivery report: the activity (and so the workflow) does not
-//! end until the broker has the message; a crash between the two repeats the message with
-//! the same key, which consumers dedupe. The message is built from the stored record, so a
-//! repeat says the same thing.
+//! end until the broker has the message. Once the broker has it, the task store records so
+//! (`result_sent`, `<attempt>/<turn>/<status>`), and a step that runs again for the same end
+//! sends nothing; a crash between the broker's answer and that write repeats the message
+//! with the same key, which consumers dedupe. The message is built from the stored record,
+//! so a repeat says the same thing.
 
 use std::time::Duration;
 
@@ -46,6 +48,23 @@ impl ResultsTopic {
             .ok_or_else(|| format!("task {task} is not in the task store"))?;
         if !record.status.is_terminal() {
             return Ok(false);
+        }
+        // One message per end of the task: a step that runs again for the same end (a
+        // local activity re-run on another worker after its first worker died) finds the
+        // message sent already. Only a crash between the broker's answer and the marker's
+        // write below repeats it.
+        let marker = format!(
+            "{}/{}/{}",
+            record.attempt,
+            record.turns.last().map_or(1, |t| t.turn),
+            record.status
+        );
+        let sent = store
+            .result_sent(task)
+            .await
+            .map_err(|e| format!("task store: {e}"))?;
+        if sent.as_deref() == Some(marker.as_str()) {
+            return Ok(true);
         }
         let stored = objects
             .list(&layout::results_prefix(task))
@@ -93,6 +112,10 @@ impl ResultsTopic {
             .await
             .map_err(|e| e.to_string())?;
         tracing::info!(task_id = %task, status = %record.status, partition = d.partition, offset = d.offset, "result message delivered");
+        if let Err(e) = store.set_result_sent(task, &marker).await {
+            // The message is out; at worst a re-run sends it again (consumers dedupe by key).
+            tracing::warn!(task_id = %task, error = %e, "cannot record that the result message was sent");
+        }
         Ok(true)
     }
 }

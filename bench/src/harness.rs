@@ -31,6 +31,8 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// The demo's scripted model: five requests (read, search, edit, the tests, finish).
+pub const DEMO_SCRIPT: &str = include_str!("../../examples/demo-script.json");
 const DEMO_CALC: &str = include_str!("../../examples/demo-repo/calc.py");
 const DEMO_TEST: &str = include_str!("../../examples/demo-repo/test_calc.py");
 

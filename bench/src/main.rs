@@ -132,14 +132,20 @@ enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         runs: usize,
     },
-    /// Whole tasks through an embedded stack.
+    /// Whole demo-sized tasks through a stack of its own: on the embedded default, or on
+    /// the stores and Temporal the configuration names (`database_url`, `redis_url`,
+    /// `object_store_url`, `temporal_address`; `scripts/bench-pipeline` runs both).
     Pipeline {
-        /// Tasks submitted one after another (latency).
+        /// Tasks run one after another first (the idle overheads).
         #[arg(long, default_value_t = 10)]
         sequential: usize,
-        /// Tasks submitted at once (throughput).
-        #[arg(long, default_value_t = 30)]
-        concurrent: usize,
+        /// Tasks run under load (throughput, queue wait, per-step times).
+        #[arg(long, default_value_t = 200)]
+        tasks: usize,
+        /// Tasks in flight under load: each submitter sends its next task when the last
+        /// one ended.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
     },
 }
 
@@ -154,11 +160,13 @@ async fn run(config: Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         } => kafka::run(&config, brokers, messages, bad).await,
         BenchCommand::Pipeline {
             sequential,
-            concurrent,
+            tasks,
+            concurrency,
         } => {
             let mode = pipeline::Drive::Pipeline {
                 sequential,
-                concurrent,
+                tasks,
+                concurrency,
             };
             pipeline::with_stack(
                 &config,

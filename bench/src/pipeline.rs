@@ -13,7 +13,7 @@ use patchflow_core::{Config, TaskEvent, TaskStatus};
 use patchflow_scripted_model::{Script, ScriptedModel};
 use serde_json::{Value, json};
 
-use crate::harness::{bench_repo, free_port, ms, on_stack, stats};
+use crate::harness::{DEMO_SCRIPT, bench_repo, free_port, ms, on_stack, stats};
 
 fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     let st = std::process::Command::new("git")
@@ -30,9 +30,12 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
 /// What to do with a running bench stack.
 #[derive(Debug, Clone, Copy)]
 pub enum Drive {
+    /// `sequential` demo-sized tasks one at a time (the idle overheads), then `tasks` of
+    /// them with `concurrency` in flight (throughput, queue wait, steps).
     Pipeline {
         sequential: usize,
-        concurrent: usize,
+        tasks: usize,
+        concurrency: usize,
     },
     Status {
         readers: usize,
@@ -83,6 +86,10 @@ pub async fn with_stack(
         let finish = script.turns[0].clone();
         script.turns = vec![finish; runs + 2];
     }
+    if let Drive::Pipeline { .. } = drive_mode {
+        // The demo-sized task: read, search, edit, run the tests in the shell, finish.
+        script = Script::from_json(DEMO_SCRIPT)?;
+    }
     let model = ScriptedModel::start(script, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
 
     let mut config = Config::default();
@@ -98,9 +105,29 @@ pub async fn with_stack(
     config.server.submit_rate_capacity = 0;
     config.server.auth = auth;
     config.store.database_url = base.store.database_url.clone();
-    if let Some(r) = redis_url {
+    config.store.object_store_url = base.store.object_store_url.clone();
+    config.temporal.worker_max_agents = base.temporal.worker_max_agents;
+    config.temporal.worker_tuner = base.temporal.worker_tuner;
+    if let Some(r) = redis_url.or_else(|| base.store.redis_url.clone()) {
         config.store.redis_url = Some(r);
         config.store.redis_prefix = format!("pf-bench-{}", std::process::id());
+    }
+    if let Drive::Pipeline { .. } = drive_mode {
+        println!(
+            "stack: task store {}, objects {}, cache {}, Temporal {}",
+            patchflow_core::config::redact_url(&config.database_url()),
+            patchflow_core::config::redact_url(&config.object_store_url()),
+            config
+                .store
+                .redis_url
+                .as_deref()
+                .map_or("in-process".into(), patchflow_core::config::redact_url),
+            config
+                .temporal
+                .temporal_address
+                .as_deref()
+                .unwrap_or("the embedded dev server")
+        );
     }
     if let Some(addr) = &base.temporal.temporal_address {
         config.temporal.temporal_address = Some(addr.clone());
@@ -126,8 +153,16 @@ pub async fn with_stack(
             let r = match drive_mode {
                 Drive::Pipeline {
                     sequential,
-                    concurrent,
-                } => drive(&url, token.as_deref(), &repo_url, sequential, concurrent).await,
+                    tasks,
+                    concurrency,
+                } => {
+                    let load = Load {
+                        sequential,
+                        tasks,
+                        concurrency,
+                    };
+                    drive(&url, token.as_deref(), &repo_url, &model, load).await
+                }
                 Drive::Status { readers, seconds } => {
                     read_status(&url, token.as_deref(), &repo_url, readers, seconds).await
                 }
@@ -305,7 +340,7 @@ async fn stage_times(
         ("fetch_code", d(dl, stg)),
         ("stage_code", d(stg, run)),
         ("agent start (restore + spawn)", d(run, agent_started)),
-        ("agent (one step)", d(agent_started, up)),
+        ("agent (its steps)", d(agent_started, up)),
         ("publish_result", d(up, done)),
     ])
 }
@@ -322,48 +357,124 @@ fn auth_headers(token: Option<&str>) -> anyhow::Result<reqwest::header::HeaderMa
     Ok(h)
 }
 
+/// How [`drive`] loads the stack.
+struct Load {
+    sequential: usize,
+    tasks: usize,
+    concurrency: usize,
+}
+
+/// Submits one task and polls its record every `poll` until it ends: its id and the time
+/// from submit to COMPLETED.
+async fn submit_polling(
+    http: &reqwest::Client,
+    url: &str,
+    repo_url: &str,
+    poll: Duration,
+) -> anyhow::Result<(String, Duration)> {
+    let t0 = Instant::now();
+    let resp: Value = http
+        .post(format!("{url}/api/tasks"))
+        .json(&json!({"git_url": repo_url, "task_description": "benchmark task"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = resp["task_id"].as_str().context("no task_id")?.to_string();
+    loop {
+        tokio::time::sleep(poll).await;
+        let r: Value = http
+            .get(format!("{url}/api/tasks/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let status: TaskStatus = serde_json::from_value(r["status"].clone())?;
+        if status.is_terminal() {
+            if status != TaskStatus::Completed {
+                bail!("task {id} ended {status}: {}", r["message"]);
+            }
+            return Ok((id, t0.elapsed()));
+        }
+    }
+}
+
 async fn drive(
     url: &str,
     token: Option<&str>,
     repo_url: &str,
-    sequential: usize,
-    concurrent: usize,
+    model: &ScriptedModel,
+    load: Load,
 ) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(load.concurrency.max(8))
         .default_headers(auth_headers(token)?)
         .build()?;
-    // Warm-up: first workflow, first agent spawn.
-    submit_and_wait(&http, url, repo_url).await?;
-    let mut latencies = Vec::new();
-    let mut ids = Vec::new();
-    for _ in 0..sequential {
+    // Warm-up: the first workflow, the first agent spawn, the tools' compiled code.
+    for _ in 0..2 {
+        submit_and_wait(&http, url, repo_url).await?;
+    }
+    println!(
+        "patchflow pipeline benchmark: the demo-sized task (5 model requests: read, search, \
+         edit, a sandboxed `python3 -m unittest`, finish), instant scripted model"
+    );
+
+    // Idle: one task at a time.
+    let (mut to_first, mut end_to_done, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..load.sequential {
+        let before = model.observed().arrivals.len();
+        let t0 = Instant::now();
         let (id, d) = submit_and_wait(&http, url, repo_url).await?;
-        latencies.push(ms(d));
-        ids.push(id);
+        total.push(ms(d));
+        let seen = model.observed();
+        let first = seen.arrivals.get(before).context("no model request")?;
+        to_first.push(ms(first.duration_since(t0)));
+        let events = events_of(&http, url, &id).await?;
+        end_to_done.push(between(
+            &events,
+            |e| {
+                e.status.is_none() && e.message.contains(" after ") && e.message.ends_with(" steps")
+            },
+            |e| e.status == Some(TaskStatus::Completed),
+        ));
     }
+    let row = |name: &str, v: Vec<f64>| {
+        let (p50, p95, _) = stats(v);
+        println!("  {name:<40} p50 {p50:>8.1} ms  p95 {p95:>8.1} ms");
+    };
+    println!("idle ({} tasks, one at a time):", load.sequential);
+    row("submit -> the agent's first model request", to_first);
+    row("the agent's end -> COMPLETED", end_to_done);
+    row("submit -> COMPLETED", total);
+
+    // Under load: `concurrency` submitters, each submitting its next task when the last
+    // one ended, until `tasks` have run.
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let t0 = Instant::now();
-    let all =
-        futures::future::join_all((0..concurrent).map(|_| submit_and_wait(&http, url, repo_url)))
-            .await;
+    let runs = futures::future::join_all((0..load.concurrency.max(1)).map(|_| async {
+        let mut mine = Vec::new();
+        while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < load.tasks {
+            mine.push(submit_polling(&http, url, repo_url, Duration::from_millis(50)).await?);
+        }
+        anyhow::Ok(mine)
+    }))
+    .await;
     let wall = t0.elapsed();
-    let mut conc_lat = Vec::new();
-    for r in all {
-        conc_lat.push(ms(r?.1));
+    let mut done = Vec::new();
+    for r in runs {
+        done.extend(r?);
     }
-    let (p50, p95, _) = stats(latencies);
-    let (cp50, cp95, _) = stats(conc_lat);
+    let (lp50, lp95, _) = stats(done.iter().map(|(_, d)| ms(*d)).collect());
     println!(
-        "patchflow pipeline benchmark (embedded stack, instant scripted model, one-step task)"
-    );
-    println!(
-        "sequential ({sequential} tasks): submit -> COMPLETED p50 {p50:.0} ms, p95 {p95:.0} ms"
-    );
-    println!(
-        "concurrent ({concurrent} tasks at once): {:.2} tasks/s, submit -> COMPLETED p50 {cp50:.0} ms, p95 {cp95:.0} ms",
-        concurrent as f64 / wall.as_secs_f64()
+        "load ({} tasks, {} in flight): {:.2} tasks/s; submit -> COMPLETED p50 {lp50:.0} ms, \
+         p95 {lp95:.0} ms (polled every 50 ms)",
+        done.len(),
+        load.concurrency,
+        done.len() as f64 / wall.as_secs_f64()
     );
     let mut per_stage: Vec<(&str, Vec<f64>)> = Vec::new();
-    for id in &ids {
+    for (id, _) in &done {
         for (i, (name, v)) in stage_times(&http, url, id).await?.into_iter().enumerate() {
             if per_stage.len() <= i {
                 per_stage.push((name, Vec::new()));
@@ -371,10 +482,9 @@ async fn drive(
             per_stage[i].1.push(v);
         }
     }
-    println!("stages of the sequential tasks (from recorded history, ms):");
+    println!("  steps under load (from each task's recorded history):");
     for (name, v) in per_stage {
-        let (p50, p95, _) = stats(v);
-        println!("  {name:<38} p50 {p50:>7.1}  p95 {p95:>7.1}");
+        row(name, v);
     }
     Ok(())
 }

@@ -209,6 +209,13 @@ pub trait TaskStore: Send + Sync + 'static {
         worker: &str,
     ) -> Result<bool, StoreError>;
 
+    /// The marker of the last result message the broker took for the task
+    /// (`<attempt>/<turn>/<status>`), if any.
+    async fn result_sent(&self, task_id: &TaskId) -> Result<Option<String>, StoreError>;
+
+    /// Records that the broker took the result message `marker` names.
+    async fn set_result_sent(&self, task_id: &TaskId, marker: &str) -> Result<(), StoreError>;
+
     /// The candidate whose results are the task's.
     async fn set_selected(&self, task_id: &TaskId, selected: Option<u32>)
     -> Result<(), StoreError>;

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use crate::support::{KafkaBroker, Mode, Stack, demo_git_repo, demo_script};
 
 const TASKS: &str = "patchflow.tasks";
-const RESULTS: &str = "patchflow.results";
+pub(crate) const RESULTS: &str = "patchflow.results";
 const DLQ: &str = "patchflow.tasks.dlq";
 
 fn kafka_env(b: &KafkaBroker) -> Vec<(&'static str, String)> {
@@ -87,14 +87,14 @@ fn task_message(repo: &Path, description: &str, batch: &str) -> Vec<u8> {
 }
 
 #[derive(Debug, Clone)]
-struct Got {
-    key: String,
-    payload: Vec<u8>,
+pub(crate) struct Got {
+    pub(crate) key: String,
+    pub(crate) payload: Vec<u8>,
     headers: HashMap<String, String>,
 }
 
 /// Reads `topic` from the start until `done` says so (or panics after `timeout`).
-async fn consume_until(
+pub(crate) async fn consume_until(
     brokers: &str,
     topic: &str,
     timeout: Duration,

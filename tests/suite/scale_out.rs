@@ -1,8 +1,8 @@
 //! Scale-out: two `patchflow gateway` and two `patchflow worker` processes against one
 //! Temporal dev server started apart, PostgreSQL, Redis and an S3 server. 100 tasks go in
 //! through both gateways (HTTP to one, gRPC to the other); one worker is SIGKILLed while
-//! they run. Every task completes exactly once, both workers ran agents, and no agent is
-//! left running.
+//! they run. Every task completes exactly once, with one result message on Kafka (a Tansu
+//! broker), both workers ran agents, and no agent is left running.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use patchflow_core::TaskStatus;
 use patchflow_gateway::grpc::proto;
 
+use crate::suite::kafka::{RESULTS, consume_until};
 use crate::support::{
-    Bearer, Database, Mode, S3Server, Stack, TestDatabase, demo_git_repo, demo_script,
+    Bearer, Database, KafkaBroker, Mode, S3Server, Stack, TestDatabase, demo_git_repo, demo_script,
     processes_mentioning,
 };
 
@@ -29,6 +30,7 @@ async fn two_gateways_and_two_workers_complete_100_tasks_exactly_once_through_a_
     let aux = tempfile::tempdir().unwrap();
     let db = TestDatabase::create(Database::Postgres, aux.path());
     let s3 = S3Server::start(aux.path());
+    let kafka = KafkaBroker::start(aux.path());
     let prefix = format!(
         "pf-scale-{}",
         &patchflow_core::TaskId::generate().as_str()[4..20]
@@ -42,6 +44,8 @@ async fn two_gateways_and_two_workers_complete_100_tasks_exactly_once_through_a_
         ("AWS_ACCESS_KEY_ID", "test"),
         ("AWS_SECRET_ACCESS_KEY", "test"),
         ("AWS_REGION", "us-east-1"),
+        ("PATCHFLOW_KAFKA_BROKERS", kafka.brokers.as_str()),
+        ("PATCHFLOW_SUBMIT_RATE_CAPACITY", "0"),
     ];
     let mut stack = Stack::start(Mode::Split, demo_script(), &env).await;
     let (_, grpc2) = stack.start_extra_gateway_with_grpc().await;
@@ -121,6 +125,34 @@ async fn two_gateways_and_two_workers_complete_100_tasks_exactly_once_through_a_
         }
     }
     eprintln!("{:?}: all {} completed", started.elapsed(), ids.len());
+    // One result message per task, keyed by its id, saying COMPLETED. A step run again
+    // after the kill finds its message sent (the store's marker); only a worker killed
+    // between the broker's answer and that marker's write (a few milliseconds) would send
+    // one twice, so one repeat is tolerated.
+    let wanted: BTreeSet<String> = ids.iter().cloned().collect();
+    let results = consume_until(&kafka.brokers, RESULTS, Duration::from_secs(120), |got| {
+        got.iter().map(|g| g.key.clone()).collect::<BTreeSet<_>>() == wanted
+    })
+    .await;
+    for g in &results {
+        let msg: serde_json::Value = serde_json::from_slice(&g.payload).unwrap();
+        assert_eq!(msg["status"], "COMPLETED", "{msg}");
+        assert_eq!(msg["task_id"], g.key.as_str(), "{msg}");
+    }
+    let repeats = results.len() - wanted.len();
+    let mut seen = BTreeSet::new();
+    for g in &results {
+        if !seen.insert(g.key.clone()) {
+            let r = stack.record(&g.key).await;
+            eprintln!("repeated: {} {}", g.key, r["attempts"]);
+        }
+    }
+    eprintln!(
+        "{} result messages for {} tasks",
+        results.len(),
+        wanted.len()
+    );
+    assert!(repeats <= 1, "{repeats} repeated result messages");
     let workers: BTreeSet<String> = pids.iter().map(ToString::to_string).collect();
     assert_eq!(
         ran_on, workers,

@@ -967,6 +967,23 @@ pub(crate) async fn attempts_are_numbered_kept_and_old_runs_ignored(url: String)
             .unwrap(),
         "an unknown task"
     );
+    // The result message's marker: none until one is sent, then the last one; an unknown
+    // task has none to read or write.
+    assert_eq!(s.result_sent(&id).await.unwrap(), None);
+    s.set_result_sent(&id, "1/1/FAILED").await.unwrap();
+    s.set_result_sent(&id, "2/1/COMPLETED").await.unwrap();
+    assert_eq!(
+        s.result_sent(&id).await.unwrap().as_deref(),
+        Some("2/1/COMPLETED")
+    );
+    assert!(matches!(
+        s.result_sent(&TaskId::generate()).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        s.set_result_sent(&TaskId::generate(), "1/1/FAILED").await,
+        Err(StoreError::NotFound(_))
+    ));
     // The gateway cannot reopen an ended task; only a new run can.
     assert_eq!(
         s.set_status(&id, Queued, "again").await.unwrap(),

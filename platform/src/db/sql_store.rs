@@ -683,6 +683,29 @@ where
         Ok(DB::rows_affected(&done) > 0)
     }
 
+    async fn result_sent(&self, task_id: &TaskId) -> Result<Option<String>, StoreError> {
+        let mut q = QueryBuilder::<DB>::new("SELECT result_sent FROM tasks WHERE task_id = ");
+        q.push_bind(task_id.as_str());
+        let row: Option<(Option<String>,)> = q.build_query_as().fetch_optional(&self.pool).await?;
+        match row {
+            Some((marker,)) => Ok(marker),
+            None => Err(StoreError::NotFound(task_id.clone())),
+        }
+    }
+
+    async fn set_result_sent(&self, task_id: &TaskId, marker: &str) -> Result<(), StoreError> {
+        // Not a change of the task: `updated_at` stays.
+        let mut q = QueryBuilder::<DB>::new("UPDATE tasks SET result_sent = ");
+        q.push_bind(marker)
+            .push(" WHERE task_id = ")
+            .push_bind(task_id.as_str());
+        let done = q.build().execute(&self.pool).await?;
+        if DB::rows_affected(&done) == 0 {
+            return Err(StoreError::NotFound(task_id.clone()));
+        }
+        Ok(())
+    }
+
     async fn set_selected(
         &self,
         task_id: &TaskId,

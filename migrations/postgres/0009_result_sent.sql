@@ -1,0 +1,3 @@
+-- The last Kafka result message sent for the task (`<attempt>/<turn>/<status>`), written
+-- once the broker has it; the same schema as migrations/sqlite.
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS result_sent TEXT;
