@@ -1,7 +1,7 @@
 //! `fetch_code`: brings the task's code onto this worker, under `<work>/<task>/tree`.
 //!
 //! Git sources use the git CLI (run as a child process, never blocking the runtime):
-//! `init` + `fetch --depth 1 origin <ref>` + `checkout FETCH_HEAD`, which works for
+//! `init` + `fetch --depth 1 <url> <ref>` + `checkout FETCH_HEAD`, which works for
 //! branches, tags and commit ids alike. ZIP uploads are checked entry by entry before a
 //! single byte is written: no absolute paths, no `..`, no symlinks, bounded entry count and
 //! size; a common top-level folder (as in GitHub's zipballs) is stripped.
@@ -308,17 +308,32 @@ async fn git_fetch(
         auth_header: token.map(patchflow_platform::secret_box::basic_auth_header),
         verb: "fetch",
     };
-    run.git(tree, &["init", "-q"]).await?;
-    run.git(tree, &["remote", "add", "origin", url]).await?;
+    // Three git processes per task: no template (its sample hooks are files to write and
+    // delete again for every task), the URL fetched as it is (no remote to add), and the
+    // commit read from FETCH_HEAD (no rev-parse).
+    run.git(tree, &["init", "-q", "--template="]).await?;
     let target = git_ref.unwrap_or("HEAD");
     run.git(
         tree,
-        &["fetch", "-q", "--depth", "1", "--no-tags", "origin", target],
+        &["fetch", "-q", "--depth", "1", "--no-tags", url, target],
     )
     .await?;
     run.git(tree, &["checkout", "-q", "--detach", "FETCH_HEAD"])
         .await?;
-    run.git(tree, &["rev-parse", "HEAD"]).await
+    let fetched = tokio::fs::read_to_string(tree.join(".git/FETCH_HEAD"))
+        .await
+        .unwrap_or_default();
+    match fetched_commit(&fetched) {
+        Some(commit) => Ok(commit.to_string()),
+        None => run.git(tree, &["rev-parse", "HEAD"]).await,
+    }
+}
+
+/// The commit a one-ref fetch brought, from FETCH_HEAD's first line (`<id>\t…`): 40 or 64
+/// hex digits (SHA-1 or SHA-256 repositories), or nothing.
+fn fetched_commit(fetch_head: &str) -> Option<&str> {
+    let id = fetch_head.split_whitespace().next()?;
+    (matches!(id.len(), 40 | 64) && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
 }
 
 /// The `git -c` settings a run against `url` needs, once the remote passed the worker's
@@ -374,4 +389,26 @@ fn tree_size(dir: &Path) -> (u64, u64) {
         .fold((0, 0), |(n, b), e| {
             (n + 1, b + e.metadata().map(|m| m.len()).unwrap_or(0))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fetched_commit;
+
+    #[test]
+    fn the_fetched_commit_is_read_from_fetch_head_or_not_at_all() {
+        let sha1 = "4bf92f3577b34da6a3ce929d0e0e47364bf92f35";
+        assert_eq!(
+            fetched_commit(&format!("{sha1}\t\tbranch 'main' of https://x/r\n")),
+            Some(sha1)
+        );
+        let sha256 = "a".repeat(64);
+        assert_eq!(
+            fetched_commit(&format!("{sha256}\tnot-for-merge\t'x'\n")),
+            Some(sha256.as_str())
+        );
+        for bad in ["", "\n", "zzzz\t\tx", "4bf92f35\t\tshort", &"g".repeat(40)] {
+            assert_eq!(fetched_commit(bad), None, "{bad}");
+        }
+    }
 }

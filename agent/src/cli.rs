@@ -93,6 +93,7 @@ pub async fn run(config: &Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
     // read its memory or /proc/<pid>/environ, nor attach to it (the fallback walls leave
     // /proc readable; the namespace walls do not even show it).
     let _ = nix::sys::prctl::set_dumpable(false);
+    die_with_runner()?;
     let spec_text =
         std::fs::read(&a.task).with_context(|| format!("cannot read {}", a.task.display()))?;
     let spec: TaskSpec = serde_json::from_slice(&spec_text)
@@ -143,6 +144,28 @@ pub async fn run(config: &Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
         "agent finished"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The variable the local runner names itself in (its pid): the agent dies with it.
+pub const PARENT_PID_VAR: &str = "PATCHFLOW_PARENT_PID";
+
+/// With [`PARENT_PID_VAR`] set, the agent asks for SIGKILL when its parent dies and then
+/// checks its parent is still that one (it may have died before the request): so a worker
+/// that crashes leaves no agent behind. Done here rather than in the runner between fork
+/// and exec, so the runner spawns without copying its own address space (posix_spawn).
+fn die_with_runner() -> anyhow::Result<()> {
+    let Some(expected) = std::env::var(PARENT_PID_VAR)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return Ok(());
+    };
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .context("cannot ask to die with the runner")?;
+    if nix::unistd::getppid().as_raw() != expected {
+        anyhow::bail!("the runner that started this agent (pid {expected}) is gone");
+    }
+    Ok(())
 }
 
 /// The directories of a replay: the restored code, its archive, and where the replayed

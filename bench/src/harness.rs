@@ -17,7 +17,10 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
+/// p50, p95 and p99 of the measured values (a value that could not be measured, NaN, is
+/// left out).
 pub fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.retain(|x| !x.is_nan());
     v.sort_by(|a, b| a.total_cmp(b));
     (
         percentile(&v, 0.5),

@@ -112,6 +112,10 @@ pub async fn with_stack(
         config.store.redis_url = Some(r);
         config.store.redis_prefix = format!("pf-bench-{}", std::process::id());
     }
+    if let Some(addr) = &base.temporal.temporal_address {
+        config.temporal.temporal_address = Some(addr.clone());
+        config.temporal.task_queue = format!("bench-{}", std::process::id());
+    }
     if let Drive::Pipeline { .. } = drive_mode {
         println!(
             "stack: task store {}, objects {}, cache {}, Temporal {}",
@@ -128,10 +132,6 @@ pub async fn with_stack(
                 .as_deref()
                 .unwrap_or("the embedded dev server")
         );
-    }
-    if let Some(addr) = &base.temporal.temporal_address {
-        config.temporal.temporal_address = Some(addr.clone());
-        config.temporal.task_queue = format!("bench-{}", std::process::id());
     }
     on_stack(&config, async |stores, client| {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -259,3 +259,33 @@ async fn idempotent_resubmit_returns_the_same_task_and_one_workflow() {
         1
     );
 }
+
+/// An agent told to die with a runner that is not its parent (that runner died before the
+/// agent could ask for it) stops at once, before it reads anything or asks a model.
+#[test]
+fn an_agent_whose_runner_is_gone_stops_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    let out = std::process::Command::new(crate::support::bin())
+        .args(["agent", "--task", &p("task.json"), "--workspace", &p("ws")])
+        .args(["--baseline", &p("code.tar.zst"), "--out", &p("out")])
+        // pid 1 is never this test's child's parent.
+        .env("PATCHFLOW_PARENT_PID", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the runner that started this agent (pid 1) is gone"),
+        "{stderr}"
+    );
+    // Not a number: ignored, and the agent goes on to its own checks.
+    let out = std::process::Command::new(crate::support::bin())
+        .args(["agent", "--task", &p("task.json"), "--workspace", &p("ws")])
+        .args(["--baseline", &p("code.tar.zst"), "--out", &p("out")])
+        .env("PATCHFLOW_PARENT_PID", "1; kill -9 -1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot read"), "{stderr}");
+}

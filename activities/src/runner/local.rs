@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use patchflow_core::task::SECRET_ENV_PREFIX;
 use patchflow_core::{AgentEvent, AgentSummary, Secret, TaskId, TaskSpec, layout};
 use patchflow_platform::ObjectStore;
-use patchflow_platform::process::{die_with_parent, stop_group};
+use patchflow_platform::process::stop_group;
 use patchflow_workflows::io::PreparedEnv;
 use tokio::io::AsyncBufReadExt;
 use tokio::process::Command;
@@ -288,7 +288,12 @@ impl AgentRunner for LocalRunner {
             .stderr(Stdio::from(log))
             .process_group(0)
             .kill_on_drop(true);
-        die_with_parent(&mut cmd);
+        // The agent dies with this process: it arranges that itself (no pre-exec hook here,
+        // so the spawn does not copy this process's address space).
+        cmd.env(
+            patchflow_agent::cli::PARENT_PID_VAR,
+            std::process::id().to_string(),
+        );
         let mut child = cmd.spawn().map_err(|e| {
             RunnerError::Failed(format!(
                 "cannot start the agent ({}): {e}",
