@@ -153,8 +153,14 @@ async fn a_stopping_worker_lets_its_agent_finish_and_one_past_the_drain_runs_aga
     let first = stack.submit_demo().await;
     asked(&stack, 1).await;
     let draining = stack.workers[0].pid();
+    let t0 = Instant::now();
     kill(Pid::from_raw(stack.workers[0].pid()), Signal::SIGTERM).unwrap();
     let status = wait_exit(&mut stack.workers[0], Duration::from_secs(90));
+    // The drain's timeline, for the record (`--no-capture`).
+    eprintln!(
+        "drain: SIGTERM at 0 s, the agent in its first turn; worker exited after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
     assert!(
         status.success(),
         "{status}: {}",
@@ -184,6 +190,10 @@ async fn a_stopping_worker_lets_its_agent_finish_and_one_past_the_drain_runs_aga
     stack.start_worker();
     let r = stack.wait_terminal(&first).await;
     assert_eq!(r["status"], "COMPLETED", "{r}");
+    eprintln!(
+        "drain: a new worker published it; COMPLETED {:.1} s after the SIGTERM",
+        t0.elapsed().as_secs_f64()
+    );
     assert_eq!(stack.activity_attempts(&first, "run_agent"), vec![1]);
     // The record names the worker that ran the agent.
     let worker = r["attempts"][0]["worker"].as_str().unwrap_or_default();
@@ -239,10 +249,19 @@ async fn a_stopping_worker_lets_its_agent_finish_and_one_past_the_drain_runs_aga
         r["status"], "CANCELLED",
         "a drained agent cancelled the task: {r}"
     );
+    eprintln!(
+        "drain past its 1 s limit: worker exited {:.1} s after the SIGTERM, the agent cancelled, the task {}",
+        signalled.elapsed().as_secs_f64(),
+        r["status"]
+    );
     let n = stack.start_worker();
     let next = stack.workers[n].pid();
     let r = stack.wait_terminal(&second).await;
     assert_eq!(r["status"], "COMPLETED", "{r}\n{}", stack.logs());
+    eprintln!(
+        "drain past its limit: the agent ran again on the next worker; COMPLETED {:.1} s after the SIGTERM",
+        signalled.elapsed().as_secs_f64()
+    );
     let worker = r["attempts"][0]["worker"].as_str().unwrap_or_default();
     assert!(
         worker.ends_with(&format!(":{next}")),
