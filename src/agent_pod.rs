@@ -27,14 +27,9 @@ pub async fn run(config: &patchflow_core::Config, a: AgentPodArgs) -> anyhow::Re
         PodStep::Run => {
             // The agent's model requests, tokens and tool calls, counted here too, for a
             // scrape of the pod while it runs (the worker counts them from its log as well).
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            patchflow::stack::serve_metrics(config, async move {
-                let _ = stopped.await;
-            })
-            .await;
-            let ran = pod_contract::run(&patchflow::stack::agent_program()?).await;
-            let _ = stop.send(());
-            ran?
+            // The server lives as long as this process: the container ends with the run.
+            patchflow::stack::serve_metrics(config, std::future::pending()).await;
+            pod_contract::run(&patchflow::stack::agent_program()?).await?
         }
     }
     Ok(ExitCode::SUCCESS)

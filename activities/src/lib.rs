@@ -704,13 +704,10 @@ impl Activities {
             tokio::select! {
                 r = &mut run => break r,
                 Some(event) = rx.recv() => {
-                    match &event {
-                        AgentEvent::ModelRequest { step } => last_step = *step,
-                        AgentEvent::ToolResult { tool, ok, duration_ms, .. } => {
-                            metrics::global().tool_call(tool, *ok, *duration_ms as f64 / 1000.0);
-                        }
-                        _ => {}
+                    if let AgentEvent::ModelRequest { step } = &event {
+                        last_step = *step;
                     }
+                    metrics::global().agent_event(&event);
                     self.record_event(&id, TaskEventKind::Agent, format!("{label}{}", event.describe())).await;
                     let _ = ctx.record_heartbeat(last_step).await;
                 }
@@ -734,15 +731,7 @@ impl Activities {
         metrics::global().step("agent", started.elapsed().as_secs_f64());
         // Events still queued when the run ended.
         while let Ok(event) = rx.try_recv() {
-            if let AgentEvent::ToolResult {
-                tool,
-                ok,
-                duration_ms,
-                ..
-            } = &event
-            {
-                metrics::global().tool_call(tool, *ok, *duration_ms as f64 / 1000.0);
-            }
+            metrics::global().agent_event(&event);
             let _ = self
                 .store
                 .append_event(

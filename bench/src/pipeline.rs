@@ -202,18 +202,35 @@ async fn submit_and_wait(
     url: &str,
     repo_url: &str,
 ) -> anyhow::Result<(String, Duration)> {
-    submit_body_and_wait(
-        http,
-        url,
-        &json!({"git_url": repo_url, "task_description": "benchmark task"}),
-    )
-    .await
+    submit_polling(http, url, repo_url, Duration::from_millis(10)).await
+}
+
+/// Submits the benchmark task and polls its record every `poll` until it ends.
+async fn submit_polling(
+    http: &reqwest::Client,
+    url: &str,
+    repo_url: &str,
+    poll: Duration,
+) -> anyhow::Result<(String, Duration)> {
+    let body = json!({"git_url": repo_url, "task_description": "benchmark task"});
+    submit_body_polling(http, url, &body, poll).await
 }
 
 async fn submit_body_and_wait(
     http: &reqwest::Client,
     url: &str,
     body: &Value,
+) -> anyhow::Result<(String, Duration)> {
+    submit_body_polling(http, url, body, Duration::from_millis(10)).await
+}
+
+/// Submits `body` and polls the task's record every `poll` until it ends: its id and the
+/// time from submit to COMPLETED.
+async fn submit_body_polling(
+    http: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    poll: Duration,
 ) -> anyhow::Result<(String, Duration)> {
     let t0 = Instant::now();
     let resp: Value = http
@@ -239,7 +256,7 @@ async fn submit_body_and_wait(
             }
             return Ok((id, t0.elapsed()));
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(poll).await;
     }
 }
 
@@ -362,42 +379,6 @@ struct Load {
     sequential: usize,
     tasks: usize,
     concurrency: usize,
-}
-
-/// Submits one task and polls its record every `poll` until it ends: its id and the time
-/// from submit to COMPLETED.
-async fn submit_polling(
-    http: &reqwest::Client,
-    url: &str,
-    repo_url: &str,
-    poll: Duration,
-) -> anyhow::Result<(String, Duration)> {
-    let t0 = Instant::now();
-    let resp: Value = http
-        .post(format!("{url}/api/tasks"))
-        .json(&json!({"git_url": repo_url, "task_description": "benchmark task"}))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let id = resp["task_id"].as_str().context("no task_id")?.to_string();
-    loop {
-        tokio::time::sleep(poll).await;
-        let r: Value = http
-            .get(format!("{url}/api/tasks/{id}"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let status: TaskStatus = serde_json::from_value(r["status"].clone())?;
-        if status.is_terminal() {
-            if status != TaskStatus::Completed {
-                bail!("task {id} ended {status}: {}", r["message"]);
-            }
-            return Ok((id, t0.elapsed()));
-        }
-    }
 }
 
 async fn drive(

@@ -300,6 +300,20 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// One of an agent's progress events, as its runner relays it: a tool's result is a
+    /// tool call.
+    pub fn agent_event(&self, event: &patchflow_core::AgentEvent) {
+        if let patchflow_core::AgentEvent::ToolResult {
+            tool,
+            ok,
+            duration_ms,
+            ..
+        } = event
+        {
+            self.tool_call(tool, *ok, *duration_ms as f64 / 1000.0);
+        }
+    }
+
     /// An agent run's model use, from its summary; `tenant` labels its cost when tenants
     /// are labels.
     pub fn agent_ran(&self, summary: &patchflow_core::AgentSummary, tenant: &str) {

@@ -424,14 +424,8 @@ async fn relay_events(stdout: Option<tokio::process::ChildStdout>) {
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     let mut out = tokio::io::stdout();
     while let Ok(Some(line)) = lines.next_line().await {
-        if let Ok(patchflow_core::AgentEvent::ToolResult {
-            tool,
-            ok,
-            duration_ms,
-            ..
-        }) = serde_json::from_str(&line)
-        {
-            patchflow_platform::metrics::global().tool_call(&tool, ok, duration_ms as f64 / 1000.0);
+        if let Ok(event) = serde_json::from_str(&line) {
+            patchflow_platform::metrics::global().agent_event(&event);
         }
         let _ = out.write_all(line.as_bytes()).await;
         let _ = out.write_all(b"\n").await;
