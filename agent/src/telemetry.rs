@@ -183,18 +183,7 @@ pub fn traceparent() -> Option<String> {
     carrier.remove("traceparent")
 }
 
-/// The parent a process was started under (its `TRACEPARENT`), when that is a valid
-/// W3C value; anything else is ignored.
-pub fn remote_parent(traceparent: Option<&str>) -> Option<opentelemetry::Context> {
-    let value = traceparent?.trim();
-    // A traceparent is 55 characters; anything much longer is not one.
-    if value.is_empty() || value.len() > 128 {
-        return None;
-    }
-    let carrier = HashMap::from([("traceparent".to_string(), value.to_string())]);
-    let cx = TraceContextPropagator::new().extract(&carrier);
-    cx.span().span_context().is_valid().then_some(cx)
-}
+pub use patchflow_core::trace::remote_parent;
 
 /// The process-wide span an agent run goes under: a child of `TRACEPARENT` when the runner
 /// set one.
@@ -223,29 +212,6 @@ mod tests {
             traces_url("http://c:4318/v1/traces"),
             "http://c:4318/v1/traces"
         );
-    }
-
-    #[test]
-    fn only_a_valid_traceparent_becomes_a_parent() {
-        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let cx = remote_parent(Some(good)).unwrap();
-        assert_eq!(
-            cx.span().span_context().trace_id().to_string(),
-            "4bf92f3577b34da6a3ce929d0e0e4736"
-        );
-        for bad in [
-            "",
-            "garbage",
-            // All-zero ids are invalid by the spec.
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            // Hostile: a header injection attempt and a huge value.
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nx-evil: 1",
-            &"0".repeat(100_000),
-        ] {
-            assert!(remote_parent(Some(bad)).is_none(), "{bad:.60}");
-        }
-        assert!(remote_parent(None).is_none());
     }
 
     #[test]

@@ -11,13 +11,11 @@ pub mod event;
 pub mod secret;
 pub mod summary;
 pub mod task;
+pub mod trace;
 pub mod usage;
 
 pub use config::Config;
 
-/// The `tracing` target of patchflow's trace spans (a task's submit, the agent, each model
-/// request and tool call): exported over OTLP when `otlp_endpoint` is set, never logged.
-pub const TRACE_TARGET: &str = "patchflow_trace";
 pub use conversation::{AutoSelect, CandidateRecord, TurnRecord};
 pub use error::{CoreError, ValidationError};
 pub use event::{AgentEvent, TaskEvent, TaskEventKind};
@@ -27,6 +25,7 @@ pub use task::{
     GitToken, IssueRef, Limits, SecretHeader, TaskAttempt, TaskId, TaskRecord, TaskSource,
     TaskSpec, TaskStatus, ToolPolicy, Usd,
 };
+pub use trace::TRACE_TARGET;
 pub use usage::{UsageRow, UsageTotal};
 
 /// Object keys of the layout in ARCHITECTURE.md, in one place so no crate spells them twice.

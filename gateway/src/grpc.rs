@@ -423,6 +423,14 @@ impl TasksApi {
     }
 }
 
+/// The caller's W3C trace context, from the `traceparent` metadata.
+fn traceparent_of(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    metadata
+        .get(patchflow_core::trace::TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchTaskResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -433,6 +441,7 @@ impl Tasks for TasksApi {
     ) -> Result<Response<proto::SubmitTaskResponse>, Status> {
         let who = self.who(&request).await?;
         who.must_write().map_err(|e| status_of(&e))?;
+        let traceparent = traceparent_of(request.metadata());
         let r = request.into_inner();
         let mut body = submit_body(Some(r.git_url), r.git_ref, r.options.unwrap_or_default())?;
         body.git_token = non_empty(r.git_token).map(patchflow_core::Secret::new);
@@ -443,7 +452,7 @@ impl Tasks for TasksApi {
         let spec = body.into_spec(false).map_err(|e| status_of(&e.into()))?;
         let outcome = self
             .service
-            .submit(spec, None)
+            .submit(spec, None, traceparent.as_deref())
             .await
             .map_err(|e| status_of(&e))?
             .counted("grpc");
@@ -457,6 +466,7 @@ impl Tasks for TasksApi {
         // Before a byte of the upload is read: who, and the caller's rate limit.
         let who = self.who(&request).await?;
         who.must_write().map_err(|e| status_of(&e))?;
+        let traceparent = traceparent_of(request.metadata());
         self.service
             .admit(&who.tenant)
             .await
@@ -482,7 +492,7 @@ impl Tasks for TasksApi {
             .map_err(|e| status_of(&e))?;
         let outcome = self
             .service
-            .submit_admitted(spec, Some(upload))
+            .submit_admitted(spec, Some(upload), traceparent.as_deref())
             .await
             .map_err(|e| status_of(&e))?
             .counted("grpc");

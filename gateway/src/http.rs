@@ -488,7 +488,13 @@ async fn submit(
     }
     body.tenant = Some(who.tenant_for_submit(body.tenant.as_deref())?);
     let spec = spec_of(body, upload.as_ref()).await?;
-    let outcome = service.submit_admitted(spec, upload).await?.counted("http");
+    let traceparent = headers
+        .get(patchflow_core::trace::TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let outcome = service
+        .submit_admitted(spec, upload, traceparent)
+        .await?
+        .counted("http");
     let status = if outcome.created {
         StatusCode::ACCEPTED
     } else {

@@ -304,6 +304,18 @@ fn task_of(
     Ok(spec)
 }
 
+/// The producer's W3C trace context, from the message's `traceparent` header.
+fn traceparent_of(msg: &OwnedMessage) -> Option<String> {
+    use rdkafka::message::Headers as _;
+    let headers = msg.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == patchflow_core::trace::TRACEPARENT_HEADER)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_string)
+}
+
 /// Handles one message to the end (started, or dead-lettered); false if the consumer
 /// stopped first.
 async fn handle(shared: &LaneShared, msg: &OwnedMessage) -> bool {
@@ -312,11 +324,16 @@ async fn handle(shared: &LaneShared, msg: &OwnedMessage) -> bool {
         Ok(s) => s,
         Err((kind, error)) => return dead_letter(shared, msg, kind, &error).await,
     };
+    let traceparent = traceparent_of(msg);
     let mut delays = backoff();
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        match shared.service.submit(spec.clone(), None).await {
+        match shared
+            .service
+            .submit(spec.clone(), None, traceparent.as_deref())
+            .await
+        {
             Ok(out) => {
                 let out = out.counted("kafka");
                 patchflow_platform::metrics::global().kafka(if out.created {

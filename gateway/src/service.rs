@@ -243,10 +243,14 @@ impl TaskService {
 
     /// Validates, stores and starts a task. With an idempotency key, a repeat returns the
     /// first submission's task and starts nothing new.
+    /// `traceparent` is the caller's W3C trace context (a request's `traceparent` header, a
+    /// Kafka message's): the task's trace joins it when it is valid, and starts afresh when
+    /// it is absent or not one.
     pub async fn submit(
         &self,
         spec: TaskSpec,
         upload: Option<Upload>,
+        traceparent: Option<&str>,
     ) -> Result<SubmitOutcome, ServiceError> {
         if let Err(e) = self.admit(&spec.tenant).await {
             if let Some(u) = upload {
@@ -254,7 +258,7 @@ impl TaskService {
             }
             return Err(e);
         }
-        self.submit_admitted(spec, upload).await
+        self.submit_admitted(spec, upload, traceparent).await
     }
 
     /// Takes one submission from `tenant`'s rate limit, or `RateLimited`: what a door
@@ -281,14 +285,20 @@ impl TaskService {
         &self,
         mut spec: TaskSpec,
         upload: Option<Upload>,
+        traceparent: Option<&str>,
     ) -> Result<SubmitOutcome, ServiceError> {
-        // The root of the task's trace (with tracing on): the workflow's start carries it on.
+        // The root of the task's trace (with tracing on), or a child of the caller's: the
+        // workflow's start carries it on.
         let span = tracing::info_span!(
             target: patchflow_core::TRACE_TARGET,
             "submit_task",
             task_id = tracing::field::Empty,
             created = tracing::field::Empty,
         );
+        if let Some(parent) = patchflow_core::trace::remote_parent(traceparent) {
+            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+            let _ = span.set_parent(parent);
+        }
         let result = self
             .submit_inner(&mut spec, upload.as_ref())
             .instrument(span.clone())

@@ -534,7 +534,7 @@ async fn submit_form(
         Ok(s) => s,
         Err(e) => return refused(service, form, e).await,
     };
-    match service.submit(spec, upload).await {
+    match service.submit(spec, upload, None).await {
         Ok(outcome) => {
             let outcome = outcome.counted("web");
             tracing::info!(task_id = %outcome.record.task_id, "task submitted from the web page");

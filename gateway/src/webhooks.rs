@@ -256,7 +256,7 @@ async fn start(
             number: t.issue,
         });
         Ok(service
-            .submit_admitted(spec, None)
+            .submit_admitted(spec, None, None)
             .await?
             .counted("webhook"))
     }

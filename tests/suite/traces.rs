@@ -53,6 +53,27 @@ async fn trace_of(otlp: &OtlpReceiver, task: &str) -> Vec<ReceivedSpan> {
     }
 }
 
+/// The demo task, submitted over HTTP with a `traceparent` header.
+async fn submit_with_traceparent(stack: &Stack, traceparent: &str) -> String {
+    let repo = crate::support::demo_git_repo(stack.dir.path());
+    let r = stack
+        .http
+        .post(format!("{}/api/tasks", stack.base))
+        .header("traceparent", traceparent)
+        .json(&serde_json::json!({
+            "git_url": format!("file://{}", repo.display()),
+            "task_description": "fix",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    r.json::<serde_json::Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_task_is_one_connected_trace_from_submit_to_each_tool_call() {
     let otlp = OtlpReceiver::start().await.unwrap();
@@ -134,6 +155,35 @@ async fn one_task_is_one_connected_trace_from_submit_to_each_tool_call() {
             .any(|t| t.attributes["tool"] == "read_file_content" && t.attributes["ok"] == "true"),
         "{tools:#?}"
     );
+
+    // A caller that sends its own trace context (`traceparent`) gets the task's trace as
+    // part of its own: the submit hangs off the caller's span. A value that is not a valid
+    // one (here an attempt to smuggle a second header) is ignored: a fresh trace.
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let joined =
+        submit_with_traceparent(&stack, &format!("00-{caller_trace}-{caller_span}-01")).await;
+    let hostile = submit_with_traceparent(
+        &stack,
+        &format!("00-{caller_trace}-{caller_span}-01, x-evil=1"),
+    )
+    .await;
+    for id in [&joined, &hostile] {
+        assert_eq!(stack.wait_terminal(id).await["status"], "COMPLETED");
+    }
+    let submit_of = |trace: &[ReceivedSpan]| {
+        trace
+            .iter()
+            .find(|s| s.name == "submit_task")
+            .cloned()
+            .unwrap()
+    };
+    let under_caller = submit_of(&trace_of(&otlp, &joined).await);
+    assert_eq!(under_caller.trace_id, caller_trace);
+    assert_eq!(under_caller.parent_span_id, caller_span);
+    let fresh = submit_of(&trace_of(&otlp, &hostile).await);
+    assert_ne!(fresh.trace_id, caller_trace);
+    assert!(fresh.parent_span_id.is_empty(), "{fresh:#?}");
 
     // Nothing secret went out: not the model key, not the caller's token.
     assert!(!otlp.bodies_contain(MODEL_KEY));
