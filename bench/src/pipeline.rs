@@ -403,6 +403,7 @@ async fn drive(
 
     // Idle: one task at a time.
     let (mut to_first, mut end_to_done, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    let mut idle_ids = Vec::new();
     for _ in 0..load.sequential {
         let before = model.observed().arrivals.len();
         let t0 = Instant::now();
@@ -419,6 +420,7 @@ async fn drive(
             },
             |e| e.status == Some(TaskStatus::Completed),
         ));
+        idle_ids.push(id);
     }
     let row = |name: &str, v: Vec<f64>| {
         let (p50, p95, _) = stats(v);
@@ -428,6 +430,8 @@ async fn drive(
     row("submit -> the agent's first model request", to_first);
     row("the agent's end -> COMPLETED", end_to_done);
     row("submit -> COMPLETED", total);
+    println!("  steps, idle (from each task's recorded history):");
+    step_rows(&http, url, &idle_ids).await?;
 
     // Under load: `concurrency` submitters, each submitting its next task when the last
     // one ended, until `tasks` have run.
@@ -454,18 +458,25 @@ async fn drive(
         load.concurrency,
         done.len() as f64 / wall.as_secs_f64()
     );
+    println!("  steps under load (from each task's recorded history):");
+    let ids: Vec<String> = done.into_iter().map(|(id, _)| id).collect();
+    step_rows(&http, url, &ids).await
+}
+
+/// One row per step: its p50 and p95 over the tasks `ids`.
+async fn step_rows(http: &reqwest::Client, url: &str, ids: &[String]) -> anyhow::Result<()> {
     let mut per_stage: Vec<(&str, Vec<f64>)> = Vec::new();
-    for (id, _) in &done {
-        for (i, (name, v)) in stage_times(&http, url, id).await?.into_iter().enumerate() {
+    for id in ids {
+        for (i, (name, v)) in stage_times(http, url, id).await?.into_iter().enumerate() {
             if per_stage.len() <= i {
                 per_stage.push((name, Vec::new()));
             }
             per_stage[i].1.push(v);
         }
     }
-    println!("  steps under load (from each task's recorded history):");
     for (name, v) in per_stage {
-        row(name, v);
+        let (p50, p95, _) = stats(v);
+        println!("  {name:<40} p50 {p50:>8.1} ms  p95 {p95:>8.1} ms");
     }
     Ok(())
 }
