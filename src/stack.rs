@@ -245,7 +245,7 @@ async fn activities(config: &Config, stores: &Stores) -> anyhow::Result<Activiti
         objects: stores.objects.clone(),
         hot: stores.hot.clone(),
         config: ActivityConfig {
-            data_dir: config.server.data_dir.clone(),
+            work_root: config.work_root(),
             allow_local_sources: config.server.allow_local_sources,
             git_remotes: RemotePolicy::from_settings(
                 &config.server.git_allowed_protocols,
@@ -519,6 +519,8 @@ pub async fn run_worker(
         patchflow_platform::process::worker_identity()
     );
     acts.config.worker_queue = Some(own_queue.clone());
+    // Staged code kept for a local agent that ran elsewhere (or never ran) goes after a while.
+    let _sweeper = patchflow_activities::handoff::Sweeper::start(acts.config.work_root.clone());
     // The agents' own queue and slots: a task beyond them waits in Temporal for any
     // worker with a free slot, and never holds up another task's fetch or publish here.
     let (cpus, memory) = machine();

@@ -25,6 +25,9 @@ use tokio::process::Command;
 
 use crate::{ActivityConfig, bad_input, transient};
 
+/// git's private HOME for a fetch, beside the tree in the task's work directory.
+pub(crate) const GIT_HOME: &str = "git-home";
+
 pub async fn fetch(
     config: &ActivityConfig,
     objects: &dyn ObjectStore,
@@ -70,12 +73,15 @@ pub async fn fetch(
                 tree.clone(),
                 (config.max_archive_entries, config.max_unpacked_bytes),
             );
-            tokio::task::spawn_blocking(move || {
-                archive::unzip_safely(&zip_path, &tree2, limits.0, limits.1)
+            let zip = zip_path.clone();
+            let unpacked = tokio::task::spawn_blocking(move || {
+                archive::unzip_safely(&zip, &tree2, limits.0, limits.1)
             })
             .await
-            .map_err(transient)?
-            .map_err(bad_input)?;
+            .map_err(transient)?;
+            // The upload stays in the object store; this copy has served.
+            let _ = tokio::fs::remove_file(&zip_path).await;
+            unpacked.map_err(bad_input)?;
             None
         }
     };
@@ -146,6 +152,26 @@ impl From<GitFailure> for ActivityError {
     }
 }
 
+/// git by its full path, found once on the worker's PATH (else `git`, for the spawn's own
+/// error). By name, under a cleared environment that sets PATH, the standard library starts
+/// it with fork and exec instead of `posix_spawn`, and a fork copies the worker's whole
+/// address space for each of a task's git runs.
+fn git_program() -> &'static Path {
+    static GIT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    GIT.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|dir| dir.join("git"))
+            .find(|p| {
+                std::fs::metadata(p)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+            .unwrap_or_else(|| "git".into())
+    })
+}
+
 impl GitRun<'_> {
     /// Runs one git command; returns stdout, or the classified error naming the URL.
     pub(crate) async fn git(&self, dir: &Path, args: &[&str]) -> Result<String, ActivityError> {
@@ -154,7 +180,7 @@ impl GitRun<'_> {
 
     /// [`Self::git`], with the failure as words.
     pub(crate) async fn exec(&self, dir: &Path, args: &[&str]) -> Result<String, GitFailure> {
-        let mut cmd = Command::new("git");
+        let mut cmd = Command::new(git_program());
         cmd.arg("-C").arg(dir);
         for setting in &self.settings {
             cmd.arg("-c").arg(setting);
@@ -292,9 +318,13 @@ async fn git_fetch(
     token: Option<&Secret>,
     tree: &Path,
 ) -> Result<String, ActivityError> {
-    let settings = remote_settings(config, url, token.is_some(), "fetch").await?;
+    let mut settings = remote_settings(config, url, token.is_some(), "fetch").await?;
+    // The fetched objects stay one pack (three files) however few they are, not one loose
+    // file and directory each: a small repository's tree is written, archived and deleted
+    // per task, and every file of it is an inode to allocate and free.
+    settings.push("fetch.unpackLimit=1".into());
     // The private HOME sits beside the tree, so a retry starts it afresh too.
-    let home = tree.with_file_name("git-home");
+    let home = tree.with_file_name(GIT_HOME);
     if home.exists() {
         tokio::fs::remove_dir_all(&home).await.map_err(transient)?;
     }

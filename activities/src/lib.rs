@@ -14,6 +14,7 @@
 pub mod egress;
 pub mod environment;
 pub mod fetch;
+pub mod handoff;
 pub mod pull_request;
 pub mod results;
 pub mod runner;
@@ -52,8 +53,9 @@ const SLOT_RENEW_EVERY: Duration = Duration::from_secs(5);
 /// What the activities need besides the stores.
 #[derive(Debug, Clone)]
 pub struct ActivityConfig {
-    /// Fetched trees and agent workspaces live under `<data_dir>/work/`.
-    pub data_dir: PathBuf,
+    /// Fetched trees and agent workspaces live here, one directory per task (`work_dir`,
+    /// default `<data_dir>/work`).
+    pub work_root: PathBuf,
     pub allow_local_sources: bool,
     /// Which remotes `fetch_code` may reach (`git_allowed_protocols`, `git_allowed_hosts`).
     pub git_remotes: patchflow_platform::git_remote::RemotePolicy,
@@ -76,19 +78,38 @@ pub struct ActivityConfig {
 
 impl ActivityConfig {
     pub fn work_dir(&self, task: &TaskId) -> PathBuf {
-        self.data_dir.join("work").join(task.as_str())
+        self.work_root.join(task.as_str())
     }
 }
 
-/// Heartbeats the activity every second while it lives: a step whose worker dies is
-/// retried elsewhere once the heartbeat timeout passes, not its whole start-to-close time.
+/// Heartbeats the activity every second while it lives, from [`first_beat`] on: a step
+/// whose worker dies is retried elsewhere once the heartbeat timeout passes, not its whole
+/// start-to-close time.
 struct Beating(tokio::task::JoinHandle<()>);
+
+/// When an activity sends its first heartbeat: half its heartbeat timeout in (1 s without
+/// one). Not at once: a step that ends before then (most fetches and stages, a short agent)
+/// costs the server no heartbeat write, and the first one still lands well inside the
+/// timeout.
+fn first_beat(ctx: &ActivityContext) -> Duration {
+    ctx.info()
+        .heartbeat_timeout
+        .map_or(Duration::from_secs(1), |t| {
+            (t / 2).max(Duration::from_millis(100))
+        })
+}
+
+/// A one-second heartbeat ticker that first fires at [`first_beat`].
+fn heartbeat_ticker(ctx: &ActivityContext) -> tokio::time::Interval {
+    let every = Duration::from_secs(1);
+    tokio::time::interval_at(tokio::time::Instant::now() + first_beat(ctx), every)
+}
 
 impl Beating {
     fn start(ctx: &ActivityContext) -> Self {
         let ctx = ctx.clone();
         Self(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = heartbeat_ticker(&ctx);
             loop {
                 tick.tick().await;
                 let _ = ctx.record_heartbeat(()).await;
@@ -599,7 +620,8 @@ impl Activities {
         let _beating = Beating::start(&ctx);
         let id = task_id(&input.task_id)?;
         let _timer = StepTimer::new("stage");
-        stage::stage(&self.config, self.objects.as_ref(), &id, &input).await
+        let keep_local = self.runner.runs_on_this_machine();
+        stage::stage(&self.config, self.objects.as_ref(), &id, &input, keep_local).await
     }
 
     #[activity(definition = steps::PrepareEnvironment)]
@@ -674,6 +696,7 @@ impl Activities {
             candidate: input.candidate,
             followup: input.followup.clone(),
             workflow_run,
+            handoff: input.handoff.clone(),
         };
         // Candidates run at once and turns one after another: each its own directory.
         let dir = match (&target.followup, target.candidate) {
@@ -697,7 +720,10 @@ impl Activities {
         // Heartbeats go out every second whatever the agent is doing (a slow model turn
         // is silent), so even a short heartbeat timeout never fires on a live agent; the
         // SDK batches them, so this costs little. The batch slot is renewed less often.
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // Before the first tick, agent events send none: an agent that ends sooner costs
+        // the server no heartbeat write.
+        let mut tick = heartbeat_ticker(&ctx);
+        let beat_from = tokio::time::Instant::now() + first_beat(&ctx);
         let mut renewed = tokio::time::Instant::now();
         let mut last_step = 0u32;
         let result = loop {
@@ -709,7 +735,9 @@ impl Activities {
                     }
                     metrics::global().agent_event(&event);
                     self.record_event(&id, TaskEventKind::Agent, format!("{label}{}", event.describe())).await;
-                    let _ = ctx.record_heartbeat(last_step).await;
+                    if tokio::time::Instant::now() >= beat_from {
+                        let _ = ctx.record_heartbeat(last_step).await;
+                    }
                 }
                 _ = tick.tick() => {
                     let _ = ctx.record_heartbeat(last_step).await;

@@ -5,16 +5,19 @@ use patchflow_platform::{ObjectStore, archive};
 use patchflow_workflows::io::{StageInput, StageOutput};
 use temporalio_sdk::activities::ActivityError;
 
-use crate::{ActivityConfig, fetch, transient};
+use crate::{ActivityConfig, fetch, handoff, transient};
 
 /// zstd level: fast to write, a good ratio on source code.
 const ZSTD_LEVEL: i32 = 3;
 
+/// With `keep_local` (the agent runs on this worker's machine), the tree and the archive are
+/// kept for it ([`handoff`]) rather than deleted.
 pub async fn stage(
     config: &ActivityConfig,
     objects: &dyn ObjectStore,
     task: &TaskId,
     input: &StageInput,
+    keep_local: bool,
 ) -> Result<StageOutput, ActivityError> {
     let mut tree = std::path::PathBuf::from(&input.tree_dir);
     if !tree.is_dir() {
@@ -35,13 +38,30 @@ pub async fn stage(
         .map_err(|e| transient(format!("cannot pack the code: {e}")))?;
     let key = layout::staged_key(task);
     let archive_bytes = objects.put_file(&key, &archive).await.map_err(transient)?;
-    // The staged archive is the copy that matters now; free the worker's disk.
-    let _ = tokio::fs::remove_file(&archive).await;
-    let _ = tokio::fs::remove_dir_all(&tree).await;
+    let task_dir = config.work_dir(task);
+    // git's private HOME served the fetch only.
+    let _ = tokio::fs::remove_dir_all(task_dir.join(fetch::GIT_HOME)).await;
+    // The staged archive is the copy that matters now: the tree and the archive stay only
+    // for a local agent (which may run here), else they free the worker's disk.
+    let handoff = if keep_local {
+        let held = input.tree_bytes + archive_bytes;
+        let (d, t, a) = (task_dir.clone(), tree.clone(), archive.clone());
+        tokio::task::spawn_blocking(move || handoff::keep(&d, &t, &a, held))
+            .await
+            .ok()
+            .flatten()
+    } else {
+        None
+    };
+    if handoff.is_none() {
+        let _ = tokio::fs::remove_file(&archive).await;
+        let _ = tokio::fs::remove_dir_all(&tree).await;
+    }
     Ok(StageOutput {
         key,
         archive_bytes,
         files,
         repo_setup,
+        handoff,
     })
 }

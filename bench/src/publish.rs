@@ -146,7 +146,7 @@ async fn setup() -> anyhow::Result<Setup> {
         .repo_of(&url)
         .context("the git server is not on the forge")?;
     let config = ActivityConfig {
-        data_dir: data.path().to_path_buf(),
+        work_root: data.path().join("work"),
         allow_local_sources: false,
         git_remotes: RemotePolicy::from_settings("https,http", &format!("{git_host},{forge_host}")),
         max_unpacked_bytes: 1 << 30,

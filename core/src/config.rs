@@ -219,6 +219,11 @@ settings! {
         /// Where the embedded defaults keep their files: task database, object store,
         /// workspaces, the dev server's database.
         data_dir: PathBuf = PathBuf::from(".patchflow"),
+        /// Where a worker fetches trees and runs local agents' workspaces: scratch, each
+        /// task's deleted when its step ends; unset: `<data_dir>/work`. A tmpfs here (on
+        /// Kubernetes an `emptyDir` with `medium: Memory`) takes the per-task file churn off
+        /// the disk; size it for `worker_max_agents` trees of `max_unpacked_bytes`.
+        work_dir: Option<PathBuf> = None,
         /// `text` or `json`.
         log_format: LogFormat = LogFormat::Text,
         /// Submissions a tenant may burst (token bucket capacity); 0 turns the limit off.
@@ -807,6 +812,14 @@ impl Config {
                 self.server.data_dir.join("patchflow.db").display()
             )
         })
+    }
+
+    /// Where the worker's per-task scratch lives: `work_dir`, else `<data_dir>/work`.
+    pub fn work_root(&self) -> PathBuf {
+        self.server
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| self.server.data_dir.join("work"))
     }
 
     pub fn object_store_url(&self) -> String {

@@ -26,6 +26,17 @@ fn transcript_entries(text: &str) -> Vec<Value> {
         .collect()
 }
 
+/// What the worker's work directory (`<data_dir>/work`) still holds, as relative paths.
+fn work_left_over(stack: &Stack) -> Vec<String> {
+    let work = stack.data_dir.join("work");
+    walkdir::WalkDir::new(&work)
+        .min_depth(1)
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|e| e.path().strip_prefix(&work).unwrap().display().to_string())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_task_completes_over_http_with_the_exact_diff() {
     let stack = Stack::start(Mode::Up, demo_script(), &[]).await;
@@ -49,6 +60,9 @@ async fn demo_task_completes_over_http_with_the_exact_diff() {
     let r = stack.wait_terminal(&id).await;
     assert_eq!(r["status"], "COMPLETED", "{r}\n{}", stack.logs());
     assert_eq!(r["message"], "the agent finished; 1 file changed");
+    // The worker kept the fetched tree for the agent and the agent's workspace until each
+    // was done with: nothing of the task is left in its work directory.
+    assert_eq!(work_left_over(&stack), Vec::<String>::new());
 
     // The exact diff, and it applies to the original repository.
     let (code, diff) = stack.get_text(&format!("/api/tasks/{id}/diff")).await;
@@ -222,6 +236,8 @@ async fn cli_submits_a_directory_waits_and_prints_the_result() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["status"], "COMPLETED");
     assert_eq!(v["source"], "uploaded zip");
+    // Neither the unpacked upload nor the workspace is left on the worker.
+    assert_eq!(work_left_over(&stack), Vec::<String>::new());
 
     let out = stack.cli(&["result", &id, "--json"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -182,6 +182,9 @@ pub struct StageInput {
     pub source: TaskSource,
     /// Where `fetch_code` left the tree; fetched again if this worker does not have it.
     pub tree_dir: String,
+    /// The tree's size as `fetch_code` measured it (what keeping it for a local run holds).
+    #[serde(default)]
+    pub tree_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -192,6 +195,9 @@ pub struct StageOutput {
     /// The tree has the repository's own setup script (`.patchflow/setup.sh`).
     #[serde(default)]
     pub repo_setup: bool,
+    /// The token of the copy this worker kept for a local agent ([`RunAgentInput::handoff`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<String>,
 }
 
 /// `prepare_environment`: set the staged code up (setup or maintenance script, the cache).
@@ -237,6 +243,10 @@ pub struct RunAgentInput {
     /// A follow-up turn (its files go to `turns/<t>/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub followup: Option<FollowUp>,
+    /// The staging worker's local copy of the code ([`StageOutput::handoff`]): a local run
+    /// on that worker starts from it instead of downloading the staged archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<String>,
 }
 
 /// One task's slot in its batch (see `acquire_batch_slot`).

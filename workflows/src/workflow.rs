@@ -347,6 +347,7 @@ impl CodeTask {
             task_id: task_id.clone(),
             source: spec.source.clone(),
             tree_dir: fetched.tree_dir.clone(),
+            tree_bytes: fetched.bytes,
         };
         // Stage where the tree was fetched: on that worker's own queue; if it does not take
         // the step soon (it died), on the shared queue, where a worker fetches again.
@@ -469,6 +470,7 @@ impl CodeTask {
             prepared: prepared.clone(),
             candidate: None,
             followup: None,
+            handoff: staged.handoff.clone(),
         };
         let published = if spec.candidates > 1 {
             let raced = Self::race(ctx, &run, &settings, fetched.commit.clone()).await;
@@ -708,6 +710,7 @@ impl CodeTask {
                     prepared,
                     candidate: None,
                     followup: Some(followup.clone()),
+                    handoff: None,
                 };
                 Self::step(
                     ctx,

@@ -37,6 +37,9 @@ pub struct RunTarget {
     /// The workflow run asking (a retried task's new run reuses attempt numbers; the kube
     /// runner annotates its Jobs with it, never the pod's environment).
     pub workflow_run: Option<String>,
+    /// The staging worker's local copy of the code, by its token ([`crate::handoff`]): the
+    /// local runner starts from it when it is on this worker; other runners ignore it.
+    pub handoff: Option<String>,
 }
 
 impl RunTarget {
@@ -80,6 +83,12 @@ pub trait AgentRunner: Send + Sync + 'static {
         events: UnboundedSender<AgentEvent>,
         cancel: CancellationToken,
     ) -> Result<AgentSummary, RunnerError>;
+
+    /// Whether the agent runs on this worker's machine, where `stage_code` can keep the
+    /// staged code for it ([`crate::handoff`]).
+    fn runs_on_this_machine(&self) -> bool {
+        false
+    }
 
     /// [`AgentRunner::run_target`] for the task's one agent.
     #[allow(clippy::too_many_arguments)]

@@ -18,6 +18,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 use super::agent_runner::{AgentRunner, RunTarget, RunnerError};
+use crate::handoff;
 use patchflow_platform::archive;
 
 /// Extra time past the task's wall budget before the runner kills an agent that did not
@@ -215,6 +216,10 @@ async fn log_tail(path: &Path) -> String {
 
 #[async_trait]
 impl AgentRunner for LocalRunner {
+    fn runs_on_this_machine(&self) -> bool {
+        true
+    }
+
     async fn run_target(
         &self,
         target: &RunTarget,
@@ -231,14 +236,41 @@ impl AgentRunner for LocalRunner {
         }
         let (workspace, out, scratch) =
             (work.join("workspace"), work.join("out"), work.join("tmp"));
-        for d in [&workspace, &out, &scratch] {
+        for d in [&out, &scratch] {
             tokio::fs::create_dir_all(d).await?;
         }
-        // The prepared workspace (the setup's products in it) when there was a setup.
         let baseline = work.join("code.tar.zst");
-        let baseline_key =
-            prepared.map_or_else(|| layout::staged_key(task), |p| p.baseline_key.clone());
-        restore(objects, &baseline_key, &baseline, &workspace).await?;
+        // The staged code as this worker's stage kept it, when this is that worker and the
+        // run starts from the staged code; else (and for a prepared workspace, the setup's
+        // products in it) from the object store.
+        let kept = match (&target.handoff, prepared, work.parent()) {
+            (Some(token), None, Some(task_dir)) => {
+                let (t, d, w) = (token.clone(), task_dir.to_path_buf(), work.to_path_buf());
+                tokio::task::spawn_blocking(move || handoff::take(&d, &t, &w))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            (Some(_), Some(_), Some(task_dir)) => {
+                let d = task_dir.to_path_buf();
+                let _ = tokio::task::spawn_blocking(move || handoff::discard(&d)).await;
+                None
+            }
+            _ => None,
+        };
+        match kept {
+            Some(kept) => {
+                tokio::fs::rename(&kept.tree, &workspace).await?;
+                tokio::fs::rename(&kept.archive, &baseline).await?;
+                let _ = tokio::fs::remove_dir_all(kept.dir()).await;
+            }
+            None => {
+                tokio::fs::create_dir_all(&workspace).await?;
+                let baseline_key =
+                    prepared.map_or_else(|| layout::staged_key(task), |p| p.baseline_key.clone());
+                restore(objects, &baseline_key, &baseline, &workspace).await?;
+            }
+        }
         // And the setup's HOME cache paths, in the agent's temp dir (its commands' HOME).
         if let Some(home_key) = prepared.and_then(|p| p.home_key.as_deref()) {
             restore(objects, home_key, &work.join("home.tar.zst"), &scratch).await?;
@@ -351,8 +383,12 @@ impl AgentRunner for LocalRunner {
                 )));
             }
         };
-        // The workspace has served its purpose: the diff and transcript are stored.
+        // The workspace has served its purpose: the diff and transcript are stored. The
+        // task's directory goes too once nothing else (another candidate) is in it.
         let _ = tokio::fs::remove_dir_all(work).await;
+        if let Some(task_dir) = work.parent() {
+            let _ = tokio::fs::remove_dir(task_dir).await;
+        }
         Ok(summary)
     }
 }
