@@ -442,6 +442,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_message_s_trace_context_is_its_traceparent_header_as_text() {
+        use rdkafka::message::{Header, OwnedHeaders, Timestamp};
+        let message = |headers: Option<OwnedHeaders>| {
+            OwnedMessage::new(
+                None,
+                None,
+                "t".into(),
+                Timestamp::NotAvailable,
+                0,
+                0,
+                headers,
+            )
+        };
+        let with = |key: &str, value: &[u8]| {
+            message(Some(OwnedHeaders::new().insert(Header {
+                key,
+                value: Some(value),
+            })))
+        };
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            traceparent_of(&with("traceparent", good.as_bytes())).as_deref(),
+            Some(good)
+        );
+        // Not text, another header, or none: no trace context (and the task still starts).
+        assert_eq!(traceparent_of(&with("traceparent", &[0xff, 0xfe])), None);
+        assert_eq!(
+            traceparent_of(&with("x-traceparent", good.as_bytes())),
+            None
+        );
+        assert_eq!(traceparent_of(&message(None)), None);
+    }
+
+    #[test]
     fn kafka_tenant_overrides_the_tenant_a_message_names() {
         let mut settings = KafkaSettings {
             brokers: "127.0.0.1:9092".into(),
