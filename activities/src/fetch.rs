@@ -159,15 +159,8 @@ impl From<GitFailure> for ActivityError {
 fn git_program() -> &'static Path {
     static GIT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     GIT.get_or_init(|| {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::env::var_os("PATH")
-            .iter()
-            .flat_map(std::env::split_paths)
-            .map(|dir| dir.join("git"))
-            .find(|p| {
-                std::fs::metadata(p)
-                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            })
+        let path = std::env::var("PATH").ok();
+        patchflow_agent::sandbox::find_program("git", path.as_deref())
             .unwrap_or_else(|| "git".into())
     })
 }

@@ -99,14 +99,6 @@ pub fn take(task_dir: &Path, token: &str, run_dir: &Path) -> Option<Taken> {
     })
 }
 
-/// Removes the copy under `task_dir` if there is one (a run that does not use it).
-pub fn discard(task_dir: &Path) {
-    let dir = task_dir.join(DIR);
-    if dir.exists() {
-        forget(&dir);
-    }
-}
-
 /// Removes the copies under `work_root` older than `ttl`; returns how many.
 pub fn sweep(work_root: &Path, ttl: Duration) -> usize {
     let Ok(tasks) = std::fs::read_dir(work_root) else {
@@ -248,13 +240,6 @@ mod tests {
         assert!(lone.join(DIR).exists());
         assert_eq!(sweep(work.path(), Duration::ZERO), 1);
         assert!(!lone.exists());
-        assert_eq!(held_bytes(), before);
-
-        // discard: a run that restores from the store instead frees the copy.
-        let (t, a) = staged(&task);
-        keep(&task, &t, &a, 10).unwrap();
-        discard(&task);
-        assert!(!task.join(DIR).exists());
         assert_eq!(held_bytes(), before);
     }
 }

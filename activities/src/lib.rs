@@ -99,17 +99,16 @@ fn first_beat(ctx: &ActivityContext) -> Duration {
         })
 }
 
-/// A one-second heartbeat ticker that first fires at [`first_beat`].
-fn heartbeat_ticker(ctx: &ActivityContext) -> tokio::time::Interval {
-    let every = Duration::from_secs(1);
-    tokio::time::interval_at(tokio::time::Instant::now() + first_beat(ctx), every)
+/// A one-second heartbeat ticker whose first tick is at `first` ([`first_beat`] in).
+fn heartbeat_ticker(first: tokio::time::Instant) -> tokio::time::Interval {
+    tokio::time::interval_at(first, Duration::from_secs(1))
 }
 
 impl Beating {
     fn start(ctx: &ActivityContext) -> Self {
         let ctx = ctx.clone();
         Self(tokio::spawn(async move {
-            let mut tick = heartbeat_ticker(&ctx);
+            let mut tick = heartbeat_ticker(tokio::time::Instant::now() + first_beat(&ctx));
             loop {
                 tick.tick().await;
                 let _ = ctx.record_heartbeat(()).await;
@@ -722,8 +721,8 @@ impl Activities {
         // SDK batches them, so this costs little. The batch slot is renewed less often.
         // Before the first tick, agent events send none: an agent that ends sooner costs
         // the server no heartbeat write.
-        let mut tick = heartbeat_ticker(&ctx);
         let beat_from = tokio::time::Instant::now() + first_beat(&ctx);
+        let mut tick = heartbeat_ticker(beat_from);
         let mut renewed = tokio::time::Instant::now();
         let mut last_step = 0u32;
         let result = loop {

@@ -240,31 +240,29 @@ impl AgentRunner for LocalRunner {
             tokio::fs::create_dir_all(d).await?;
         }
         let baseline = work.join("code.tar.zst");
-        // The staged code as this worker's stage kept it, when this is that worker and the
-        // run starts from the staged code; else (and for a prepared workspace, the setup's
-        // products in it) from the object store.
-        let kept = match (&target.handoff, prepared, work.parent()) {
-            (Some(token), None, Some(task_dir)) => {
+        // The staged code as this worker's stage kept it, when this is that worker; used
+        // when the run starts from the staged code, else (a prepared workspace, the setup's
+        // products in it) only freed, and the workspace comes from the object store.
+        let kept = match (&target.handoff, work.parent()) {
+            (Some(token), Some(task_dir)) => {
                 let (t, d, w) = (token.clone(), task_dir.to_path_buf(), work.to_path_buf());
                 tokio::task::spawn_blocking(move || handoff::take(&d, &t, &w))
                     .await
                     .ok()
                     .flatten()
             }
-            (Some(_), Some(_), Some(task_dir)) => {
-                let d = task_dir.to_path_buf();
-                let _ = tokio::task::spawn_blocking(move || handoff::discard(&d)).await;
-                None
-            }
             _ => None,
         };
         match kept {
-            Some(kept) => {
+            Some(kept) if prepared.is_none() => {
                 tokio::fs::rename(&kept.tree, &workspace).await?;
                 tokio::fs::rename(&kept.archive, &baseline).await?;
                 let _ = tokio::fs::remove_dir_all(kept.dir()).await;
             }
-            None => {
+            unused => {
+                if let Some(kept) = unused {
+                    let _ = tokio::fs::remove_dir_all(kept.dir()).await;
+                }
                 tokio::fs::create_dir_all(&workspace).await?;
                 let baseline_key =
                     prepared.map_or_else(|| layout::staged_key(task), |p| p.baseline_key.clone());

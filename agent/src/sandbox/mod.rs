@@ -109,19 +109,28 @@ impl Drop for TaskCgroup {
 /// The bubblewrap program: `setting` if given, else `bwrap` on `path` (a PATH value), else
 /// /usr/bin/bwrap; only an executable file counts.
 pub fn find_bwrap(setting: Option<&Path>, path: Option<&str>) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let runnable = |p: &Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
     if let Some(p) = setting {
         return runnable(p).then(|| p.to_path_buf());
     }
+    find_program("bwrap", path).or_else(|| {
+        let usual = PathBuf::from("/usr/bin/bwrap");
+        runnable(&usual).then_some(usual)
+    })
+}
+
+/// `name` as an executable file in one of the absolute directories of `path` (a PATH
+/// value), in order; a relative directory never counts.
+pub fn find_program(name: &str, path: Option<&str>) -> Option<PathBuf> {
     path.unwrap_or_default()
         .split(':')
         .filter(|d| d.starts_with('/'))
-        .map(|d| Path::new(d).join("bwrap"))
-        .chain([PathBuf::from("/usr/bin/bwrap")])
+        .map(|d| Path::new(d).join(name))
         .find(|p| runnable(p))
+}
+
+fn runnable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// What the probe runs inside the walls: the process's own view of its capabilities,
